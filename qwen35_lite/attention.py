@@ -1,0 +1,57 @@
+"""Gated full attention: q/k RMSNorm (1 + w), partial M-RoPE, GQA over a KV cache, sigmoid output gate.
+
+Legend: T = new tokens, S = cached + new tokens, H = query heads, Hkv = key/value heads, hd = head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import TextConfig
+from .layers import apply_rope, rms_norm_1p
+
+
+class Attention:
+    def __init__(self, cfg: TextConfig, w: dict[str, torch.Tensor]) -> None:
+        self.h, self.hkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.w = w  # q_proj, k_proj, v_proj, o_proj, q_norm, k_norm
+
+    def make_cache(self, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(self.hkv, self.hd, dtype, device)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        T = x.shape[0]
+        w = self.w
+        # q_proj rows interleave per head: [query_h (hd) | gate_h (hd)] for h = 0..H-1
+        qg = F.linear(x, w["q_proj"]).view(T, self.h, 2 * self.hd)
+        q, gate = qg.chunk(2, dim=-1)  # [T, H, hd] each
+        gate = gate.reshape(T, self.h * self.hd)
+        q = rms_norm_1p(q, w["q_norm"], self.eps).transpose(0, 1)  # [H, T, hd]
+        k = rms_norm_1p(F.linear(x, w["k_proj"]).view(T, self.hkv, self.hd), w["k_norm"], self.eps).transpose(
+            0, 1
+        )
+        v = F.linear(x, w["v_proj"]).view(T, self.hkv, self.hd).transpose(0, 1)  # [Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = cache.length
+        k, v = cache.append(k, v)  # [Hkv, S, hd]
+        o = _attend(q, k, v, past)  # [H, T, hd]
+        o = o.transpose(0, 1).reshape(T, self.h * self.hd) * torch.sigmoid(gate)
+        return F.linear(o, w["o_proj"])
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """Causal SDPA where the T new queries sit after `past` cached positions; query head h uses kv head h // rep."""
+    T, S = q.shape[1], k.shape[1]
+    rep = q.shape[0] // k.shape[0]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=0)  # [H, S, hd]
+        v = v.repeat_interleave(rep, dim=0)
+    if T == 1:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+    if past == 0:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]

@@ -1,0 +1,136 @@
+"""Gated DeltaNet (linear attention) layer, with the chunked prefill kernel beside its reference recurrence.
+
+Legend: T = tokens, C = conv channels (2·Hk·dk + Hv·dv), Hk/Hv = key/value heads, dk/dv = head dims,
+S = recurrent state [Hv, dk, dv] (fp32), L = chunk length (64).
+Per step, for each value head:  S <- exp(g)·S;  S <- S + k ⊗ beta·(v − Sᵀk);  o = Sᵀq.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import DeltaNetState
+from .config import TextConfig
+from .layers import gated_rms_norm
+
+CHUNK = 64
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference recurrence, one token at a time. q, k [Hv, T, dk], v [Hv, T, dv], g/beta [Hv, T] fp32
+    (q already scaled by dk^-1/2); state [Hv, dk, dv]. Returns (o [Hv, T, dv], new state)."""
+    out = torch.empty_like(v)
+    for t in range(q.shape[1]):
+        state = state * g[:, t].exp()[:, None, None]
+        kv_mem = (state * k[:, t, :, None]).sum(dim=-2)  # [Hv, dv]
+        delta = (v[:, t] - kv_mem) * beta[:, t, None]
+        state = state + k[:, t, :, None] * delta[:, None, :]
+        out[:, t] = (state * q[:, t, :, None]).sum(dim=-2)
+    return out, state
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked (UT-transform) form of the same recurrence, same shapes and result.
+
+    Within a chunk the L delta updates collapse into one triangular solve; across chunks the state is
+    carried sequentially. Operation order follows the reference so bf16 prefill rounds the same way.
+    """
+    H, T, _ = q.shape
+    pad = (CHUNK - T % CHUNK) % CHUNK
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    n = (T + pad) // CHUNK
+    v_beta = v * beta[..., None]
+    k_beta = k * beta[..., None]
+    q, k, k_beta, v_beta = (
+        x.reshape(H, n, CHUNK, x.shape[-1]) for x in (q, k, k_beta, v_beta)
+    )  # [H, n, L, d]
+    g = g.reshape(H, n, CHUNK).cumsum(dim=-1)  # [H, n, L]: log decay from chunk start
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(upper, float("-inf")).exp()  # [H, n, L, L]
+    ut = (k_beta @ k.transpose(-1, -2)) * decay
+    intra = (q @ k.transpose(-1, -2)) * decay
+    u = torch.linalg.solve_triangular(ut, v_beta, upper=False, unitriangular=True)  # [H, n, L, dv]
+    w = torch.linalg.solve_triangular(ut, k_beta * g.exp()[..., None], upper=False, unitriangular=True)
+    q = q * g.exp()[..., None]
+    k = k * (g[..., -1:] - g).exp()[..., None]
+    chunk_decay = g[..., -1].exp()[..., None, None]  # [H, n, 1, 1]
+    out = torch.empty_like(u)
+    for i in range(n):
+        v_new = u[:, i] - w[:, i] @ state
+        out[:, i] = q[:, i] @ state + intra[:, i] @ v_new
+        state = state * chunk_decay[:, i] + k[:, i].transpose(-1, -2) @ v_new
+    return out.reshape(H, n * CHUNK, -1)[:, :T], state
+
+
+class GatedDeltaNet:
+    """Weights of one linear-attention layer and its forward over T tokens with an explicit state."""
+
+    def __init__(self, cfg: TextConfig, w: dict[str, torch.Tensor]) -> None:
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.kernel = cfg.linear_conv_kernel_dim
+        self.eps = cfg.rms_norm_eps
+        self.w = (
+            w  # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, conv1d [C,1,K], dt_bias, A_log, norm, out_proj
+        )
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.hk * self.dk + self.hv * self.dv
+
+    def make_state(self, dtype: torch.dtype, device: torch.device) -> DeltaNetState:
+        return DeltaNetState(self.conv_dim, self.kernel, self.hv, self.dk, self.dv, dtype, device)
+
+    def _conv(self, mixed: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """Causal depthwise conv over time with the cached window in front; updates the window."""
+        T = mixed.shape[0]
+        window = torch.cat([state.conv, mixed.T], dim=-1)  # [C, K + T]
+        state.conv = window[:, -self.kernel :].clone()
+        out = F.conv1d(window[None, :, 1:], self.w["conv1d"], groups=self.conv_dim)[0]  # [C, T]
+        return F.silu(out[:, -T:]).T  # [T, C]
+
+    def __call__(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        T = x.shape[0]
+        w = self.w
+        mixed = self._conv(F.linear(x, w["in_proj_qkv"]), state)  # [T, C]
+        z = F.linear(x, w["in_proj_z"]).view(T, self.hv, self.dv)
+        beta = F.linear(x, w["in_proj_b"]).sigmoid()  # [T, Hv]
+        g = -w["A_log"].float().exp() * F.softplus(F.linear(x, w["in_proj_a"]).float() + w["dt_bias"])
+        kd = self.hk * self.dk
+        q, k, v = mixed.split([kd, kd, self.hv * self.dv], dim=-1)
+        r = self.hv // self.hk
+        # v heads r·j … r·j+r−1 share q/k head j: expand with repeat_interleave, not tile
+        q = q.reshape(T, self.hk, self.dk).repeat_interleave(r, dim=1).transpose(0, 1).float()  # [Hv, T, dk]
+        k = k.reshape(T, self.hk, self.dk).repeat_interleave(r, dim=1).transpose(0, 1).float()
+        v = v.reshape(T, self.hv, self.dv).transpose(0, 1).float()  # [Hv, T, dv]
+        q = l2norm(q) * self.dk**-0.5
+        k = l2norm(k)
+        beta, g = beta.T.float(), g.T.contiguous()  # [Hv, T]
+        if T == 1 and state.started:
+            o, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        else:
+            o, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        state.started = True
+        o = o.to(x.dtype).transpose(0, 1)  # [T, Hv, dv]
+        o = gated_rms_norm(o, z, w["norm"], self.eps).reshape(T, -1)
+        return F.linear(o, w["out_proj"])

@@ -1,0 +1,175 @@
+"""The Qwen3.5 text model: resident weights, decoder layers, and a forward over explicit caches.
+
+Only the always-used path is loaded here (embeddings, DeltaNet/attention weights, routers, shared
+experts, norms, head); routed experts come from the ExpertProvider on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Attention
+from .cache import ModelCache
+from .checkpoint import Checkpoint
+from .config import TextConfig
+from .deltanet import GatedDeltaNet
+from .layers import MRoPE, rms_norm_1p
+from .moe import DenseMLP, ExpertProvider, MoE
+
+MIXER_KEYS = {
+    "linear_attention": [
+        "in_proj_qkv",
+        "in_proj_z",
+        "in_proj_b",
+        "in_proj_a",
+        "conv1d",
+        "dt_bias",
+        "A_log",
+        "norm",
+        "out_proj",
+    ],
+    "full_attention": ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"],
+}
+MOE_KEYS = [
+    "gate",
+    "shared_expert.gate_proj",
+    "shared_expert.up_proj",
+    "shared_expert.down_proj",
+    "shared_expert_gate",
+]
+DENSE_KEYS = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _weight_name(prefix: str, key: str) -> str:
+    # A_log and dt_bias are bare parameters; everything else is a module with a .weight
+    return f"{prefix}{key}" if key in ("A_log", "dt_bias") else f"{prefix}{key}.weight"
+
+
+def resident_names(cfg: TextConfig) -> list[str]:
+    """Every tensor the model keeps resident (all but the routed experts), in load order."""
+    names = ["embed_tokens.weight"]
+    for i, kind in enumerate(cfg.layer_types):
+        p = f"layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        mixer = "linear_attn." if kind == "linear_attention" else "self_attn."
+        names += [_weight_name(p + mixer, k) for k in MIXER_KEYS[kind]]
+        names += [_weight_name(p + "mlp.", k) for k in (MOE_KEYS if cfg.is_moe else DENSE_KEYS)]
+    names.append("norm.weight")
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+class DecoderLayer:
+    def __init__(
+        self, cfg: TextConfig, index: int, w: dict[str, torch.Tensor], provider: ExpertProvider | None
+    ):
+        self.kind = cfg.layer_types[index]
+        self.eps = cfg.rms_norm_eps
+        self.input_norm, self.post_norm = w["input_layernorm"], w["post_attention_layernorm"]
+        if self.kind == "linear_attention":
+            self.mixer = GatedDeltaNet(cfg, _sub(w, "linear_attn."))
+        else:
+            self.mixer = Attention(cfg, _sub(w, "self_attn."))
+        mlp_w = _sub(w, "mlp.")
+        self.mlp = MoE(cfg, index, mlp_w, provider) if cfg.is_moe else DenseMLP(mlp_w)
+
+    def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = rms_norm_1p(h, self.input_norm, self.eps)
+        if self.kind == "linear_attention":
+            h = h + self.mixer(x, cache)
+        else:
+            h = h + self.mixer(x, cos, sin, cache)
+        return h + self.mlp(rms_norm_1p(h, self.post_norm, self.eps))
+
+
+def _sub(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Sub-dict of the weights under `prefix`, with the prefix and the trailing `.weight` dropped."""
+    return {k[len(prefix) :].removesuffix(".weight"): v for k, v in w.items() if k.startswith(prefix)}
+
+
+class Qwen35Model:
+    """Text decoder. `forward` takes ids or embeddings plus a ModelCache and returns logits."""
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        weights: dict[str, torch.Tensor],
+        provider: ExpertProvider | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.embed = weights.pop("embed_tokens.weight")  # stays on the CPU: it is only indexed
+        self.norm = weights.pop("norm.weight")
+        self.lm_head = weights.pop("lm_head.weight", None)
+        self.layers = [
+            DecoderLayer(cfg, i, _sub(weights, f"layers.{i}."), provider)
+            for i in range(cfg.num_hidden_layers)
+        ]
+        self.rope = MRoPE(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
+
+    @classmethod
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        cfg: TextConfig,
+        provider: ExpertProvider | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> Qwen35Model:
+        names = resident_names(cfg)
+        total = sum(ckpt.info(n).nbytes for n in names)
+        weights, done = {}, 0
+        for name in names:
+            t = ckpt.read(name, dtype)
+            weights[name] = t if name == "embed_tokens.weight" else t.to(device)
+            done += ckpt.info(name).nbytes
+            if on_progress:
+                on_progress(done, total)
+        if cfg.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"].to(device)
+        return cls(cfg, weights, provider, device, dtype)
+
+    def make_cache(self) -> ModelCache:
+        layers = [
+            layer.mixer.make_state(self.dtype, self.device)
+            if isinstance(layer.mixer, GatedDeltaNet)
+            else layer.mixer.make_cache(self.dtype, self.device)
+            for layer in self.layers
+        ]
+        return ModelCache(layers)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[ids.cpu()].to(self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: ModelCache,
+        ids: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """ids [T] (or embeds [T, D]) -> logits [T, V] (all_logits) or [1, V] for the last token.
+
+        positions [3, T] are M-RoPE rows (t, h, w); by default every row is offset + rope_delta + arange(T).
+        """
+        h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
+        T = h.shape[0]
+        if positions is None:
+            start = cache.offset + cache.rope_delta
+            positions = torch.arange(start, start + T, device=self.device).expand(3, T)
+        cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            h = layer(h, layer_cache, cos, sin)
+        cache.offset += T
+        if ids is not None:
+            cache.token_ids.extend(ids.tolist())
+        h = h if all_logits else h[-1:]
+        return F.linear(rms_norm_1p(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)

@@ -1,0 +1,106 @@
+"""The MoE block: fp32-softmax router, top-k renormalised, routed experts from a provider, gated shared expert.
+
+Routed experts are never held here: an ExpertProvider hands over (gate_up [2I, D], down [D, I]) for the
+experts a layer needs, from wherever they live (the checkpoint, a RAM tier, a GPU tier).
+Legend: T = tokens, D = hidden, E = experts, A = experts per token, I = expert FFN width.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import TextConfig
+from .layers import swiglu
+
+ExpertWeights = tuple[torch.Tensor, torch.Tensor]  # gate_up [2I, D], down [D, I]
+
+
+class ExpertProvider(Protocol):
+    def get(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
+        """Weights of the given experts of one layer, on the compute device, in the compute dtype."""
+        ...
+
+    def hint(self, layer: int, experts: list[int]) -> None:
+        """Experts that will probably be asked for soon (prefetch); may be ignored."""
+        ...
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D] -> (weights [T, A] in x's dtype, expert ids [T, A]); softmax in fp32, always renormalised."""
+    probs = F.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float)  # [T, E]
+    top, ids = torch.topk(probs, top_k, dim=-1)
+    top = top / top.sum(dim=-1, keepdim=True)
+    return top.to(x.dtype), ids
+
+
+def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, down)
+
+
+def dispatch_reference(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+    """One token and one slot at a time: the obvious version, kept to test `dispatch_grouped` against."""
+    T, A = ids.shape
+    out = torch.empty(T, A, x.shape[-1], dtype=x.dtype, device=x.device)
+    for t in range(T):
+        for a in range(A):
+            gate_up, down = experts[int(ids[t, a])]
+            out[t, a] = expert_ffn(x[t : t + 1], gate_up, down)[0] * weights[t, a]
+    return out.sum(dim=1)
+
+
+def dispatch_grouped(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+    """Sort (token, slot) pairs by expert so each expert runs once on all its tokens."""
+    T, A = ids.shape
+    flat = ids.reshape(-1)  # [T·A]
+    order = torch.argsort(flat, stable=True)
+    sorted_ids = flat[order].tolist()
+    rows = x[order // A]  # [T·A, D], grouped by expert
+    out = torch.empty_like(rows)
+    start = 0
+    while start < len(sorted_ids):
+        e = sorted_ids[start]
+        end = start
+        while end < len(sorted_ids) and sorted_ids[end] == e:
+            end += 1
+        gate_up, down = experts[e]
+        out[start:end] = expert_ffn(rows[start:end], gate_up, down)
+        start = end
+    out = out * weights.reshape(-1)[order, None]
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out
+    return unsorted.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
+
+
+class MoE:
+    def __init__(
+        self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], provider: ExpertProvider
+    ) -> None:
+        self.layer, self.top_k = layer, cfg.num_experts_per_tok
+        self.w = w  # gate, shared_expert.{gate,up,down}_proj, shared_expert_gate
+        self.provider = provider
+        self.last_ids: torch.Tensor | None = None  # routing of the last call, for stats and prefetch recall
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.w
+        shared = swiglu(
+            x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], w["shared_expert.down_proj"]
+        )
+        weights, ids = route(x, w["gate"], self.top_k)
+        self.last_ids = ids
+        experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
+        routed = dispatch_grouped(x, weights, ids, experts)
+        return routed + torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
+
+
+class DenseMLP:
+    """The dense Qwen3.5 family's plain SwiGLU MLP."""
+
+    def __init__(self, w: dict[str, torch.Tensor]) -> None:
+        self.w = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w["gate_proj"], self.w["up_proj"], self.w["down_proj"])
