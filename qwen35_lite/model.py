@@ -169,7 +169,5 @@ class Qwen35Model:
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, layer_cache, cos, sin)
         cache.offset += T
-        if ids is not None:
-            cache.token_ids.extend(ids.tolist())
         h = h if all_logits else h[-1:]
         return F.linear(rms_norm_1p(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)

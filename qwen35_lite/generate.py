@@ -1,0 +1,144 @@
+"""The generation loop: chunked prefill, then sample → yield → feed, one token at a time.
+
+The loop yields small events (TokenEvent per token, one Finished at the end); it never prints.
+Thinking is tracked from the `<think>`/`</think>` ids, so the UI can dim, hide or separate it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ModelCache
+from .errors import InputError
+from .model import Qwen35Model
+from .sampling import SamplingParams, apply_penalties, make_sampler
+from .stats import peak_memory
+
+PREFILL_CHUNK = 512  # a multiple of the DeltaNet chunk (64), so chunk boundaries match a one-shot prefill
+
+
+@dataclass
+class TokenEvent:
+    id: int
+    text: str  # the newly completed text (may be empty while a UTF-8 character is incomplete)
+    thinking: bool
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length" | "context" | "cancelled"
+    stats: dict = field(default_factory=dict)
+    unfed: list[int] = field(
+        default_factory=list
+    )  # sampled ids not yet fed to the model (chat resumes with them)
+    tokens: list[int] = field(default_factory=list)  # every generated id, the stop token included
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 512
+    stop_ids: tuple[int, ...] = ()
+    think_ids: tuple[int, int] = (248068, 248069)  # <think>, </think>
+    start_in_thinking: bool = False  # the prompt ends inside an open <think> block
+    embeds: torch.Tensor | None = None  # [T, D] prompt embeddings (images), replacing the id lookup
+    positions: torch.Tensor | None = None  # [3, T] M-RoPE positions for the prompt (images)
+    max_context: int = 262144
+
+
+def check_context(cache: ModelCache, n_prompt: int, max_context: int) -> None:
+    if cache.offset + n_prompt >= max_context:
+        raise InputError(
+            f"the prompt needs {cache.offset + n_prompt} tokens of context but the limit is {max_context}",
+            "shorten the prompt, /clear the chat, or raise --ctx",
+        )
+
+
+def prefill(
+    model: Qwen35Model,
+    cache: ModelCache,
+    req: GenerationRequest,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Feed the prompt in chunks; return the last position's logits [V] (fp32)."""
+    ids = torch.tensor(req.prompt_ids, dtype=torch.long)
+    T = len(req.prompt_ids)
+    logits = None
+    for s in range(0, T, PREFILL_CHUNK):
+        e = min(T, s + PREFILL_CHUNK)
+        embeds = None if req.embeds is None else req.embeds[s:e]
+        positions = None if req.positions is None else req.positions[:, s:e]
+        logits = model.forward(cache, ids=ids[s:e], embeds=embeds, positions=positions)
+        if on_progress:
+            on_progress(e, T)
+    cache.token_ids.extend(req.prompt_ids)
+    return logits[-1].float()
+
+
+def generate(
+    model: Qwen35Model,
+    cache: ModelCache,
+    req: GenerationRequest,
+    decoder,
+    *,
+    cancel: threading.Event | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+) -> Iterator[TokenEvent | Finished]:
+    """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
+    check_context(cache, len(req.prompt_ids), req.max_context)
+    sample = make_sampler(req.params)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, req, on_prefill)
+    t_prefill = time.perf_counter() - t0
+    thinking = req.start_in_thinking
+    generated: list[int] = []
+    reason, unfed, ttft = "length", [], None
+    while len(generated) < req.max_new_tokens:
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+        logits = apply_penalties(logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params)
+        token = sample(logits)
+        ttft = ttft if ttft is not None else time.perf_counter() - t0
+        generated.append(token)
+        if token in req.stop_ids:
+            reason = "stop"
+            break
+        if token in req.think_ids:
+            thinking = token == req.think_ids[0]
+            text = ""
+        else:
+            text = decoder.push(token)
+        yield TokenEvent(token, text, thinking)
+        if cache.offset + 1 >= req.max_context:
+            reason, unfed = "context", [token]
+            break
+        if cancel is not None and cancel.is_set():
+            reason, unfed = "cancelled", [token]
+            break
+        logits = model.forward(cache, ids=torch.tensor([token]))[-1].float()
+        cache.token_ids.append(token)
+    tail = decoder.flush()
+    if tail:
+        yield TokenEvent(-1, tail, thinking)
+    total = time.perf_counter() - t0
+    n_decoded = max(len(generated) - 1, 0)  # the first token comes from prefill
+    decode_s = total - (ttft or total)
+    stats = {
+        "prompt_tokens": len(req.prompt_ids),
+        "generated_tokens": len(generated),
+        "prefill_s": round(t_prefill, 4),
+        "prefill_tok_s": round(len(req.prompt_ids) / t_prefill, 2) if t_prefill > 0 else None,
+        "decode_s": round(decode_s, 4),
+        "decode_tok_s": round(n_decoded / decode_s, 2) if decode_s > 0 and n_decoded else None,
+        "ttft_s": round(ttft, 4) if ttft is not None else None,
+        "context_tokens": cache.offset,
+        **peak_memory(model.device),
+    }
+    yield Finished(reason, stats, unfed, generated)

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny checkpoints written once per test session, and a loader for our engine."""
+
+from __future__ import annotations
+
+import hf_reference
+import pytest
+import torch
+
+from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.config import load_config
+from qwen35_lite.expert_cache import UncachedExperts
+from qwen35_lite.expert_store import ExpertStore
+from qwen35_lite.model import Qwen35Model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """hf_checkpoint(shape) -> path of a randomised transformers-written checkpoint (built once)."""
+    built = {}
+
+    def get(shape: str):
+        if shape not in built:
+            built[shape] = hf_reference.build(shape, tmp_path_factory.mktemp(shape))
+        return built[shape]
+
+    return get
+
+
+def load_ours(path, dtype=torch.float32, provider_factory=UncachedExperts) -> Qwen35Model:
+    cfg = load_config(path)
+    ckpt = Checkpoint(path)
+    provider = (
+        provider_factory(ExpertStore(ckpt, cfg.text), torch.device("cpu"), dtype) if cfg.is_moe else None
+    )
+    return Qwen35Model.load(ckpt, cfg.text, provider, torch.device("cpu"), dtype)
