@@ -93,6 +93,7 @@ def generate(
     """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
     check_context(cache, len(req.prompt_ids), req.max_context)
     sample = make_sampler(req.params)
+    penalised = req.params.repetition_penalty != 1.0 or req.params.presence_penalty != 0.0
     t0 = time.perf_counter()
     logits = prefill(model, cache, req, on_prefill)
     t_prefill = time.perf_counter() - t0
@@ -103,7 +104,8 @@ def generate(
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
-        logits = apply_penalties(logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params)
+        if penalised:
+            logits = apply_penalties(logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params)
         token = sample(logits)
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         generated.append(token)
