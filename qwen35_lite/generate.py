@@ -105,7 +105,9 @@ def generate(
             reason = "cancelled"
             break
         if penalised:
-            logits = apply_penalties(logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params)
+            logits = apply_penalties(
+                logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params
+            )
         token = sample(logits)
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         generated.append(token)

@@ -1,0 +1,342 @@
+"""The interactive chat: one command table, line input (readline on a terminal, plain lines from a pipe),
+and the streaming of one reply with Ctrl+C stopping it (shared with `run`)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import InputError, Qwen35Error
+from .generate import Finished, TokenEvent
+from .session import THINK_MODES, ChatSession
+from .ui import UI, ReplyPrinter, format_stats
+
+# ---- settings: /set and the sampling flags share these names, types and ranges -----------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: type
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    positive: bool = False  # strictly above zero
+    nullable: bool = False  # "none" is accepted (seed: fresh randomness each reply)
+
+
+SETTINGS: dict[str, Setting] = {
+    "temperature": Setting(float, low=0.0),
+    "top_p": Setting(float, low=0.0, high=1.0),
+    "top_k": Setting(int, low=0),
+    "min_p": Setting(float, low=0.0, high=1.0),
+    "presence_penalty": Setting(float),
+    "repetition_penalty": Setting(float, positive=True),
+    "seed": Setting(int, low=0, nullable=True),
+    "max_new_tokens": Setting(int, low=1),
+}
+
+
+def check_setting(key: str, value: object) -> None:
+    """Raise InputError when `value` is out of range for `key`."""
+    s = SETTINGS[key]
+    if value is None:
+        if s.nullable:
+            return
+        raise InputError(f"{key} needs a value", f"e.g. /set {key} 1")
+    bad = (
+        (s.low is not None and value < s.low)
+        or (s.high is not None and value > s.high)
+        or (s.positive and value <= 0)
+    )
+    if bad:
+        bounds = "above 0" if s.positive else _range_text(s)
+        raise InputError(f"{key} must be {bounds}, not {value}", f"pick a {s.kind.__name__} {bounds}")
+
+
+def _range_text(s: Setting) -> str:
+    if s.high is not None:
+        return f"between {s.low:g} and {s.high:g}"
+    return f"at least {s.low:g}"
+
+
+def parse_setting(key: str, raw: str) -> object:
+    if key not in SETTINGS:
+        raise InputError(f"unknown setting {key!r}", "one of: " + ", ".join(SETTINGS))
+    s = SETTINGS[key]
+    if s.nullable and raw.lower() in ("none", "off", "random"):
+        return None
+    try:
+        value = s.kind(raw)
+    except ValueError as e:
+        raise InputError(f"{key} takes a {s.kind.__name__}, not {raw!r}", f"e.g. /set {key} 1") from e
+    check_setting(key, value)
+    return value
+
+
+def apply_setting(session: ChatSession, key: str, value: object) -> None:
+    if key == "max_new_tokens":
+        session.settings.max_new_tokens = value
+    else:
+        setattr(session.settings.params, key, value)
+
+
+def current_settings(session: ChatSession) -> list[tuple[str, object]]:
+    params = {f.name: getattr(session.settings.params, f.name) for f in fields(session.settings.params)}
+    return [(k, session.settings.max_new_tokens if k == "max_new_tokens" else params[k]) for k in SETTINGS]
+
+
+# ---- one reply ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
+    """While a reply streams, Ctrl+C sets `cancel` (the reply ends cleanly after the current token).
+
+    A second Ctrl+C raises KeyboardInterrupt, for the case where one step (a long prefill chunk) is slow.
+    Outside the main thread (no signals there) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stream_reply(
+    ui: UI, session: ChatSession, text: str, show_thinking: bool, printing: bool = True
+) -> Finished:
+    """Send `text`, print the reply as it streams, return the Finished event (with expert stats added)."""
+    cancel = threading.Event()
+    printer = ReplyPrinter(ui, show_thinking)
+    prefill_bar = ui.prefill_progress()
+    done: Finished | None = None
+    try:
+        with cancel_on_sigint(cancel):
+            for event in session.send(text, cancel=cancel, on_prefill=prefill_bar):
+                if isinstance(event, TokenEvent):
+                    if printing:
+                        printer.push(event.text, event.thinking)
+                else:
+                    done = event
+    finally:
+        prefill_bar.close()
+        if printing:
+            printer.finish()
+    experts = session.engine.expert_stats()
+    if experts:
+        done.stats["experts"] = experts
+    return done
+
+
+# ---- the command table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: str
+    help: str
+    handler: Callable[[Repl, str], None]
+
+
+def _help(repl: Repl, arg: str) -> None:
+    rows = [(f"/{c.name} {c.args}".rstrip(), c.help) for c in COMMANDS.values()]
+    rows.append(('"""', 'start a multi-line message; end it with a line ending in """'))
+    rows.append(("Ctrl+C", "stop the reply; at the prompt, twice (or Ctrl+D) to leave"))
+    repl.ui.help_table(rows)
+
+
+def _clear(repl: Repl, arg: str) -> None:
+    repl.session.clear()
+    repl.ui.note("conversation cleared")
+
+
+def _system(repl: Repl, arg: str) -> None:
+    repl.session.set_system(arg or None)
+    repl.ui.note("system prompt set" if arg else "system prompt removed")
+
+
+def _think(repl: Repl, arg: str) -> None:
+    if not arg:
+        repl.ui.note(f"thinking is {repl.session.settings.think}")
+        return
+    if arg not in THINK_MODES:
+        raise InputError(f"/think takes on, off or hide, not {arg!r}", "e.g. /think hide")
+    repl.session.settings.think = arg
+    repl.ui.note(f"thinking {arg}")
+
+
+def _set(repl: Repl, arg: str) -> None:
+    if not arg:
+        repl.ui.key_values(current_settings(repl.session))
+        return
+    key, _, raw = arg.partition(" ")
+    key = key.replace("-", "_")
+    if not raw.strip():
+        raise InputError("/set needs a key and a value", "e.g. /set temperature 0.7")
+    value = parse_setting(key, raw.strip())
+    apply_setting(repl.session, key, value)
+    repl.ui.note(f"{key} = {value}")
+
+
+def _stats(repl: Repl, arg: str) -> None:
+    reply = getattr(repl.session, "last_reply", None)
+    if reply is None or not reply.stats:
+        repl.ui.note("no reply yet")
+    else:
+        repl.ui.note(format_stats(reply.stats, repl.session.engine.max_context, reply.finish_reason))
+    experts = repl.session.engine.expert_stats()
+    if len(experts) > 1:  # a cache: show every counter (the reference provider only counts bytes)
+        repl.ui.key_values(sorted(experts.items()))
+
+
+def _save(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise InputError("/save needs a file name", "e.g. /save chat.json")
+    repl.session.save(Path(arg).expanduser())
+    repl.ui.note(f"saved {len(repl.session.messages)} messages to {arg}")
+
+
+def _load(repl: Repl, arg: str) -> None:
+    if not arg:
+        raise InputError("/load needs a file name", "e.g. /load chat.json")
+    repl.session.load(Path(arg).expanduser())
+    repl.ui.note(f"loaded {len(repl.session.messages)} messages from {arg}")
+
+
+def _exit(repl: Repl, arg: str) -> None:
+    repl.done = True
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("help", "", "list the commands", _help),
+        Command("clear", "", "forget the conversation", _clear),
+        Command("system", "[TEXT]", "set the system prompt (no text removes it)", _system),
+        Command("think", "on|off|hide", "thinking on, off, or on but not shown", _think),
+        Command("set", "[KEY VALUE]", "change a setting (" + ", ".join(SETTINGS) + "); alone: list", _set),
+        Command("stats", "", "figures of the last reply and the expert caches", _stats),
+        Command("save", "FILE", "write the conversation to a JSON file", _save),
+        Command("load", "FILE", "resume a conversation written by /save", _load),
+        Command("exit", "", "leave (Ctrl+D does too)", _exit),
+    )
+}
+ALIASES = {"quit": "exit", "bye": "exit", "?": "help"}
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+class Repl:
+    def __init__(self, ui: UI, session: ChatSession) -> None:
+        self.ui, self.session = ui, session
+        self.done = False
+        self.tty = sys.stdin.isatty()
+        if self.tty:
+            try:
+                import readline  # noqa: F401  (importing it gives input() line editing and history)
+            except ImportError:
+                pass
+
+    def run(self) -> None:
+        interrupts = 0
+        while not self.done:
+            try:
+                text = self.read_message()
+                if text is None:
+                    break
+                interrupts = 0
+                self.handle(text)
+            except KeyboardInterrupt:  # at the prompt (during a reply, Ctrl+C only stops the reply)
+                interrupts += 1
+                if interrupts >= 2:
+                    break
+                self.ui.err.print()
+                self.ui.info("(Ctrl+C again or Ctrl+D to leave; /help for commands)")
+        if self.tty:
+            self.ui.err.print()
+
+    def handle(self, text: str) -> None:
+        if not text.strip():
+            return
+        try:
+            if text.startswith("/"):
+                self.command(text)
+            else:
+                self.reply(text)
+        except Qwen35Error as e:
+            self.ui.error(e.message, e.hint)
+
+    def command(self, text: str) -> None:
+        name, _, arg = text[1:].strip().partition(" ")
+        cmd = COMMANDS.get(ALIASES.get(name, name))
+        if cmd is None:
+            self.ui.note(f"Unknown command '/{name}'. Type /help for help")
+            return
+        cmd.handler(self, arg.strip())
+
+    def reply(self, text: str) -> None:
+        show = self.session.settings.think == "on"
+        fed = self.session.cache.offset
+        try:
+            done = stream_reply(self.ui, self.session, text, show_thinking=show)
+        except (Exception, KeyboardInterrupt) as e:
+            if self.session.cache.offset != fed:
+                # The cache holds part of a turn the history does not: rebuild it from the history on the
+                # next turn (this message is dropped, nothing earlier is).
+                self.session.set_system(self.session.settings.system)
+            if isinstance(e, Qwen35Error):
+                self.ui.error(e.message, e.hint)
+            elif isinstance(e, KeyboardInterrupt):  # a second Ctrl+C inside one slow step
+                self.ui.info("(reply abandoned)")
+            else:  # our bug, not the user's: show it, but keep the conversation
+                self.ui.err.print(traceback.format_exc(), markup=False)
+            return
+        self.ui.stats_line(format_stats(done.stats, self.session.engine.max_context, done.reason))
+
+    # --- input --------------------------------------------------------------------------------------
+    def read_line(self, prompt: str) -> str | None:
+        """One line without its newline, or None at end of input."""
+        if self.tty:
+            try:
+                if self.ui.out.is_terminal:
+                    return input(prompt)
+                self.ui.err.print(prompt, end="")  # keep piped stdout free of prompts
+                return input()
+            except EOFError:
+                return None
+        line = sys.stdin.readline()
+        return None if line == "" else line.rstrip("\r\n")
+
+    def read_message(self) -> str | None:
+        """A message: one line, or the lines between \"\"\" markers (the markers themselves removed)."""
+        line = self.read_line(">>> ")
+        if line is None or not line.startswith('"""'):
+            return line
+        first = line[3:]
+        if first.endswith('"""'):  # """one line"""
+            return first[:-3]
+        lines = [first] if first else []
+        while True:
+            more = self.read_line("... ")
+            if more is None:  # end of input inside a block: send what was typed
+                return "\n".join(lines) if lines else None
+            if more.endswith('"""'):
+                lines.append(more[:-3])
+                return "\n".join(lines).rstrip("\n")
+            lines.append(more)

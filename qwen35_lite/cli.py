@@ -1,0 +1,318 @@
+"""The `qwen35-lite` command line: run (one shot), chat (interactive), make-checkpoint (random weights).
+
+Every user-caused failure is a Qwen35Error and ends as one `error:` line plus a `hint:` line, exit code 1;
+typer's own usage errors exit 2. Anything else is our bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from .cli_options import (
+    CpuExperts,
+    CpuMem,
+    Ctx,
+    Device,
+    Dtype,
+    GpuExperts,
+    GpuMem,
+    HideThinking,
+    LoadFlags,
+    MaxNew,
+    MinP,
+    Model,
+    Offline,
+    Presence,
+    Quiet,
+    Raw,
+    Repetition,
+    ReplyFlags,
+    Seed,
+    System,
+    Temperature,
+    Think,
+    TopK,
+    TopP,
+    chat_settings,
+    check_flags,
+    load_engine,
+    pick,
+)
+from .errors import InputError, Qwen35Error
+from .ui import UI, format_stats
+
+app = typer.Typer(
+    name="qwen35-lite",
+    help="Run Qwen3.5 mixture-of-experts models exactly, on one GPU plus CPU RAM plus NVMe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # our bugs print a plain traceback, without dumping tensors as locals
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_INTERRUPTED = 130
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause into one line and an exit code; let everything else through."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ui = UI()
+        try:
+            return fn(*args, **kwargs)
+        except Qwen35Error as e:
+            ui.error(e.message, e.hint)
+            raise typer.Exit(e.exit_code) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            ui.error(f"{e.filename or 'a file'}: {e.strerror}", "check the path and its permissions")
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if ui.err.is_terminal:
+                ui.err.print()  # past the ^C the terminal echoed
+            ui.error("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+            _silence_stdout()
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# ---- run ---------------------------------------------------------------------------------------------
+
+
+def read_prompt(ui: UI, prompt: str) -> str:
+    if prompt == "-" and sys.stdin.isatty():
+        ui.info("(type the prompt, then Ctrl+D)")
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        raise InputError("the prompt is empty", "pass the prompt as an argument, or pipe it in with -")
+    return text
+
+
+@app.command()
+@friendly_errors
+def run(
+    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.", show_default=False)],
+    model: Model,
+    system: System = None,
+    raw: Raw = False,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    presence_penalty: Presence = None,
+    repetition_penalty: Repetition = None,
+    seed: Seed = None,
+    think: Think = True,
+    hide_thinking: HideThinking = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    ctx: Ctx = None,
+    offline: Offline = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object on stdout, nothing streamed.")
+    ] = False,
+    quiet: Quiet = False,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    gpu_experts: GpuExperts = None,
+    cpu_experts: CpuExperts = None,
+) -> None:
+    """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
+    from .chat_repl import stream_reply
+    from .session import ChatSession
+
+    flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
+    check_flags(flags)
+    ui = UI(quiet=quiet or json_out)
+    text = read_prompt(ui, prompt)
+    engine = load_engine(ui, load)
+    session = ChatSession(engine, chat_settings(engine, flags))
+    show = session.settings.think == "on"
+    done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out)
+    reply = session.last_reply
+    if json_out:
+        ui.json_line(
+            {
+                "text": reply.text,
+                "thinking": reply.thinking if show else "",
+                "tokens": reply.tokens,
+                "prompt_ids": reply.prompt_ids,
+                "finish_reason": reply.finish_reason,
+                "stats": done.stats,
+            }
+        )
+    else:
+        ui.stats_line(format_stats(done.stats, engine.max_context, done.reason))
+    if done.reason == "cancelled":
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+# ---- chat --------------------------------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def chat(
+    model: Model,
+    system: System = None,
+    raw: Raw = False,
+    max_new_tokens: MaxNew = None,
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    top_k: TopK = None,
+    min_p: MinP = None,
+    presence_penalty: Presence = None,
+    repetition_penalty: Repetition = None,
+    seed: Seed = None,
+    think: Think = True,
+    hide_thinking: HideThinking = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    ctx: Ctx = None,
+    offline: Offline = False,
+    quiet: Quiet = False,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    gpu_experts: GpuExperts = None,
+    cpu_experts: CpuExperts = None,
+) -> None:
+    """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
+    from .chat_repl import Repl
+    from .session import ChatSession
+
+    flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
+    check_flags(flags)
+    ui = UI(quiet=quiet)
+    engine = load_engine(ui, load)
+    session = ChatSession(engine, chat_settings(engine, flags))
+    repl = Repl(ui, session)
+    if repl.tty:
+        m = engine.model
+        ui.header(
+            [
+                f"qwen35-lite · {engine.model_dir.name} · {m.device.type} {str(m.dtype).removeprefix('torch.')}"
+                f" · ctx {engine.max_context} · thinking {session.settings.think}",
+                '/help for commands · """ for multi-line · Ctrl+C stops a reply · Ctrl+D leaves',
+            ]
+        )
+    repl.run()
+
+
+# ---- make-checkpoint -----------------------------------------------------------------------------------
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {},  # SyntheticSpec defaults: ~130 MB in bf16, mostly the 248k-row embedding and head
+    "small": dict(
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_experts=32,
+        num_experts_per_tok=4,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+    ),
+    "medium": dict(  # ~2 GB in bf16, 1.6 GB of it routed experts: enough to exercise offloading
+        hidden_size=512,
+        num_hidden_layers=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        num_attention_heads=8,
+        head_dim=64,
+        linear_num_key_heads=4,
+        linear_num_value_heads=8,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+    ),
+}
+
+
+@app.command("make-checkpoint")
+@friendly_errors
+def make_checkpoint(
+    out: Annotated[Path, typer.Argument(help="Directory to write.", show_default=False)],
+    size: Annotated[Literal["tiny", "small", "medium"], typer.Option(help="Preset.")] = "tiny",
+    layers: Annotated[int | None, typer.Option(min=1, help="Decoder layers.")] = None,
+    experts: Annotated[int | None, typer.Option(min=1, help="Routed experts per layer.")] = None,
+    hidden: Annotated[int | None, typer.Option(min=8, help="Hidden size.")] = None,
+    moe_intermediate: Annotated[int | None, typer.Option(min=1, help="Expert intermediate size.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token.")] = None,
+    layout: Annotated[Literal["fused", "per-expert"], typer.Option(help="Expert tensor layout.")] = "fused",
+    dtype: Annotated[Literal["bfloat16", "float32"], typer.Option(help="Stored dtype.")] = "bfloat16",
+    shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MB.")] = 2048,
+    seed: Annotated[int, typer.Option(help="Weights seed.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
+) -> None:
+    """Write a random-weight Qwen3.5-MoE checkpoint (real tokenizer and chat template) to try offline."""
+    import torch
+
+    from .synthetic import SyntheticSpec, write_checkpoint
+
+    values = dict(SIZES[size])
+    for key, value in (
+        ("num_hidden_layers", layers),
+        ("num_experts", experts),
+        ("hidden_size", hidden),
+        ("moe_intermediate_size", moe_intermediate),
+        ("num_experts_per_tok", top_k),
+    ):
+        if value is not None:
+            values[key] = value
+    spec = SyntheticSpec(**values)
+    if spec.num_experts_per_tok > spec.num_experts:
+        raise typer.BadParameter(
+            f"{spec.num_experts_per_tok} experts per token but only {spec.num_experts} experts",
+            param_hint="--top-k",
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise InputError(f"{out} already exists and is not empty", "pick a new directory, or pass --force")
+    ui = UI()
+    with ui.count_progress("writing layers") as on_progress:
+        write_checkpoint(
+            out,
+            spec,
+            dtype=getattr(torch, dtype),
+            fused=layout == "fused",
+            shard_bytes=shard_size_mb << 20,
+            seed=seed,
+            on_progress=on_progress,
+        )
+    shards = sorted(out.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in shards)
+    ui.out.print(f"wrote {out} ({total / 1e6:.0f} MB in {len(shards)} shard(s))", markup=False)
+    ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
+
+
+# ==== LEAD: the `info` and `bench` commands go here (reuse LoadFlags, load_engine, friendly_errors) ====
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Options shared by `run`, `chat` (and `info`/`bench`), and what they turn into: the engine load options,
+the expert provider for the budget flags, and the chat settings over the checkpoint's defaults.
+
+Heavy modules (torch, the engine) are imported inside the functions, so `--help` and usage errors are instant.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import typer
+
+from .errors import InputError
+from .ui import UI
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .session import ChatSettings
+
+# ---- the options ---------------------------------------------------------------------------------
+
+SAMPLING, HARDWARE = "Sampling", "Device and memory"
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="QWEN35_LITE_MODEL",
+        help="Checkpoint directory or hub id.",
+        show_default=False,
+    ),
+]
+System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
+Raw = Annotated[bool, typer.Option("--raw", help="No chat template: the text is tokenised as is.")]
+MaxNew = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens",
+        "-n",
+        help="Reply length cap (default: the checkpoint's, else 2048).",
+        rich_help_panel=SAMPLING,
+    ),
+]
+Temperature = Annotated[
+    float | None,
+    typer.Option(
+        "--temperature", "-t", help="0 = greedy (default: generation_config.json).", rich_help_panel=SAMPLING
+    ),
+]
+TopP = Annotated[
+    float | None, typer.Option("--top-p", help="Nucleus sampling mass.", rich_help_panel=SAMPLING)
+]
+TopK = Annotated[
+    int | None,
+    typer.Option("--top-k", help="Keep the k likeliest tokens (0 = all).", rich_help_panel=SAMPLING),
+]
+MinP = Annotated[
+    float | None,
+    typer.Option("--min-p", help="Drop tokens below min-p × the top probability.", rich_help_panel=SAMPLING),
+]
+Presence = Annotated[
+    float | None,
+    typer.Option("--presence-penalty", help="Penalty on tokens of the reply.", rich_help_panel=SAMPLING),
+]
+Repetition = Annotated[
+    float | None,
+    typer.Option(
+        "--repetition-penalty", help="Penalty on every token seen (1 = none).", rich_help_panel=SAMPLING
+    ),
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
+]
+Think = Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")]
+HideThinking = Annotated[
+    bool, typer.Option("--hide-thinking", help="The model still thinks; none of it is shown.")
+]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", envvar="QWEN35_LITE_DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=HARDWARE
+    ),
+]
+Dtype = Annotated[
+    Literal["auto", "bfloat16", "float32", "float16"],
+    typer.Option(
+        "--dtype",
+        envvar="QWEN35_LITE_DTYPE",
+        help="Compute dtype (auto = the checkpoint's).",
+        rich_help_panel=HARDWARE,
+    ),
+]
+Ctx = Annotated[
+    int | None,
+    typer.Option(
+        "--ctx",
+        envvar="QWEN35_LITE_CTX",
+        min=2,
+        help="Maximum context in tokens (default: the model's).",
+        rich_help_panel=HARDWARE,
+    ),
+]
+Offline = Annotated[
+    bool,
+    typer.Option(
+        "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).", rich_help_panel=HARDWARE
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No stats line.")]
+# Memory budget: accepted here and forwarded to the expert provider factory (see provider_factory).
+GpuMem = Annotated[
+    float | None,
+    typer.Option("--gpu-mem", help="GPU memory budget for experts, GiB.", rich_help_panel=HARDWARE),
+]
+CpuMem = Annotated[
+    float | None,
+    typer.Option("--cpu-mem", help="Host RAM budget for experts, GiB.", rich_help_panel=HARDWARE),
+]
+GpuExperts = Annotated[
+    int | None,
+    typer.Option("--gpu-experts", min=1, help="GPU expert slots per layer.", rich_help_panel=HARDWARE),
+]
+CpuExperts = Annotated[
+    int | None,
+    typer.Option("--cpu-experts", min=1, help="RAM expert slots per layer.", rich_help_panel=HARDWARE),
+]
+
+
+@dataclass
+class LoadFlags:
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    ctx: int | None = None
+    offline: bool = False
+    gpu_mem: float | None = None
+    cpu_mem: float | None = None
+    gpu_experts: int | None = None
+    cpu_experts: int | None = None
+
+
+@dataclass
+class ReplyFlags:
+    system: str | None = None
+    raw: bool = False
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    think: bool = True
+    hide_thinking: bool = False
+
+
+def pick(cls: type, values: dict[str, Any]) -> Any:
+    """Build a flags dataclass from a command's locals() (its parameters are exactly the options)."""
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+
+def provider_factory(flags: LoadFlags) -> Callable | None:
+    """The expert provider for the budget flags; None = the engine's default (read experts on demand).
+
+    LEAD: plan slots from --gpu-mem/--cpu-mem (GiB) here; for now only explicit slot counts are used.
+    """
+    if flags.cpu_experts is None and flags.gpu_experts is None:
+        return None
+    from .expert_cache import TieredExperts
+
+    cpu = flags.cpu_experts or flags.gpu_experts
+    return functools.partial(TieredExperts, cpu_slots=cpu, gpu_slots=flags.gpu_experts or 0)
+
+
+def load_engine(ui: UI, flags: LoadFlags) -> Engine:
+    from .engine import Engine, EngineOptions
+
+    opts = EngineOptions(device=flags.device, dtype=flags.dtype, offline=flags.offline, max_context=flags.ctx)
+    with ui.load_progress() as on_progress:
+        return Engine.load(
+            flags.model, opts, provider_factory=provider_factory(flags), on_progress=on_progress
+        )
+
+
+def check_flags(flags: ReplyFlags) -> None:
+    """Reject bad flag values before the (slow) load, as usage errors (exit 2)."""
+    from .chat_repl import SETTINGS, check_setting
+
+    if flags.raw and flags.system:
+        raise typer.BadParameter("--system has no effect with --raw", param_hint="--system")
+    for key in SETTINGS:
+        value = getattr(flags, key)
+        if value is not None:
+            try:
+                check_setting(key, value)
+            except InputError as e:
+                raise typer.BadParameter(e.message, param_hint="--" + key.replace("_", "-")) from None
+
+
+def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
+    """Checkpoint defaults, overridden by every flag that was given."""
+    from .session import ChatSettings
+
+    keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
+    overrides = {k: getattr(flags, k) for k in keys if getattr(flags, k) is not None}
+    think = "hide" if flags.think and flags.hide_thinking else "on" if flags.think else "off"
+    return ChatSettings(
+        params=replace(engine.defaults.params, **overrides),
+        max_new_tokens=flags.max_new_tokens or engine.defaults.max_new_tokens,
+        think=think,
+        system=flags.system,
+        raw=flags.raw,
+    )

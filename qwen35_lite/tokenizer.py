@@ -1,0 +1,97 @@
+"""The Qwen3.5 byte-level BPE tokenizer (via the `tokenizers` library) and streaming detokenisation.
+
+Every Qwen3.5 model shares one vocabulary, so a checkpoint without `tokenizer.json` falls back to the copy
+packaged in `assets/tokenizer.json.gz`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import CheckpointError
+
+PACKAGED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer.json.gz"
+
+
+class Tokenizer:
+    """Text <-> ids. No BOS is added; special tokens written in the text (<|im_start|>) encode as one id."""
+
+    def __init__(self, backend: _HFTokenizer, source: str = "checkpoint") -> None:
+        self._tok = backend
+        self.source = source  # "checkpoint" or "built-in"
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> Tokenizer:
+        """The checkpoint's tokenizer.json, else the packaged Qwen3.5 tokenizer."""
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            return cls(_packaged_backend(), source="built-in")
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON or a bad model section
+            raise CheckpointError(
+                f"cannot read {path}: {exc}",
+                "the file is corrupt or incomplete (a git-lfs pointer?); download it again, "
+                "or delete it to use the built-in Qwen3.5 tokenizer",
+            ) from exc
+        return cls(backend, source="checkpoint")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a token string (special tokens included), or None when the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included (the embedding table may be padded beyond it)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+@functools.cache
+def _packaged_backend() -> _HFTokenizer:
+    # Parsing the 33 MB JSON takes a second or two; the backend is never mutated, so one copy is shared.
+    with gzip.open(PACKAGED_TOKENIZER, "rt", encoding="utf-8") as f:
+        return _HFTokenizer.from_str(f.read())
+
+
+class StreamDecoder:
+    """Incremental detokenisation: push(id) returns only completed text, never half a UTF-8 character.
+
+    Byte-level BPE can split one character over several tokens, and decoding those alone yields U+FFFD.
+    As in text-generation-inference / mlx-lm, we decode a short window: ids[prefix:read] (already emitted,
+    kept as context) and ids[prefix:] (with the new ids); the difference is the new text, held back while it
+    ends in U+FFFD. Ids before the window are dropped, so each push costs O(window), not O(reply).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the context window
+        self._read = 0  # end of what has been emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        emitted = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""
+        self._ids = self._ids[self._read :]  # the newly emitted ids become the next window's context
+        self._prefix, self._read = 0, len(self._ids)
+        return text[len(emitted) :]
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete character decodes as U+FFFD, as decode() would give)."""
+        emitted = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text[len(emitted) :]

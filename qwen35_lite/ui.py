@@ -1,0 +1,245 @@
+"""All terminal rendering: the answer on stdout, everything else (thinking, stats, progress, errors) on stderr.
+
+stdout carries the answer text and nothing else, so `qwen35-lite run ... > answer.txt` captures only it.
+Colour, progress bars and prompts appear only on a terminal: rich drops styles when its stream is not a TTY,
+and the progress bars below are disabled there, so piped output never holds escape codes or spinners.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+PREFILL_BAR_MIN_TOKENS = 1024  # shorter prompts prefill in a blink; a bar would only flicker
+
+
+def _console(stderr: bool) -> Console:
+    # soft_wrap: never insert line breaks into streamed text; highlight off: print text as the model wrote it
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
+
+
+class UI:
+    """The two streams and everything printed on them. Create one per command, after sys.std* are final."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.out = _console(stderr=False)
+        self.err = _console(stderr=True)
+        self.quiet = quiet
+
+    # --- messages on stderr ------------------------------------------------------------------------
+    def error(self, message: str, hint: str = "") -> None:
+        self.err.print(Text.assemble(("error:", "bold red"), " ", message))
+        if hint:
+            self.err.print(Text.assemble(("hint:", "yellow"), " ", hint))
+
+    def info(self, message: str) -> None:
+        self.err.print(Text(message, style="dim"))
+
+    def note(self, message: str) -> None:
+        self.err.print(Text(message))
+
+    # --- the answer and the thinking ---------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        # Raw write, not console.print: the answer must reach stdout byte for byte (no markup, no wrapping).
+        self.out.file.write(text)
+        self.out.file.flush()
+
+    def thinking(self, text: str) -> None:
+        self.err.print(Text(text, style="dim"), end="")
+        self.err.file.flush()
+
+    def json_line(self, obj: dict) -> None:
+        self.out.file.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.out.file.flush()
+
+    # --- progress ----------------------------------------------------------------------------------
+    def _progress(self, *columns) -> Progress:
+        return Progress(*columns, console=self.err, transient=True, disable=not self.err.is_terminal)
+
+    @contextmanager
+    def load_progress(self) -> Iterator[Callable[[str, int, int], None]]:
+        """Yield on_progress(stage, done_bytes, total_bytes) for Engine.load; a bar on a terminal only."""
+        bar = self._progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        with bar:
+            yield update
+
+    @contextmanager
+    def count_progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """Yield cb(done, total) drawing a counted bar (make-checkpoint layers)."""
+        bar = self._progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        task = bar.add_task(description, total=None)
+        with bar:
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+
+    def prefill_progress(self) -> PrefillBar:
+        return PrefillBar(self)
+
+    # --- chat furniture ----------------------------------------------------------------------------
+    def header(self, lines: list[str]) -> None:
+        for line in lines:
+            self.info(line)
+
+    def help_table(self, rows: list[tuple[str, str]]) -> None:
+        # Plain aligned rows, not a rich Table: a table wraps to 80 columns when piped, splitting the help.
+        width = max(len(usage) for usage, _ in rows)
+        for usage, text in rows:
+            self.err.print(Text.assemble((f"{usage:<{width}}", "bold"), "  ", text))
+
+    def key_values(self, pairs: list[tuple[str, object]]) -> None:
+        width = max((len(k) for k, _ in pairs), default=0)
+        for key, value in pairs:
+            self.err.print(Text(f"{key:<{width}}  {value}"))
+
+    def stats_line(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(Text(text, style="dim"))
+
+
+class PrefillBar:
+    """on_prefill(done, total) for a long prompt: a transient bar, started only once it is worth showing."""
+
+    def __init__(self, ui: UI) -> None:
+        self.ui = ui
+        self.bar: Progress | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total < PREFILL_BAR_MIN_TOKENS or done >= total or not self.ui.err.is_terminal:
+                return
+            self.bar = self.ui._progress(TextColumn("prompt"), BarColumn(), MofNCompleteColumn())
+            self.task = self.bar.add_task("prompt", total=total)
+            self.bar.start()
+        self.bar.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class ReplyPrinter:
+    """Turns the TokenEvents of one reply into output: answer → stdout, thinking → stderr (dim, framed).
+
+    Leading blank lines are dropped (the model writes "\\n\\n" after </think>); the streams are left at the
+    start of a line when the reply ends, so the next prompt or stats line starts cleanly.
+    """
+
+    def __init__(self, ui: UI, show_thinking: bool = True) -> None:
+        self.ui, self.show_thinking = ui, show_thinking
+        self.in_thinking = False
+        self.thought = False  # something of the thinking was printed
+        self.answered = False
+        self.answer_tail = ""
+
+    def push(self, text: str, thinking: bool) -> None:
+        if thinking:
+            self._think(text)
+            return
+        self._close_thinking()
+        if not self.answered:
+            text = text.lstrip()
+            if not text:
+                return
+            self.answered = True
+        self.ui.answer(text)
+        self.answer_tail = text
+
+    def _think(self, text: str) -> None:
+        if not self.show_thinking:
+            return
+        if not self.in_thinking:
+            text = text.lstrip()
+            if not text:
+                return
+            self.ui.err.print(Text("Thinking...", style="dim italic"))
+            self.in_thinking = self.thought = True
+        self.ui.thinking(text)
+
+    def _close_thinking(self) -> None:
+        if self.in_thinking:
+            self.ui.err.print()
+            self.ui.err.print(Text("...done thinking.", style="dim italic"))
+            self.ui.err.print()
+            self.in_thinking = False
+
+    def finish(self) -> None:
+        if self.in_thinking:  # cut off while still thinking
+            self.ui.err.print()
+            self.in_thinking = False
+        if self.answered and not self.answer_tail.endswith("\n"):
+            self.ui.answer("\n")
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
+def _pct(x: float | None) -> str | None:
+    return None if x is None else f"{100 * x:.0f}%"
+
+
+FINISH_NOTES = {
+    "length": "cut at the token limit",
+    "context": "context full",
+    "cancelled": "stopped",
+}
+
+
+def format_stats(stats: dict, max_context: int | None = None, finish_reason: str = "") -> str:
+    """One line: prompt and decode speed, time to first token, context use, memory, expert caches."""
+    parts = []
+    if note := FINISH_NOTES.get(finish_reason):
+        parts.append(f"[{note}]")
+    p, g = stats.get("prompt_tokens", 0), stats.get("generated_tokens", 0)
+    prefill = stats.get("prefill_tok_s")
+    parts.append(f"prompt {p} tok" + (f" @ {prefill:.1f} tok/s" if prefill else ""))
+    decode = stats.get("decode_tok_s")
+    parts.append(f"reply {g} tok" + (f" @ {decode:.1f} tok/s" if decode else ""))
+    if stats.get("ttft_s") is not None:
+        parts.append(f"ttft {stats['ttft_s']:.2f} s")
+    if stats.get("context_tokens") is not None and max_context:
+        parts.append(f"ctx {stats['context_tokens']}/{max_context}")
+    parts.append(f"peak RSS {human_bytes(stats.get('peak_rss_bytes'))}")
+    if "peak_gpu_bytes" in stats:
+        parts.append(f"peak GPU {human_bytes(stats['peak_gpu_bytes'])}")
+    if experts := format_experts(stats.get("experts") or {}):
+        parts.append(experts)
+    return " · ".join(parts)
+
+
+def format_experts(e: dict) -> str:
+    bits = []
+    for tier in ("gpu", "ram"):
+        if (rate := _pct(e.get(f"{tier}_hit_rate"))) is not None:
+            bits.append(f"{tier} hit {rate}")
+    if e.get("bytes_read"):
+        bits.append(f"read {human_bytes(e['bytes_read'])}")
+    return "experts " + ", ".join(bits) if bits else ""

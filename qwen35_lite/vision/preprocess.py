@@ -1,0 +1,190 @@
+"""Image loading and preprocessing, numerically identical to transformers' PIL Qwen2-VL image processor.
+
+The pipeline is the one `Qwen2VLImageProcessorPil` (transformers 5.23) runs for Qwen3.5: composite any
+transparency onto white, convert to RGB, bicubic-resize the uint8 image with PIL to a size that is a
+multiple of patch * merge (`smart_resize`), rescale in float64 then cast to float32, normalise in float32,
+and cut into patches laid out merge-block by merge-block (architecture notes, section 4.1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from ..errors import ConfigError, InputError
+
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass
+class ImageProcessorConfig:
+    """What `preprocessor_config.json` says; defaults are the Qwen3.5 release values."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 256 * 256
+    max_pixels: int = 4096 * 4096
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageProcessorConfig:
+        kw: dict[str, Any] = {}
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "resample"):
+            if key in d:
+                kw[key] = int(d[key])
+        if "rescale_factor" in d:
+            kw["rescale_factor"] = float(d["rescale_factor"])
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                v = d[key]
+                kw[key] = tuple(float(x) for x in (v if isinstance(v, list) else [v] * 3))
+        size = d.get("size") if isinstance(d.get("size"), dict) else {}
+        # transformers lets top-level min_pixels / max_pixels override `size` (backward compatibility).
+        lo = d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        hi = d.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        if lo is not None:
+            kw["min_pixels"] = int(lo)
+        if hi is not None:
+            kw["max_pixels"] = int(hi)
+        return cls(**kw)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path | str) -> ImageProcessorConfig:
+        """Read `preprocessor_config.json` (or the `image_processor` part of `processor_config.json`)."""
+        model_dir = Path(model_dir)
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            path = model_dir / name
+            if not path.is_file():
+                continue
+            try:
+                d = json.loads(path.read_text())
+                if key is not None:
+                    d = d.get(key)
+                    if d is None:
+                        continue
+                return cls.from_dict(d)
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+                raise ConfigError(
+                    f"{name} in {model_dir} is malformed ({e})", "re-download the checkpoint"
+                ) from e
+        return cls()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB conversion as transformers does it: transparency (alpha band or tRNS key) composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: Path | str) -> Image.Image:
+    """Open, fully decode and convert an image file to RGB; any failure is an InputError with a hint."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image file not found: {path}", "check the path given to --image")
+    if not path.is_file():
+        raise InputError(f"{path} is not a file", "pass the path of an image file (PNG, JPEG, WebP, ...)")
+    # A global PIL flag can make truncated files decode silently padded with grey; force strict decoding.
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except UnidentifiedImageError as e:
+        raise InputError(
+            f"{path} is not an image PIL can read", "use a PNG, JPEG, WebP, GIF or BMP file"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path} is too large to decode safely ({e})", "downscale the image first") from e
+    except PermissionError as e:
+        raise InputError(f"cannot read {path}: permission denied", "check the file's permissions") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise InputError(f"{path} is truncated or corrupt ({e})", "re-export or re-download the image") from e
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 32, min_pixels: int = 256 * 256, max_pixels: int = 4096 * 4096
+) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    if min(height, width) <= 0:
+        raise InputError(f"image has an empty side ({width}x{height})", "use a non-empty image")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise InputError(
+            f"image aspect ratio {max(height, width) / min(height, width):.0f}:1 is over {MAX_ASPECT_RATIO}:1",
+            "crop or pad the image to a less extreme shape",
+        )
+    # Python's round (half to even) on purpose: it is what the reference uses.
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _normalised_chw(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
+    """Resize and normalise one RGB image -> float32 [3, h, w] with h, w multiples of cfg.factor."""
+    h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    resized = np.asarray(image.resize((w, h), resample=cfg.resample))  # [h, w, 3] uint8
+    # Same operation order and precisions as the reference: rescale in float64, cast, then (x - m) / s in fp32.
+    x = (resized.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, h, w]
+
+
+def _patchify(x: np.ndarray, cfg: ImageProcessorConfig) -> tuple[np.ndarray, int, int]:
+    """[C, H, W] -> ([gh*gw, C*T*P*P], gh, gw), patches ordered merge block by merge block."""
+    c, height, width = x.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    gh, gw = height // p, width // p
+    x = x.reshape(c, gh // m, m, p, gw // m, m, p)  # [C, bh, mh, P, bw, mw, P]
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, mh, mw, C, P, P]
+    # A still image is its own second frame: repeat every patch over the temporal axis.
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # [bh, bw, mh, mw, C, T, P, P]
+    return x.reshape(gh * gw, c * t * p * p), gh, gw
+
+
+def preprocess(
+    images: list[Image.Image], cfg: ImageProcessorConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images -> (pixel_values float32 [sum of gh*gw, C*T*P*P], image_grid_thw int64 [n_images, 3])."""
+    cfg = cfg or ImageProcessorConfig()
+    patches, grids = [], []
+    for image in images:
+        flat, gh, gw = _patchify(_normalised_chw(to_rgb(image), cfg), cfg)
+        patches.append(flat)
+        grids.append([1, gh, gw])
+    if not patches:
+        return torch.zeros(0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), torch.zeros(
+            0, 3, dtype=torch.long
+        )
+    pixel_values = torch.from_numpy(np.concatenate(patches, axis=0))
+    return pixel_values, torch.tensor(grids, dtype=torch.long)

@@ -1,0 +1,131 @@
+"""A CPU run under --cpu-mem far below the checkpoint size stays within the budget and decodes the same
+tokens as an unconstrained run; DeltaNet state does not grow with context.
+
+The memory is sampled from outside the process (RssAnon in /proc/PID/status every ~2 ms): the page
+cache the expert reads go through is the kernel's, not the process's, and does not count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen35_lite.cache import DeltaNetState, KVCache
+from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.config import load_config
+from qwen35_lite.expert_cache import TieredExperts
+from qwen35_lite.expert_store import ExpertStore
+from qwen35_lite.model import Qwen35Model
+from qwen35_lite.plan import GiB, MemoryPlan
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+RUNNER = Path(__file__).with_name("budget_runner.py")
+# 8 layers x 128 experts x 1.5 MiB = 1.5 GiB of bf16 experts (1.6 GB on disk); resident path ~20 MB
+BIG = SyntheticSpec(
+    hidden_size=512,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=512,
+    shared_expert_intermediate_size=512,
+    vocab_size=8192,
+)
+BUDGET_GIB = 0.5  # a third of the checkpoint
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(
+        tmp_path_factory.mktemp("big") / "ck", BIG, dtype=torch.bfloat16, shard_bytes=512 << 20
+    )
+
+
+def run_sampled(*args: str) -> tuple[dict, int]:
+    """Run budget_runner.py with `args`; return its JSON and the peak RssAnon seen from outside."""
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    status, peak = Path(f"/proc/{proc.pid}/status"), 0
+    while proc.poll() is None:
+        try:
+            m = re.search(r"RssAnon:\s+(\d+) kB", status.read_text())
+        except OSError:  # exited between poll() and the read
+            break
+        if m:
+            peak = max(peak, int(m.group(1)) * 1024)
+        time.sleep(0.002)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), peak
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(big_checkpoint) -> list[int]:
+    result, _ = run_sampled(str(big_checkpoint), "--uncached")
+    return result["tokens"]
+
+
+def _ckpt_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+@pytest.mark.parametrize("slots", [None, 1], ids=["slots-from-plan", "one-slot-per-layer"])
+def test_cpu_run_stays_within_cpu_mem_and_decodes_the_same_tokens(big_checkpoint, reference_tokens, slots):
+    budget = int(BUDGET_GIB * GiB)
+    assert _ckpt_bytes(big_checkpoint) > 3 * budget
+    args = [str(big_checkpoint), "--cpu-mem", str(BUDGET_GIB)]
+    if slots is not None:
+        args += ["--cpu-experts", str(slots)]
+    result, peak = run_sampled(*args)
+    assert result["tokens"] == reference_tokens
+    stats = result["stats"]
+    assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {BUDGET_GIB} GiB"
+    assert result["plan"]["cpu_total"] <= budget
+    if slots is None:
+        assert 2 <= result["plan"]["cpu_slots"] < BIG.num_experts // 4
+        assert stats["ram_hits"] > 0
+    else:
+        assert stats["ram_slots_per_layer"] == 1
+    assert stats["bytes_read"] > budget  # it streamed more than it could ever hold
+
+
+def test_deltanet_state_does_not_grow_with_context(tmp_path):
+    """Cache bytes after 4096 tokens minus after 512 = the attention layers' KV growth, nothing else."""
+    spec = SyntheticSpec(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, vocab_size=4096)
+    path = write_checkpoint(tmp_path / "ck", spec, dtype=torch.bfloat16)
+    cfg, ckpt = load_config(path).text, Checkpoint(path)
+    provider = TieredExperts(ExpertStore(ckpt, cfg), "cpu", torch.bfloat16, cpu_slots=4, prefetch=False)
+    model = Qwen35Model.load(ckpt, cfg, provider, torch.device("cpu"), torch.bfloat16)
+    cache = model.make_cache()
+    ids = torch.randint(0, spec.vocab_size, (4096,), generator=torch.Generator().manual_seed(0))
+
+    def sizes() -> tuple[list[int], list[int]]:
+        state = [c.nbytes for c in cache.layers if isinstance(c, DeltaNetState)]
+        kv = [c.nbytes for c in cache.layers if isinstance(c, KVCache)]
+        return state, kv
+
+    model.forward(cache, ids[:512])
+    state_512, kv_512 = sizes()
+    total_512 = cache.nbytes
+    for s in range(512, 4096, 512):
+        model.forward(cache, ids[s : s + 512])
+    state_4k, kv_4k = sizes()
+    plan = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, cpu_mem=4)
+    assert state_4k == state_512 and len(state_4k) == 3
+    assert cache.nbytes - total_512 == sum(kv_4k) - sum(kv_512) == plan.kv_per_token * (4096 - 512)

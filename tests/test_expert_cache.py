@@ -1,0 +1,394 @@
+"""Expert store reads into slots, and the tiered cache: LRU order, counters, slot reuse, prefetch safety."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.config import TextConfig, load_config
+from qwen35_lite.errors import BudgetError
+from qwen35_lite.expert_cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
+from qwen35_lite.expert_store import ExpertStore, evict_page_cache
+from qwen35_lite.model import Qwen35Model
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=12, num_experts_per_tok=3, vocab_size=4096)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """{(fused, dtype name): path}: both layouts, bf16 and fp32, several shards."""
+    root = tmp_path_factory.mktemp("cache")
+    out = {}
+    for fused in (True, False):
+        for dtype in (torch.bfloat16, torch.float32):
+            name = f"{'fused' if fused else 'per-expert'}-{str(dtype)[6:]}"
+            out[(fused, dtype)] = write_checkpoint(
+                root / name, SPEC, dtype=dtype, fused=fused, shard_bytes=1 << 20
+            )
+    return out
+
+
+def _store(path) -> ExpertStore:
+    return ExpertStore(Checkpoint(path), load_config(path).text)
+
+
+def _tiered(path, dtype=torch.bfloat16, **kw) -> TieredExperts:
+    return TieredExperts(_store(path), CPU, dtype, **kw)
+
+
+# ---- the store ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+def test_read_into_and_read_many_equal_read(ckpts, fused, stored, compute):
+    store = _store(ckpts[(fused, stored)])
+    assert store.fused == fused
+    nb = store.slot_nbytes(compute)
+    assert nb == 3 * SPEC.hidden_size * SPEC.moe_intermediate_size * compute.itemsize
+    slot = torch.empty(nb, dtype=torch.uint8)
+    for layer, e in [(0, 0), (1, 5), (3, 11)]:
+        gate_up, down = store.read_into(layer, e, slot, compute)
+        ref_gu, ref_down = store.read(layer, e, compute)
+        assert gate_up.data_ptr() == slot.data_ptr()  # a view into the slot, not a copy
+        assert torch.equal(gate_up, ref_gu) and torch.equal(down, ref_down)
+    experts = [7, 2, 3, 4, 10]  # 2, 3, 4 are neighbours in a fused tensor: one preadv
+    slots = [torch.empty(nb, dtype=torch.uint8) for _ in experts]
+    got = store.read_many(2, experts, slots, compute)
+    for e in experts:
+        ref = store.read(2, e, compute)
+        assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+
+
+def test_both_layouts_hold_the_same_experts(ckpts):
+    a, b = _store(ckpts[(True, torch.bfloat16)]), _store(ckpts[(False, torch.bfloat16)])
+    sa, sb = (torch.empty(a.slot_nbytes(), dtype=torch.uint8) for _ in range(2))
+    for layer in range(SPEC.num_hidden_layers):
+        for e in (0, 6, 11):
+            assert torch.equal(a.read_into(layer, e, sa)[0], b.read_into(layer, e, sb)[0])
+            assert torch.equal(sa, sb)
+
+
+def test_fp8_per_expert_slots_dequantise_like_read(tmp_path):
+    """Block-FP8 experts with scales (sizes not multiples of the 128 block) convert into compute slots."""
+    D, I, E = 200, 160, 3
+    cfg = TextConfig(hidden_size=D, moe_intermediate_size=I, num_experts=E, num_hidden_layers=1)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for e in range(E):
+        for k, shape in (("gate", (I, D)), ("up", (I, D)), ("down", (D, I))):
+            name = f"model.layers.0.mlp.experts.{e}.{k}_proj.weight"
+            tensors[name] = torch.randn(shape, generator=g).to(torch.float8_e4m3fn)
+            rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
+            tensors[name + "_scale_inv"] = torch.rand(rows, cols, generator=g) + 0.5
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    store = ExpertStore(Checkpoint(tmp_path), cfg)
+    assert store.needs_staging(torch.bfloat16) and store.raw_nbytes > store.expert_nbytes - 64
+    staging = torch.empty(store.raw_nbytes, dtype=torch.uint8)
+    for compute in (torch.float32, torch.bfloat16):
+        slots = [torch.empty(store.slot_nbytes(compute), dtype=torch.uint8) for _ in range(E)]
+        got = store.read_many(0, list(range(E)), slots, compute, staging)
+        for e in range(E):
+            ref = store.read(0, e, compute)
+            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+
+
+def test_evict_page_cache_runs_on_the_expert_files(ckpts):
+    store = _store(ckpts[(True, torch.bfloat16)])
+    assert evict_page_cache(store.files()) == len(store.files()) >= 1
+
+
+# ---- the cache ---------------------------------------------------------------------------------
+
+
+def test_lru_order_and_counters(ckpts):
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=3, prefetch=False)
+    nb = cache.store.expert_nbytes
+    for e in (1, 2, 3):
+        cache.get(0, [e])
+    assert cache.resident(0) == [1, 2, 3]
+    cache.get(0, [1])  # a hit moves 1 to the most recent end
+    assert cache.resident(0) == [2, 3, 1]
+    cache.get(0, [4])  # evicts the least recently used: 2
+    assert cache.resident(0) == [3, 1, 4]
+    cache.get(0, [3, 5])  # 3 hits; 5 evicts 1 (4 is newer)
+    assert cache.resident(0) == [4, 3, 5]
+    assert cache.resident(1) == []  # per-layer pools
+    s = cache.stats()
+    assert (s["ram_hits"], s["ram_misses"]) == (2, 5)
+    assert s["bytes_read"] == 5 * nb and s["experts_read"] == 5
+    assert s["ram_hit_rate"] == pytest.approx(2 / 7, abs=1e-4)
+    cache.reset_stats()
+    assert cache.stats()["ram_hits"] == 0 and cache.resident(0) == [4, 3, 5]
+
+
+def test_cached_experts_equal_the_store(ckpts):
+    path = ckpts[(False, torch.float32)]
+    cache, store = _tiered(path, torch.float32, cpu_slots=4, prefetch=False), _store(path)
+    rng = random.Random(0)
+    for _ in range(30):
+        layer = rng.randrange(SPEC.num_hidden_layers)
+        experts = rng.sample(range(SPEC.num_experts), rng.randint(1, 4))
+        got = cache.get(layer, experts)
+        for e in experts:
+            ref = store.read(layer, e, torch.float32)
+            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+
+
+def test_more_experts_than_slots_stream_through_the_slots(ckpts):
+    """A prefill-sized request over a 2-slot layer: every expert correct when looked up, in any order."""
+    path = ckpts[(True, torch.bfloat16)]
+    cache, store = _tiered(path, cpu_slots=2, prefetch=False), _store(path)
+    cache.get(1, [0, 9])  # residents that are also asked for below
+    want = list(range(SPEC.num_experts))
+    got = cache.get(1, want)
+    assert len(got) == len(want) and 5 in got and 99 not in got
+    for e in want + [11, 3, 0]:  # ascending, then out of order (a re-read, still correct)
+        ref = store.read(1, e, torch.bfloat16)
+        assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+    s = cache.stats()
+    assert s["ram_hits"] + s["ram_misses"] >= len(want)
+    assert len(cache.resident(1)) == 2
+
+
+def test_slots_are_reused_without_new_allocations(ckpts):
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=3, prefetch=True)
+    buffers = [b.data_ptr() for b in cache.ram.buffers]
+    slot_ptrs = {s.data_ptr() for pool in cache.ram.pools for s in pool.slots}
+    rng = random.Random(1)
+    seen = set()
+    for step in range(200):
+        layer = step % SPEC.num_hidden_layers
+        cache.hint((layer + 1) % SPEC.num_hidden_layers, rng.sample(range(SPEC.num_experts), 2))
+        n = rng.choice([1, 2, 3, 5])  # 5 > 3 slots: the streaming path
+        got = cache.get(layer, rng.sample(range(SPEC.num_experts), n))
+        for e in got:
+            gate_up, down = got[e]
+            seen.add(gate_up.data_ptr())
+            assert down.data_ptr() == gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
+    cache.wait_prefetch()
+    assert seen <= slot_ptrs and len(seen) > len(slot_ptrs) // 2
+    assert [b.data_ptr() for b in cache.ram.buffers] == buffers
+    assert {s.data_ptr() for pool in cache.ram.pools for s in pool.slots} == slot_ptrs
+    cache.close()
+
+
+def test_slot_counts_are_validated(ckpts):
+    with pytest.raises(BudgetError):
+        _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=0)
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=1000, prefetch=False)
+    assert cache.stats()["ram_slots_per_layer"] == SPEC.num_experts  # capped: every expert fits
+
+
+def test_preload_makes_every_lookup_a_hit(ckpts):
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=SPEC.num_experts, prefetch=False)
+    cache.preload()
+    assert cache.stats()["experts_read"] == SPEC.num_experts * SPEC.num_hidden_layers
+    cache.reset_stats()
+    cache.get(2, [0, 5, 11])
+    assert cache.stats()["ram_misses"] == 0 and cache.stats()["ram_hits"] == 3
+
+
+def test_prefetch_reads_ahead_and_counts_use(ckpts):
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=4, prefetch=True)
+    cache.hint(1, [3, 7])
+    cache.wait_prefetch()
+    assert set(cache.resident(1)) == {3, 7}
+    cache.get(1, [3, 8])
+    s = cache.stats()
+    assert s["prefetch_read"] == 2 and s["prefetch_used"] == 1 and s["prefetch_recall"] == 0.5
+    assert (s["ram_hits"], s["ram_misses"]) == (1, 1)
+    cache.close()
+
+
+def test_prefetch_never_evicts_the_experts_in_use(ckpts):
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=3, prefetch=True)
+    cache.get(0, [1, 2, 3])
+    cache.hint(0, [4, 5])  # no slot is free and every resident is in use: nothing is read
+    cache.wait_prefetch()
+    assert set(cache.resident(0)) == {1, 2, 3} and cache.stats()["prefetch_read"] == 0
+    cache.close()
+
+
+# ---- end to end: outputs never depend on the cache or the prefetch -----------------------------
+
+
+class _WrongHints(TieredExperts):
+    """Hints the next layer with random experts before each get, and sometimes the layer itself
+    right before its own get (a cancelled prefetch)."""
+
+    def __init__(self, *a, seed: int = 0, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.rng = random.Random(seed)
+
+    def get(self, layer, experts):
+        E = self.n_experts
+        self.hint(layer + 1, self.rng.sample(range(E), 3))
+        if self.rng.random() < 0.5:
+            self.hint(layer, self.rng.sample(range(E), 3))
+        return super().get(layer, experts)
+
+
+class _RightHints(TieredExperts):
+    """Hints each next layer with the experts a previous identical run used there (perfect recall)."""
+
+    def __init__(self, *a, trace: list, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.trace, self.i = trace, 0
+
+    def get(self, layer, experts):
+        if self.i + 1 < len(self.trace):
+            self.hint(*self.trace[self.i + 1])
+        self.i += 1
+        return super().get(layer, experts)
+
+
+class _Recorder(UncachedExperts):
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.trace = []
+
+    def get(self, layer, experts):
+        self.trace.append((layer, list(experts)))
+        return super().get(layer, experts)
+
+
+def _greedy(path, provider, n_prompt=70, n_new=8):
+    cfg = load_config(path).text
+    model = Qwen35Model.load(Checkpoint(path), cfg, provider, CPU, torch.bfloat16)
+    cache = model.make_cache()
+    ids = torch.randint(0, SPEC.vocab_size, (n_prompt,), generator=torch.Generator().manual_seed(3))
+    logits = model.forward(cache, ids)
+    tokens = []
+    for _ in range(n_new):
+        tokens.append(int(logits[-1].argmax()))
+        logits = model.forward(cache, torch.tensor(tokens[-1:]))
+    return tokens, logits
+
+
+def test_wrong_cancelled_and_right_prefetch_never_change_the_output(ckpts):
+    path = ckpts[(True, torch.bfloat16)]
+    store = _store(path)
+    ref = _Recorder(store, CPU, torch.bfloat16)
+    want_tokens, want_logits = _greedy(path, ref)
+    runs = {
+        "lru 2 slots, wrong hints": _WrongHints(store, CPU, torch.bfloat16, cpu_slots=2, prefetch=True),
+        "lfu-lru 5 slots, wrong hints": _WrongHints(
+            store, CPU, torch.bfloat16, cpu_slots=5, policy="lfu-lru", prefetch=True, seed=1
+        ),
+        "lru 6 slots, right hints": _RightHints(
+            store, CPU, torch.bfloat16, cpu_slots=6, prefetch=True, trace=ref.trace
+        ),
+    }
+    for name, provider in runs.items():
+        tokens, logits = _greedy(path, provider)
+        assert tokens == want_tokens, name
+        assert torch.equal(logits, want_logits), name
+        provider.close()
+    s = runs["lru 6 slots, right hints"].stats()
+    assert s["prefetch_recall"] == 1.0 and s["prefetch_used"] > 0
+    assert runs["lru 2 slots, wrong hints"].stats()["prefetch_recall"] < 0.8
+
+
+def test_freq_lru_keeps_the_popular_expert():
+    lru, hybrid = LRUPolicy(), FreqLRUPolicy(window=3)
+    for p in (lru, hybrid):
+        for e in (0, 0, 0, 1, 2, 3):
+            p.touch(e)
+    assert lru.victim(keep=()) == 0  # least recent
+    assert hybrid.victim(keep=()) == 1  # 0 is older but used three times
+    assert hybrid.victim(keep={1}) == 2
+
+
+# ---- the GPU tier ------------------------------------------------------------------------------
+
+
+class _FakeStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, ev) -> None:
+        ev.waited += 1
+
+
+class _FakeEvent:
+    def __init__(self) -> None:
+        self.recorded = self.waited = self.synced = 0
+
+    def record(self, stream=None) -> None:
+        self.recorded += 1
+
+    def synchronize(self) -> None:
+        self.synced += 1
+
+
+class _CpuStandInGpu(TieredExperts):
+    """The GPU tier's bookkeeping (slots, chunking through the RAM tier, events) run on CPU buffers."""
+
+    def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+@pytest.mark.parametrize("gpu_slots,cpu_slots", [(2, 3), (4, 2), (1, 1)])
+def test_gpu_tier_logic_gives_the_store_experts(ckpts, fake_cuda, gpu_slots, cpu_slots):
+    path = ckpts[(True, torch.bfloat16)]
+    store = _store(path)
+    cache = _CpuStandInGpu(
+        store, torch.device("cuda"), torch.bfloat16, cpu_slots=cpu_slots, gpu_slots=gpu_slots, pin=False
+    )
+    gpu_ptrs = {s.data_ptr() for pool in cache.gpu.pools for s in pool.slots}
+    rng = random.Random(2)
+    for step in range(60):
+        layer = rng.randrange(SPEC.num_hidden_layers)
+        if step % 3 == 0:
+            cache.hint(layer, rng.sample(range(SPEC.num_experts), 2))  # copies on the "side stream"
+        experts = rng.sample(range(SPEC.num_experts), rng.randint(1, 5))
+        got = cache.get(layer, experts)
+        for e in experts:
+            ref = store.read(layer, e, torch.bfloat16)
+            assert got[e][0].data_ptr() in gpu_ptrs  # handed out from GPU slots only
+            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+    s = cache.stats()
+    assert s["gpu_slots_per_layer"] == gpu_slots and s["gpu_misses"] > 0 and s["gpu_hits"] > 0
+    assert s["bytes_to_gpu"] >= s["gpu_misses"] * store.slot_nbytes(torch.bfloat16)
+    assert s["ram_hits"] + s["ram_misses"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tier_decodes_like_the_reference(ckpts):
+    path = ckpts[(True, torch.bfloat16)]
+    store, cuda = _store(path), torch.device("cuda")
+    cfg = load_config(path).text
+
+    def tokens(provider):
+        model = Qwen35Model.load(Checkpoint(path), cfg, provider, cuda, torch.bfloat16)
+        cache = model.make_cache()
+        logits = model.forward(cache, torch.arange(50) * 7)
+        out = []
+        for _ in range(6):
+            out.append(int(logits[-1].argmax()))
+            logits = model.forward(cache, torch.tensor(out[-1:]))
+        return out
+
+    want = tokens(UncachedExperts(store, cuda, torch.bfloat16))
+    cache = TieredExperts(store, cuda, torch.bfloat16, cpu_slots=3, gpu_slots=2)
+    assert tokens(cache) == want
+    assert cache.stats()["bytes_to_gpu"] > 0

@@ -1,0 +1,165 @@
+"""The memory plan: the 397B arithmetic of docs/offloading-anchors.md, refusals with numbers, sizing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.config import load_config
+from qwen35_lite.errors import BudgetError
+from qwen35_lite.plan import GiB, MemoryPlan, tensor_shapes
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+# Qwen3.5-397B-A17B, from shared/docs/qwen35-architecture.md §1.1
+TEXT_397B = {
+    "model_type": "qwen3_5_moe_text",
+    "hidden_size": 4096,
+    "num_hidden_layers": 60,
+    "full_attention_interval": 4,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "attention_bias": False,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 64,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "moe_intermediate_size": 1024,
+    "shared_expert_intermediate_size": 1024,
+    "norm_topk_prob": True,
+    "mlp_only_layers": [],
+    "vocab_size": 248320,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "max_position_embeddings": 262144,
+    "mtp_num_hidden_layers": 1,
+    "eos_token_id": 248044,
+}
+CONFIG_397B = {
+    "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+    "model_type": "qwen3_5_moe",
+    "text_config": TEXT_397B,
+    "tie_word_embeddings": False,
+    "image_token_id": 248056,
+    "video_token_id": 248057,
+    "vision_start_token_id": 248053,
+    "vision_end_token_id": 248054,
+}
+
+
+@pytest.fixture(scope="module")
+def cfg397(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q397")
+    (d / "config.json").write_text(json.dumps(CONFIG_397B))
+    return load_config(d).text
+
+
+def test_397b_kv_state_and_resident_bytes_match_the_anchors(cfg397):
+    plan = MemoryPlan.build(
+        cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=80, cpu_mem=120, context=32768
+    )
+    plan.check()
+    assert plan.kv_per_token == 30720  # 2 · 15 layers · 2 KV heads · 256 · 2 bytes = 30 KiB
+    assert plan.kv_bytes >= 30720 * 32768  # 1.0 GiB at 32K (+ one layer's regrowth copy)
+    # anchors §3.1: per GDN layer ≈ 118 M, per full-attention layer ≈ 105 M, router 2.1 M, shared expert
+    # 12.6 M, lm_head 1.02 B -> 8.78 B params = 17.6 GB bf16 on the GPU; the 1.02 B embedding on the CPU
+    assert plan.weights_gpu == pytest.approx(17.56e9, rel=0.02)
+    assert plan.weights_cpu == 248320 * 4096 * 2
+    # GDN recurrent state 45 · 64 · 128 · 128 fp32 ≈ 189 MB (+ conv windows, + one layer's update copy)
+    assert 189e6 <= plan.state_bytes <= 189e6 * 1.1
+    assert plan.expert_disk_bytes == 3 * 4096 * 1024 * 2  # 25.2 MB
+    disk, to_gpu = plan.bytes_per_token(ram_hit=0.0, gpu_hit=0.0)
+    assert disk == pytest.approx(15.1e9, rel=0.01) and to_gpu == disk  # 600 experts per token
+    rows = dict(plan.rows())
+    assert rows["KV cache per token"].startswith("30.0 KiB")
+    assert "GPU" in "".join(rows) and plan.gpu_slots > 0 and plan.cpu_slots > 0
+    assert plan.gpu_total <= 80 * GiB and plan.cpu_total <= 120 * GiB
+
+
+def test_397b_fp8_experts_are_half_the_bytes(cfg397):
+    plan = MemoryPlan.build(
+        cfg397, device="cpu", dtype=torch.bfloat16, stored_dtype=torch.float8_e4m3fn, cpu_mem=120
+    )
+    assert plan.expert_disk_bytes == pytest.approx(12.6e6, rel=0.01)  # + block scales
+    assert plan.staging_bytes > 0  # FP8 -> bf16 goes through a staging buffer
+
+
+def test_397b_cpu_budget_too_small_is_refused_with_the_numbers(cfg397):
+    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=16, context=32768)
+    with pytest.raises(BudgetError) as err:
+        plan.check()
+    msg, hint = err.value.message, err.value.hint
+    assert "--cpu-mem is 16.00 GiB" in msg and "weights 18.25 GiB" in msg and "KV for 32768 tokens" in msg
+    need = float(hint.split("--cpu-mem ")[1].split()[0])
+    fits = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=need, context=32768)
+    fits.check()  # the flag the hint gives is enough
+    assert fits.cpu_slots >= 1
+
+
+def test_397b_gpu_budget_too_small_spills_layers_then_refuses(cfg397):
+    plan = MemoryPlan.build(cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=16, cpu_mem=200)
+    assert plan.cpu_layers and plan.cpu_layers[-1] == 59  # the last layers' resident weights go to the CPU
+    assert plan.gpu_fixed + plan.moe_layers * plan.slot_bytes <= 16 * GiB
+    plan.check()
+    assert any("placed on the CPU" in label for label, _ in plan.rows())
+    with pytest.raises(BudgetError, match="--gpu-mem"):
+        MemoryPlan.build(cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=1, cpu_mem=200).check()
+
+
+def test_too_many_slots_asked_is_refused_with_what_fits(cfg397):
+    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=64, cpu_experts=100)
+    with pytest.raises(BudgetError) as err:
+        plan.check()
+    fits = int(err.value.hint.split("--cpu-experts ")[1].split()[0])
+    assert fits >= 1
+    MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=64, cpu_experts=fits).check()
+
+
+def test_context_that_fits_is_consistent(cfg397):
+    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=4096)
+    fit = plan.context_fit
+    assert 4096 < fit < 262144
+    MemoryPlan.build(
+        cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=fit, cpu_experts=1
+    ).check()
+    with pytest.raises(BudgetError):
+        MemoryPlan.build(
+            cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=fit + 2048, cpu_experts=1
+        ).check()
+
+
+def test_default_budget_comes_from_free_memory(cfg397):
+    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16)
+    assert plan.cpu_budget_from == "free memory" and plan.cpu_budget > 0
+
+
+def test_plan_from_a_checkpoint_equals_the_plan_from_its_config(tmp_path):
+    spec = SyntheticSpec(num_experts=6, num_experts_per_tok=2, vocab_size=4096)
+    path = write_checkpoint(tmp_path / "ck", spec, dtype=torch.bfloat16)
+    cfg = load_config(path).text
+    ckpt = Checkpoint(path)
+    for name, shape in tensor_shapes(cfg).items():
+        assert ckpt.info(name).shape == shape, name
+    a = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, ckpt=ckpt, cpu_mem=2)
+    b = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, cpu_mem=2)
+    assert (a.weights_cpu, a.expert_disk_bytes, a.slot_bytes) == (
+        b.weights_cpu,
+        b.expert_disk_bytes,
+        b.slot_bytes,
+    )
+    assert a.cpu_slots == spec.num_experts  # everything fits: every expert gets a slot
+    f32 = MemoryPlan.build(cfg, device="cpu", dtype=torch.float32, ckpt=ckpt, cpu_mem=2)
+    assert f32.slot_bytes == 2 * a.slot_bytes and f32.staging_bytes == 2 * a.expert_disk_bytes
