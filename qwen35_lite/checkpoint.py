@@ -161,11 +161,17 @@ class Checkpoint:
         scale_name = name + "_scale_inv"
         if scale_name not in self.tensors:
             return w.float()
-        scale = read_range(self.info(scale_name)).float()  # [ceil(out/128), ceil(in/128)]
-        s = scale.repeat_interleave(FP8_BLOCK, 0)[: w.shape[0]].repeat_interleave(FP8_BLOCK, 1)[
-            :, : w.shape[1]
-        ]
-        return w.float() * s
+        return dequantize_fp8(w, read_range(self.info(scale_name)))
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """Block-wise FP8: value = w[r, c] * scale_inv[r // block, c // block] (scale_inv [ceil(out/b), ceil(in/b)])."""
+    s = (
+        scale_inv.float()
+        .repeat_interleave(block, 0)[: w.shape[0]]
+        .repeat_interleave(block, 1)[:, : w.shape[1]]
+    )
+    return w.float() * s
 
 
 def read_range(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo, read_range
+from .checkpoint import Checkpoint, TensorInfo, dequantize_fp8, read_range
 from .config import TextConfig
 from .errors import CheckpointError
 
@@ -140,7 +140,7 @@ class ExpertStore:
         parts = self.parts[(layer, e)]
         tensors = [read_range(t) for t in (*parts.gate_up, parts.down)]
         if parts.scales:
-            tensors = [_dequantize(t, read_range(s)) if s else t for t, s in zip(tensors, parts.scales)]
+            tensors = [dequantize_fp8(t, read_range(s)) if s else t for t, s in zip(tensors, parts.scales)]
         gate_up = tensors[0] if len(parts.gate_up) == 1 else torch.cat(tensors[:2], dim=0)
         return gate_up.to(dtype), tensors[-1].to(dtype)
 
@@ -228,7 +228,7 @@ class ExpertStore:
         weights = raw[: len(parts.gate_up) + 1]  # [gate_up] or [gate, up], then down
         if parts.scales:
             scales = iter(raw[len(weights) :])
-            weights = [_dequantize(w, next(scales)) if s else w for w, s in zip(weights, parts.scales)]
+            weights = [dequantize_fp8(w, next(scales)) if s else w for w, s in zip(weights, parts.scales)]
         if len(parts.gate_up) == 1:
             gate_up.copy_(weights[0])
         else:
@@ -325,13 +325,3 @@ def evict_page_cache(files: Iterable[Path | str]) -> int:
         finally:
             os.close(fd)
     return n
-
-
-def _dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Block-wise FP8: value = w[r, c] * scale_inv[r // block, c // block]."""
-    s = (
-        scale_inv.float()
-        .repeat_interleave(block, 0)[: w.shape[0]]
-        .repeat_interleave(block, 1)[:, : w.shape[1]]
-    )
-    return w.float() * s
