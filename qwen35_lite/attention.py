@@ -43,12 +43,27 @@ class Attention:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
-    """Causal SDPA where the T new queries sit after `past` cached positions; query head h uses kv head h // rep."""
+    """Causal SDPA where the T new queries sit after `past` cached positions; query head h uses kv head h // rep.
+
+    `enable_gqa` lets SDPA index the shared K/V heads instead of materialising them per query head
+    (2·H·S·hd elements a call): bit-identical to `_attend_reference` on the CPU (tests/test_kernels.py).
+    """
+    T, S = q.shape[1], k.shape[1]
+    gqa = q.shape[0] != k.shape[0]
+    if T == 1:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=gqa)[0]
+    if past == 0:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=gqa)[0]
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=gqa)[0]
+
+
+def _attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """`_attend` with K/V expanded to every query head first: the obvious version, kept to test against."""
     T, S = q.shape[1], k.shape[1]
     rep = q.shape[0] // k.shape[0]
-    if rep > 1:
-        k = k.repeat_interleave(rep, dim=0)  # [H, S, hd]
-        v = v.repeat_interleave(rep, dim=0)
+    k = k.repeat_interleave(rep, dim=0)  # [H, S, hd]
+    v = v.repeat_interleave(rep, dim=0)
     if T == 1:
         return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
     if past == 0:

@@ -3,11 +3,12 @@ and the streaming of one reply with Ctrl+C stopping it (shared with `run`)."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -117,16 +118,22 @@ def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
 
 
 def stream_reply(
-    ui: UI, session: ChatSession, text: str, show_thinking: bool, printing: bool = True
+    ui: UI,
+    session: ChatSession,
+    text: str,
+    show_thinking: bool,
+    printing: bool = True,
+    images: Sequence[Path] = (),
 ) -> Finished:
-    """Send `text`, print the reply as it streams, return the Finished event (with expert stats added)."""
+    """Send `text` (and `images`), print the reply as it streams, return the Finished event (with expert
+    stats added)."""
     cancel = threading.Event()
     printer = ReplyPrinter(ui, show_thinking)
     prefill_bar = ui.prefill_progress()
     done: Finished | None = None
     try:
         with cancel_on_sigint(cancel):
-            for event in session.send(text, cancel=cancel, on_prefill=prefill_bar):
+            for event in session.send(text, cancel=cancel, on_prefill=prefill_bar, images=images):
                 if isinstance(event, TokenEvent):
                     if printing:
                         printer.push(event.text, event.thinking)
@@ -162,7 +169,20 @@ def _help(repl: Repl, arg: str) -> None:
 
 def _clear(repl: Repl, arg: str) -> None:
     repl.session.clear()
+    repl.pending_images.clear()
     repl.ui.note("conversation cleared")
+
+
+def _image(repl: Repl, arg: str) -> None:
+    if not arg:
+        names = ", ".join(p.name for p in repl.pending_images)
+        repl.ui.note(f"images for the next message: {names}" if names else "no image attached")
+        return
+    if arg == "clear":
+        repl.pending_images.clear()
+        repl.ui.note("attached images dropped")
+        return
+    repl.attach([Path(_unquote(arg)).expanduser()])
 
 
 def _system(repl: Repl, arg: str) -> None:
@@ -194,14 +214,19 @@ def _set(repl: Repl, arg: str) -> None:
 
 
 def _stats(repl: Repl, arg: str) -> None:
+    """The last reply's line and table (speeds, its hits and misses per tier, bytes per token, peak
+    memory), then the expert cache's counters since load."""
+    from .ui import cache_rows, reply_rows
+
     reply = getattr(repl.session, "last_reply", None)
     if reply is None or not reply.stats:
         repl.ui.note("no reply yet")
     else:
         repl.ui.note(format_stats(reply.stats, repl.session.engine.max_context, reply.finish_reason))
+        repl.ui.table(reply_rows(reply.stats), title="last reply")
     experts = repl.session.engine.expert_stats()
-    if len(experts) > 1:  # a cache: show every counter (the reference provider only counts bytes)
-        repl.ui.key_values(sorted(experts.items()))
+    if rows := cache_rows(experts):
+        repl.ui.table(rows, title="expert cache since load")
 
 
 def _save(repl: Repl, arg: str) -> None:
@@ -229,6 +254,12 @@ COMMANDS: dict[str, Command] = {
         Command("clear", "", "forget the conversation", _clear),
         Command("system", "[TEXT]", "set the system prompt (no text removes it)", _system),
         Command("think", "on|off|hide", "thinking on, off, or on but not shown", _think),
+        Command(
+            "image",
+            "[PATH|clear]",
+            "attach an image to the next message (a path typed in a message works too); alone: list",
+            _image,
+        ),
         Command("set", "[KEY VALUE]", "change a setting (" + ", ".join(SETTINGS) + "); alone: list", _set),
         Command("stats", "", "figures of the last reply and the expert caches", _stats),
         Command("save", "FILE", "write the conversation to a JSON file", _save),
@@ -246,6 +277,7 @@ class Repl:
     def __init__(self, ui: UI, session: ChatSession) -> None:
         self.ui, self.session = ui, session
         self.done = False
+        self.pending_images: list[Path] = []  # attached with /image, sent with the next message
         self.tty = sys.stdin.isatty()
         if self.tty:
             try:
@@ -275,7 +307,7 @@ class Repl:
         if not text.strip():
             return
         try:
-            if text.startswith("/"):
+            if text.startswith("/") and not _starts_with_image_path(text):
                 self.command(text)
             else:
                 self.reply(text)
@@ -290,11 +322,25 @@ class Repl:
             return
         cmd.handler(self, arg.strip())
 
+    def attach(self, paths: list[Path], later: bool = True) -> None:
+        """Queue images for the next message; a bad file is reported now (and none of `paths` is queued)."""
+        from .multimodal import load_images
+
+        for path, image in zip(paths, load_images(paths)):
+            self.pending_images.append(path)
+            when = " to the next message" if later else ""
+            self.ui.note(f"attached {path.name} ({image.width}x{image.height}){when}")
+
     def reply(self, text: str) -> None:
+        text, found = split_image_paths(text)
+        self.attach(found, later=not text.strip())
+        if not text.strip():
+            return  # only image paths were typed: they wait for the message
+        images, self.pending_images = self.pending_images, []  # spent by this message, sent or not
         show = self.session.settings.think == "on"
         fed = self.session.cache.offset
         try:
-            done = stream_reply(self.ui, self.session, text, show_thinking=show)
+            done = stream_reply(self.ui, self.session, text, show_thinking=show, images=images)
         except (Exception, KeyboardInterrupt) as e:
             if self.session.cache.offset != fed:
                 # The cache holds part of a turn the history does not: rebuild it from the history on the
@@ -340,3 +386,47 @@ class Repl:
                 lines.append(more[:-3])
                 return "\n".join(lines).rstrip("\n")
             lines.append(more)
+
+
+# ---- image paths typed in a message (as ollama does) -----------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+_PATH_WORD = re.compile(r"""'[^']+'|"[^"]+"|(?:\\ |\S)+""")  # a quoted path, or a word with "\ " escapes
+
+
+def _unquote(word: str) -> str:
+    if len(word) > 1 and word[0] == word[-1] and word[0] in "'\"":
+        return word[1:-1]
+    return word.replace("\\ ", " ")
+
+
+def _image_file(word: str) -> Path | None:
+    """The existing file `word` names when its suffix is an image's, else None."""
+    if not word.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    try:
+        path = Path(word).expanduser()
+        return path if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # a name too long, a NUL byte, an unknown ~user: not a path
+        return None
+
+
+def _starts_with_image_path(text: str) -> bool:
+    """True for a message opening with an absolute image path ("/home/me/cat.png what is it?"): no command."""
+    first = _PATH_WORD.match(text)
+    return first is not None and _image_file(_unquote(first.group(0))) is not None
+
+
+def split_image_paths(text: str) -> tuple[str, list[Path]]:
+    """(text without them, paths): every word naming an existing image file (by its suffix), in order."""
+    found: list[Path] = []
+
+    def take(match: re.Match) -> str:
+        path = _image_file(_unquote(match.group(0)))
+        if path is None:
+            return match.group(0)
+        found.append(path)
+        return "\0"  # a mark, so only the spaces around removed paths are collapsed
+
+    rest = _PATH_WORD.sub(take, text)
+    return (re.sub(r"[ \t]*\0[ \t]*", " ", rest).strip() if found else text), found

@@ -135,6 +135,15 @@ def run(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image",
+            "-i",
+            help="An image to show the model, before the prompt text (repeat for several, in order).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
     from .chat_repl import stream_reply
@@ -142,12 +151,19 @@ def run(
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
+    images = list(image or [])
+    if images and raw:
+        raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
+    if images:
+        from .multimodal import load_images
+
+        load_images(images)  # a wrong path fails now, not after loading the model
     engine = load_engine(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     show = session.settings.think == "on"
-    done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out)
+    done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     reply = session.last_reply
     if json_out:
         ui.json_line(
@@ -307,7 +323,11 @@ def make_checkpoint(
     ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
 
 
-# ==== LEAD: the `info` and `bench` commands go here (reuse LoadFlags, load_engine, friendly_errors) ====
+# ---- info, bench (cli_tools.py) --------------------------------------------------------------------
+
+from .cli_tools import register as _register_tools  # noqa: E402  (it uses friendly_errors above)
+
+_register_tools(app)
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -17,7 +16,13 @@ from .errors import InputError
 from .ui import UI
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from .config import ModelConfig
     from .engine import Engine
+    from .plan import MemoryPlan
     from .session import ChatSettings
 
 # ---- the options ---------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ Ctx = Annotated[
         "--ctx",
         envvar="QWEN35_LITE_CTX",
         min=2,
-        help="Maximum context in tokens (default: the model's).",
+        help="Maximum context in tokens (default: 32768, or the longest the memory budget holds).",
         rich_help_panel=HARDWARE,
     ),
 ]
@@ -111,14 +116,24 @@ Offline = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No stats line.")]
-# Memory budget: accepted here and forwarded to the expert provider factory (see provider_factory).
+# Memory budgets: the plan (plan.MemoryPlan) fits everything into them; expert slots get what is left.
 GpuMem = Annotated[
     float | None,
-    typer.Option("--gpu-mem", help="GPU memory budget for experts, GiB.", rich_help_panel=HARDWARE),
+    typer.Option(
+        "--gpu-mem",
+        help="GPU memory budget, GiB: caps all the process holds there (weights, KV cache, DeltaNet state,"
+        " expert cache, buffers). Default: free GPU memory minus a margin.",
+        rich_help_panel=HARDWARE,
+    ),
 ]
 CpuMem = Annotated[
     float | None,
-    typer.Option("--cpu-mem", help="Host RAM budget for experts, GiB.", rich_help_panel=HARDWARE),
+    typer.Option(
+        "--cpu-mem",
+        help="RAM budget, GiB: caps all the process holds in RAM (weights, KV cache and DeltaNet state on a"
+        " CPU run, expert cache, buffers, runtime). Default: available RAM minus a margin.",
+        rich_help_panel=HARDWARE,
+    ),
 ]
 GpuExperts = Annotated[
     int | None,
@@ -167,27 +182,90 @@ def pick(cls: type, values: dict[str, Any]) -> Any:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def provider_factory(flags: LoadFlags) -> Callable | None:
-    """The expert provider for the budget flags; None = the engine's default (read experts on demand).
+def plan_memory(flags: LoadFlags, context: int | None = None, config_only: bool = False) -> Planned:
+    """Resolve --model and plan memory from config.json and the safetensors headers (nothing heavy).
 
-    LEAD: plan slots from --gpu-mem/--cpu-mem (GiB) here; for now only explicit slot counts are used.
+    The context is --ctx when given, else `context` (bench: its workload), else plan.plan_for's rule.
+    config_only: plan from config.json alone when the directory has no weights (`info` on a config).
     """
-    if flags.cpu_experts is None and flags.gpu_experts is None:
-        return None
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .config import load_config
+    from .engine import pick_device, pick_dtype
+    from .hub import resolve_model
+    from .plan import plan_for
+
+    model_dir = resolve_model(flags.model, flags.offline, configs_only=config_only)
+    cfg = load_config(model_dir)
+    # `info` on a hub id fetched the JSON files only: the index alone, with no shard, is not a checkpoint.
+    has_weights = any(model_dir.glob("*.safetensors")) or (
+        not config_only and (model_dir / "model.safetensors.index.json").is_file()
+    )
+    ckpt = Checkpoint(model_dir) if has_weights or not config_only else None
+    if config_only and flags.device.startswith("cuda") and flags.gpu_mem is not None:
+        device = torch.device(flags.device)  # planning for a GPU this machine may not have
+    else:
+        device = pick_device(flags.device)
+    dtype = pick_dtype(flags.dtype, ckpt) if ckpt is not None else _config_dtype(flags.dtype, cfg)
+    ctx = flags.ctx if flags.ctx is not None else context
+    plan = plan_for(
+        cfg.text,
+        device=device,
+        dtype=dtype,
+        ckpt=ckpt,
+        gpu_mem=flags.gpu_mem,
+        cpu_mem=flags.cpu_mem,
+        gpu_experts=flags.gpu_experts,
+        cpu_experts=flags.cpu_experts,
+        context=ctx,
+        vision=cfg.vision,
+    )
+    if flags.ctx is None and context is not None:
+        plan.context_from = "the workload"
+    return Planned(model_dir, cfg, plan)
+
+
+@dataclass
+class Planned:
+    model_dir: Path
+    cfg: ModelConfig
+    plan: MemoryPlan
+
+
+def _config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
+    from .engine import DTYPES
+
+    if name != "auto":
+        if name not in DTYPES:
+            raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
+        return DTYPES[name]
+    text = cfg.raw.get("text_config", cfg.raw)
+    stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(str(stored), DTYPES["bfloat16"])
+
+
+def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
+    """Plan memory, refuse a budget that cannot hold the run, then load under the plan.
+
+    The expert cache is sized by the plan (a checkpoint that fits gets a slot for every expert), and the
+    engine's context limit is the context the plan reserved KV for.
+    """
+    from .engine import Engine, EngineOptions
     from .expert_cache import TieredExperts
 
-    cpu = flags.cpu_experts or flags.gpu_experts
-    return functools.partial(TieredExperts, cpu_slots=cpu, gpu_slots=flags.gpu_experts or 0)
-
-
-def load_engine(ui: UI, flags: LoadFlags) -> Engine:
-    from .engine import Engine, EngineOptions
-
-    opts = EngineOptions(device=flags.device, dtype=flags.dtype, offline=flags.offline, max_context=flags.ctx)
+    planned = plan_memory(flags, context)
+    plan = planned.plan
+    plan.check()
+    opts = EngineOptions(
+        device=flags.device, dtype=flags.dtype, offline=flags.offline, max_context=plan.context
+    )
+    factory = functools.partial(TieredExperts, **plan.provider_kwargs()) if planned.cfg.is_moe else None
     with ui.load_progress() as on_progress:
-        return Engine.load(
-            flags.model, opts, provider_factory=provider_factory(flags), on_progress=on_progress
-        )
+        engine = Engine.load(str(planned.model_dir), opts, provider_factory=factory, on_progress=on_progress)
+    engine.plan = plan
+    return engine
 
 
 def check_flags(flags: ReplyFlags) -> None:

@@ -82,6 +82,21 @@ def chunk_gated_delta_rule(
     return out.reshape(H, n * CHUNK, -1)[:, :T], state
 
 
+def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv of window [C, K - 1 + T] with weight [C, 1, K] -> [C, T], in window's dtype.
+
+    Computed in fp32 and rounded once: CPU bf16 conv1d accumulates in fp32 and rounds once too, so the
+    bits are those of `causal_conv_reference` (tests/test_kernels.py), but it is 7-45x slower.
+    """
+    C = window.shape[0]
+    return F.conv1d(window[None].float(), weight.float(), groups=C)[0].to(window.dtype)
+
+
+def causal_conv_reference(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The conv in the model dtype, as transformers runs it (without causal-conv1d)."""
+    return F.conv1d(window[None], weight, groups=window.shape[0])[0]
+
+
 class GatedDeltaNet:
     """Weights of one linear-attention layer and its forward over T tokens with an explicit state."""
 
@@ -111,7 +126,7 @@ class GatedDeltaNet:
             # in fp32 and rounding once is what the conv kernel does too.
             out = (state.conv.float() * self.w["conv1d"][:, 0].float()).sum(-1, keepdim=True).to(mixed.dtype)
         else:
-            out = F.conv1d(window[None, :, 1:], self.w["conv1d"], groups=self.conv_dim)[0]  # [C, T]
+            out = causal_conv(window[:, 1:], self.w["conv1d"])  # [C, T]
         return F.silu(out).T  # [T, C]
 
     def __call__(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:

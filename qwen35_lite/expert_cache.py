@@ -20,15 +20,18 @@ weights before asking for the next one).
 from __future__ import annotations
 
 import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import BudgetError
+from .expert_policy import POLICIES, FreqLRUPolicy, LRUPolicy
+from .expert_prefetch import Prefetcher
 from .expert_store import ExpertStore
+from .gpu_tier import GpuTier
 from .moe import ExpertWeights
+
+__all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedExperts"]
 
 # ---- the reference provider ------------------------------------------------------------------
 
@@ -48,64 +51,6 @@ class UncachedExperts:
 
     def hint(self, layer: int, experts: list[int]) -> None:
         pass
-
-
-# ---- eviction policies -----------------------------------------------------------------------
-
-
-class LRUPolicy:
-    """Evict the least recently used expert. One instance per layer and tier."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def touch(self, e: int) -> None:
-        """e was used (a hit) or just loaded."""
-        self._order[e] = None
-        self._order.move_to_end(e)
-
-    def remove(self, e: int) -> None:
-        self._order.pop(e, None)
-
-    def victim(self, keep: Container[int]) -> int | None:
-        """The resident expert to evict next, never one in `keep`; None if all are kept."""
-        return next((e for e in self._order if e not in keep), None)
-
-    def order(self) -> list[int]:
-        return list(self._order)
-
-
-class FreqLRUPolicy(LRUPolicy):
-    """LFU/LRU hybrid: of the `window` least recently used, evict the least frequently used.
-
-    Use counts survive eviction and are halved every `half_life` touches, so old popularity fades.
-    (Flash-MoE's frequency-weighted LRU on Qwen3.5-397B: 4.74 vs 3.55 tok/s for plain LRU.)
-    """
-
-    def __init__(self, window: int = 4, half_life: int = 4096) -> None:
-        super().__init__()
-        self.window, self.half_life = window, half_life
-        self.counts: dict[int, float] = {}
-        self._touches = 0
-
-    def touch(self, e: int) -> None:
-        super().touch(e)
-        self.counts[e] = self.counts.get(e, 0.0) + 1.0
-        self._touches += 1
-        if self._touches % self.half_life == 0:
-            self.counts = {k: v / 2 for k, v in self.counts.items()}
-
-    def victim(self, keep: Container[int]) -> int | None:
-        candidates = []
-        for e in self._order:
-            if e not in keep:
-                candidates.append(e)
-                if len(candidates) == self.window:
-                    break
-        return min(candidates, key=lambda e: self.counts.get(e, 0.0)) if candidates else None
-
-
-POLICIES: dict[str, Callable[[], LRUPolicy]] = {"lru": LRUPolicy, "lfu-lru": FreqLRUPolicy}
 
 
 # ---- slots -----------------------------------------------------------------------------------
@@ -188,75 +133,6 @@ class _Streamed(Mapping):
         return e in self.pos
 
 
-# ---- prefetch --------------------------------------------------------------------------------
-
-
-class _Prefetcher:
-    """One daemon thread running the newest hint per layer; `cancel(layer)` stops that layer's job
-    between two expert reads. It holds its owner weakly so a dropped cache is freed."""
-
-    def __init__(self, owner: TieredExperts) -> None:
-        self._owner = weakref.ref(owner)
-        self._jobs: OrderedDict[int, tuple[list[int], threading.Event]] = OrderedDict()
-        self._active: tuple[int, threading.Event] | None = None
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
-        self.errors = 0
-
-    def submit(self, layer: int, experts: list[int]) -> None:
-        with self._cv:
-            old = self._jobs.pop(layer, None)
-            if old:
-                old[1].set()
-            self._jobs[layer] = (experts, threading.Event())
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="expert-prefetch", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def cancel(self, layer: int) -> None:
-        with self._cv:
-            job = self._jobs.pop(layer, None)
-            if job:
-                job[1].set()
-            if self._active and self._active[0] == layer:
-                self._active[1].set()
-
-    def wait_idle(self) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: not self._jobs and self._active is None)
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            for _, cancel in self._jobs.values():
-                cancel.set()
-            self._jobs.clear()
-            self._cv.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._jobs or self._closed)
-                if self._closed:
-                    return
-                layer, (experts, cancel) = self._jobs.popitem(last=False)
-                self._active = (layer, cancel)
-            owner = self._owner()
-            try:
-                if owner is None:
-                    return
-                owner._prefetch_layer(layer, experts, cancel)
-            except Exception:  # a failed prefetch is only a later miss: the get reads it again
-                self.errors += 1
-            finally:
-                del owner
-                with self._cv:
-                    self._active = None
-                    self._cv.notify_all()
-
-
 # ---- the tiered provider ---------------------------------------------------------------------
 
 
@@ -266,9 +142,12 @@ class TieredExperts:
     cpu_slots / gpu_slots are slots per layer (capped at the number of experts). All slot memory is
     allocated here, once; reads and copies reuse it. `hint` starts reads for a layer that is about to
     run; a wrong or cancelled hint only costs bandwidth and cache space, never a different output.
-    Prefetch is acted on only in layers whose measured recall is at least `min_recall`. By default it
-    is on with CUDA only: on a CPU-only run the prefetch reads compete with the compute for the same
-    cores and memory bandwidth, and measured slower (docs/offloading.md).
+    Prefetch is acted on only in layers whose measured recall is at least `min_recall`.
+
+    `prefetch` (default: on with CUDA only): on a CPU-only run the prefetch thread's reads compete with
+    the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
+    faster when misses hit the disk (docs/offloading.md). `lookahead` tells the model whether to send
+    hints at all (MoE computes them from the next layer's router).
     """
 
     def __init__(
@@ -295,6 +174,7 @@ class TieredExperts:
                 "raise --cpu-experts / --gpu-experts or the memory budget",
             )
         make_policy = POLICIES[policy] if isinstance(policy, str) else policy
+        self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]  # hinted in, not yet used
         self.slot_nbytes = store.slot_nbytes(dtype)
         pin = on_gpu if pin is None else pin
         self.ram = _Tier(
@@ -304,7 +184,7 @@ class TieredExperts:
             self.n_layers,
             min(cpu_slots, self.n_experts),
             make_policy,
-            lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin),
+            lambda n: _host_buffer(n, pin),
         )
         self.gpu: _Tier | None = None
         if on_gpu:
@@ -317,23 +197,16 @@ class TieredExperts:
                 make_policy,
                 self._alloc_gpu,
             )
-            self._stream = torch.cuda.Stream(self.device)
-            # per layer and slot: event of the last copy into a GPU slot (compute waits on it), and of
-            # the last copy out of a RAM slot (a read into that RAM slot waits on it)
-            self._gpu_ready: list[list[torch.cuda.Event | None]] = [
-                [None] * self.gpu.pools[0].capacity for _ in range(self.n_layers)
-            ]
-            self._ram_busy: list[list[torch.cuda.Event | None]] = [
-                [None] * self.ram.pools[0].capacity for _ in range(self.n_layers)
-            ]
+            self._gpu = GpuTier(
+                self.gpu, self.ram, self.device, self._acquire_ram, self._prefetched, self.slot_nbytes
+            )
         staging = store.needs_staging(dtype)
         self._staging = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging else None
         self._staging_bg = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging and prefetch else None
         self._locks = [threading.Lock() for _ in range(self.n_layers)]
         self.prefetch, self.min_recall = prefetch, min_recall
-        self._prefetcher = _Prefetcher(self) if prefetch else None
+        self._prefetcher = Prefetcher(self) if prefetch else None
         self._hints: dict[int, set[int]] = {}
-        self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]
         self._recall = [[0, 0] for _ in range(self.n_layers)]  # per layer: [hinted and asked, asked]
         self.reset_stats()
 
@@ -354,6 +227,11 @@ class TieredExperts:
         with self._locks[layer]:
             return self._acquire(self.gpu or self.ram, layer, need)
 
+    @property
+    def lookahead(self) -> bool:
+        """Whether hints are wanted now (the model skips computing them otherwise)."""
+        return self.prefetch
+
     def hint(self, layer: int, experts: list[int]) -> None:
         if not 0 <= layer < self.n_layers:
             return
@@ -363,7 +241,8 @@ class TieredExperts:
         if not self._prefetch_pays(layer):
             return
         if self.gpu is not None:
-            want = self._prefetch_to_gpu(layer, want)
+            with self._locks[layer]:
+                want = self._gpu.prefetch(layer, want)
         if want and self._prefetcher:
             self._prefetcher.submit(layer, want)
 
@@ -382,6 +261,9 @@ class TieredExperts:
             "prefetch_read": self.prefetch_read,
             "prefetch_used": self.prefetch_used,
             "prefetch_recall": round(sum(r[0] for r in self._recall) / asked, 4) if asked else None,
+            # preadv runs the page cache served whole / that waited for the disk (RWF_NOWAIT; Linux)
+            "read_runs_cached": self.store.runs_cached - self._runs0[0],
+            "read_runs_from_disk": self.store.runs_from_disk - self._runs0[1],
         }
         if self.gpu is not None:
             out |= {
@@ -389,7 +271,7 @@ class TieredExperts:
                 "gpu_hits": self.gpu.hits,
                 "gpu_misses": self.gpu.misses,
                 "gpu_hit_rate": _rate(self.gpu.hits, self.gpu.misses),
-                "bytes_to_gpu": self.bytes_to_gpu,
+                "bytes_to_gpu": self._gpu.bytes_to_gpu,
             }
         return out
 
@@ -397,9 +279,12 @@ class TieredExperts:
         for tier in (self.ram, self.gpu):
             if tier is not None:
                 tier.hits = tier.misses = 0
-        self.bytes_read = self.bytes_read_prefetch = self.bytes_to_gpu = 0
+        if self.gpu is not None:
+            self._gpu.bytes_to_gpu = 0
+        self.bytes_read = self.bytes_read_prefetch = 0
         self.experts_read = self.prefetch_read = self.prefetch_used = self.prefetch_hinted = 0
         self._recall = [[0, 0] for _ in range(self.n_layers)]
+        self._runs0 = (self.store.runs_cached, self.store.runs_from_disk)  # the store is shared: a baseline
 
     # ---- housekeeping --------------------------------------------------------------------------
 
@@ -487,27 +372,20 @@ class TieredExperts:
 
     def _view(self, tier: _Tier, layer: int, s: int) -> ExpertWeights:
         if tier is self.gpu:
-            ev = self._gpu_ready[layer][s]
-            if ev is not None:  # the copy into this slot ran on the side stream
-                torch.cuda.current_stream(self.device).wait_event(ev)
-                self._gpu_ready[layer][s] = None
+            self._gpu.wait_ready(layer, s)  # the copy into this slot ran on the side stream
         return tier.views[layer][s]
 
     def _fill(self, tier: _Tier, layer: int, experts: list[int], slots: list[int]) -> None:
         if experts:
-            (self._fill_gpu if tier is self.gpu else self._fill_ram)(layer, experts, slots)
+            (self._gpu.fill if tier is self.gpu else self._fill_ram)(layer, experts, slots)
 
     def _fill_ram(self, layer: int, experts: list[int], slots: list[int], background: bool = False) -> None:
         """Read experts from the checkpoint into RAM slots (grouped, file order)."""
         if not experts:
             return
         pool = self.ram.pools[layer]
-        if self.gpu is not None:
-            for s in slots:  # a copy out of this pinned slot may still be in flight
-                ev = self._ram_busy[layer][s]
-                if ev is not None:
-                    ev.synchronize()
-                    self._ram_busy[layer][s] = None
+        if self.gpu is not None:  # a copy out of these pinned slots may still be in flight
+            self._gpu.release_ram(layer, slots)
         staging = self._staging_bg if background else self._staging
         self.store.read_many(layer, experts, [pool.slots[s] for s in slots], self.dtype, staging)
         for e, s in zip(experts, slots):
@@ -520,36 +398,15 @@ class TieredExperts:
             self.bytes_read += n
             self.experts_read += len(experts)
 
-    def _fill_gpu(self, layer: int, experts: list[int], slots: list[int]) -> None:
-        """Copy experts into GPU slots from the RAM tier (reading them from disk first where missing),
-        on the side stream, in chunks the RAM tier can hold at once."""
-        ram_pool = self.ram.pools[layer]
-        # kernels already queued on the compute stream may still read the slots being overwritten
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        step = ram_pool.capacity
-        for i in range(0, len(experts), step):
-            chunk, chunk_slots = experts[i : i + step], slots[i : i + step]
-            self._acquire(self.ram, layer, chunk)  # a dict: the chunk fits the RAM tier
-            for e, s in zip(chunk, chunk_slots):
-                self._copy_to_gpu(layer, e, s)
-        ram_pool.in_use = set()
-
-    def _copy_to_gpu(self, layer: int, e: int, s: int) -> None:
-        r = self.ram.pools[layer].where[e]
-        ev = torch.cuda.Event()
-        with torch.cuda.stream(self._stream):
-            self.gpu.pools[layer].slots[s].copy_(self.ram.pools[layer].slots[r], non_blocking=True)
-            ev.record(self._stream)
-        self._gpu_ready[layer][s] = ev
-        self._ram_busy[layer][r] = ev
-        self.gpu.pools[layer].put(e, s)
-        self.bytes_to_gpu += self.slot_nbytes
+    def _acquire_ram(self, layer: int, experts: list[int]) -> None:
+        """Put experts in the RAM tier's slots of `layer` (the GPU tier fills from there)."""
+        self._acquire(self.ram, layer, experts)
 
     # ---- prefetch ------------------------------------------------------------------------------
 
     def _prefetch_pays(self, layer: int) -> bool:
         """Act on hints in this layer until enough of them were checked, then only at good recall."""
-        if not self.prefetch:
+        if not self.lookahead:
             return False
         hit, asked = self._recall[layer]
         return asked < 64 or hit >= self.min_recall * asked
@@ -573,28 +430,11 @@ class TieredExperts:
                 if self.gpu is None:
                     self._prefetched[layer].add(e)
 
-    def _prefetch_to_gpu(self, layer: int, experts: list[int]) -> list[int]:
-        """Start copies of hinted experts already in RAM; return those that must come from disk."""
-        from_disk = []
-        with self._locks[layer]:
-            gpu_pool, ram_pool = self.gpu.pools[layer], self.ram.pools[layer]
-            keep = gpu_pool.in_use | set(experts)
-            started = False
-            for e in experts:
-                if e in gpu_pool.where:
-                    continue
-                if e not in ram_pool.where:
-                    from_disk.append(e)
-                    continue
-                s = gpu_pool.take(keep)
-                if s is None:
-                    break
-                if not started:
-                    self._stream.wait_stream(torch.cuda.current_stream(self.device))
-                    started = True
-                self._copy_to_gpu(layer, e, s)
-                self._prefetched[layer].add(e)
-        return from_disk
+
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """One layer's RAM slot buffer, its pages faulted in now: untouched pages would fault (and be
+    zeroed) on the first read into each slot, during decode; the plan counts these bytes as held."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(0)
 
 
 def _rate(hits: int, misses: int) -> float | None:

@@ -29,6 +29,7 @@ from .config import TextConfig
 from .errors import CheckpointError
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: read only what the page cache holds, never wait
 ALIGN = 64  # offsets of the parts inside a staging buffer: every dtype view stays aligned
 
 
@@ -121,6 +122,9 @@ class ExpertStore:
         self._fds: dict[Path, int] = {}
         self._fd_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._nowait = RWF_NOWAIT  # cleared if the filesystem refuses the flag
+        # preadv runs served whole by the page cache / that had to wait for the disk (both threads add)
+        self.runs_cached = self.runs_from_disk = 0
 
     def _locate(self, layer: int, e: int) -> ExpertParts:
         p = f"layers.{layer}.mlp.experts."
@@ -248,14 +252,39 @@ class ExpertStore:
                 last.append(s)
             else:
                 runs.append([s])
+        # From the page cache a read is a memory copy: done here, a thread would only add a hand-off.
+        # What must come from the disk goes to the pool (pread releases the GIL: queue depth).
+        runs = [run for run in runs if not self._pread_cached(run)]
         if len(runs) > 1 and self.io_threads > 1:
             with self._fd_lock:  # the prefetch thread may get here at the same time
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="expert-io")
-            list(self._pool.map(self._pread_run, runs))  # pread releases the GIL: parallel I/O, queue depth
+            list(self._pool.map(self._pread_run, runs))
         else:
             for run in runs:
                 self._pread_run(run)
+
+    def _pread_cached(self, run: list[_Segment]) -> bool:
+        """Read the run only if the page cache holds all of it (RWF_NOWAIT: never waits for the disk).
+
+        Counts the outcome in runs_cached / runs_from_disk. False: nothing usable was read (a partial
+        read is read again in full; its bytes are cached by then) or the filesystem cannot say."""
+        if not self._nowait:
+            return False
+        views = [s.dest for s in run]
+        total = sum(len(v) for v in views)
+        try:
+            k = os.preadv(self._fd(run[0].file), views, run[0].start, self._nowait)
+        except BlockingIOError:  # none of it cached
+            k = 0
+        except OSError:  # EOPNOTSUPP and the like
+            self._nowait = 0
+            return False
+        if k == total:
+            self.runs_cached += 1
+            return True
+        self.runs_from_disk += 1
+        return False
 
     def _pread_run(self, run: list[_Segment]) -> None:
         fd = self._fd(run[0].file)

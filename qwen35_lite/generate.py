@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import ModelCache
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .model import Qwen35Model
 from .sampling import SamplingParams, apply_penalties, make_sampler
-from .stats import peak_memory
+from .stats import expert_counters, peak_memory, reply_expert_stats
 
 PREFILL_CHUNK = 512  # a multiple of the DeltaNet chunk (64), so chunk boundaries match a one-shot prefill
 
@@ -48,7 +48,9 @@ class GenerationRequest:
     think_ids: tuple[int, int] = (248068, 248069)  # <think>, </think>
     start_in_thinking: bool = False  # the prompt ends inside an open <think> block
     embeds: torch.Tensor | None = None  # [T, D] prompt embeddings (images), replacing the id lookup
-    positions: torch.Tensor | None = None  # [3, T] M-RoPE positions for the prompt (images)
+    positions: torch.Tensor | None = None  # [3, T] M-RoPE positions for the prompt (images), absolute
+    # Added to cache.rope_delta once the prompt is fed (image blocks shift every later position).
+    rope_delta: int = 0
     max_context: int = 262144
 
 
@@ -57,6 +59,16 @@ def check_context(cache: ModelCache, n_prompt: int, max_context: int) -> None:
         raise InputError(
             f"the prompt needs {cache.offset + n_prompt} tokens of context but the limit is {max_context}",
             "shorten the prompt, /clear the chat, or raise --ctx",
+        )
+
+
+def check_vocab(ids: list[int], vocab_size: int) -> None:
+    """A tokenizer from another model gives ids past the embedding table: say so instead of an IndexError."""
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise CheckpointError(
+            f"token id {top} is outside the model's vocabulary of {vocab_size}",
+            "the checkpoint's tokenizer.json does not belong to its config.json (vocab_size)",
         )
 
 
@@ -78,6 +90,9 @@ def prefill(
         if on_progress:
             on_progress(e, T)
     cache.token_ids.extend(req.prompt_ids)
+    # Only after the whole prompt: the explicit positions above already include the shift; every later
+    # token (decode, next turn) takes offset + rope_delta.
+    cache.rope_delta += req.rope_delta
     return logits[-1].float()
 
 
@@ -92,11 +107,16 @@ def generate(
 ) -> Iterator[TokenEvent | Finished]:
     """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
     check_context(cache, len(req.prompt_ids), req.max_context)
+    check_vocab(req.prompt_ids, model.cfg.vocab_size)
     sample = make_sampler(req.params)
     penalised = req.params.repetition_penalty != 1.0 or req.params.presence_penalty != 0.0
+    experts = getattr(model, "provider", None)
+    counters = [expert_counters(experts)]
     t0 = time.perf_counter()
     logits = prefill(model, cache, req, on_prefill)
     t_prefill = time.perf_counter() - t0
+    counters.append(expert_counters(experts))
+    prefilled_offset = cache.offset
     thinking = req.start_in_thinking
     generated: list[int] = []
     reason, unfed, ttft = "length", [], None
@@ -144,5 +164,6 @@ def generate(
         "ttft_s": round(ttft, 4) if ttft is not None else None,
         "context_tokens": cache.offset,
         **peak_memory(model.device),
+        **reply_expert_stats(*counters, expert_counters(experts), cache.offset - prefilled_offset),
     }
     yield Finished(reason, stats, unfed, generated)

@@ -9,6 +9,8 @@ from .errors import ModelNotFoundError
 
 # Only what the runner reads: weights, index, configs, tokenizer, chat template, image preprocessor.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.txt"]
+# `info` plans from config.json alone: a 397B checkpoint is not downloaded to print its memory plan.
+CONFIG_PATTERNS = ["*.json"]
 
 
 def is_offline(flag: bool) -> bool:
@@ -19,8 +21,11 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep in model.replace("/", "", 1)
 
 
-def resolve_model(model: str, offline: bool = False) -> Path:
-    """Return the local directory holding the checkpoint, downloading it (resumably) if needed."""
+def resolve_model(model: str, offline: bool = False, configs_only: bool = False) -> Path:
+    """Return the local directory holding the checkpoint, downloading it (resumably) if needed.
+
+    configs_only: from the hub, fetch only the JSON files (config, index, generation and preprocessor configs).
+    """
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -32,10 +37,10 @@ def resolve_model(model: str, offline: bool = False) -> Path:
         raise ModelNotFoundError(
             f"no such directory: {model}", "check the path, or pass a hub id like Qwen/Qwen3.5-0.8B"
         )
-    return _from_hub(model, is_offline(offline))
+    return _from_hub(model, is_offline(offline), CONFIG_PATTERNS if configs_only else ALLOW_PATTERNS)
 
 
-def _from_hub(repo_id: str, offline: bool) -> Path:
+def _from_hub(repo_id: str, offline: bool, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -45,7 +50,7 @@ def _from_hub(repo_id: str, offline: bool) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except HFValidationError as e:
         raise ModelNotFoundError(
             f"{repo_id} is neither a directory nor a valid hub id",

@@ -103,6 +103,7 @@ class Qwen35Model:
         dtype: torch.dtype,
     ) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.provider = provider  # the expert provider: generate reads its counters for the reply stats
         self.embed = weights.pop("embed_tokens.weight")  # stays on the CPU: it is only indexed
         self.norm = weights.pop("norm.weight")
         self.lm_head = weights.pop("lm_head.weight", None)
@@ -111,6 +112,9 @@ class Qwen35Model:
             for i in range(cfg.num_hidden_layers)
         ]
         self.rope = MRoPE(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section)
+        for layer, nxt in zip(self.layers, self.layers[1:]):  # lookahead prefetch (moe.py)
+            if isinstance(layer.mlp, MoE) and isinstance(nxt.mlp, MoE):
+                layer.mlp.next_gate = nxt.mlp.w["gate"]
 
     @classmethod
     def load(

@@ -27,6 +27,8 @@ class ExpertProvider(Protocol):
         """Experts that will probably be asked for soon (prefetch); may be ignored."""
         ...
 
+    # Optional: `lookahead: bool`, True when the provider wants hints (a provider without it gets none).
+
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, D] -> (weights [T, A] in x's dtype, expert ids [T, A]); softmax in fp32, always renormalised."""
@@ -75,6 +77,19 @@ def dispatch_grouped(x, weights, ids, experts: dict[int, ExpertWeights]) -> torc
     return unsorted.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
 
 
+def dispatch_decode(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+    """One token (decode): `dispatch_grouped` without the sort, gather and scatter; same ops per row and
+    the same final reduction, so the same bits (tests/test_kernels.py). Experts are looked up in
+    ascending order, as a streamed lookup (expert_cache._Streamed) prefers."""
+    A = ids.shape[1]
+    out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order
+    for a, e in sorted(enumerate(ids[0].tolist()), key=lambda ae: ae[1]):
+        gate_up, down = experts[e]
+        out[a] = expert_ffn(x, gate_up, down)[0]
+    out = out * weights.reshape(-1)[:, None]
+    return out.view(1, A, -1).sum(dim=1)
+
+
 class MoE:
     def __init__(
         self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], provider: ExpertProvider
@@ -82,6 +97,7 @@ class MoE:
         self.layer, self.top_k = layer, cfg.num_experts_per_tok
         self.w = w  # gate, shared_expert.{gate,up,down}_proj, shared_expert_gate
         self.provider = provider
+        self.next_gate: torch.Tensor | None = None  # the next MoE layer's router (set by the model)
         self.last_ids: torch.Tensor | None = None  # routing of the last call, for stats and prefetch recall
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +107,13 @@ class MoE:
         )
         weights, ids = route(x, w["gate"], self.top_k)
         self.last_ids = ids
+        if x.shape[0] == 1 and self.next_gate is not None and getattr(self.provider, "lookahead", False):
+            # Decode: the next layer's router applied to this layer's input names the experts it will
+            # probably pick; hinted now, they load while this layer and the next one's mixer compute.
+            _, next_ids = route(x, self.next_gate, self.top_k)
+            self.provider.hint(self.layer + 1, next_ids[0].tolist())
         experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
-        routed = dispatch_grouped(x, weights, ids, experts)
+        routed = (dispatch_decode if x.shape[0] == 1 else dispatch_grouped)(x, weights, ids, experts)
         return routed + torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
 
 

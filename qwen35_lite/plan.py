@@ -16,115 +16,32 @@ import psutil
 import torch
 
 from .checkpoint import Checkpoint
-from .config import TextConfig
+from .config import TextConfig, VisionConfig
 from .errors import BudgetError
 from .generate import PREFILL_CHUNK
-from .model import resident_names
+from .plan_sizes import (
+    CUDA_CONTEXT,
+    CUDA_HOST,
+    DEFAULT_CONTEXT,
+    FREE_MARGIN,
+    KV_STEP,
+    PROCESS_BASE,
+    TOKENIZER,
+    GiB,
+    KiB,
+    activation_bytes,
+    ceil_gib,
+    deltanet_state_bytes,
+    expert_disk_nbytes,
+    first_expert_key,
+    fmt_gib,
+    fmt_mib,
+    kv_bytes_per_token,
+    tensor_shapes,
+    vision_tower_nbytes,
+)
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
-FP8_BLOCK = 128
-DEFAULT_CONTEXT = 32768  # KV reserved when no --ctx is given (capped at the model's maximum)
-
-# Process overheads, measured as RssAnon on torch 2.13 (CPU build), Python 3, with margin:
-PROCESS_BASE = 256 * MiB  # `import torch` + qwen35_lite: 143 MiB measured
-TOKENIZER = 320 * MiB  # the 248K-entry tokenizer.json loaded in `tokenizers`: 265 MiB measured
-CUDA_HOST = 1 * GiB  # CUDA runtime, cuBLAS and kernels' host-side state
-CUDA_CONTEXT = 1 * GiB  # device memory taken by the CUDA context, cuBLAS workspace, allocator slack
-ACTIVATION_MARGIN = 1.25
-FREE_MARGIN = 0.10  # default budgets leave 10% of the memory (at least 1 GiB) to everything else
-
-
-def tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every resident tensor (the names of model.resident_names), from the config alone."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    hk, hv, dk, dv = (
-        cfg.linear_num_key_heads,
-        cfg.linear_num_value_heads,
-        cfg.linear_key_head_dim,
-        cfg.linear_value_head_dim,
-    )
-    conv = 2 * hk * dk + hv * dv
-    Is, Iff, E = cfg.shared_expert_intermediate_size, cfg.intermediate_size, cfg.num_experts
-    by_key = {
-        "input_layernorm.weight": (D,),
-        "post_attention_layernorm.weight": (D,),
-        "linear_attn.in_proj_qkv.weight": (conv, D),
-        "linear_attn.in_proj_z.weight": (hv * dv, D),
-        "linear_attn.in_proj_b.weight": (hv, D),
-        "linear_attn.in_proj_a.weight": (hv, D),
-        "linear_attn.conv1d.weight": (conv, 1, cfg.linear_conv_kernel_dim),
-        "linear_attn.dt_bias": (hv,),
-        "linear_attn.A_log": (hv,),
-        "linear_attn.norm.weight": (dv,),
-        "linear_attn.out_proj.weight": (D, hv * dv),
-        "self_attn.q_proj.weight": (2 * H * hd, D),
-        "self_attn.k_proj.weight": (Hkv * hd, D),
-        "self_attn.v_proj.weight": (Hkv * hd, D),
-        "self_attn.o_proj.weight": (D, H * hd),
-        "self_attn.q_norm.weight": (hd,),
-        "self_attn.k_norm.weight": (hd,),
-        "mlp.gate.weight": (E, D),
-        "mlp.shared_expert.gate_proj.weight": (Is, D),
-        "mlp.shared_expert.up_proj.weight": (Is, D),
-        "mlp.shared_expert.down_proj.weight": (D, Is),
-        "mlp.shared_expert_gate.weight": (1, D),
-        "mlp.gate_proj.weight": (Iff, D),
-        "mlp.up_proj.weight": (Iff, D),
-        "mlp.down_proj.weight": (D, Iff),
-    }
-    top = {"embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "norm.weight": (D,)}
-    out = {}
-    for name in resident_names(cfg):
-        out[name] = top[name] if name in top else by_key[name.split(".", 2)[2]]
-    return out
-
-
-def expert_disk_nbytes(cfg: TextConfig, stored: torch.dtype) -> int:
-    """Bytes of one routed expert on disk (block-FP8 scales included)."""
-    D, I = cfg.hidden_size, cfg.moe_intermediate_size
-    n = 3 * D * I * stored.itemsize
-    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
-        b = FP8_BLOCK
-        n += 4 * (2 * math.ceil(I / b) * math.ceil(D / b) + math.ceil(D / b) * math.ceil(I / b))
-    return n
-
-
-def kv_bytes_per_token(cfg: TextConfig, dtype: torch.dtype) -> int:
-    """K and V of every full-attention layer: 2 · n_full · Hkv · hd · itemsize (30 KiB for 397B bf16)."""
-    return 2 * len(cfg.full_attention_layers) * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-
-
-def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
-    """Conv window [C, K] in the model dtype + fp32 recurrent state [Hv, dk, dv], per DeltaNet layer."""
-    conv = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    conv += cfg.linear_num_value_heads * cfg.linear_value_head_dim
-    per = conv * cfg.linear_conv_kernel_dim * dtype.itemsize
-    per += cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
-    return per * (cfg.num_hidden_layers - len(cfg.full_attention_layers))
-
-
-def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int) -> int:
-    """Peak temporaries of one forward over `tokens` new tokens at `context` (one layer at a time).
-
-    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries,
-    plus the GQA expansion of K/V to every query head over the whole context (attention._attend).
-    """
-    T, D, b = tokens, cfg.hidden_size, dtype.itemsize
-    A, I, Is = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
-    common = T * D * (4 * b + 8)  # residual stream, norm input/output, fp32 norm temporaries
-    moe = T * A * (4 * D + 4 * I) * b + T * 3 * Is * b + T * cfg.num_experts * 4 * 2
-    hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    conv = 2 * cfg.linear_num_key_heads * dk + hv * dv
-    chunk = 64
-    Tp = -(-T // chunk) * chunk
-    deltanet = T * (4 * conv + 2 * hv * dv) * b + 16 * hv * Tp * max(dk, dv) * 4 + 5 * hv * Tp * chunk * 4
-    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attn = T * H * hd * 8 * b + (2 * H * context * hd * b if H > Hkv else 0)
-    attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
-    head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
-    return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head)))
+__all__ = ["GiB", "MemoryPlan", "plan_for", "tensor_shapes"]
 
 
 @dataclass
@@ -135,6 +52,7 @@ class MemoryPlan:
     dtype: torch.dtype
     context: int
     cfg: TextConfig = field(repr=False)
+    context_from: str = "default, --ctx sets it"  # or "--ctx", "the longest the budget holds" (plan_for)
     cpu_budget: int = 0
     gpu_budget: int = 0
     cpu_budget_from: str = "--cpu-mem"  # or "free memory"
@@ -150,6 +68,7 @@ class MemoryPlan:
     overhead_cpu: int = 0
     overhead_gpu: int = 0
     staging_bytes: int = 0
+    vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
     moe_layers: int = 0
@@ -176,8 +95,14 @@ class MemoryPlan:
         cpu_experts: int | None = None,
         context: int | None = None,
         tokenizer: bool = True,
+        vision: VisionConfig | None = None,
     ) -> MemoryPlan:
-        """gpu_mem / cpu_mem in GiB (None: free memory minus a margin); *_experts in slots per layer."""
+        """gpu_mem / cpu_mem in GiB (None: free memory minus a margin); *_experts in slots per layer.
+
+        The vision tower (the checkpoint's `visual.*` tensors, else counted from `vision`) is reserved on
+        the compute device although it is loaded only for the first image: a chat may get an image at any
+        turn, and the budget has to hold then too.
+        """
         dev = torch.device(device).type
         ctx = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
         plan = cls(dev, dtype, ctx, cfg, cpu_slots_asked=cpu_experts, gpu_slots_asked=gpu_experts)
@@ -185,10 +110,11 @@ class MemoryPlan:
         if ckpt is not None:
             shapes = {n: ckpt.info(n).shape for n in shapes}
             if cfg.is_moe:
-                stored_dtype = ckpt.info("layers.0.mlp.experts." + _first_expert_key(ckpt)).dtype
+                stored_dtype = ckpt.info("layers.0.mlp.experts." + first_expert_key(ckpt)).dtype
         b = dtype.itemsize
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
+        plan.vision_bytes = vision_tower_nbytes(vision, dtype, ckpt)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
@@ -287,13 +213,15 @@ class MemoryPlan:
         n = self.weights_cpu + self.overhead_cpu + self.staging_bytes
         if self.on_gpu:
             return n + self.load_transient
+        n += self.vision_bytes
         return n + self.kv_bytes + self.state_bytes + max(self.activations, self.load_transient)
 
     @property
     def gpu_fixed(self) -> int:
         if not self.on_gpu:
             return 0
-        return self.weights_gpu + self.kv_bytes + self.state_bytes + self.activations + self.overhead_gpu
+        n = self.weights_gpu + self.vision_bytes + self.kv_bytes + self.state_bytes + self.activations
+        return n + self.overhead_gpu
 
     @property
     def cpu_total(self) -> int:
@@ -357,9 +285,9 @@ class MemoryPlan:
             need = self.gpu_fixed + one
             if need > self.gpu_budget:
                 raise BudgetError(
-                    f"the resident path needs {_gib(need)} on the GPU ({self._gpu_parts()}) "
-                    f"but {self._budget_words('gpu')} is {_gib(self.gpu_budget)}",
-                    f"use --gpu-mem {_ceil_gib(need)} or more, or a shorter --ctx "
+                    f"the resident path needs {fmt_gib(need)} on the GPU ({self._gpu_parts()}) "
+                    f"but {self._budget_words('gpu')} is {fmt_gib(self.gpu_budget)}",
+                    f"use --gpu-mem {ceil_gib(need)} or more, or a shorter --ctx "
                     f"(KV is {self.kv_per_token / KiB:.0f} KiB per token)",
                 )
             if self.gpu_slots_asked is not None and self.gpu_total > self.gpu_budget:
@@ -369,9 +297,9 @@ class MemoryPlan:
         need = self.cpu_fixed + (one if self.moe_layers else 0)
         if need > self.cpu_budget:
             raise BudgetError(
-                f"the resident path needs {_gib(need)} of RAM ({self._cpu_parts()}) "
-                f"but {self._budget_words('cpu')} is {_gib(self.cpu_budget)}",
-                f"use --cpu-mem {_ceil_gib(need)} or more"
+                f"the resident path needs {fmt_gib(need)} of RAM ({self._cpu_parts()}) "
+                f"but {self._budget_words('cpu')} is {fmt_gib(self.cpu_budget)}",
+                f"use --cpu-mem {ceil_gib(need)} or more"
                 + ("" if self.on_gpu else ", or a shorter --ctx")
                 + (f" (KV is {self.kv_per_token / KiB:.0f} KiB per token)" if not self.on_gpu else ""),
             )
@@ -387,9 +315,9 @@ class MemoryPlan:
         )
         fits = max(0, (budget - fixed) // per)
         raise BudgetError(
-            f"--{side}-experts {slots} needs {_gib(fixed + slots * per)} on the {side.upper()} "
-            f"({_gib(slots * per)} of expert slots) but {self._budget_words(side)} is {_gib(budget)}",
-            f"use --{side}-experts {fits} or fewer, or --{side}-mem {_ceil_gib(fixed + slots * per)} or more",
+            f"--{side}-experts {slots} needs {fmt_gib(fixed + slots * per)} on the {side.upper()} "
+            f"({fmt_gib(slots * per)} of expert slots) but {self._budget_words(side)} is {fmt_gib(budget)}",
+            f"use --{side}-experts {fits} or fewer, or --{side}-mem {ceil_gib(fixed + slots * per)} or more",
         )
 
     def _budget_words(self, side: str) -> str:
@@ -397,29 +325,32 @@ class MemoryPlan:
         return src if src.startswith("--") else f"the budget from {src}"
 
     def _cpu_parts(self) -> str:
-        parts = [f"weights {_gib(self.weights_cpu)}"]
+        parts = [f"weights {fmt_gib(self.weights_cpu)}"]
         if not self.on_gpu:
             parts += [
-                f"KV for {self.context} tokens {_gib(self.kv_bytes)}",
-                f"DeltaNet state {_gib(self.state_bytes)}",
-                f"buffers {_gib(max(self.activations, self.load_transient))}",
+                f"KV for {self.context} tokens {fmt_gib(self.kv_bytes)}",
+                f"DeltaNet state {fmt_gib(self.state_bytes)}",
+                f"buffers {fmt_gib(max(self.activations, self.load_transient))}",
             ]
+            if self.vision_bytes:
+                parts.append(f"vision tower {fmt_gib(self.vision_bytes)}")
         else:
-            parts.append(f"load buffer {_gib(self.load_transient)}")
-        parts.append(f"runtime {_gib(self.overhead_cpu + self.staging_bytes)}")
+            parts.append(f"load buffer {fmt_gib(self.load_transient)}")
+        parts.append(f"runtime {fmt_gib(self.overhead_cpu + self.staging_bytes)}")
         if self.moe_layers:
-            parts.append(f"one expert slot per layer {_gib(self.moe_layers * self.slot_bytes)}")
+            parts.append(f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}")
         return ", ".join(parts)
 
     def _gpu_parts(self) -> str:
         return ", ".join(
             [
-                f"weights {_gib(self.weights_gpu)}",
-                f"KV for {self.context} tokens {_gib(self.kv_bytes)}",
-                f"DeltaNet state {_gib(self.state_bytes)}",
-                f"buffers {_gib(self.activations)}",
-                f"CUDA runtime {_gib(self.overhead_gpu)}",
-                f"one expert slot per layer {_gib(self.moe_layers * self.slot_bytes)}",
+                f"weights {fmt_gib(self.weights_gpu)}",
+                *([f"vision tower {fmt_gib(self.vision_bytes)}"] if self.vision_bytes else []),
+                f"KV for {self.context} tokens {fmt_gib(self.kv_bytes)}",
+                f"DeltaNet state {fmt_gib(self.state_bytes)}",
+                f"buffers {fmt_gib(self.activations)}",
+                f"CUDA runtime {fmt_gib(self.overhead_gpu)}",
+                f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}",
             ]
         )
 
@@ -434,13 +365,16 @@ class MemoryPlan:
         cfg = self.cfg
         rows = [("device", f"{self.device}, {str(self.dtype).removeprefix('torch.')}")]
         if self.on_gpu:
-            rows.append(("GPU budget", f"{_gib(self.gpu_budget)} ({self.gpu_budget_from})"))
-        rows.append(("CPU budget", f"{_gib(self.cpu_budget)} ({self.cpu_budget_from})"))
+            rows.append(("GPU budget", f"{fmt_gib(self.gpu_budget)} ({self.gpu_budget_from})"))
+        rows.append(("CPU budget", f"{fmt_gib(self.cpu_budget)} ({self.cpu_budget_from})"))
         if self.on_gpu:
-            rows.append(("resident weights (GPU)", _gib(self.weights_gpu)))
+            rows.append(("resident weights (GPU)", fmt_gib(self.weights_gpu)))
         embed = "embedding table" + (f" + {len(self.cpu_layers)} layers" if self.cpu_layers else "")
         rows.append(
-            ("resident weights (CPU)", f"{_gib(self.weights_cpu)}" + (f" ({embed})" if self.on_gpu else ""))
+            (
+                "resident weights (CPU)",
+                f"{fmt_gib(self.weights_cpu)}" + (f" ({embed})" if self.on_gpu else ""),
+            )
         )
         if self.cpu_layers:
             rows.append(
@@ -455,48 +389,65 @@ class MemoryPlan:
                 "KV cache per token",
                 f"{self.kv_per_token / KiB:.1f} KiB ({len(cfg.full_attention_layers)} attention layers)",
             ),
-            (f"KV cache, {self.context} tokens ({kv_dev})", _gib(self.kv_bytes)),
-            ("DeltaNet state (fixed)", _gib(self.state_bytes)),
-            ("activation buffers", _gib(self.activations)),
+            (f"KV cache, {self.context} tokens ({kv_dev})", fmt_gib(self.kv_bytes)),
+            ("DeltaNet state (fixed)", fmt_gib(self.state_bytes)),
+            *(
+                [
+                    (
+                        "vision tower (loaded on first image)",
+                        f"{fmt_gib(self.vision_bytes)} ({kv_dev}), reserved",
+                    )
+                ]
+                if self.vision_bytes
+                else []
+            ),
+            ("activation buffers", fmt_gib(self.activations)),
             (
                 "runtime overhead",
-                f"{_gib(self.overhead_cpu)} CPU"
-                + (f", {_gib(self.overhead_gpu)} GPU" if self.on_gpu else ""),
+                f"{fmt_gib(self.overhead_cpu)} CPU"
+                + (f", {fmt_gib(self.overhead_gpu)} GPU" if self.on_gpu else ""),
             ),
+            ("context", f"{self.context} tokens ({self.context_from})"),
             ("context that fits", f"{self.context_fit} tokens"),
         ]
         if self.moe_layers:
             E = cfg.num_experts
             rows.append(
-                ("expert size", f"{_mib(self.expert_disk_bytes)} on disk, {_mib(self.slot_bytes)} in a slot")
+                (
+                    "expert size",
+                    f"{fmt_mib(self.expert_disk_bytes)} on disk, {fmt_mib(self.slot_bytes)} in a slot",
+                )
             )
             if self.on_gpu:
                 rows.append(("expert slots (GPU)", self._slots_text(self.gpu_slots, E)))
             rows.append(("expert slots (RAM)", self._slots_text(self.cpu_slots, E)))
             disk, to_gpu = self.bytes_per_token()
-            text = f"{_gib(disk)} from disk" + (f", {_gib(to_gpu)} to the GPU" if self.on_gpu else "")
+            text = f"{fmt_gib(disk)} from disk" + (f", {fmt_gib(to_gpu)} to the GPU" if self.on_gpu else "")
             rows.append(("expected reads per token", text + " (uniform routing: hit = slots / experts)"))
-        rows.append(("total (CPU)", f"{_gib(self.cpu_total)} of {_gib(self.cpu_budget)}"))
+        rows.append(("total (CPU)", f"{fmt_gib(self.cpu_total)} of {fmt_gib(self.cpu_budget)}"))
         if self.on_gpu:
-            rows.append(("total (GPU)", f"{_gib(self.gpu_total)} of {_gib(self.gpu_budget)}"))
+            rows.append(("total (GPU)", f"{fmt_gib(self.gpu_total)} of {fmt_gib(self.gpu_budget)}"))
         return rows
 
     def _slots_text(self, slots: int, E: int) -> str:
         total = slots * self.moe_layers * self.slot_bytes
-        return f"{slots} per layer ({100 * slots / E:.1f}% of experts), {_gib(total)}"
+        return f"{slots} per layer ({100 * slots / E:.1f}% of experts), {fmt_gib(total)}"
 
 
-def _first_expert_key(ckpt: Checkpoint) -> str:
-    return "gate_up_proj" if "layers.0.mlp.experts.gate_up_proj" in ckpt else "0.down_proj.weight"
+def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:
+    """The plan a run uses, and the context it reserves (the engine's max_context must be the same).
 
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
-
-
-def _mib(n: float) -> str:
-    return f"{n / MiB:.1f} MiB"
-
-
-def _ceil_gib(n: float) -> str:
-    return f"{math.ceil(n / GiB * 10) / 10:.1f}"
+    With --ctx: that context, capped at the model's maximum (a budget that cannot hold it is refused).
+    Without: DEFAULT_CONTEXT capped at the maximum; where the budget cannot hold that with one expert slot
+    per layer, the longest context that fits. Not "the longest that fits" always: that would hand every
+    byte left to the KV cache and leave the expert cache a single slot per layer.
+    """
+    plan = MemoryPlan.build(cfg, context=context, **kwargs)
+    if context is not None:
+        plan.context_from = "--ctx"
+        return plan
+    fit = plan.context_fit
+    if KV_STEP <= fit < plan.context:
+        plan = MemoryPlan.build(cfg, context=fit, **kwargs)
+        plan.context_from = "the longest the budget holds"
+    return plan

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,17 +49,19 @@ class ChatSession:
         self.cache = engine.model.make_cache()
         self.unfed: list[int] = []
         self.fresh = True  # the cache holds nothing: the next prompt is rendered whole
+        self.last_reply: Reply | None = None
 
     # --- history -------------------------------------------------------------------------------------
     def clear(self) -> None:
         self.messages = []
-        self._reset_cache()
+        self.reset_cache()
 
     def set_system(self, text: str | None) -> None:
         self.settings.system = text or None
-        self._reset_cache()
+        self.reset_cache()
 
-    def _reset_cache(self) -> None:
+    def reset_cache(self) -> None:
+        """Drop the model state; the next turn re-renders (and re-encodes the images of) the whole history."""
         self.cache = self.engine.model.make_cache()
         self.unfed, self.fresh = [], True
 
@@ -80,7 +82,7 @@ class ChatSession:
         self.settings.system = s.get("system", self.settings.system)
         self.settings.think = s.get("think", self.settings.think)
         self.messages = messages
-        self._reset_cache()
+        self.reset_cache()
 
     # --- prompts -------------------------------------------------------------------------------------
     def _render(self, messages: list[dict]) -> str:
@@ -88,19 +90,25 @@ class ChatSession:
             messages, add_generation_prompt=True, enable_thinking=self.settings.think != "off"
         )
 
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """The ids to feed for this turn, given what the cache already holds."""
+    def prompt_ids(self, user_text: str, images: Sequence[Path | str] = ()) -> list[int]:
+        """The ids to feed for this turn, given what the cache already holds (one <|image_pad|> per image)."""
+        return self._prompt(user_message(user_text, images))[0]
+
+    def _prompt(self, user: dict) -> tuple[list[int], list[str]]:
+        """(ids, image paths in the order of their placeholders) for the part of the chat not yet fed."""
         tok = self.engine.tokenizer
         if self.settings.raw:
-            return [*self.unfed, *tok.encode(user_text)]
-        user = {"role": "user", "content": user_text}
+            if message_images(user):
+                raise InputError("images need the chat template", "drop --raw to send images")
+            return [*self.unfed, *tok.encode(user["content"])], []
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-            return tok.encode(self._render([*system, *self.messages, user]))
+            history = [*system, *self.messages, user]
+            return tok.encode(self._render(history)), [p for m in history for p in message_images(m)]
         closing = (
             [] if self.cache.token_ids[-1:] == [tok.token_id("<|im_end|>")] else tok.encode("<|im_end|>\n")
         )
-        return [*self.unfed, *closing, *tok.encode(self._render([user]))]
+        return [*self.unfed, *closing, *tok.encode(self._render([user]))], message_images(user)
 
     # --- a turn --------------------------------------------------------------------------------------
     def send(
@@ -108,10 +116,23 @@ class ChatSession:
         user_text: str,
         cancel: threading.Event | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
+        images: Sequence[Path | str] = (),
     ) -> Iterator[TokenEvent | Finished]:
-        """Stream one reply; the history is updated when the reply ends (even if cancelled)."""
+        """Stream one reply; the history is updated when the reply ends (even if cancelled).
+
+        `images` (file paths) go before the text in the user turn, as content parts. A bad image or one too
+        large for the context raises before anything is fed: the history and the cache are unchanged.
+        """
         eng, s = self.engine, self.settings
-        ids = self.prompt_ids(user_text)
+        user = user_message(user_text, images)
+        ids, paths = self._prompt(user)
+        embeds = positions = None
+        delta = 0
+        if paths:
+            from .multimodal import image_prompt  # PIL and the tower only for prompts with images
+
+            mm = image_prompt(eng, ids, paths, self.cache)
+            ids, embeds, positions, delta = mm.ids, mm.embeds, mm.positions, mm.rope_delta
         think_open, think_close = eng.tokenizer.token_id("<think>"), eng.tokenizer.token_id("</think>")
         req = GenerationRequest(
             prompt_ids=ids,
@@ -120,6 +141,9 @@ class ChatSession:
             stop_ids=eng.defaults.stop_ids,
             think_ids=(think_open, think_close),
             start_in_thinking=_ends_in_thinking(ids, think_open, think_close),
+            embeds=embeds,
+            positions=positions,
+            rope_delta=delta,
             max_context=eng.max_context,
         )
         reply = Reply(prompt_ids=ids)
@@ -134,17 +158,41 @@ class ChatSession:
                     reply.text += event.text
             else:
                 reply.tokens, reply.finish_reason, reply.stats = event.tokens, event.reason, event.stats
-                self._finish_turn(user_text, reply, event)
+                self._finish_turn(user, reply, event)
             yield event
 
-    def _finish_turn(self, user_text: str, reply: Reply, done: Finished) -> None:
+    def _finish_turn(self, user: dict, reply: Reply, done: Finished) -> None:
         self.unfed, self.fresh = list(done.unfed), False
         reply.thinking, reply.text = reply.thinking.strip(), reply.text.strip()
-        self.messages.append({"role": "user", "content": user_text})
+        self.messages.append(user)
         assistant = {"role": "assistant", "content": reply.text}
         if reply.thinking:
             assistant["reasoning_content"] = reply.thinking
         self.messages.append(assistant)
+
+
+def user_message(text: str, images: Sequence[Path | str] = ()) -> dict:
+    """A user turn: plain text, or image parts (each keeps its absolute path, for /save and re-rendering)
+    followed by the text part, the layout Qwen's chat template and processor expect."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": str(Path(p).expanduser().absolute())} for p in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def message_images(message: dict) -> list[str]:
+    """The image paths of a message, in order (parts written by user_message, or by hand in a /save file)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    found = []
+    for part in content:
+        if isinstance(part, dict) and (part.get("type") == "image" or "image" in part):
+            path = part.get("image")
+            if not isinstance(path, str) or not path:
+                raise InputError("an image part in the chat has no file path", "give each image part a path")
+            found.append(path)
+    return found
 
 
 def _ends_in_thinking(ids: list[int], open_id: int | None, close_id: int | None) -> bool:

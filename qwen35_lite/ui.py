@@ -92,6 +92,22 @@ class UI:
         with bar:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
+    @contextmanager
+    def phase_progress(self) -> Iterator[Callable[[str, int, int], None]]:
+        """Yield cb(phase, done, total): one counted bar per phase (bench: prefill, then decode)."""
+        bar = self._progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        tasks: dict[str, int] = {}
+
+        def update(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        with bar:
+            yield update
+
     def prefill_progress(self) -> PrefillBar:
         return PrefillBar(self)
 
@@ -110,6 +126,15 @@ class UI:
         width = max((len(k) for k, _ in pairs), default=0)
         for key, value in pairs:
             self.err.print(Text(f"{key:<{width}}  {value}"))
+
+    def table(self, rows: list[tuple[str, str]], title: str = "", stdout: bool = False) -> None:
+        """Aligned label/value rows under a bold title (plain rows: a rich Table wraps when piped)."""
+        console = self.out if stdout else self.err
+        if title:
+            console.print(Text(title, style="bold"))
+        width = max((len(label) for label, _ in rows), default=0)
+        for label, value in rows:
+            console.print(Text.assemble((f"{label:<{width}}", "dim" if not stdout else ""), "  ", str(value)))
 
     def stats_line(self, text: str) -> None:
         if not self.quiet:
@@ -230,16 +255,92 @@ def format_stats(stats: dict, max_context: int | None = None, finish_reason: str
     parts.append(f"peak RSS {human_bytes(stats.get('peak_rss_bytes'))}")
     if "peak_gpu_bytes" in stats:
         parts.append(f"peak GPU {human_bytes(stats['peak_gpu_bytes'])}")
-    if experts := format_experts(stats.get("experts") or {}):
+    if experts := format_experts(stats):
         parts.append(experts)
     return " · ".join(parts)
 
 
-def format_experts(e: dict) -> str:
+def format_experts(stats: dict) -> str:
+    """This reply's expert traffic: hit rate per tier, bytes per decoded token (cumulative cache figures
+    under stats["experts"] only when the reply's own are absent)."""
+    e = (
+        stats
+        if any(k.endswith("_hit_rate") or k == "disk_bytes" for k in stats)
+        else stats.get("experts") or {}
+    )
     bits = []
     for tier in ("gpu", "ram"):
         if (rate := _pct(e.get(f"{tier}_hit_rate"))) is not None:
             bits.append(f"{tier} hit {rate}")
-    if e.get("bytes_read"):
+    if e.get("disk_bytes_per_token") is not None:
+        bits.append(f"disk {human_bytes(e['disk_bytes_per_token'])}/tok")
+    elif e.get("bytes_read"):
         bits.append(f"read {human_bytes(e['bytes_read'])}")
+    if e.get("gpu_bytes_per_token") is not None:
+        bits.append(f"to GPU {human_bytes(e['gpu_bytes_per_token'])}/tok")
     return "experts " + ", ".join(bits) if bits else ""
+
+
+def _num(x: float | None, unit: str, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f} {unit}"
+
+
+def reply_rows(stats: dict) -> list[tuple[str, str]]:
+    """One reply (or a bench run) as table rows: speeds, expert traffic per tier, peak memory."""
+    rows = [
+        ("prompt", f"{stats.get('prompt_tokens', 0)} tok, {_num(stats.get('prefill_tok_s'), 'tok/s', 1)}"),
+        ("reply", f"{stats.get('generated_tokens', 0)} tok, {_num(stats.get('decode_tok_s'), 'tok/s', 1)}"),
+        ("time to first token", _num(stats.get("ttft_s"), "s")),
+    ]
+    for tier, label in (("gpu", "GPU"), ("ram", "RAM")):
+        if f"{tier}_hits" in stats:
+            h, m = stats[f"{tier}_hits"], stats[f"{tier}_misses"]
+            rate = _pct(stats.get(f"{tier}_hit_rate"))
+            rows.append(
+                (f"{label} tier hits / misses", f"{h} / {m}" + (f" (hit rate {rate})" if rate else ""))
+            )
+    if "disk_bytes" in stats:
+        per = stats.get("disk_bytes_per_token")
+        rows.append(
+            ("read from disk", f"{human_bytes(stats['disk_bytes'])}, {human_bytes(per)} per decoded token")
+        )
+    if "gpu_bytes" in stats:
+        per = stats.get("gpu_bytes_per_token")
+        rows.append(
+            ("copied to the GPU", f"{human_bytes(stats['gpu_bytes'])}, {human_bytes(per)} per decoded token")
+        )
+    rows.append(("peak RAM (RSS)", human_bytes(stats.get("peak_rss_bytes"))))
+    if "peak_gpu_bytes" in stats:
+        rows.append(("peak GPU memory", human_bytes(stats["peak_gpu_bytes"])))
+    return rows
+
+
+def cache_rows(counters: dict) -> list[tuple[str, str]]:
+    """The expert cache since load (TieredExperts.stats): slots, hits and misses per tier, traffic, prefetch."""
+    rows = []
+    for tier, label in (("gpu", "GPU"), ("ram", "RAM")):
+        if f"{tier}_slots_per_layer" in counters:
+            h, m = counters[f"{tier}_hits"], counters[f"{tier}_misses"]
+            rate = _pct(counters.get(f"{tier}_hit_rate"))
+            text = f"{counters[f'{tier}_slots_per_layer']} slots per layer, {h} hits / {m} misses"
+            rows.append((f"{label} tier", text + (f" ({rate})" if rate else "")))
+    if "bytes_read" in counters:
+        rows.append(
+            (
+                "read from disk",
+                f"{human_bytes(counters['bytes_read'])}"
+                + (f" ({counters['experts_read']} experts)" if "experts_read" in counters else ""),
+            )
+        )
+    if "bytes_to_gpu" in counters:
+        rows.append(("copied to the GPU", human_bytes(counters["bytes_to_gpu"])))
+    if counters.get("prefetch_hinted"):
+        recall = _pct(counters.get("prefetch_recall"))
+        rows.append(
+            (
+                "prefetch",
+                f"{counters['prefetch_hinted']} hinted, {counters['prefetch_read']} read,"
+                f" {counters['prefetch_used']} used" + (f", recall {recall}" if recall else ""),
+            )
+        )
+    return rows

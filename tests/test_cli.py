@@ -59,9 +59,8 @@ def reuse_engines(monkeypatch):
     load = Engine.load.__func__
 
     def cached(cls, model, opts=None, provider_factory=None, on_progress=None):
-        key = (str(model), repr(opts or EngineOptions()))
-        if provider_factory is not None:
-            return load(cls, model, opts, provider_factory, on_progress)
+        # The CLI always passes the plan's functools.partial(TieredExperts, cpu_slots=..., gpu_slots=...)
+        key = (str(model), repr(opts or EngineOptions()), repr(getattr(provider_factory, "keywords", None)))
         if key not in _ENGINES:
             _ENGINES[key] = load(cls, model, opts, provider_factory, on_progress)
         return _ENGINES[key]

@@ -10,7 +10,8 @@ import torch
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import BudgetError
-from qwen35_lite.plan import GiB, MemoryPlan, tensor_shapes
+from qwen35_lite.plan import GiB, MemoryPlan
+from qwen35_lite.plan_sizes import tensor_shapes
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 # Qwen3.5-397B-A17B, from shared/docs/qwen35-architecture.md §1.1

@@ -1,0 +1,133 @@
+"""`qwen35-lite info` (the memory plan, from config.json and safetensors headers only) and
+`qwen35-lite bench` (a fixed workload under the budget flags). `register(app)` adds both to the Typer app.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from .cli_options import (
+    CpuExperts,
+    CpuMem,
+    Ctx,
+    Device,
+    Dtype,
+    GpuExperts,
+    GpuMem,
+    LoadFlags,
+    Model,
+    Offline,
+    load_engine,
+    pick,
+    plan_memory,
+)
+from .ui import UI, reply_rows
+
+if TYPE_CHECKING:
+    from .plan import MemoryPlan
+
+JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add `info` and `bench` to `app`, with the same one-line error handling as `run` and `chat`."""
+    from .cli import friendly_errors  # cli calls register() once friendly_errors exists
+
+    app.command()(friendly_errors(info))
+    app.command()(friendly_errors(bench))
+
+
+def info(
+    model: Model,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    ctx: Ctx = None,
+    offline: Offline = False,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    gpu_experts: GpuExperts = None,
+    cpu_experts: CpuExperts = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Print the memory plan without loading weights: resident bytes per device, KV per token and the
+    context that fits, expert slots per tier, expected reads per token. Works on config.json alone."""
+    flags = pick(LoadFlags, locals())
+    planned = plan_memory(flags, config_only=True)
+    plan = planned.plan
+    plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
+    ui = UI()
+    if json_out:
+        ui.json_line({"model": planned.model_dir.name, **plan_json(plan)})
+    else:
+        ui.table(plan.rows(), title=f"memory plan for {planned.model_dir.name}", stdout=True)
+
+
+def bench(
+    model: Model,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length.")] = 512,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to decode.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the prompt ids.")] = 0,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    ctx: Ctx = None,
+    offline: Offline = False,
+    gpu_mem: GpuMem = None,
+    cpu_mem: CpuMem = None,
+    gpu_experts: GpuExperts = None,
+    cpu_experts: CpuExperts = None,
+    json_out: JsonOut = False,
+) -> None:
+    """Time a fixed workload (seeded prompt ids, greedy decode of --new-tokens) under the budget flags:
+    prefill and decode tok/s, ttft, cache hits and misses per tier, bytes per token, peak memory."""
+    from .benchmark import run_benchmark
+
+    flags = pick(LoadFlags, locals())
+    ui = UI()
+    # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
+    engine = load_engine(ui, flags, context=prompt_tokens + new_tokens + 1)
+    with ui.phase_progress() as on_progress:
+        result = run_benchmark(engine, prompt_tokens, new_tokens, seed=seed, on_progress=on_progress)
+    if json_out:
+        ui.json_line(result)
+        return
+    rows = [("model", f"{result['model']} ({result['device']}, {result['dtype']})")]
+    if plan := result.get("plan"):
+        slots = f"{plan['cpu_slots']} RAM" + (
+            f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""
+        )
+        rows.append(("expert slots per layer", f"{slots} of {plan['experts']}"))
+    ui.table(rows + reply_rows(result), title="bench", stdout=True)
+
+
+def plan_json(plan: MemoryPlan) -> dict:
+    """The plan's figures in bytes and counts (the `info --json` object)."""
+    disk, to_gpu = plan.bytes_per_token()
+    return {
+        "device": plan.device,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "cpu_budget": plan.cpu_budget,
+        "cpu_budget_from": plan.cpu_budget_from,
+        "gpu_budget": plan.gpu_budget if plan.on_gpu else None,
+        "weights_cpu": plan.weights_cpu,
+        "weights_gpu": plan.weights_gpu,
+        "cpu_layers": plan.cpu_layers,
+        "vision_bytes": plan.vision_bytes,
+        "kv_bytes_per_token": plan.kv_per_token,
+        "context": plan.context,
+        "context_from": plan.context_from,
+        "kv_bytes": plan.kv_bytes,
+        "context_fit": plan.context_fit,
+        "deltanet_state_bytes": plan.state_bytes,
+        "activation_bytes": plan.activations,
+        "expert_disk_bytes": plan.expert_disk_bytes,
+        "expert_slot_bytes": plan.slot_bytes,
+        "experts": plan.cfg.num_experts if plan.moe_layers else 0,
+        "cpu_slots": plan.cpu_slots,
+        "gpu_slots": plan.gpu_slots,
+        "disk_bytes_per_token": disk,
+        "gpu_bytes_per_token": to_gpu,
+        "cpu_total": plan.cpu_total,
+        "gpu_total": plan.gpu_total,
+    }

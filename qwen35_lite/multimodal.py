@@ -1,0 +1,86 @@
+"""A prompt with images → what the generator feeds: expanded ids, embeddings with the image rows, 3-D positions.
+
+The chat template writes one `<|vision_start|><|image_pad|><|vision_end|>` per image. Here each image is
+loaded and preprocessed, its `<|image_pad|>` is expanded to the image's token count, the vision tower's
+rows replace those tokens' embeddings, and the M-RoPE positions are computed for this prompt alone and
+shifted by what the cache already holds (`offset + rope_delta`), which is what recomputing them over the
+whole conversation gives (vision/positions.py). The returned `rope_delta` is added to the cache's once the
+prompt is fed (generate.prefill), so later tokens take the right positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .cache import ModelCache
+from .engine import Engine
+from .errors import InputError
+from .vision import (
+    expand_image_placeholders,
+    load_image,
+    mrope_positions,
+    preprocess,
+    scatter_image_features,
+)
+from .vision.preprocess import ImageProcessorConfig
+
+
+@dataclass
+class ImagePrompt:
+    ids: list[int]  # the prompt with every <|image_pad|> expanded to its image's token count
+    embeds: torch.Tensor  # [T, D] on the model's device and dtype, image rows scattered in
+    positions: torch.Tensor  # [3, T] absolute M-RoPE positions (already shifted by the cache)
+    rope_delta: int  # add to cache.rope_delta after the prompt is fed
+
+
+def load_images(paths: Sequence[Path | str]) -> list[Image.Image]:
+    """Open and fully decode every image (RGB); a missing, non-image or truncated file is an InputError."""
+    return [load_image(Path(p).expanduser()) for p in paths]
+
+
+def image_prompt(
+    engine: Engine, ids: Sequence[int], images: Sequence[Path | str], cache: ModelCache
+) -> ImagePrompt:
+    """Turn rendered-and-tokenised `ids` (one `<|image_pad|>` per image) plus the image files into an ImagePrompt.
+
+    Raises InputError (bad image, placeholder count, too many tokens for the context) before anything is
+    fed, and CheckpointError when the checkpoint has no vision tower; the cache is never touched.
+    """
+    cfg, model = engine.cfg, engine.model
+    engine.check_vision()  # before decoding anything: the likeliest mistake is a text-only checkpoint
+    image_cfg = engine.image_config()
+    pixel_values, grid = preprocess(load_images(images), image_cfg)
+    merge = cfg.vision.spatial_merge_size
+    expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
+    _check_context(engine.max_context, cache, len(ids), expanded, cfg.image_token_id, image_cfg)
+    positions, delta = mrope_positions(expanded, grid, cfg.image_token_id, merge)
+    features = engine.vision().encode(pixel_values, grid)  # loads the tower on the first image
+    embeds = model.embed_ids(torch.tensor(expanded, dtype=torch.long))
+    embeds = scatter_image_features(embeds, expanded, features, cfg.image_token_id)
+    return ImagePrompt(expanded, embeds, positions + cache.offset + cache.rope_delta, delta)
+
+
+def _check_context(
+    limit: int,
+    cache: ModelCache,
+    n_unexpanded: int,
+    expanded: list[int],
+    image_token_id: int,
+    image_cfg: ImageProcessorConfig,
+) -> None:
+    """The images' tokens must fit; a text that alone is over the limit is left to generate.check_context."""
+    needed = cache.offset + len(expanded)
+    if cache.offset + n_unexpanded >= limit or needed < limit:
+        return
+    per_image = image_cfg.max_pixels // image_cfg.factor**2  # one token per merged factor x factor block
+    raise InputError(
+        f"image too large for the context: the prompt needs {needed} tokens "
+        f"({expanded.count(image_token_id)} of them for the image(s)) but the limit is {limit}",
+        f"raise --ctx, /clear the chat, or use a smaller image (this checkpoint's preprocessor allows "
+        f"{image_cfg.max_pixels} pixels, about {per_image} tokens, per image)",
+    )

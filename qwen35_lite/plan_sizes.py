@@ -1,0 +1,155 @@
+"""Byte arithmetic of the memory plan, from the config alone: tensor shapes, one expert on disk, KV per
+token, DeltaNet state, activation buffers, the vision tower; and the process overheads measured here.
+
+Pure functions with no I/O beyond optional checkpoint headers, so `info` can size Qwen3.5-397B with no
+weights on disk. `plan.MemoryPlan` adds them up against the budgets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import TextConfig, VisionConfig
+from .model import resident_names
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
+FP8_BLOCK = 128
+DEFAULT_CONTEXT = 32768  # KV reserved when no --ctx is given (capped at the model's maximum)
+
+# Process overheads, measured as RssAnon on torch 2.13 (CPU build), Python 3, with margin:
+PROCESS_BASE = 256 * MiB  # `import torch` + qwen35_lite: 143 MiB measured
+TOKENIZER = 320 * MiB  # the 248K-entry tokenizer.json loaded in `tokenizers`: 265 MiB measured
+CUDA_HOST = 1 * GiB  # CUDA runtime, cuBLAS and kernels' host-side state
+CUDA_CONTEXT = 1 * GiB  # device memory taken by the CUDA context, cuBLAS workspace, allocator slack
+ACTIVATION_MARGIN = 1.25
+FREE_MARGIN = 0.10  # default budgets leave 10% of the memory (at least 1 GiB) to everything else
+
+
+def tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every resident tensor (the names of model.resident_names), from the config alone."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hk, hv, dk, dv = (
+        cfg.linear_num_key_heads,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+    )
+    conv = 2 * hk * dk + hv * dv
+    Is, Iff, E = cfg.shared_expert_intermediate_size, cfg.intermediate_size, cfg.num_experts
+    by_key = {
+        "input_layernorm.weight": (D,),
+        "post_attention_layernorm.weight": (D,),
+        "linear_attn.in_proj_qkv.weight": (conv, D),
+        "linear_attn.in_proj_z.weight": (hv * dv, D),
+        "linear_attn.in_proj_b.weight": (hv, D),
+        "linear_attn.in_proj_a.weight": (hv, D),
+        "linear_attn.conv1d.weight": (conv, 1, cfg.linear_conv_kernel_dim),
+        "linear_attn.dt_bias": (hv,),
+        "linear_attn.A_log": (hv,),
+        "linear_attn.norm.weight": (dv,),
+        "linear_attn.out_proj.weight": (D, hv * dv),
+        "self_attn.q_proj.weight": (2 * H * hd, D),
+        "self_attn.k_proj.weight": (Hkv * hd, D),
+        "self_attn.v_proj.weight": (Hkv * hd, D),
+        "self_attn.o_proj.weight": (D, H * hd),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
+        "mlp.gate.weight": (E, D),
+        "mlp.shared_expert.gate_proj.weight": (Is, D),
+        "mlp.shared_expert.up_proj.weight": (Is, D),
+        "mlp.shared_expert.down_proj.weight": (D, Is),
+        "mlp.shared_expert_gate.weight": (1, D),
+        "mlp.gate_proj.weight": (Iff, D),
+        "mlp.up_proj.weight": (Iff, D),
+        "mlp.down_proj.weight": (D, Iff),
+    }
+    top = {"embed_tokens.weight": (V, D), "lm_head.weight": (V, D), "norm.weight": (D,)}
+    out = {}
+    for name in resident_names(cfg):
+        out[name] = top[name] if name in top else by_key[name.split(".", 2)[2]]
+    return out
+
+
+def expert_disk_nbytes(cfg: TextConfig, stored: torch.dtype) -> int:
+    """Bytes of one routed expert on disk (block-FP8 scales included)."""
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    n = 3 * D * I * stored.itemsize
+    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
+        b = FP8_BLOCK
+        n += 4 * (2 * math.ceil(I / b) * math.ceil(D / b) + math.ceil(D / b) * math.ceil(I / b))
+    return n
+
+
+def kv_bytes_per_token(cfg: TextConfig, dtype: torch.dtype) -> int:
+    """K and V of every full-attention layer: 2 · n_full · Hkv · hd · itemsize (30 KiB for 397B bf16)."""
+    return 2 * len(cfg.full_attention_layers) * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+
+def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
+    """Conv window [C, K] in the model dtype + fp32 recurrent state [Hv, dk, dv], per DeltaNet layer."""
+    conv = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    conv += cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    per = conv * cfg.linear_conv_kernel_dim * dtype.itemsize
+    per += cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    return per * (cfg.num_hidden_layers - len(cfg.full_attention_layers))
+
+
+def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int) -> int:
+    """Peak temporaries of one forward over `tokens` new tokens at `context` (one layer at a time).
+
+    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries,
+    plus the GQA expansion of K/V to every query head over the whole context (attention._attend).
+    """
+    T, D, b = tokens, cfg.hidden_size, dtype.itemsize
+    A, I, Is = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    common = T * D * (4 * b + 8)  # residual stream, norm input/output, fp32 norm temporaries
+    moe = T * A * (4 * D + 4 * I) * b + T * 3 * Is * b + T * cfg.num_experts * 4 * 2
+    hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    conv = 2 * cfg.linear_num_key_heads * dk + hv * dv
+    chunk = 64
+    Tp = -(-T // chunk) * chunk
+    deltanet = T * (4 * conv + 2 * hv * dv) * b + 16 * hv * Tp * max(dk, dv) * 4 + 5 * hv * Tp * chunk * 4
+    H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    attn = T * H * hd * 8 * b + (2 * H * context * hd * b if H > Hkv else 0)
+    attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
+    head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
+    return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head)))
+
+
+def vision_tower_nbytes(
+    vision: VisionConfig | None, dtype: torch.dtype, ckpt: Checkpoint | None = None
+) -> int:
+    """Weights of the vision tower in the compute dtype: the checkpoint's `visual.*` tensors when there is
+    a checkpoint, else counted from vision_config (0 for a text-only model)."""
+    if ckpt is not None:
+        return sum(math.prod(ckpt.info(n).shape) for n in ckpt.names("visual.")) * dtype.itemsize
+    if vision is None:
+        return 0
+    h, i, m = vision.hidden_size, vision.intermediate_size, vision.spatial_merge_size
+    patch = h * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 + h
+    block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (i * h + i) + (h * i + h)  # norms, qkv, proj, mlp
+    merged = h * m * m
+    merger = 2 * h + merged * merged + merged + vision.out_hidden_size * (merged + 1)
+    n = patch + vision.num_position_embeddings * h + vision.depth * block + merger
+    return n * dtype.itemsize
+
+
+def first_expert_key(ckpt: Checkpoint) -> str:
+    return "gate_up_proj" if "layers.0.mlp.experts.gate_up_proj" in ckpt else "0.down_proj.weight"
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def fmt_mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def ceil_gib(n: float) -> str:
+    return f"{math.ceil(n / GiB * 10) / 10:.1f}"
