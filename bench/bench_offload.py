@@ -105,11 +105,12 @@ def one(name: str, shape: str, path: Path, prompt: int, n_new: int, repeats: int
     return out
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace (or append) the "Offloading (CPU)" section of docs/benchmarks.md, keeping the rest."""
+def write_section(out: Path, text: str, section: str = SECTION) -> None:
+    """Replace (or append) one section of docs/benchmarks.md (the "Offloading (CPU)" one by default),
+    keeping the rest."""
     old = out.read_text() if out.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
+    if section in old:
+        head, rest = old.split(section, 1)
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1 :] if nxt >= 0 else ""
         new = head + text + ("\n" + tail if tail else "")

@@ -259,7 +259,11 @@ def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
     plan = planned.plan
     plan.check()
     opts = EngineOptions(
-        device=flags.device, dtype=flags.dtype, offline=flags.offline, max_context=plan.context
+        device=flags.device,
+        dtype=flags.dtype,
+        offline=flags.offline,
+        max_context=plan.context,
+        cpu_layers=tuple(plan.cpu_layers),
     )
     factory = functools.partial(TieredExperts, **plan.provider_kwargs()) if planned.cfg.is_moe else None
     with ui.load_progress() as on_progress:

@@ -42,6 +42,7 @@ class EngineOptions:
     dtype: str = "auto"
     offline: bool = False
     max_context: int | None = None
+    cpu_layers: tuple[int, ...] = ()  # layers streamed in from host memory (the plan's, on CUDA)
 
 
 @dataclass
@@ -134,7 +135,9 @@ class Engine:
             store = ExpertStore(ckpt, cfg.text)
             provider = (provider_factory or UncachedExperts)(store, device, dtype)
         progress = (lambda done, total: on_progress("loading weights", done, total)) if on_progress else None
-        model_obj = Qwen35Model.load(ckpt, cfg.text, provider, device, dtype, progress)
+        model_obj = Qwen35Model.load(
+            ckpt, cfg.text, provider, device, dtype, progress, cpu_layers=opts.cpu_layers
+        )
         max_context = min(
             opts.max_context or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings
         )

@@ -6,7 +6,7 @@ experts, norms, head); routed experts come from the ExpertProvider on demand.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from .config import TextConfig
 from .deltanet import GatedDeltaNet
 from .layers import MRoPE, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
+from .spill import SpilledLayers, stays_resident
 
 MIXER_KEYS = {
     "linear_attention": [
@@ -101,8 +102,10 @@ class Qwen35Model:
         provider: ExpertProvider | None,
         device: torch.device,
         dtype: torch.dtype,
+        spilled: SpilledLayers | None = None,
     ) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.spilled = spilled  # layers whose weights are streamed in from host memory (spill.py)
         self.provider = provider  # the expert provider: generate reads its counters for the reply stats
         self.embed = weights.pop("embed_tokens.weight")  # stays on the CPU: it is only indexed
         self.norm = weights.pop("norm.weight")
@@ -125,19 +128,29 @@ class Qwen35Model:
         device: torch.device,
         dtype: torch.dtype,
         on_progress: Callable[[int, int], None] | None = None,
+        cpu_layers: Collection[int] = (),
     ) -> Qwen35Model:
+        """cpu_layers: layers whose weights stay in host memory and are copied in as they run (the plan
+        puts there what the GPU budget cannot hold)."""
         names = resident_names(cfg)
         total = sum(ckpt.info(n).nbytes for n in names)
-        weights, done = {}, 0
+        weights, host, done = {}, {}, 0
         for name in names:
             t = ckpt.read(name, dtype)
-            weights[name] = t if name == "embed_tokens.weight" else t.to(device)
+            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+            if layer in cpu_layers and not stays_resident(name):
+                host.setdefault(layer, {})[name] = t
+            else:
+                weights[name] = t if name == "embed_tokens.weight" else t.to(device)
             done += ckpt.info(name).nbytes
             if on_progress:
                 on_progress(done, total)
         if cfg.tie_word_embeddings:
             weights["lm_head.weight"] = weights["embed_tokens.weight"].to(device)
-        return cls(cfg, weights, provider, device, dtype)
+        spilled = SpilledLayers(host, device) if host else None
+        for views in spilled.views.values() if spilled else ():
+            weights.update(views)
+        return cls(cfg, weights, provider, device, dtype, spilled)
 
     def make_cache(self) -> ModelCache:
         layers = [
@@ -170,7 +183,9 @@ class Qwen35Model:
             start = cache.offset + cache.rope_delta
             positions = torch.arange(start, start + T, device=self.device).expand(3, T)
         cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
-        for layer, layer_cache in zip(self.layers, cache.layers):
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if self.spilled is not None and i in self.spilled:
+                self.spilled.before(i)
             h = layer(h, layer_cache, cos, sin)
         cache.offset += T
         h = h if all_logits else h[-1:]

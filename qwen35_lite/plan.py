@@ -40,6 +40,7 @@ from .plan_sizes import (
     tensor_shapes,
     vision_tower_nbytes,
 )
+from .spill import stays_resident
 
 __all__ = ["GiB", "MemoryPlan", "plan_for", "tensor_shapes"]
 
@@ -60,6 +61,7 @@ class MemoryPlan:
     weights_gpu: int = 0
     weights_cpu: int = 0
     cpu_layers: list[int] = field(default_factory=list)  # layers whose resident weights must live on the CPU
+    spill_buffers: int = 0  # GPU buffers the cpu_layers are copied into as they run
     kv_per_token: int = 0
     kv_bytes: int = 0
     state_bytes: int = 0
@@ -143,8 +145,8 @@ class MemoryPlan:
         rest = sum(nbytes.values()) - embed
         if self.cfg.tie_word_embeddings:
             rest += embed if self.device == "cuda" else 0  # model.load copies the table to the GPU as lm_head
-        self._layer_bytes = [
-            sum(v for n, v in nbytes.items() if n.startswith(f"layers.{i}."))
+        self._layer_bytes = [  # what spilling layer i moves to the CPU (its router stays: spill.py)
+            sum(v for n, v in nbytes.items() if n.startswith(f"layers.{i}.") and not stays_resident(n))
             for i in range(self.cfg.num_hidden_layers)
         ]
         if self.device == "cuda":
@@ -189,6 +191,9 @@ class MemoryPlan:
             self.cpu_layers.insert(0, i)
             self.weights_gpu -= self._layer_bytes[i]
             self.weights_cpu += self._layer_bytes[i]
+            # spilled layers run from two device buffers (one computing, the next one copying in)
+            largest = max(self._layer_bytes[j] for j in self.cpu_layers)
+            self.spill_buffers = min(2, len(self.cpu_layers)) * largest
 
     def _size_slots(self) -> None:
         if not self.moe_layers:
@@ -221,7 +226,7 @@ class MemoryPlan:
         if not self.on_gpu:
             return 0
         n = self.weights_gpu + self.vision_bytes + self.kv_bytes + self.state_bytes + self.activations
-        return n + self.overhead_gpu
+        return n + self.overhead_gpu + self.spill_buffers
 
     @property
     def cpu_total(self) -> int:
@@ -380,7 +385,9 @@ class MemoryPlan:
             rows.append(
                 (
                     "placed on the CPU",
-                    f"layers {self.cpu_layers[0]}-{self.cpu_layers[-1]}: the GPU budget cannot hold them",
+                    f"layers {self.cpu_layers[0]}-{self.cpu_layers[-1]}: the GPU budget cannot hold them; "
+                    f"copied in as they run ({fmt_gib(self.spill_buffers)} of GPU buffers, "
+                    f"{fmt_gib(sum(self._layer_bytes[i] for i in self.cpu_layers))} over PCIe a token)",
                 )
             )
         kv_dev = "GPU" if self.on_gpu else "CPU"

@@ -13,7 +13,18 @@ COUNTERS = ("ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "bytes_read", "b
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (the kernel's high-water mark)."""
+    """Peak resident set size of this process so far (the kernel's high-water mark).
+
+    On Linux VmHWM, not ru_maxrss: ru_maxrss survives exec, so a process started by a large parent
+    (a benchmark driver, a test runner) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 

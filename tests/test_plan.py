@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -113,6 +114,12 @@ def test_397b_cpu_budget_too_small_is_refused_with_the_numbers(cfg397):
 def test_397b_gpu_budget_too_small_spills_layers_then_refuses(cfg397):
     plan = MemoryPlan.build(cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=16, cpu_mem=200)
     assert plan.cpu_layers and plan.cpu_layers[-1] == 59  # the last layers' resident weights go to the CPU
+    # they run from two GPU buffers the size of the largest; its router stays on the GPU
+    shapes = tensor_shapes(cfg397)
+    layer_59 = sum(math.prod(s) * 2 for n, s in shapes.items() if n.startswith("layers.59."))
+    router = 512 * 4096 * 2
+    assert plan.spill_buffers == 2 * max(plan._layer_bytes[i] for i in plan.cpu_layers)
+    assert plan._layer_bytes[59] == layer_59 - router
     assert plan.gpu_fixed + plan.moe_layers * plan.slot_bytes <= 16 * GiB
     plan.check()
     assert any("placed on the CPU" in label for label, _ in plan.rows())
