@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,10 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_offload import leading_match, weight_bytes_per_token, write_section  # noqa: E402
+from bench_offload import leading_match, write_section  # noqa: E402
 from offload_runs import ckpt_files, machine, warm_page_cache  # noqa: E402
 
+from qwen35_lite.config import parse_config  # noqa: E402
 from qwen35_lite.expert_store import evict_page_cache  # noqa: E402
+from qwen35_lite.plan_sizes import tensor_shapes  # noqa: E402
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint  # noqa: E402
 
 SECTION = "## Offloading (GPU)"
@@ -188,8 +191,19 @@ def run_hf(path: Path, budget, prompt: int, n_new: int) -> dict:
 # ---- the report ------------------------------------------------------------------------------------
 
 
-def report(results: dict, path: Path, args, spec: SyntheticSpec) -> str:
-    ckpt_gb = sum(f.stat().st_size for f in ckpt_files(path)) / 1e9
+def spec_bytes(spec: SyntheticSpec) -> tuple[int, int]:
+    """(checkpoint bytes, weight bytes one resident decode step reads) of the bf16 checkpoint, from the
+    spec alone: every resident tensor but the embedding table (one row is gathered), plus top-k experts."""
+    cfg = parse_config({"model_type": "qwen3_5_moe", "text_config": spec.text_config()}).text
+    resident = {n: 2 * math.prod(s) for n, s in tensor_shapes(cfg).items()}
+    experts = spec.num_hidden_layers * spec.num_experts * spec.expert_bytes()
+    active = spec.num_hidden_layers * spec.num_experts_per_tok * spec.expert_bytes()
+    return sum(resident.values()) + experts, sum(resident.values()) - resident["embed_tokens.weight"] + active
+
+
+def report(results: dict, args, spec: SyntheticSpec) -> str:
+    ckpt_bytes, per_token = spec_bytes(spec)
+    ckpt_gb = ckpt_bytes / 1e9
 
     def tps(name: str) -> str:
         r = results.get(name)
@@ -203,7 +217,7 @@ def report(results: dict, path: Path, args, spec: SyntheticSpec) -> str:
         SECTION,
         "",
         f"`python bench/bench_gpu.py --layers {args.layers} --gpu-mem {args.gpu_mem} --cpu-mem {args.cpu_mem}`"
-        f" on {machine()}.",
+        f" on {results.get('_machine') or machine()}.",
         f"Checkpoint: synthetic bf16, {spec.num_hidden_layers} layers, hidden {spec.hidden_size}, top-"
         f"{spec.num_experts_per_tok} of {spec.num_experts} experts of "
         f"{spec.expert_bytes() / 2**20:.0f} MiB, {ckpt_gb:.1f} GB on disk "
@@ -216,6 +230,8 @@ def report(results: dict, path: Path, args, spec: SyntheticSpec) -> str:
     ]
     base = results.get("ours-resident", {}).get("tokens", [])
     for name, r in results.items():
+        if name.startswith("_"):
+            continue
         ex = r.get("stats", {})  # ours only: `qwen35-lite bench --json` counters
 
         def mb(key: str, ex=ex) -> str:
@@ -232,7 +248,6 @@ def report(results: dict, path: Path, args, spec: SyntheticSpec) -> str:
             f"{mb('gpu_bytes_per_token')} | {mb('disk_bytes_per_token')} | "
             f"{r['peak_gpu_sampled'] / 2**30:.1f} GiB | {match} |"
         )
-    per_token = weight_bytes_per_token(path)
     resident = results.get("ours-resident")
     frac = ""
     if resident:
@@ -267,18 +282,25 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the raw results here (merged with earlier ones)")
     ap.add_argument("--hf", type=Path, help=argparse.SUPPRESS)  # the transformers subprocess
     ap.add_argument("--hf-budget", type=float, nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--report-only", action="store_true", help="re-render the section from --json")
     args = ap.parse_args()
     if args.hf:
         hf_main(args.hf, args.hf_budget, args.prompt, args.tokens)
         return
     spec = SyntheticSpec(**SPEC, num_hidden_layers=args.layers)
     spec.num_experts = args.experts
+    if args.report_only:
+        text = report(json.loads(args.json.read_text()), args, spec)
+        write_section(args.out, text, SECTION)
+        print(text)
+        return
     path = args.root / f"gpu-{args.layers}x{args.experts}"
     if not (path / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
         write_checkpoint(path, spec, dtype=torch.bfloat16, shard_bytes=4 << 30)
         print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     results = json.loads(args.json.read_text()) if args.json and args.json.is_file() else {}
+    results["_machine"] = machine()
     for name, cfg in configs(args.gpu_mem, args.cpu_mem).items():
         if args.only and name not in args.only:
             continue
@@ -296,7 +318,7 @@ def main() -> None:
         print(f"{name}: {r['decode_tok_s']:.2f} tok/s, wall {r['wall_s']:.0f} s", file=sys.stderr, flush=True)
         if args.json:
             args.json.write_text(json.dumps(results))
-    text = report(results, path, args, spec)
+    text = report(results, args, spec)
     write_section(args.out, text, SECTION)
     print(text)
 

@@ -268,6 +268,11 @@ def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
     factory = functools.partial(TieredExperts, **plan.provider_kwargs()) if planned.cfg.is_moe else None
     with ui.load_progress() as on_progress:
         engine = Engine.load(str(planned.model_dir), opts, provider_factory=factory, on_progress=on_progress)
+        if plan.holds_every_expert:
+            # the model fits: read every expert now (as llama.cpp or ollama would), not on first use
+            engine.model.provider.preload(
+                on_progress=lambda done, total: on_progress("loading experts", done, total)
+            )
     engine.plan = plan
     return engine
 

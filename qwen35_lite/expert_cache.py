@@ -288,13 +288,28 @@ class TieredExperts:
 
     # ---- housekeeping --------------------------------------------------------------------------
 
-    def preload(self, layers: Sequence[int] | None = None) -> None:
-        """Fill the free RAM slots with experts 0, 1, ... in file order (one grouped read per layer)."""
-        for layer in layers if layers is not None else range(self.n_layers):
+    def preload(
+        self, layers: Sequence[int] | None = None, on_progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Fill the free slots of each layer with experts 0, 1, ... in file order: the GPU tier's when
+        there is one (through the RAM tier, in chunks it can hold), else the RAM tier's (one grouped read
+        per layer). on_progress(done_bytes, total_bytes)."""
+        layers = list(layers if layers is not None else range(self.n_layers))
+        tier = self.gpu or self.ram
+        total = sum(len(tier.pools[i].free) for i in layers) * self.slot_nbytes
+        done = 0
+        for layer in layers:
             with self._locks[layer]:
-                pool = self.ram.pools[layer]
+                pool = tier.pools[layer]
                 todo = [e for e in range(self.n_experts) if e not in pool.where][: len(pool.free)]
-                self._fill_ram(layer, todo, [pool.free.pop() for _ in todo])
+                slots = [pool.free.pop() for _ in todo]
+                if self.gpu is not None:
+                    self._gpu.fill(layer, todo, slots)
+                else:
+                    self._fill_ram(layer, todo, slots)
+            done += len(todo) * self.slot_nbytes
+            if on_progress:
+                on_progress(done, total)
 
     def wait_prefetch(self) -> None:
         """Block until the prefetch thread is idle (tests, benchmarks)."""

@@ -361,6 +361,12 @@ class MemoryPlan:
 
     # ---- reporting ------------------------------------------------------------------------------
 
+    @property
+    def holds_every_expert(self) -> bool:
+        """Whether the compute tier (GPU slots on CUDA, else RAM slots) has a slot for every expert."""
+        slots = self.gpu_slots if self.on_gpu else self.cpu_slots
+        return self.moe_layers > 0 and slots >= self.cfg.num_experts
+
     def provider_kwargs(self) -> dict[str, int]:
         """Keyword arguments for TieredExperts(store, device, dtype, **plan.provider_kwargs())."""
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}

@@ -114,6 +114,8 @@ def test_run_json_fields_prompt_ids_and_greedy_determinism(ckpt, tok):
         assert key in stats
     assert stats["prompt_tokens"] == len(a["prompt_ids"]) and stats["generated_tokens"] == 6
     assert stats["peak_rss_bytes"] > 0 and stats["experts"]["bytes_read"] > 0
+    # the checkpoint fits the (free-memory) budget: every expert was read at load, none during the reply
+    assert stats["ram_misses"] == 0 and stats["ram_hits"] > 0 and stats["disk_bytes"] == 0
     b = run_json(ckpt, *args)
     assert b["tokens"] == a["tokens"] and b["thinking"] == a["thinking"]
 

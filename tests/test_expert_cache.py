@@ -371,6 +371,23 @@ def test_gpu_tier_logic_gives_the_store_experts(ckpts, fake_cuda, gpu_slots, cpu
     assert s["ram_hits"] + s["ram_misses"] > 0
 
 
+def test_preload_fills_the_gpu_tier_through_a_small_ram_tier(ckpts, fake_cuda):
+    path = ckpts[(True, torch.bfloat16)]
+    store = _store(path)
+    E = SPEC.num_experts
+    cache = _CpuStandInGpu(store, torch.device("cuda"), torch.bfloat16, cpu_slots=2, gpu_slots=E, pin=False)
+    seen = []
+    cache.preload(on_progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == SPEC.num_hidden_layers * E * store.slot_nbytes(torch.bfloat16)
+    cache.reset_stats()
+    for layer in range(SPEC.num_hidden_layers):
+        got = cache.get(layer, list(range(E)))
+        ref = store.read(layer, E - 1, torch.bfloat16)
+        assert torch.equal(got[E - 1][0], ref[0]) and torch.equal(got[E - 1][1], ref[1])
+    s = cache.stats()
+    assert s["gpu_misses"] == 0 and s["gpu_hits"] == SPEC.num_hidden_layers * E and s["bytes_read"] == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_tier_decodes_like_the_reference(ckpts):
