@@ -166,9 +166,10 @@ class Engine:
             )
 
     def vision(self) -> VisionTower:
-        """The vision tower, loaded on first use onto the text model's device and dtype, then kept."""
+        """The vision tower, loaded on first use onto the text model's device, then kept (its dtype:
+        vision.tower.tower_dtype)."""
         if self._vision is None:
-            from .vision.tower import ROPE_THETA, VisionTower
+            from .vision.tower import ROPE_THETA, VisionTower, tower_dtype
 
             self.check_vision()
             rope = (self.cfg.raw.get("vision_config") or {}).get("rope_parameters") or {}
@@ -176,7 +177,7 @@ class Engine:
                 self.ckpt,
                 self.cfg.vision,
                 self.model.device,
-                self.model.dtype,
+                tower_dtype(self.model.device, self.model.dtype),
                 float(rope.get("rope_theta", ROPE_THETA)),
             )
         return self._vision

@@ -41,6 +41,7 @@ from .plan_sizes import (
     vision_tower_nbytes,
 )
 from .spill import stays_resident
+from .vision.tower import tower_dtype
 
 __all__ = ["GiB", "MemoryPlan", "plan_for", "tensor_shapes"]
 
@@ -116,7 +117,7 @@ class MemoryPlan:
         b = dtype.itemsize
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
-        plan.vision_bytes = vision_tower_nbytes(vision, dtype, ckpt)
+        plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)

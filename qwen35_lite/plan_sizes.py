@@ -102,8 +102,10 @@ def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
 def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int) -> int:
     """Peak temporaries of one forward over `tokens` new tokens at `context` (one layer at a time).
 
-    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries,
-    plus the GQA expansion of K/V to every query head over the whole context (attention._attend).
+    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries.
+    SDPA with `enable_gqa` reads the shared K/V heads in place (measured on the CPU: +2 MB peak for a
+    decode step at H=32, Hkv=2, S=8192, hd=256, where expanding K/V would take 268 MB); in fp32 on CUDA
+    its math backend still expands them, so that case keeps the expansion term.
     """
     T, D, b = tokens, cfg.hidden_size, dtype.itemsize
     A, I, Is = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
@@ -115,7 +117,8 @@ def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: 
     Tp = -(-T // chunk) * chunk
     deltanet = T * (4 * conv + 2 * hv * dv) * b + 16 * hv * Tp * max(dk, dv) * 4 + 5 * hv * Tp * chunk * 4
     H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attn = T * H * hd * 8 * b + (2 * H * context * hd * b if H > Hkv else 0)
+    expands = H > Hkv and dtype == torch.float32
+    attn = T * H * hd * 8 * b + (2 * H * context * hd * b if expands else 0)
     attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
     head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
     return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head)))

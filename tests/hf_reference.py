@@ -80,19 +80,22 @@ SHAPES = {
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Overwrite every parameter (text and vision) with random values at scales that keep activations O(1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
                 new = torch.rand(p.shape, generator=gen) * 2 - 1
-            elif name.endswith("linear_attn.norm.weight"):
-                new = 1 + 0.3 * torch.randn(p.shape, generator=gen)
+            elif name.endswith("linear_attn.norm.weight") or (
+                p.dim() == 1 and "visual" in name and "norm" in name
+            ):
+                new = 1 + 0.3 * torch.randn(p.shape, generator=gen)  # plain-weight norms (not 1 + w)
             elif p.dim() == 1:
-                new = 0.3 * torch.randn(p.shape, generator=gen)  # norms (1 + w), dt_bias, biases
-            elif "embed_tokens" in name:
+                new = 0.3 * torch.randn(p.shape, generator=gen)  # 1 + w norms, dt_bias, biases
+            elif "embed_tokens" in name or "pos_embed" in name:
                 new = torch.randn(p.shape, generator=gen)
             else:
-                fan_in = p[0].numel() if p.dim() == 2 else p.shape[-1]
+                fan_in = p[0].numel() if p.dim() in (2, 5) else p.shape[-1]  # 5-D: Conv3d patch embed
                 new = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
             p.copy_(new.to(p.dtype))
 

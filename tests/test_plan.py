@@ -137,15 +137,15 @@ def test_too_many_slots_asked_is_refused_with_what_fits(cfg397):
 
 
 def test_context_that_fits_is_consistent(cfg397):
-    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=4096)
+    plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=25, context=4096)
     fit = plan.context_fit
     assert 4096 < fit < 262144
     MemoryPlan.build(
-        cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=fit, cpu_experts=1
+        cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=25, context=fit, cpu_experts=1
     ).check()
     with pytest.raises(BudgetError):
         MemoryPlan.build(
-            cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, context=fit + 2048, cpu_experts=1
+            cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=25, context=fit + 2048, cpu_experts=1
         ).check()
 
 

@@ -387,3 +387,19 @@ def test_text_only_run_never_loads_the_tower(big_tower, pics):
     added = {name: p["peak_rss"] - p["rss_after_load"] for name, p in probes.items()}
     assert added["text"] < 0.25 * tower_bytes < 0.5 * tower_bytes < added["image"], (added, tower_bytes)
     assert probes["image"]["peak_rss"] - probes["text"]["peak_rss"] > 0.5 * tower_bytes, probes
+
+
+def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
+    """bf16 matmuls are 7-10x slower than fp32 on CPUs without bf16 units: the tower runs in fp32 and its
+    rows are rounded to bf16 once, as they replace the placeholder embeddings."""
+    from qwen35_lite.multimodal import image_prompt, load_images
+    from qwen35_lite.vision.preprocess import preprocess
+
+    engine = Engine.load(str(vlm), EngineOptions(device="cpu", dtype="bfloat16", offline=True))
+    ids = [11, 248053, IMAGE, 248054, 22]
+    prompt = image_prompt(engine, ids, [pics["a"]], engine.model.make_cache())
+    assert engine.model.dtype == torch.bfloat16 and engine.vision().dtype == torch.float32
+    assert prompt.embeds.dtype == torch.bfloat16
+    pv, grid = preprocess(load_images([pics["a"]]), engine.image_config())
+    rows = prompt.embeds[torch.tensor(prompt.ids) == IMAGE]
+    assert torch.equal(rows, engine.vision().encode(pv, grid).to(torch.bfloat16))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import shutil
 from pathlib import Path
 
 import torch
+from hf_reference import randomise
 from PIL import Image
 
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "qwen35_lite" / "assets" / "tokenizer.json.gz"
@@ -72,27 +72,6 @@ PREPROCESSOR = {
 }
 
 
-def randomise_all(model: torch.nn.Module, seed: int = 0) -> None:
-    """Overwrite every parameter with random values at scales that keep activations O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                new = torch.rand(p.shape, generator=gen) * 2 - 1
-            elif name.endswith("linear_attn.norm.weight") or (
-                p.dim() == 1 and "visual" in name and "norm" in name
-            ):
-                new = 1 + 0.3 * torch.randn(p.shape, generator=gen)  # plain-weight norms (not 1 + w)
-            elif p.dim() == 1:
-                new = 0.3 * torch.randn(p.shape, generator=gen)  # 1 + w norms, dt_bias, biases
-            elif "embed_tokens" in name or "pos_embed" in name:
-                new = torch.randn(p.shape, generator=gen)
-            else:
-                fan_in = p[0].numel() if p.dim() in (2, 5) else p.shape[-1]  # 5-D: Conv3d patch embed
-                new = torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
-            p.copy_(new.to(p.dtype))
-
-
 def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
     """Write the randomised tiny VLM (fp32) with preprocessor config and the real tokenizer into `out`."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
@@ -100,7 +79,7 @@ def build_tiny_vlm(out: Path, seed: int = 0) -> Path:
     out = Path(out)
     torch.manual_seed(seed)
     model = Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig(text_config=TEXT, vision_config=VISION))
-    randomise_all(model, seed)
+    randomise(model, seed)
     model.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     if FIXTURE_TOKENIZER.is_file():
