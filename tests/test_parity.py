@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import load_ours
 from hf_reference import SHAPES, load_reference
+
+from qwen35_lite.expert_cache import TieredExperts
 
 PROMPT_LEN = 150  # crosses the DeltaNet chunk size (64) twice
 NEW_TOKENS = 24
@@ -26,23 +30,52 @@ def _greedy_ours(model, ids: torch.Tensor, n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_fp32_logits_and_greedy_tokens_match_transformers(hf_checkpoint, shape):
-    path = hf_checkpoint(shape)
-    ref, ours = load_reference(path, torch.float32), load_ours(path, torch.float32)
-    ids = _prompt(1)
-    with torch.no_grad():
-        ref_logits = ref(input_ids=ids[None]).logits[0]
+@pytest.fixture(scope="module")
+def reference(hf_checkpoint):
+    """reference(shape) -> (prompt ids, transformers' fp32 logits, its greedy tokens), computed once."""
+    done = {}
+
+    def get(shape: str):
+        if shape not in done:
+            ref, ids = load_reference(hf_checkpoint(shape), torch.float32), _prompt(1)
+            with torch.no_grad():
+                logits = ref(input_ids=ids[None]).logits[0]
+                out = ref.generate(
+                    ids[None], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+                )
+            done[shape] = ids, logits, out[0, PROMPT_LEN:].tolist()
+        return done[shape]
+
+    return get
+
+
+def _assert_matches(ours, reference_run) -> None:
+    ids, ref_logits, ref_tokens = reference_run
     our_logits = ours.forward(ours.make_cache(), ids, all_logits=True)
     assert our_logits.shape == ref_logits.shape
     torch.testing.assert_close(our_logits, ref_logits, atol=1e-4, rtol=0)
-
-    with torch.no_grad():
-        ref_out = ref.generate(
-            ids[None], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-        )
-    ref_tokens = ref_out[0, PROMPT_LEN:].tolist()
     assert _greedy_ours(ours, ids, NEW_TOKENS) == ref_tokens
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fp32_logits_and_greedy_tokens_match_transformers(hf_checkpoint, reference, shape):
+    _assert_matches(load_ours(hf_checkpoint(shape), torch.float32), reference(shape))
+
+
+MOE_SHAPES = [s for s in SHAPES if s != "dense"]
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES)
+@pytest.mark.parametrize(
+    "slots,prefetch", [(1, False), (2, True), (5, False), (64, False)], ids=["1", "2-prefetch", "5", "all"]
+)
+def test_every_cache_size_matches_transformers(hf_checkpoint, reference, shape, slots, prefetch):
+    """The expert cache (its smallest size included, and with lookahead prefetch on) changes nothing."""
+    factory = functools.partial(TieredExperts, cpu_slots=slots, prefetch=prefetch)
+    ours = load_ours(hf_checkpoint(shape), torch.float32, factory)
+    _assert_matches(ours, reference(shape))
+    stats = ours.provider.stats()
+    assert stats["ram_misses"] > 0 and (stats["ram_hits"] > 0 or slots == 1)
 
 
 @pytest.mark.parametrize("shape", ["moe_ratio2_gqa2", "dense"])
