@@ -109,7 +109,9 @@ def page_cache(mode: str, files: list[Path]) -> Iterator[None]:
 
 def greedy_ours(
     model: Qwen35Model, ids: torch.Tensor, n_new: int, after_prefill: Callable[[], None] | None = None
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], float]:
+    """Greedy tokens, the time each was produced, and the time the prompt went in."""
+    start = time.perf_counter()
     cache = model.make_cache()
     logits = model.forward(cache, ids)
     if after_prefill:
@@ -120,7 +122,7 @@ def greedy_ours(
         times.append(time.perf_counter())
         if i + 1 < n_new:
             logits = model.forward(cache, torch.tensor(tokens[-1:]))
-    return tokens, times
+    return tokens, times, start
 
 
 def run_ours(
@@ -144,8 +146,18 @@ def run_ours(
     runs = []
     for _ in range(repeats):
         with page_cache(cache, ckpt_files(path)):  # cache figures count the decode steps only
-            tokens, times = greedy_ours(model, prompt_ids(spec, prompt, seed=0), n_new, provider.reset_stats)
-        runs.append({"tokens": tokens, "times": times, "cache": provider.stats(), "slots_per_layer": slots})
+            tokens, times, start = greedy_ours(
+                model, prompt_ids(spec, prompt, seed=0), n_new, provider.reset_stats
+            )
+        runs.append(
+            {
+                "tokens": tokens,
+                "times": times,
+                "start": start,
+                "cache": provider.stats(),
+                "slots_per_layer": slots,
+            }
+        )
     provider.close()
     return runs
 
@@ -157,6 +169,7 @@ class _TimingStreamer:
     """generate() calls put() with the prompt, then once per new token."""
 
     def __init__(self) -> None:
+        self.start = time.perf_counter()  # made right before generate(): the prompt goes in now
         self.times: list[float] = []
         self.tokens: list[int] = []
         self._prompt_seen = False
@@ -210,7 +223,7 @@ def run_hf(
     for _ in range(repeats):
         with page_cache(cache, ckpt_files(path) + offloaded):
             s = generate(prompt_ids(spec, prompt, seed=0), n_new)
-        runs.append({"tokens": s.tokens, "times": s.times, "placement": placement})
+        runs.append({"tokens": s.tokens, "times": s.times, "start": s.start, "placement": placement})
     if offload:
         shutil.rmtree(offload, ignore_errors=True)
     return runs
