@@ -390,7 +390,7 @@ def test_text_only_run_never_loads_the_tower(big_tower, pics):
 
 
 def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
-    """bf16 matmuls are 7-10x slower than fp32 on CPUs without bf16 units: the tower runs in fp32 and its
+    """bf16 matmuls are 4-7x slower than fp32 on CPUs without bf16 units: the tower runs in fp32 and its
     rows are rounded to bf16 once, as they replace the placeholder embeddings."""
     from qwen35_lite.multimodal import image_prompt, load_images
     from qwen35_lite.vision.preprocess import preprocess

@@ -34,7 +34,7 @@ def tower_dtype(device: torch.device | str, text_dtype: torch.dtype) -> torch.dt
     """The dtype the tower computes in: the text model's, except on the CPU, where it is fp32.
 
     An image encode is compute-bound (thousands of patches through 27 blocks), and CPUs without bf16
-    matrix units run bf16 matmuls 7-10x slower than fp32 (docs/benchmarks.md, "Vision encode"); the
+    matrix units run bf16 matmuls 4-7x slower than fp32 (docs/benchmarks.md, "Vision encode"); the
     image rows are rounded to the text dtype once, when they replace the placeholder embeddings. The
     price is the tower's weights at twice the bytes in RAM (1.8 GB for the 397B), which the plan counts.
     """
