@@ -144,7 +144,7 @@ class TieredExperts:
     run; a wrong or cancelled hint only costs bandwidth and cache space, never a different output.
     Prefetch is acted on only in layers whose measured recall is at least `min_recall`.
 
-    `prefetch` (default: on with CUDA only): on a CPU-only run the prefetch thread's reads compete with
+    `prefetch` (default: on with CUDA only, when the GPU tier cannot hold every expert): on a CPU-only run the prefetch thread's reads compete with
     the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
     faster when misses hit the disk (docs/offloading.md). `lookahead` tells the model whether to send
     hints at all (MoE computes them from the next layer's router).
@@ -167,7 +167,8 @@ class TieredExperts:
         cfg = store.cfg
         self.n_layers, self.n_experts = cfg.num_hidden_layers, cfg.num_experts
         on_gpu = self.device.type == "cuda"
-        prefetch = on_gpu if prefetch is None else prefetch
+        if prefetch is None:  # and with every expert in a GPU slot there is nothing to fetch ahead
+            prefetch = on_gpu and gpu_slots < self.n_experts
         if cpu_slots < 1 or (on_gpu and gpu_slots < 1):
             raise BudgetError(
                 f"expert slots per layer must be at least 1 (got cpu {cpu_slots}, gpu {gpu_slots})",
