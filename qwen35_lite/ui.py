@@ -57,7 +57,10 @@ class UI:
         self.out.file.flush()
 
     def thinking(self, text: str) -> None:
-        self.err.print(Text(text, style="dim"), end="")
+        if self.err.is_terminal:
+            self.err.print(Text(text, style="dim"), end="")
+        else:  # piped: the text as generated (console.print would turn tabs into spaces)
+            self.err.file.write(text)
         self.err.file.flush()
 
     def json_line(self, obj: dict) -> None:
