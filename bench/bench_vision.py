@@ -19,21 +19,21 @@ replace the "Vision encode (CPU)" section of docs/benchmarks.md and nothing else
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from bench_offload import write_section  # noqa: E402
+from offload_runs import machine  # noqa: E402
 
 from qwen35_lite.config import VisionConfig  # noqa: E402
 from qwen35_lite.vision import ImageProcessorConfig, VisionTower, preprocess  # noqa: E402
-from qwen35_lite.vision.tower import BLOCK_KEYS, TOP_KEYS  # noqa: E402
+from qwen35_lite.vision.tower import vision_tensor_shapes  # noqa: E402
 
 SECTION = "## Vision encode (CPU)"
 # Qwen3.5-397B-A17B vision_config (architecture notes §1.1).
@@ -52,34 +52,12 @@ REAL = VisionConfig(
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def shapes(cfg: VisionConfig, depth: int) -> dict[str, tuple[int, ...]]:
-    h, i, m = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size * cfg.spatial_merge_size**2
-    top = {
-        "patch_embed.proj.weight": (h, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
-        "patch_embed.proj.bias": (h,), "pos_embed.weight": (cfg.num_position_embeddings, h),
-        "merger.norm.weight": (h,), "merger.norm.bias": (h,), "merger.linear_fc1.weight": (m, m),
-        "merger.linear_fc1.bias": (m,), "merger.linear_fc2.weight": (cfg.out_hidden_size, m),
-        "merger.linear_fc2.bias": (cfg.out_hidden_size,),
-    }  # fmt: skip
-    block = {
-        "norm1.weight": (h,), "norm1.bias": (h,), "norm2.weight": (h,), "norm2.bias": (h,),
-        "attn.qkv.weight": (3 * h, h), "attn.qkv.bias": (3 * h,), "attn.proj.weight": (h, h),
-        "attn.proj.bias": (h,), "mlp.linear_fc1.weight": (i, h), "mlp.linear_fc1.bias": (i,),
-        "mlp.linear_fc2.weight": (h, i), "mlp.linear_fc2.bias": (h,),
-    }  # fmt: skip
-    assert set(top) == set(TOP_KEYS) and set(block) == set(BLOCK_KEYS)
-    out = dict(top)
-    for b in range(depth):
-        out.update({f"blocks.{b}.{k}": s for k, s in block.items()})
-    return out
-
-
 def random_tower(depth: int, dtype: torch.dtype, seed: int = 0) -> VisionTower:
     """The real-size tower cut to `depth` blocks, weights ~ N(0, 1/fan_in) (norm weights near 1)."""
     cfg = VisionConfig(**{**REAL.__dict__, "depth": depth})
     gen = torch.Generator().manual_seed(seed)
     weights = {}
-    for name, shape in shapes(cfg, depth).items():
+    for name, shape in vision_tensor_shapes(cfg).items():
         if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "merger.norm.weight":
             w = 1 + 0.1 * torch.randn(shape, generator=gen)
         elif len(shape) == 1:
@@ -106,36 +84,6 @@ def time_encode(tower: VisionTower, pv: torch.Tensor, grid: torch.Tensor, repeat
         tower.encode(pv, grid)
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = psutil.virtual_memory().total / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GB RAM, {gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
-
-
-def write_section(out: Path, text: str) -> None:
-    """Replace (or append) the "Vision encode (CPU)" section of docs/benchmarks.md, keeping the rest."""
-    old = out.read_text() if out.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
-        nxt = rest.find("\n## ")
-        tail = rest[nxt + 1 :] if nxt >= 0 else ""
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    out.write_text(new)
 
 
 def main() -> None:
@@ -170,7 +118,7 @@ def main() -> None:
                        per_block=per_block, estimate=estimate, measured=measured)  # fmt: skip
             rows.append(row)
             print(row, flush=True)
-    write_section(args.out, report(rows, d2, repeats))
+    write_section(args.out, report(rows, d2, repeats), SECTION)
     print(f"wrote the {SECTION!r} section of {args.out}")
 
 
@@ -178,7 +126,7 @@ def report(rows: list[dict], depth: int, repeats: dict[int, int]) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: {machine()}; the 2 cores are shared with other work, so figures can vary by tens of "
+        f"Machine: {machine()}, {torch.get_num_threads()} threads; the cores are shared with other work, so figures can vary by tens of "
         f"percent. Written by `python bench/bench_vision.py` on {time.strftime('%Y-%m-%d')}.",
         "",
         "`VisionTower.encode` with the Qwen3.5-397B vision dimensions (27 blocks, hidden 1152, 16 heads, "

@@ -14,6 +14,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import TextConfig, VisionConfig
 from .model import resident_names
+from .vision.tower import vision_tensor_shapes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
@@ -133,13 +134,7 @@ def vision_tower_nbytes(
         return sum(math.prod(ckpt.info(n).shape) for n in ckpt.names("visual.")) * dtype.itemsize
     if vision is None:
         return 0
-    h, i, m = vision.hidden_size, vision.intermediate_size, vision.spatial_merge_size
-    patch = h * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 + h
-    block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (i * h + i) + (h * i + h)  # norms, qkv, proj, mlp
-    merged = h * m * m
-    merger = 2 * h + merged * merged + merged + vision.out_hidden_size * (merged + 1)
-    n = patch + vision.num_position_embeddings * h + vision.depth * block + merger
-    return n * dtype.itemsize
+    return sum(math.prod(s) for s in vision_tensor_shapes(vision).values()) * dtype.itemsize
 
 
 def first_expert_key(ckpt: Checkpoint) -> str:

@@ -27,7 +27,7 @@ from qwen35_lite.errors import InputError
 from qwen35_lite.sampling import SamplingParams
 from qwen35_lite.session import ChatSession, ChatSettings
 from qwen35_lite.ui import UI
-from qwen35_lite.vision.tower import BLOCK_KEYS, TOP_KEYS
+from qwen35_lite.vision.tower import vision_tensor_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 248056
@@ -332,24 +332,7 @@ def big_tower(vlm, tmp_path_factory) -> tuple[Path, int]:
         "patch_embed.proj.weight"
     )
     tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
-    c, h, i = BIG, BIG.hidden_size, BIG.intermediate_size
-    m = h * c.spatial_merge_size**2
-    shapes = {
-        "patch_embed.proj.weight": (h, 3, c.temporal_patch_size, c.patch_size, c.patch_size),
-        "patch_embed.proj.bias": (h,), "pos_embed.weight": (c.num_position_embeddings, h),
-        "merger.norm.weight": (h,), "merger.norm.bias": (h,), "merger.linear_fc1.weight": (m, m),
-        "merger.linear_fc1.bias": (m,), "merger.linear_fc2.weight": (c.out_hidden_size, m),
-        "merger.linear_fc2.bias": (c.out_hidden_size,),
-    }  # fmt: skip
-    block = {
-        "norm1.weight": (h,), "norm1.bias": (h,), "norm2.weight": (h,), "norm2.bias": (h,),
-        "attn.qkv.weight": (3 * h, h), "attn.qkv.bias": (3 * h,), "attn.proj.weight": (h, h),
-        "attn.proj.bias": (h,), "mlp.linear_fc1.weight": (i, h), "mlp.linear_fc1.bias": (i,),
-        "mlp.linear_fc2.weight": (h, i), "mlp.linear_fc2.bias": (h,),
-    }  # fmt: skip
-    assert set(shapes) == set(TOP_KEYS) and set(block) == set(BLOCK_KEYS)
-    for b in range(c.depth):
-        shapes.update({f"blocks.{b}.{k}": s for k, s in block.items()})
+    shapes = vision_tensor_shapes(BIG)
     gen = torch.Generator().manual_seed(0)
     for name, shape in shapes.items():
         tensors[prefix + name] = torch.randn(shape, generator=gen) * 0.02

@@ -46,6 +46,29 @@ def vision_weight_names(cfg: VisionConfig) -> list[str]:
     return ["visual." + n for n in (*TOP_KEYS, *blocks)]
 
 
+def vision_tensor_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every tower tensor (names without `visual.`), from vision_config alone."""
+    h, i, c = cfg.hidden_size, cfg.intermediate_size, cfg
+    m = h * c.spatial_merge_size**2  # the merger sees 2x2 patches concatenated
+    top = {
+        "patch_embed.proj.weight": (h, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size),
+        "patch_embed.proj.bias": (h,), "pos_embed.weight": (c.num_position_embeddings, h),
+        "merger.norm.weight": (h,), "merger.norm.bias": (h,), "merger.linear_fc1.weight": (m, m),
+        "merger.linear_fc1.bias": (m,), "merger.linear_fc2.weight": (c.out_hidden_size, m),
+        "merger.linear_fc2.bias": (c.out_hidden_size,),
+    }  # fmt: skip
+    block = {
+        "norm1.weight": (h,), "norm1.bias": (h,), "norm2.weight": (h,), "norm2.bias": (h,),
+        "attn.qkv.weight": (3 * h, h), "attn.qkv.bias": (3 * h,), "attn.proj.weight": (h, h),
+        "attn.proj.bias": (h,), "mlp.linear_fc1.weight": (i, h), "mlp.linear_fc1.bias": (i,),
+        "mlp.linear_fc2.weight": (h, i), "mlp.linear_fc2.bias": (h,),
+    }  # fmt: skip
+    out = {k: top[k] for k in TOP_KEYS}
+    for b in range(c.depth):
+        out.update({f"blocks.{b}.{k}": block[k] for k in BLOCK_KEYS})
+    return out
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
