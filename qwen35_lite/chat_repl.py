@@ -3,6 +3,7 @@ and the streaming of one reply with Ctrl+C stopping it (shared with `run`)."""
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import sys
@@ -182,6 +183,7 @@ def _image(repl: Repl, arg: str) -> None:
         repl.pending_images.clear()
         repl.ui.note("attached images dropped")
         return
+    repl.session.engine.check_vision()  # a text-only checkpoint says so now, not at the next message
     repl.attach([Path(_unquote(arg)).expanduser()])
 
 
@@ -322,6 +324,14 @@ class Repl:
             return
         cmd.handler(self, arg.strip())
 
+    @functools.cached_property
+    def can_see(self) -> bool:
+        try:
+            self.session.engine.check_vision()
+        except Qwen35Error:
+            return False
+        return True
+
     def attach(self, paths: list[Path], later: bool = True) -> None:
         """Queue images for the next message; a bad file is reported now (and none of `paths` is queued)."""
         from .multimodal import load_images
@@ -332,8 +342,9 @@ class Repl:
             self.ui.note(f"attached {path.name} ({image.width}x{image.height}){when}")
 
     def reply(self, text: str) -> None:
-        text, found = split_image_paths(text)
-        self.attach(found, later=not text.strip())
+        if self.can_see:  # a text-only model takes a typed path as text
+            text, found = split_image_paths(text)
+            self.attach(found, later=not text.strip())
         if not text.strip():
             return  # only image paths were typed: they wait for the message
         images, self.pending_images = self.pending_images, []  # spent by this message, sent or not

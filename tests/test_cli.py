@@ -280,6 +280,18 @@ def test_chat_set_temperature_zero_is_greedy(ckpt):
     assert a.stdout and a.stdout == b.stdout
 
 
+def test_chat_on_a_text_only_model_refuses_image_at_once_and_keeps_typed_paths_as_text(ckpt, tmp_path):
+    from PIL import Image
+
+    pic, saved = tmp_path / "red.png", tmp_path / "c.json"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(pic)
+    r = chat(ckpt, [f"/image {pic}", f"{pic} is a file name", "/image", f"/save {saved}"])
+    assert r.stderr.count("error: ") == 1 and "has no vision tower" in r.stderr
+    assert "attached red.png" not in r.stderr and "no image attached" in r.stderr
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == [f"{pic} is a file name"]
+
+
 def test_chat_multiline_unknown_command_and_errors_keep_the_chat(ckpt, tmp_path):
     saved = tmp_path / "c.json"
     r = chat(
