@@ -130,17 +130,21 @@ def stream_reply(
     stats added)."""
     cancel = threading.Event()
     printer = ReplyPrinter(ui, show_thinking)
-    prefill_bar = ui.prefill_progress()
+    prefill_bar, image_bar = ui.prefill_progress(), ui.image_progress()
     done: Finished | None = None
     try:
         with cancel_on_sigint(cancel):
-            for event in session.send(text, cancel=cancel, on_prefill=prefill_bar, images=images):
+            events = session.send(
+                text, cancel=cancel, on_prefill=prefill_bar, images=images, on_encode=image_bar
+            )
+            for event in events:
                 if isinstance(event, TokenEvent):
                     if printing:
                         printer.push(event.text, event.thinking)
                 else:
                     done = event
     finally:
+        image_bar.close()
         prefill_bar.close()
         if printing:
             printer.finish()

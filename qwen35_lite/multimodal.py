@@ -10,7 +10,7 @@ prompt is fed (generate.prefill), so later tokens take the right positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +44,17 @@ def load_images(paths: Sequence[Path | str]) -> list[Image.Image]:
 
 
 def image_prompt(
-    engine: Engine, ids: Sequence[int], images: Sequence[Path | str], cache: ModelCache
+    engine: Engine,
+    ids: Sequence[int],
+    images: Sequence[Path | str],
+    cache: ModelCache,
+    on_encode: Callable[[int, int], None] | None = None,
 ) -> ImagePrompt:
     """Turn rendered-and-tokenised `ids` (one `<|image_pad|>` per image) plus the image files into an ImagePrompt.
 
     Raises InputError (bad image, placeholder count, too many tokens for the context) before anything is
     fed, and CheckpointError when the checkpoint has no vision tower; the cache is never touched.
+    on_encode(blocks done, total blocks) reports the tower's progress.
     """
     cfg, model = engine.cfg, engine.model
     engine.check_vision()  # before decoding anything: the likeliest mistake is a text-only checkpoint
@@ -59,7 +64,7 @@ def image_prompt(
     expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
     _check_context(engine.max_context, cache, len(ids), expanded, cfg.image_token_id, image_cfg)
     positions, delta = mrope_positions(expanded, grid, cfg.image_token_id, merge)
-    features = engine.vision().encode(pixel_values, grid)  # loads the tower on the first image
+    features = engine.vision().encode(pixel_values, grid, on_encode)  # loads the tower on the first image
     embeds = model.embed_ids(torch.tensor(expanded, dtype=torch.long))
     embeds = scatter_image_features(embeds, expanded, features, cfg.image_token_id)
     return ImagePrompt(expanded, embeds, positions + cache.offset + cache.rope_delta, delta)

@@ -117,11 +117,13 @@ class ChatSession:
         cancel: threading.Event | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
         images: Sequence[Path | str] = (),
+        on_encode: Callable[[int, int], None] | None = None,
     ) -> Iterator[TokenEvent | Finished]:
         """Stream one reply; the history is updated when the reply ends (even if cancelled).
 
         `images` (file paths) go before the text in the user turn, as content parts. A bad image or one too
         large for the context raises before anything is fed: the history and the cache are unchanged.
+        on_encode(blocks done, total) follows the vision tower over the images.
         """
         eng, s = self.engine, self.settings
         user = user_message(user_text, images)
@@ -131,7 +133,7 @@ class ChatSession:
         if paths:
             from .multimodal import image_prompt  # PIL and the tower only for prompts with images
 
-            mm = image_prompt(eng, ids, paths, self.cache)
+            mm = image_prompt(eng, ids, paths, self.cache, on_encode)
             ids, embeds, positions, delta = mm.ids, mm.embeds, mm.positions, mm.rope_delta
         think_open, think_close = eng.tokenizer.token_id("<think>"), eng.tokenizer.token_id("</think>")
         req = GenerationRequest(

@@ -114,6 +114,10 @@ class UI:
     def prefill_progress(self) -> PrefillBar:
         return PrefillBar(self)
 
+    def image_progress(self) -> PrefillBar:
+        """on_encode(blocks done, total) for the vision tower: an image can take a minute on a CPU."""
+        return PrefillBar(self, label="image", min_total=1)
+
     # --- chat furniture ----------------------------------------------------------------------------
     def header(self, lines: list[str]) -> None:
         for line in lines:
@@ -145,18 +149,19 @@ class UI:
 
 
 class PrefillBar:
-    """on_prefill(done, total) for a long prompt: a transient bar, started only once it is worth showing."""
+    """on_progress(done, total) for long work before a reply (a prompt's prefill, an image's encode): a
+    transient bar on a terminal, started only once it is worth showing."""
 
-    def __init__(self, ui: UI) -> None:
-        self.ui = ui
+    def __init__(self, ui: UI, label: str = "prompt", min_total: int = PREFILL_BAR_MIN_TOKENS) -> None:
+        self.ui, self.label, self.min_total = ui, label, min_total
         self.bar: Progress | None = None
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            if total < PREFILL_BAR_MIN_TOKENS or done >= total or not self.ui.err.is_terminal:
+            if total < self.min_total or done >= total or not self.ui.err.is_terminal:
                 return
-            self.bar = self.ui._progress(TextColumn("prompt"), BarColumn(), MofNCompleteColumn())
-            self.task = self.bar.add_task("prompt", total=total)
+            self.bar = self.ui._progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn())
+            self.task = self.bar.add_task(self.label, total=total)
             self.bar.start()
         self.bar.update(self.task, completed=done, total=total)
         if done >= total:

@@ -386,3 +386,11 @@ def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
     pv, grid = preprocess(load_images([pics["a"]]), engine.image_config())
     rows = prompt.embeds[torch.tensor(prompt.ids) == IMAGE]
     assert torch.equal(rows, engine.vision().encode(pv, grid).to(torch.bfloat16))
+
+
+def test_image_encode_reports_progress_per_block(engine, pics):
+    seen: list[tuple[int, int]] = []
+    s = session(engine)
+    list(s.send("What is it?", images=[pics["a"]], on_encode=lambda done, total: seen.append((done, total))))
+    depth = engine.cfg.vision.depth
+    assert seen == [(i, depth) for i in range(1, depth + 1)]
