@@ -35,7 +35,6 @@ from .plan_sizes import (
     expert_disk_nbytes,
     first_expert_key,
     fmt_gib,
-    fmt_mib,
     kv_bytes_per_token,
     tensor_shapes,
     vision_tower_nbytes,
@@ -363,6 +362,11 @@ class MemoryPlan:
     # ---- reporting ------------------------------------------------------------------------------
 
     @property
+    def spilled_bytes(self) -> int:
+        """Weights of the cpu_layers: what is copied to the GPU for them every forward."""
+        return sum(self._layer_bytes[i] for i in self.cpu_layers)
+
+    @property
     def holds_every_expert(self) -> bool:
         """Whether the compute tier (GPU slots on CUDA, else RAM slots) has a slot for every expert."""
         slots = self.gpu_slots if self.on_gpu else self.cpu_slots
@@ -373,79 +377,10 @@ class MemoryPlan:
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}
 
     def rows(self) -> list[tuple[str, str]]:
-        """(label, value) pairs for the CLI's `info` table."""
-        cfg = self.cfg
-        rows = [("device", f"{self.device}, {str(self.dtype).removeprefix('torch.')}")]
-        if self.on_gpu:
-            rows.append(("GPU budget", f"{fmt_gib(self.gpu_budget)} ({self.gpu_budget_from})"))
-        rows.append(("CPU budget", f"{fmt_gib(self.cpu_budget)} ({self.cpu_budget_from})"))
-        if self.on_gpu:
-            rows.append(("resident weights (GPU)", fmt_gib(self.weights_gpu)))
-        embed = "embedding table" + (f" + {len(self.cpu_layers)} layers" if self.cpu_layers else "")
-        rows.append(
-            (
-                "resident weights (CPU)",
-                f"{fmt_gib(self.weights_cpu)}" + (f" ({embed})" if self.on_gpu else ""),
-            )
-        )
-        if self.cpu_layers:
-            rows.append(
-                (
-                    "placed on the CPU",
-                    f"layers {self.cpu_layers[0]}-{self.cpu_layers[-1]}: the GPU budget cannot hold them; "
-                    f"copied in as they run ({fmt_gib(self.spill_buffers)} of GPU buffers, "
-                    f"{fmt_gib(sum(self._layer_bytes[i] for i in self.cpu_layers))} over PCIe a token)",
-                )
-            )
-        kv_dev = "GPU" if self.on_gpu else "CPU"
-        rows += [
-            (
-                "KV cache per token",
-                f"{self.kv_per_token / KiB:.1f} KiB ({len(cfg.full_attention_layers)} attention layers)",
-            ),
-            (f"KV cache, {self.context} tokens ({kv_dev})", fmt_gib(self.kv_bytes)),
-            ("DeltaNet state (fixed)", fmt_gib(self.state_bytes)),
-            *(
-                [
-                    (
-                        "vision tower (loaded on first image)",
-                        f"{fmt_gib(self.vision_bytes)} ({kv_dev}), reserved",
-                    )
-                ]
-                if self.vision_bytes
-                else []
-            ),
-            ("activation buffers", fmt_gib(self.activations)),
-            (
-                "runtime overhead",
-                f"{fmt_gib(self.overhead_cpu)} CPU"
-                + (f", {fmt_gib(self.overhead_gpu)} GPU" if self.on_gpu else ""),
-            ),
-            ("context", f"{self.context} tokens ({self.context_from})"),
-            ("context that fits", f"{self.context_fit} tokens"),
-        ]
-        if self.moe_layers:
-            E = cfg.num_experts
-            rows.append(
-                (
-                    "expert size",
-                    f"{fmt_mib(self.expert_disk_bytes)} on disk, {fmt_mib(self.slot_bytes)} in a slot",
-                )
-            )
-            if self.on_gpu:
-                rows.append(("expert slots (GPU)", self._slots_text(self.gpu_slots, E)))
-            rows.append(("expert slots (RAM)", self._slots_text(self.cpu_slots, E)))
-            disk, to_gpu = self.bytes_per_token()
-            text = f"{fmt_gib(disk)} from disk" + (f", {fmt_gib(to_gpu)} to the GPU" if self.on_gpu else "")
-            rows.append(("expected reads per token", text + " (uniform routing: hit = slots / experts)"))
-        rows.append(("total (CPU)", f"{fmt_gib(self.cpu_total)} of {fmt_gib(self.cpu_budget)}"))
-        if self.on_gpu:
-            rows.append(("total (GPU)", f"{fmt_gib(self.gpu_total)} of {fmt_gib(self.gpu_budget)}"))
-        return rows
+        """(label, value) pairs for the CLI's `info` table (plan_table.py)."""
+        from .plan_table import plan_rows
 
-    def _slots_text(self, slots: int, E: int) -> str:
-        total = slots * self.moe_layers * self.slot_bytes
-        return f"{slots} per layer ({100 * slots / E:.1f}% of experts), {fmt_gib(total)}"
+        return plan_rows(self)
 
 
 def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:

@@ -1,0 +1,87 @@
+"""The memory plan as the rows of `qwen35-lite info`'s table: what goes where, in GiB, and why."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .plan_sizes import KiB, fmt_gib, fmt_mib
+
+if TYPE_CHECKING:
+    from .plan import MemoryPlan
+
+
+def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
+    """(label, value) pairs for the CLI's `info` table."""
+    cfg = plan.cfg
+    rows = [("device", f"{plan.device}, {str(plan.dtype).removeprefix('torch.')}")]
+    if plan.on_gpu:
+        rows.append(("GPU budget", f"{fmt_gib(plan.gpu_budget)} ({plan.gpu_budget_from})"))
+    rows.append(("CPU budget", f"{fmt_gib(plan.cpu_budget)} ({plan.cpu_budget_from})"))
+    if plan.on_gpu:
+        rows.append(("resident weights (GPU)", fmt_gib(plan.weights_gpu)))
+    embed = "embedding table" + (f" + {len(plan.cpu_layers)} layers" if plan.cpu_layers else "")
+    rows.append(
+        (
+            "resident weights (CPU)",
+            f"{fmt_gib(plan.weights_cpu)}" + (f" ({embed})" if plan.on_gpu else ""),
+        )
+    )
+    if plan.cpu_layers:
+        rows.append(
+            (
+                "placed on the CPU",
+                f"layers {plan.cpu_layers[0]}-{plan.cpu_layers[-1]}: the GPU budget cannot hold them; "
+                f"copied in as they run ({fmt_gib(plan.spill_buffers)} of GPU buffers, "
+                f"{fmt_gib(plan.spilled_bytes)} over PCIe a token)",
+            )
+        )
+    kv_dev = "GPU" if plan.on_gpu else "CPU"
+    rows += [
+        (
+            "KV cache per token",
+            f"{plan.kv_per_token / KiB:.1f} KiB ({len(cfg.full_attention_layers)} attention layers)",
+        ),
+        (f"KV cache, {plan.context} tokens ({kv_dev})", fmt_gib(plan.kv_bytes)),
+        ("DeltaNet state (fixed)", fmt_gib(plan.state_bytes)),
+        *(
+            [
+                (
+                    "vision tower (loaded on first image)",
+                    f"{fmt_gib(plan.vision_bytes)} ({kv_dev}), reserved",
+                )
+            ]
+            if plan.vision_bytes
+            else []
+        ),
+        ("activation buffers", fmt_gib(plan.activations)),
+        (
+            "runtime overhead",
+            f"{fmt_gib(plan.overhead_cpu)} CPU"
+            + (f", {fmt_gib(plan.overhead_gpu)} GPU" if plan.on_gpu else ""),
+        ),
+        ("context", f"{plan.context} tokens ({plan.context_from})"),
+        ("context that fits", f"{plan.context_fit} tokens"),
+    ]
+    if plan.moe_layers:
+        E = cfg.num_experts
+        rows.append(
+            (
+                "expert size",
+                f"{fmt_mib(plan.expert_disk_bytes)} on disk, {fmt_mib(plan.slot_bytes)} in a slot",
+            )
+        )
+        if plan.on_gpu:
+            rows.append(("expert slots (GPU)", _slots_text(plan, plan.gpu_slots, E)))
+        rows.append(("expert slots (RAM)", _slots_text(plan, plan.cpu_slots, E)))
+        disk, to_gpu = plan.bytes_per_token()
+        text = f"{fmt_gib(disk)} from disk" + (f", {fmt_gib(to_gpu)} to the GPU" if plan.on_gpu else "")
+        rows.append(("expected reads per token", text + " (uniform routing: hit = slots / experts)"))
+    rows.append(("total (CPU)", f"{fmt_gib(plan.cpu_total)} of {fmt_gib(plan.cpu_budget)}"))
+    if plan.on_gpu:
+        rows.append(("total (GPU)", f"{fmt_gib(plan.gpu_total)} of {fmt_gib(plan.gpu_budget)}"))
+    return rows
+
+
+def _slots_text(plan: MemoryPlan, slots: int, E: int) -> str:
+    total = slots * plan.moe_layers * plan.slot_bytes
+    return f"{slots} per layer ({100 * slots / E:.1f}% of experts), {fmt_gib(total)}"
