@@ -20,13 +20,14 @@ weights before asking for the next one).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import BudgetError
 from .expert_policy import POLICIES, FreqLRUPolicy, LRUPolicy
 from .expert_prefetch import Prefetcher
+from .expert_slots import SlotTier
 from .expert_store import ExpertStore
 from .gpu_tier import GpuTier
 from .moe import ExpertWeights
@@ -53,66 +54,10 @@ class UncachedExperts:
         pass
 
 
-# ---- slots -----------------------------------------------------------------------------------
-
-
-class _Pool:
-    """The slots of one tier for one layer: which expert sits where, and the eviction order."""
-
-    def __init__(self, slots: list[torch.Tensor], policy: LRUPolicy) -> None:
-        self.slots = slots
-        self.where: dict[int, int] = {}  # expert -> slot index
-        self.free = list(range(len(slots)))[::-1]
-        self.policy = policy
-        self.in_use: set[int] = set()  # experts handed out by the last get: a prefetch never evicts them
-
-    @property
-    def capacity(self) -> int:
-        return len(self.slots)
-
-    def take(self, keep: Container[int]) -> int | None:
-        """A free slot, or the slot of the policy's victim (evicted); None if every resident is kept."""
-        if self.free:
-            return self.free.pop()
-        e = self.policy.victim(keep)
-        return None if e is None else self.evict(e)
-
-    def evict(self, e: int) -> int:
-        self.policy.remove(e)
-        return self.where.pop(e)
-
-    def put(self, e: int, s: int) -> None:
-        self.where[e] = s
-        self.policy.touch(e)
-
-
-class _Tier:
-    """Per-layer pools of one tier, the compute-dtype views of every slot, and hit/miss counters."""
-
-    def __init__(
-        self,
-        name: str,
-        store: ExpertStore,
-        dtype: torch.dtype,
-        n_layers: int,
-        n_slots: int,
-        policy: Callable[[], LRUPolicy],
-        alloc: Callable[[int], torch.Tensor],
-    ) -> None:
-        self.name = name
-        nb = store.slot_nbytes(dtype)
-        self.buffers = [alloc(n_slots * nb) for _ in range(n_layers)]  # the only allocation, ever
-        self.pools = [
-            _Pool([buf[i * nb : (i + 1) * nb] for i in range(n_slots)], policy()) for buf in self.buffers
-        ]
-        self.views = [[store.slot_views(s, dtype) for s in pool.slots] for pool in self.pools]
-        self.hits = self.misses = 0
-
-
 class _Streamed(Mapping):
     """Lazy {expert: weights} for a call that needs more experts than the layer has slots."""
 
-    def __init__(self, owner: TieredExperts, tier: _Tier, layer: int, need: list[int]) -> None:
+    def __init__(self, owner: TieredExperts, tier: SlotTier, layer: int, need: list[int]) -> None:
         self.owner, self.tier, self.layer, self.need = owner, tier, layer, need
         self.pos = {e: i for i, e in enumerate(need)}
         self.loaded_here: set[int] = set()  # read ahead by this call: already counted as misses
@@ -178,7 +123,7 @@ class TieredExperts:
         self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]  # hinted in, not yet used
         self.slot_nbytes = store.slot_nbytes(dtype)
         pin = on_gpu if pin is None else pin
-        self.ram = _Tier(
+        self.ram = SlotTier(
             "ram",
             store,
             dtype,
@@ -187,9 +132,9 @@ class TieredExperts:
             make_policy,
             lambda n: _host_buffer(n, pin),
         )
-        self.gpu: _Tier | None = None
+        self.gpu: SlotTier | None = None
         if on_gpu:
-            self.gpu = _Tier(
+            self.gpu = SlotTier(
                 "gpu",
                 store,
                 dtype,
@@ -334,7 +279,7 @@ class TieredExperts:
 
     # ---- acquiring a layer's experts -----------------------------------------------------------
 
-    def _acquire(self, tier: _Tier, layer: int, need: list[int]) -> Mapping[int, ExpertWeights]:
+    def _acquire(self, tier: SlotTier, layer: int, need: list[int]) -> Mapping[int, ExpertWeights]:
         """All of `need` in `tier`'s slots of `layer` (caller holds the layer lock)."""
         pool = tier.pools[layer]
         pool.in_use = set(need)
@@ -349,7 +294,7 @@ class TieredExperts:
         self._fill(tier, layer, misses, slots)
         return {e: self._view(tier, layer, pool.where[e]) for e in need}
 
-    def _stream_one(self, tier: _Tier, layer: int, e: int, call: _Streamed) -> ExpertWeights:
+    def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> ExpertWeights:
         """One lookup of an over-capacity call: read e plus the call's next missing experts into the
         slots that hold nothing the call still needs (ascending order assumed; any order stays correct)."""
         pool = tier.pools[layer]
@@ -378,7 +323,7 @@ class TieredExperts:
         self._fill(tier, layer, batch, slots)
         return self._view(tier, layer, pool.where[e])
 
-    def _count(self, tier: _Tier, layer: int, hits: list[int], misses: list[int]) -> None:
+    def _count(self, tier: SlotTier, layer: int, hits: list[int], misses: list[int]) -> None:
         tier.hits += len(hits)
         tier.misses += len(misses)
         if tier is (self.gpu or self.ram):  # prefetch usefulness is judged at the compute tier
@@ -386,12 +331,12 @@ class TieredExperts:
             self.prefetch_used += len(used)
             self._prefetched[layer] -= used
 
-    def _view(self, tier: _Tier, layer: int, s: int) -> ExpertWeights:
+    def _view(self, tier: SlotTier, layer: int, s: int) -> ExpertWeights:
         if tier is self.gpu:
             self._gpu.wait_ready(layer, s)  # the copy into this slot ran on the side stream
         return tier.views[layer][s]
 
-    def _fill(self, tier: _Tier, layer: int, experts: list[int], slots: list[int]) -> None:
+    def _fill(self, tier: SlotTier, layer: int, experts: list[int], slots: list[int]) -> None:
         if experts:
             (self._gpu.fill if tier is self.gpu else self._fill_ram)(layer, experts, slots)
 

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .expert_cache import _Tier
+    from .expert_slots import SlotTier
 
 
 class GpuTier:
     def __init__(
         self,
-        gpu: _Tier,
-        ram: _Tier,
+        gpu: SlotTier,
+        ram: SlotTier,
         device: torch.device,
         acquire_ram: Callable[[int, list[int]], object],
         prefetched: list[set[int]],

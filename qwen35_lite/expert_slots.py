@@ -1,0 +1,64 @@
+"""Fixed expert slots: one tier's per-layer pools (which expert sits in which slot, the eviction order),
+the slot buffers allocated once, their compute-dtype views, and the tier's hit/miss counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container
+
+import torch
+
+from .expert_policy import LRUPolicy
+from .expert_store import ExpertStore
+
+
+class SlotPool:
+    """The slots of one tier for one layer: which expert sits where, and the eviction order."""
+
+    def __init__(self, slots: list[torch.Tensor], policy: LRUPolicy) -> None:
+        self.slots = slots
+        self.where: dict[int, int] = {}  # expert -> slot index
+        self.free = list(range(len(slots)))[::-1]
+        self.policy = policy
+        self.in_use: set[int] = set()  # experts handed out by the last get: a prefetch never evicts them
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def take(self, keep: Container[int]) -> int | None:
+        """A free slot, or the slot of the policy's victim (evicted); None if every resident is kept."""
+        if self.free:
+            return self.free.pop()
+        e = self.policy.victim(keep)
+        return None if e is None else self.evict(e)
+
+    def evict(self, e: int) -> int:
+        self.policy.remove(e)
+        return self.where.pop(e)
+
+    def put(self, e: int, s: int) -> None:
+        self.where[e] = s
+        self.policy.touch(e)
+
+
+class SlotTier:
+    """Per-layer pools of one tier, the compute-dtype views of every slot, and hit/miss counters."""
+
+    def __init__(
+        self,
+        name: str,
+        store: ExpertStore,
+        dtype: torch.dtype,
+        n_layers: int,
+        n_slots: int,
+        policy: Callable[[], LRUPolicy],
+        alloc: Callable[[int], torch.Tensor],
+    ) -> None:
+        self.name = name
+        nb = store.slot_nbytes(dtype)
+        self.buffers = [alloc(n_slots * nb) for _ in range(n_layers)]  # the only allocation, ever
+        self.pools = [
+            SlotPool([buf[i * nb : (i + 1) * nb] for i in range(n_slots)], policy()) for buf in self.buffers
+        ]
+        self.views = [[store.slot_views(s, dtype) for s in pool.slots] for pool in self.pools]
+        self.hits = self.misses = 0
