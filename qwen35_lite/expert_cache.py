@@ -248,11 +248,7 @@ class TieredExperts:
             with self._locks[layer]:
                 pool = tier.pools[layer]
                 todo = [e for e in range(self.n_experts) if e not in pool.where][: len(pool.free)]
-                slots = [pool.free.pop() for _ in todo]
-                if self.gpu is not None:
-                    self._gpu.fill(layer, todo, slots)
-                else:
-                    self._fill_ram(layer, todo, slots)
+                self._fill(tier, layer, todo, [pool.free.pop() for _ in todo])
             done += len(todo) * self.slot_nbytes
             if on_progress:
                 on_progress(done, total)
