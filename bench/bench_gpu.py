@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_offload import leading_match, write_section  # noqa: E402
-from offload_runs import ckpt_files, machine, warm_page_cache  # noqa: E402
+from offload_runs import ckpt_files, hf_greedy, hf_placement, machine, warm_page_cache  # noqa: E402
 
 from qwen35_lite.config import parse_config  # noqa: E402
 from qwen35_lite.expert_store import evict_page_cache  # noqa: E402
@@ -127,7 +127,6 @@ def run_ours(path: Path, flags: list[str], prompt: int, n_new: int) -> dict:
 
 def hf_main(path: Path, budget: list[float] | None, prompt: int, n_new: int) -> None:
     """Subprocess entry: transformers' greedy decode of the same workload; prints one JSON line."""
-    from offload_runs import _TimingStreamer
     from transformers import Qwen3_5MoeForCausalLM
     from transformers.utils import logging
 
@@ -139,26 +138,10 @@ def hf_main(path: Path, budget: list[float] | None, prompt: int, n_new: int) -> 
     t0 = time.perf_counter()
     model = Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw).eval()
     load_s = time.perf_counter() - t0
-    placement: dict[str, int] = {}
-    for dev in getattr(model, "hf_device_map", {}).values():
-        placement[str(dev)] = placement.get(str(dev), 0) + 1
-    ids = workload_ids(path, prompt)
-
-    def generate(n: int) -> _TimingStreamer:
-        streamer = _TimingStreamer()
-        with torch.inference_mode():
-            model.generate(
-                ids[None].cuda(),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                streamer=streamer,
-                pad_token_id=0,
-            )
-        return streamer
-
-    generate(2)  # warm-up
-    s = generate(n_new)
+    placement = hf_placement(model)
+    ids = workload_ids(path, prompt).cuda()
+    hf_greedy(model, ids, 2)  # warm-up
+    s = hf_greedy(model, ids, n_new)
     tok_s = (len(s.times) - 1) / (s.times[-1] - s.times[0])
     print(
         json.dumps(

@@ -50,7 +50,6 @@ from offload_runs import (  # noqa: E402
     expert_bytes,
     machine,
     memcpy_gbs,
-    peak_rss,
     policies,
     run_hf,
     run_ours,
@@ -58,6 +57,7 @@ from offload_runs import (  # noqa: E402
 )
 
 from qwen35_lite.checkpoint import Checkpoint  # noqa: E402
+from qwen35_lite.stats import peak_rss_bytes  # noqa: E402
 from qwen35_lite.synthetic import write_checkpoint  # noqa: E402
 
 SECTION = "## Offloading (CPU)"
@@ -101,7 +101,7 @@ def one(name: str, shape: str, path: Path, prompt: int, n_new: int, repeats: int
     out = max(runs, key=lambda r: r["decode_tok_s"])
     out["all_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
     out["n_new"] = n_new
-    out["peak_rss_gib"] = peak_rss() / 2**30
+    out["peak_rss_gib"] = peak_rss_bytes() / 2**30
     out["wall_s"] = time.perf_counter() - t0
     return out
 

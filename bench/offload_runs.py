@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import threading
@@ -185,6 +184,24 @@ class _TimingStreamer:
         pass
 
 
+def hf_placement(model) -> dict[str, int]:
+    """How many modules accelerate's device map put on each device ({} when it made none)."""
+    placement: dict[str, int] = {}
+    for dev in getattr(model, "hf_device_map", {}).values():
+        placement[str(dev)] = placement.get(str(dev), 0) + 1
+    return placement
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int) -> _TimingStreamer:
+    """transformers' greedy decode of exactly n tokens after ids [T] (on the model's input device)."""
+    streamer = _TimingStreamer()
+    with torch.inference_mode():
+        model.generate(
+            ids[None], max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer, pad_token_id=0
+        )
+    return streamer
+
+
 def run_hf(
     spec: SyntheticSpec, path: Path, quarter: bool, cache: str, prompt: int, n_new: int, repeats: int
 ) -> list[dict]:
@@ -200,29 +217,14 @@ def run_hf(
         budget = ckpt.nbytes() - expert_bytes(path) + expert_bytes(path) // 4
         kw = dict(device_map="auto", max_memory={"cpu": budget}, offload_folder=str(offload))
     model = Qwen3_5MoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw).eval()
-    placement: dict[str, int] = {}
-    for dev in getattr(model, "hf_device_map", {}).values():
-        placement[str(dev)] = placement.get(str(dev), 0) + 1
+    placement = hf_placement(model)
 
-    def generate(ids: torch.Tensor, n: int) -> _TimingStreamer:
-        streamer = _TimingStreamer()
-        with torch.inference_mode():
-            model.generate(
-                ids[None],
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                streamer=streamer,
-                pad_token_id=0,
-            )
-        return streamer
-
-    generate(prompt_ids(spec, prompt, seed=1), 3)  # warm-up
+    hf_greedy(model, prompt_ids(spec, prompt, seed=1), 3)  # warm-up
     offloaded = sorted(p for p in offload.rglob("*") if p.is_file()) if offload else []
     runs = []
     for _ in range(repeats):
         with page_cache(cache, ckpt_files(path) + offloaded):
-            s = generate(prompt_ids(spec, prompt, seed=0), n_new)
+            s = hf_greedy(model, prompt_ids(spec, prompt, seed=0), n_new)
         runs.append({"tokens": s.tokens, "times": s.times, "start": s.start, "placement": placement})
     if offload:
         shutil.rmtree(offload, ignore_errors=True)
@@ -313,17 +315,6 @@ def memcpy_gbs(nbytes: int = 256 << 20, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return nbytes / best / 1e9
-
-
-def peak_rss() -> int:
-    """VmHWM: this process's peak RSS (ru_maxrss would also count the parent's, kept across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def busy_jiffies() -> int:
