@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -72,9 +72,9 @@ class UI:
         return Progress(*columns, console=self.err, transient=True, disable=not self.err.is_terminal)
 
     @contextmanager
-    def load_progress(self) -> Iterator[Callable[[str, int, int], None]]:
-        """Yield on_progress(stage, done_bytes, total_bytes) for Engine.load; a bar on a terminal only."""
-        bar = self._progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    def _bar_per_stage(self, *columns) -> Iterator[Callable[[str, int, int], None]]:
+        """Yield update(stage, done, total): one bar per stage, added the first time the stage reports."""
+        bar = self._progress(TextColumn("{task.description}"), BarColumn(), *columns)
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -84,6 +84,10 @@ class UI:
 
         with bar:
             yield update
+
+    def load_progress(self) -> AbstractContextManager[Callable[[str, int, int], None]]:
+        """on_progress(stage, done_bytes, total_bytes) for Engine.load; a bar on a terminal only."""
+        return self._bar_per_stage(DownloadColumn())
 
     @contextmanager
     def count_progress(self, description: str) -> Iterator[Callable[[int, int], None]]:
@@ -95,21 +99,9 @@ class UI:
         with bar:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
-    @contextmanager
-    def phase_progress(self) -> Iterator[Callable[[str, int, int], None]]:
-        """Yield cb(phase, done, total): one counted bar per phase (bench: prefill, then decode)."""
-        bar = self._progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-        )
-        tasks: dict[str, int] = {}
-
-        def update(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
-
-        with bar:
-            yield update
+    def phase_progress(self) -> AbstractContextManager[Callable[[str, int, int], None]]:
+        """cb(phase, done, total): one counted bar per phase (bench: prefill, then decode)."""
+        return self._bar_per_stage(MofNCompleteColumn(), TimeRemainingColumn())
 
     def prefill_progress(self) -> PrefillBar:
         return PrefillBar(self)
