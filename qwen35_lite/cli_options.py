@@ -235,12 +235,10 @@ class Planned:
 
 def _config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
-    from .engine import DTYPES
+    from .engine import DTYPES, named_dtype
 
     if name != "auto":
-        if name not in DTYPES:
-            raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
-        return DTYPES[name]
+        return named_dtype(name)
     text = cfg.raw.get("text_config", cfg.raw)
     stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
     return DTYPES.get(str(stored), DTYPES["bfloat16"])

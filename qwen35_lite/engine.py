@@ -66,6 +66,11 @@ def pick_dtype(name: str, ckpt: Checkpoint) -> torch.dtype:
     if name == "auto":
         stored = ckpt.info("embed_tokens.weight").dtype
         return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+    return named_dtype(name)
+
+
+def named_dtype(name: str) -> torch.dtype:
+    """--dtype other than auto."""
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
     return DTYPES[name]
