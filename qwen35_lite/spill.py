@@ -61,10 +61,6 @@ class SpilledLayers:
         self.stream = torch.cuda.Stream(device) if self.on_cuda else None
         self.bytes_copied = 0
 
-    @property
-    def nbytes_device(self) -> int:
-        return sum(b.numel() for b in self.buffers)
-
     def __contains__(self, layer: int) -> bool:
         return layer in self.packed
 
