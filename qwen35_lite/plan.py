@@ -355,6 +355,7 @@ class MemoryPlan:
                 f"DeltaNet state {fmt_gib(self.state_bytes)}",
                 f"buffers {fmt_gib(self.activations)}",
                 f"CUDA runtime {fmt_gib(self.overhead_gpu)}",
+                *([f"spilled-layer buffers {fmt_gib(self.spill_buffers)}"] if self.spill_buffers else []),
                 f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}",
             ]
         )

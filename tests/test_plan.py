@@ -123,8 +123,9 @@ def test_397b_gpu_budget_too_small_spills_layers_then_refuses(cfg397):
     assert plan.gpu_fixed + plan.moe_layers * plan.slot_bytes <= 16 * GiB
     plan.check()
     assert any("placed on the CPU" in label for label, _ in plan.rows())
-    with pytest.raises(BudgetError, match="--gpu-mem"):
+    with pytest.raises(BudgetError, match="--gpu-mem") as err:
         MemoryPlan.build(cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=1, cpu_mem=200).check()
+    assert "spilled-layer buffers" in err.value.message  # every part of the total is named
 
 
 def test_too_many_slots_asked_is_refused_with_what_fits(cfg397):
