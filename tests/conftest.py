@@ -35,3 +35,14 @@ def load_ours(path, dtype=torch.float32, provider_factory=UncachedExperts) -> Qw
         provider_factory(ExpertStore(ckpt, cfg.text), torch.device("cpu"), dtype) if cfg.is_moe else None
     )
     return Qwen35Model.load(ckpt, cfg.text, provider, torch.device("cpu"), dtype)
+
+
+def greedy(model: Qwen35Model, ids: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """Our greedy decode: prefill `ids`, then n tokens one at a time; (tokens, the last logits)."""
+    cache = model.make_cache()
+    logits = model.forward(cache, ids)
+    tokens: list[int] = []
+    for _ in range(n):
+        tokens.append(int(logits[-1].argmax()))
+        logits = model.forward(cache, torch.tensor(tokens[-1:]))
+    return tokens, logits

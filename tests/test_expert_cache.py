@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import greedy
 from safetensors.torch import save_file
 
 from qwen35_lite.checkpoint import Checkpoint
@@ -263,14 +264,8 @@ class _Recorder(UncachedExperts):
 def _greedy(path, provider, n_prompt=70, n_new=8):
     cfg = load_config(path).text
     model = Qwen35Model.load(Checkpoint(path), cfg, provider, CPU, torch.bfloat16)
-    cache = model.make_cache()
     ids = torch.randint(0, SPEC.vocab_size, (n_prompt,), generator=torch.Generator().manual_seed(3))
-    logits = model.forward(cache, ids)
-    tokens = []
-    for _ in range(n_new):
-        tokens.append(int(logits[-1].argmax()))
-        logits = model.forward(cache, torch.tensor(tokens[-1:]))
-    return tokens, logits
+    return greedy(model, ids, n_new)
 
 
 def test_wrong_cancelled_and_right_prefetch_never_change_the_output(ckpts):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy
 from hf_reference import SHAPES, load_reference
 from test_budget import BIG
 
@@ -44,16 +45,6 @@ def _load(path: Path, dtype: torch.dtype, provider_factory=UncachedExperts, **kw
     return Qwen35Model.load(ckpt, cfg.text, provider, CUDA, dtype)
 
 
-def _greedy(model: Qwen35Model, ids: torch.Tensor, n: int) -> list[int]:
-    cache = model.make_cache()
-    logits = model.forward(cache, ids)
-    out = []
-    for _ in range(n):
-        out.append(int(logits[-1].argmax()))
-        logits = model.forward(cache, torch.tensor(out[-1:]))
-    return out
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_cuda_fp32_matches_transformers(hf_checkpoint, shape):
     path = hf_checkpoint(shape)
@@ -65,7 +56,7 @@ def test_cuda_fp32_matches_transformers(hf_checkpoint, shape):
     torch.testing.assert_close(our_logits, ref_logits, atol=2e-4, rtol=0)
     with torch.no_grad():
         ref_out = ref.generate(ids[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)
-    assert _greedy(ours, ids, 16) == ref_out[0, 150:].tolist()
+    assert greedy(ours, ids, 16)[0] == ref_out[0, 150:].tolist()
 
 
 @pytest.mark.parametrize("gpu_slots,cpu_slots", [(1, 1), (3, 2), (8, 8)])
@@ -75,11 +66,11 @@ def test_every_cache_size_and_prefetch_give_the_uncached_tokens(
 ):
     path = hf_checkpoint("moe_ratio2_gqa2")
     ids = _prompt(3, 150)
-    want = _greedy(_load(path, torch.float32), ids, 12)
+    want = greedy(_load(path, torch.float32), ids, 12)[0]
     model = _load(
         path, torch.float32, TieredExperts, gpu_slots=gpu_slots, cpu_slots=cpu_slots, prefetch=lookahead
     )
-    assert _greedy(model, ids, 12) == want
+    assert greedy(model, ids, 12)[0] == want
     stats = model.provider.stats()
     assert stats["gpu_misses"] > 0 and stats["bytes_to_gpu"] > 0
 

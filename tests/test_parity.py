@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from conftest import load_ours
+from conftest import greedy, load_ours
 from hf_reference import SHAPES, load_reference
 
 from qwen35_lite.expert_cache import TieredExperts
@@ -17,17 +17,6 @@ NEW_TOKENS = 24
 
 def _prompt(seed: int, n: int = PROMPT_LEN) -> torch.Tensor:
     return torch.randint(0, 248000, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def _greedy_ours(model, ids: torch.Tensor, n: int) -> list[int]:
-    cache = model.make_cache()
-    logits = model.forward(cache, ids)
-    out = []
-    for _ in range(n):
-        token = int(logits[-1].argmax())
-        out.append(token)
-        logits = model.forward(cache, torch.tensor([token]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def _assert_matches(ours, reference_run) -> None:
     our_logits = ours.forward(ours.make_cache(), ids, all_logits=True)
     assert our_logits.shape == ref_logits.shape
     torch.testing.assert_close(our_logits, ref_logits, atol=1e-4, rtol=0)
-    assert _greedy_ours(ours, ids, NEW_TOKENS) == ref_tokens
+    assert greedy(ours, ids, NEW_TOKENS)[0] == ref_tokens
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import greedy
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
@@ -44,14 +45,8 @@ def _greedy(path, provider, wrong_gates: bool = False, n_new: int = 10):
         for layer in model.layers:
             if layer.mlp.next_gate is not None:
                 layer.mlp.next_gate = torch.randn(layer.mlp.next_gate.shape, generator=g).to(torch.bfloat16)
-    cache = model.make_cache()
     ids = torch.randint(0, SPEC.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
-    logits = model.forward(cache, ids)
-    tokens = []
-    for _ in range(n_new):
-        tokens.append(int(logits[-1].argmax()))
-        logits = model.forward(cache, torch.tensor(tokens[-1:]))
-    return tokens, logits
+    return greedy(model, ids, n_new)
 
 
 def test_model_wires_the_next_router_into_each_moe(path):
