@@ -36,8 +36,13 @@ def test_grouped_dispatch_equals_reference():
     x = torch.randn(T, D, generator=g)
     weights, ids = route(x, torch.randn(E, D, generator=g), A)
     experts = {e: (torch.randn(2 * I, D, generator=g), torch.randn(D, I, generator=g)) for e in range(E)}
+    # Batched and one-row matmuls sum in different orders (AMX, AVX-512 and AVX2 kernels each their own):
+    # a tolerance scaled to fp32's epsilon over D-long dot products of O(1) values holds on any CPU.
     torch.testing.assert_close(
-        dispatch_grouped(x, weights, ids, experts), dispatch_reference(x, weights, ids, experts)
+        dispatch_grouped(x, weights, ids, experts),
+        dispatch_reference(x, weights, ids, experts),
+        rtol=1e-5,
+        atol=1e-4,
     )
 
 
