@@ -6,7 +6,6 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,13 +15,8 @@ from .errors import InputError
 from .ui import UI
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    import torch
-
-    from .config import ModelConfig
-    from .engine import Engine
-    from .plan import MemoryPlan
+    from .engine import Engine, EngineOptions
+    from .load_plan import Planned
     from .session import ChatSettings
 
 # ---- the options ---------------------------------------------------------------------------------
@@ -182,97 +176,28 @@ def pick(cls: type, values: dict[str, Any]) -> Any:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
+def engine_options(flags: LoadFlags, context: int | None = None) -> EngineOptions:
+    """The engine's load options for these flags; `context`: the workload's, used when --ctx is not given."""
+    from .engine import EngineOptions
+
+    return EngineOptions(
+        **{f.name: getattr(flags, f.name) for f in fields(LoadFlags) if f.name != "model"}, context=context
+    )
+
+
 def plan_memory(flags: LoadFlags, context: int | None = None, config_only: bool = False) -> Planned:
-    """Resolve --model and plan memory from config.json and the safetensors headers (nothing heavy).
+    """Resolve --model and plan memory from config.json and the safetensors headers (nothing heavy)."""
+    from .load_plan import plan_load
 
-    The context is --ctx when given, else `context` (bench: its workload), else plan.plan_for's rule.
-    config_only: plan from config.json alone when the directory has no weights (`info` on a config).
-    """
-    import torch
-
-    from .checkpoint import Checkpoint
-    from .config import load_config
-    from .engine import pick_device, pick_dtype
-    from .hub import resolve_model
-    from .plan import plan_for
-
-    model_dir = resolve_model(flags.model, flags.offline, configs_only=config_only)
-    cfg = load_config(model_dir)
-    # `info` on a hub id fetched the JSON files only: the index alone, with no shard, is not a checkpoint.
-    has_weights = any(model_dir.glob("*.safetensors")) or (
-        not config_only and (model_dir / "model.safetensors.index.json").is_file()
-    )
-    ckpt = Checkpoint(model_dir) if has_weights or not config_only else None
-    if config_only and flags.device.startswith("cuda") and flags.gpu_mem is not None:
-        device = torch.device(flags.device)  # planning for a GPU this machine may not have
-    else:
-        device = pick_device(flags.device)
-    dtype = pick_dtype(flags.dtype, ckpt) if ckpt is not None else _config_dtype(flags.dtype, cfg)
-    ctx = flags.ctx if flags.ctx is not None else context
-    plan = plan_for(
-        cfg.text,
-        device=device,
-        dtype=dtype,
-        ckpt=ckpt,
-        gpu_mem=flags.gpu_mem,
-        cpu_mem=flags.cpu_mem,
-        gpu_experts=flags.gpu_experts,
-        cpu_experts=flags.cpu_experts,
-        context=ctx,
-        vision=cfg.vision,
-    )
-    if flags.ctx is None and context is not None:
-        plan.context_from = "the workload"
-    return Planned(model_dir, cfg, plan)
-
-
-@dataclass
-class Planned:
-    model_dir: Path
-    cfg: ModelConfig
-    plan: MemoryPlan
-
-
-def _config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
-    from .engine import DTYPES, named_dtype
-
-    if name != "auto":
-        return named_dtype(name)
-    text = cfg.raw.get("text_config", cfg.raw)
-    stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
-    return DTYPES.get(str(stored), DTYPES["bfloat16"])
+    return plan_load(flags.model, engine_options(flags, context), config_only)
 
 
 def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
-    """Plan memory, refuse a budget that cannot hold the run, then load under the plan.
+    """Plan memory, refuse a budget that cannot hold the run, then load under the plan, with progress bars."""
+    from .engine import Engine
 
-    The expert cache is sized by the plan (a checkpoint that fits gets a slot for every expert), and the
-    engine's context limit is the context the plan reserved KV for.
-    """
-    from .engine import Engine, EngineOptions
-    from .expert_cache import TieredExperts
-
-    planned = plan_memory(flags, context)
-    plan = planned.plan
-    plan.check()
-    opts = EngineOptions(
-        device=flags.device,
-        dtype=flags.dtype,
-        offline=flags.offline,
-        max_context=plan.context,
-        cpu_layers=tuple(plan.cpu_layers),
-    )
-    factory = functools.partial(TieredExperts, **plan.provider_kwargs()) if planned.cfg.is_moe else None
     with ui.load_progress() as on_progress:
-        engine = Engine.load(str(planned.model_dir), opts, provider_factory=factory, on_progress=on_progress)
-        if plan.holds_every_expert:
-            # the model fits: read every expert now (as llama.cpp or ollama would), not on first use
-            engine.model.provider.preload(
-                on_progress=lambda done, total: on_progress("loading experts", done, total)
-            )
-    engine.plan = plan
-    return engine
+        return Engine.load(flags.model, engine_options(flags, context), on_progress=on_progress)
 
 
 def check_flags(flags: ReplyFlags) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,16 +13,18 @@ import torch
 
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
-from .config import ModelConfig, load_config
+from .config import ModelConfig
 from .errors import CheckpointError, InputError
-from .expert_cache import UncachedExperts
-from .expert_store import ExpertStore
-from .hub import resolve_model
+from .experts.cache import TieredExperts
+from .experts.formats import expert_format
+from .experts.store import ExpertStore
+from .load_plan import plan_load
 from .model import Qwen35Model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported on first use: a text-only run needs neither PIL nor the tower code
+    from .plan import MemoryPlan
     from .vision.preprocess import ImageProcessorConfig
     from .vision.tower import VisionTower
 
@@ -38,11 +41,17 @@ DTYPES = {
 
 @dataclass
 class EngineOptions:
+    """How to load: device, dtype and the memory budgets the plan fits everything into."""
+
     device: str = "auto"
     dtype: str = "auto"
     offline: bool = False
-    max_context: int | None = None
-    cpu_layers: tuple[int, ...] = ()  # layers streamed in from host memory (the plan's, on CUDA)
+    ctx: int | None = None  # --ctx: the context the KV cache is reserved for
+    context: int | None = None  # without --ctx: the workload's context (bench), else the plan's rule
+    gpu_mem: float | None = None  # GiB; None: free memory minus a margin
+    cpu_mem: float | None = None
+    gpu_experts: int | None = None  # slots per layer instead of what the budget fits
+    cpu_experts: int | None = None
 
 
 @dataclass
@@ -74,6 +83,15 @@ def named_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
     return DTYPES[name]
+
+
+def config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
+    if name != "auto":
+        return named_dtype(name)
+    text = cfg.raw.get("text_config", cfg.raw)
+    stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(str(stored), DTYPES["bfloat16"])
 
 
 def generation_defaults(model_dir: Path, tokenizer: Tokenizer) -> GenerationDefaults:
@@ -114,7 +132,7 @@ class Engine:
         self.model_dir, self.cfg, self.ckpt, self.model = model_dir, cfg, ckpt, model
         self.provider, self.tokenizer, self.template = provider, tokenizer, template
         self.defaults, self.max_context = defaults, max_context
-        self.plan = None  # the plan.MemoryPlan it was loaded under (set by cli_options.load_engine)
+        self.plan: MemoryPlan | None = None  # the plan it was loaded under
         # Loaded on the first image only: a text-only run never reads the tower (0.9 GB in bf16 for 397B).
         self._vision: VisionTower | None = None
         self._image_config: ImageProcessorConfig | None = None
@@ -127,36 +145,51 @@ class Engine:
         provider_factory: Callable | None = None,
         on_progress: Callable[[str, int, int], None] | None = None,
     ) -> Engine:
-        """Resolve and load `model`. provider_factory(store, device, dtype) builds the expert provider."""
+        """Resolve `model`, plan its memory, refuse a budget that cannot hold it, load under the plan.
+
+        The routed experts go to a `TieredExperts` sized by the plan (every expert is read now, with
+        progress, when the compute tier holds them all), unless provider_factory(store, device, dtype)
+        builds another provider. on_progress(stage, done_bytes, total_bytes)."""
         opts = opts or EngineOptions()
-        model_dir = resolve_model(model, opts.offline)
-        cfg = load_config(model_dir)
-        ckpt = Checkpoint(model_dir)
-        device, dtype = pick_device(opts.device), pick_dtype(opts.dtype, ckpt)
-        tokenizer = Tokenizer.from_dir(model_dir)
-        template = ChatTemplate.from_dir(model_dir)
+        planned = plan_load(model, opts)
+        plan, cfg, ckpt, device, dtype = (
+            planned.plan,
+            planned.cfg,
+            planned.ckpt,
+            planned.device,
+            planned.dtype,
+        )
+        plan.check()
+        tokenizer = Tokenizer.from_dir(planned.model_dir)
+        template = ChatTemplate.from_dir(planned.model_dir)
         provider = None
         if cfg.is_moe:
-            store = ExpertStore(ckpt, cfg.text)
-            provider = (provider_factory or UncachedExperts)(store, device, dtype)
+            text = cfg.text
+            fmt = expert_format(cfg.raw, text.hidden_size, text.moe_intermediate_size, device, dtype, ckpt)
+            store = ExpertStore(ckpt, text, fmt, raw_config=cfg.raw)
+            factory = provider_factory or functools.partial(TieredExperts, **plan.provider_kwargs())
+            provider = factory(store, device, dtype)
         progress = (lambda done, total: on_progress("loading weights", done, total)) if on_progress else None
         model_obj = Qwen35Model.load(
-            ckpt, cfg.text, provider, device, dtype, progress, cpu_layers=opts.cpu_layers
+            ckpt, cfg.text, provider, device, dtype, progress, cpu_layers=tuple(plan.cpu_layers)
         )
-        max_context = min(
-            opts.max_context or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings
-        )
-        return cls(
-            model_dir,
+        if isinstance(provider, TieredExperts) and plan.holds_every_expert:
+            # the model fits: read every expert now (as llama.cpp or ollama would), not on first use
+            expert_progress = (lambda d, t: on_progress("loading experts", d, t)) if on_progress else None
+            provider.preload(on_progress=expert_progress)
+        engine = cls(
+            planned.model_dir,
             cfg,
             ckpt,
             model_obj,
             provider,
             tokenizer,
             template,
-            generation_defaults(model_dir, tokenizer),
-            max_context,
+            generation_defaults(planned.model_dir, tokenizer),
+            plan.context,
         )
+        engine.plan = plan
+        return engine
 
     @property
     def vision_loaded(self) -> bool:
@@ -196,7 +229,4 @@ class Engine:
         return self._image_config
 
     def expert_stats(self) -> dict:
-        stats = getattr(self.provider, "stats", None)
-        if callable(stats):
-            return stats()
-        return {"bytes_read": getattr(self.provider, "bytes_read", 0)} if self.provider else {}
+        return self.provider.stats() if self.provider else {}

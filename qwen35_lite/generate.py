@@ -110,7 +110,7 @@ def generate(
     check_vocab(req.prompt_ids, model.cfg.vocab_size)
     sample = make_sampler(req.params)
     penalised = req.params.repetition_penalty != 1.0 or req.params.presence_penalty != 0.0
-    experts = getattr(model, "provider", None)
+    experts = model.provider
     counters = [expert_counters(experts)]
     t0 = time.perf_counter()
     logits = prefill(model, cache, req, on_prefill)

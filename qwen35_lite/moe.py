@@ -1,33 +1,38 @@
 """The MoE block: fp32-softmax router, top-k renormalised, routed experts from a provider, gated shared expert.
 
-Routed experts are never held here: an ExpertProvider hands over (gate_up [2I, D], down [D, I]) for the
-experts a layer needs, from wherever they live (the checkpoint, a RAM tier, a GPU tier).
+Routed experts are never held here: an ExpertProvider hands over the experts a layer needs as callables
+(x [T, D] -> y [T, D]), from wherever they live (the checkpoint, a RAM tier, a GPU tier) and in whatever
+format (dense, FP8, int4: experts.formats).
 Legend: T = tokens, D = hidden, E = experts, A = experts per token, I = expert FFN width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .config import TextConfig
+from .experts.formats import Expert, ffn
 from .layers import swiglu
-
-ExpertWeights = tuple[torch.Tensor, torch.Tensor]  # gate_up [2I, D], down [D, I]
 
 
 class ExpertProvider(Protocol):
-    def get(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
-        """Weights of the given experts of one layer, on the compute device, in the compute dtype."""
+    lookahead: bool  # True when the provider wants hints (the model computes them only then)
+
+    def get(self, layer: int, experts: list[int]) -> Mapping[int, Expert]:
+        """The given experts of one layer, ready to run on the compute device."""
         ...
 
     def hint(self, layer: int, experts: list[int]) -> None:
         """Experts that will probably be asked for soon (prefetch); may be ignored."""
         ...
 
-    # Optional: `lookahead: bool`, True when the provider wants hints (a provider without it gets none).
+    def stats(self) -> dict:
+        """Counters since load (bytes read, hits and misses per tier...)."""
+        ...
 
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,23 +43,20 @@ def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Te
     return top.to(x.dtype), ids
 
 
-def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+expert_ffn = ffn  # the dense SwiGLU expert (gate_up [2I, D], down [D, I])
 
 
-def dispatch_reference(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """One token and one slot at a time: the obvious version, kept to test `dispatch_grouped` against."""
     T, A = ids.shape
     out = torch.empty(T, A, x.shape[-1], dtype=x.dtype, device=x.device)
     for t in range(T):
         for a in range(A):
-            gate_up, down = experts[int(ids[t, a])]
-            out[t, a] = expert_ffn(x[t : t + 1], gate_up, down)[0] * weights[t, a]
+            out[t, a] = experts[int(ids[t, a])](x[t : t + 1])[0] * weights[t, a]
     return out.sum(dim=1)
 
 
-def dispatch_grouped(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+def dispatch_grouped(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """Sort (token, slot) pairs by expert so each expert runs once on all its tokens."""
     T, A = ids.shape
     flat = ids.reshape(-1)  # [T·A]
@@ -68,8 +70,7 @@ def dispatch_grouped(x, weights, ids, experts: dict[int, ExpertWeights]) -> torc
         end = start
         while end < len(sorted_ids) and sorted_ids[end] == e:
             end += 1
-        gate_up, down = experts[e]
-        out[start:end] = expert_ffn(rows[start:end], gate_up, down)
+        out[start:end] = experts[e](rows[start:end])
         start = end
     out = out * weights.reshape(-1)[order, None]
     unsorted = torch.empty_like(out)
@@ -77,15 +78,14 @@ def dispatch_grouped(x, weights, ids, experts: dict[int, ExpertWeights]) -> torc
     return unsorted.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
 
 
-def dispatch_decode(x, weights, ids, experts: dict[int, ExpertWeights]) -> torch.Tensor:
+def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """One token (decode): `dispatch_grouped` without the sort, gather and scatter; same ops per row and
     the same final reduction, so the same bits (tests/test_kernels.py). Experts are looked up in
-    ascending order, as a streamed lookup (expert_cache._Streamed) prefers."""
+    ascending order, as a streamed lookup (experts.cache._Streamed) prefers."""
     A = ids.shape[1]
     out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order
     for a, e in sorted(enumerate(ids[0].tolist()), key=lambda ae: ae[1]):
-        gate_up, down = experts[e]
-        out[a] = expert_ffn(x, gate_up, down)[0]
+        out[a] = experts[e](x)[0]
     out = out * weights.reshape(-1)[:, None]
     return out.view(1, A, -1).sum(dim=1)
 
@@ -107,7 +107,7 @@ class MoE:
         )
         weights, ids = route(x, w["gate"], self.top_k)
         self.last_ids = ids
-        if x.shape[0] == 1 and self.next_gate is not None and getattr(self.provider, "lookahead", False):
+        if x.shape[0] == 1 and self.next_gate is not None and self.provider.lookahead:
             # Decode: the next layer's router applied to this layer's input names the experts it will
             # probably pick; hinted now, they load while this layer and the next one's mixer compute.
             _, next_ids = route(x, self.next_gate, self.top_k)

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import TextConfig, VisionConfig
 from .errors import BudgetError
+from .experts.formats import ALIGN, expert_format
 from .generate import PREFILL_CHUNK
 from .plan_sizes import (
     CUDA_CONTEXT,
@@ -32,8 +33,6 @@ from .plan_sizes import (
     activation_bytes,
     ceil_gib,
     deltanet_state_bytes,
-    expert_disk_nbytes,
-    first_expert_key,
     fmt_gib,
     kv_bytes_per_token,
     tensor_shapes,
@@ -71,6 +70,7 @@ class MemoryPlan:
     overhead_gpu: int = 0
     staging_bytes: int = 0
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
+    expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
     moe_layers: int = 0
@@ -91,6 +91,7 @@ class MemoryPlan:
         dtype: torch.dtype = torch.bfloat16,
         ckpt: Checkpoint | None = None,
         stored_dtype: torch.dtype | None = None,
+        raw_config: dict | None = None,
         gpu_mem: float | None = None,
         cpu_mem: float | None = None,
         gpu_experts: int | None = None,
@@ -111,8 +112,6 @@ class MemoryPlan:
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
             shapes = {n: ckpt.info(n).shape for n in shapes}
-            if cfg.is_moe:
-                stored_dtype = ckpt.info("layers.0.mlp.experts." + first_expert_key(ckpt)).dtype
         b = dtype.itemsize
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
@@ -127,12 +126,21 @@ class MemoryPlan:
         )
         plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if cfg.is_moe:
-            stored = stored_dtype or dtype
+            fmt = expert_format(
+                raw_config or {},
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                device,
+                dtype,
+                ckpt,
+                stored_dtype,
+            )
+            plan.expert_format = fmt.describe()
             plan.moe_layers = cfg.num_hidden_layers
-            plan.expert_disk_bytes = expert_disk_nbytes(cfg, stored)
-            plan.slot_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * b
-            converts = stored != dtype
-            plan.staging_bytes = 2 * plan.expert_disk_bytes if converts else 0  # foreground + prefetch thread
+            plan.expert_disk_bytes = fmt.disk_nbytes
+            plan.slot_bytes = -(-fmt.slot_nbytes // ALIGN) * ALIGN  # slots start aligned (experts.slots)
+            # a format that prepares slots reads through staging: foreground + prefetch thread
+            plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
         plan._set_budgets(gpu_mem, cpu_mem)
         if dev == "cuda":
             plan._spill_layers_to_cpu()

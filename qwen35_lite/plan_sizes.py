@@ -1,4 +1,4 @@
-"""Byte arithmetic of the memory plan, from the config alone: tensor shapes, one expert on disk, KV per
+"""Byte arithmetic of the memory plan, from the config alone: tensor shapes, KV per
 token, DeltaNet state, activation buffers, the vision tower; and the process overheads measured here.
 
 Pure functions with no I/O beyond optional checkpoint headers, so `info` can size Qwen3.5-397B with no
@@ -18,7 +18,6 @@ from .vision.tower import vision_tensor_shapes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
-FP8_BLOCK = 128
 DEFAULT_CONTEXT = 32768  # KV reserved when no --ctx is given (capped at the model's maximum)
 
 # Process overheads, measured as RssAnon on torch 2.13 (CPU build), Python 3, with margin:
@@ -76,16 +75,6 @@ def tensor_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def expert_disk_nbytes(cfg: TextConfig, stored: torch.dtype) -> int:
-    """Bytes of one routed expert on disk (block-FP8 scales included)."""
-    D, I = cfg.hidden_size, cfg.moe_intermediate_size
-    n = 3 * D * I * stored.itemsize
-    if stored in (torch.float8_e4m3fn, torch.float8_e5m2):
-        b = FP8_BLOCK
-        n += 4 * (2 * math.ceil(I / b) * math.ceil(D / b) + math.ceil(D / b) * math.ceil(I / b))
-    return n
-
-
 def kv_bytes_per_token(cfg: TextConfig, dtype: torch.dtype) -> int:
     """K and V of every full-attention layer: 2 · n_full · Hkv · hd · itemsize (30 KiB for 397B bf16)."""
     return 2 * len(cfg.full_attention_layers) * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
@@ -135,10 +124,6 @@ def vision_tower_nbytes(
     if vision is None:
         return 0
     return sum(math.prod(s) for s in vision_tensor_shapes(vision).values()) * dtype.itemsize
-
-
-def first_expert_key(ckpt: Checkpoint) -> str:
-    return "gate_up_proj" if "layers.0.mlp.experts.gate_up_proj" in ckpt else "0.down_proj.weight"
 
 
 def fmt_gib(n: float) -> str:

@@ -64,6 +64,7 @@ def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
     ]
     if plan.moe_layers:
         E = cfg.num_experts
+        rows.append(("expert format", plan.expert_format))
         rows.append(
             (
                 "expert size",

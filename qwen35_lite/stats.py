@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
+
+if TYPE_CHECKING:
+    from .moe import ExpertProvider
 
 # Cumulative counters of an expert provider (TieredExperts.stats; UncachedExperts has bytes_read only).
 COUNTERS = ("ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "bytes_read", "bytes_to_gpu")
@@ -40,12 +44,11 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def expert_counters(provider: object | None) -> dict[str, int]:
+def expert_counters(provider: ExpertProvider | None) -> dict[str, int]:
     """A snapshot of the provider's cumulative counters ({} for a dense model)."""
     if provider is None:
         return {}
-    stats = getattr(provider, "stats", None)
-    raw = stats() if callable(stats) else {"bytes_read": getattr(provider, "bytes_read", 0)}
+    raw = provider.stats()
     return {k: int(raw[k]) for k in COUNTERS if k in raw}
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qwen35_lite.checkpoint import Checkpoint  # noqa: E402
 from qwen35_lite.config import load_config  # noqa: E402
-from qwen35_lite.expert_cache import TieredExperts, UncachedExperts  # noqa: E402
-from qwen35_lite.expert_store import ExpertStore  # noqa: E402
+from qwen35_lite.experts.cache import TieredExperts, UncachedExperts  # noqa: E402
+from qwen35_lite.experts.store import ExpertStore  # noqa: E402
 from qwen35_lite.generate import PREFILL_CHUNK  # noqa: E402
 from qwen35_lite.model import Qwen35Model  # noqa: E402
 from qwen35_lite.plan import MemoryPlan  # noqa: E402

@@ -8,8 +8,8 @@ import torch
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.expert_cache import UncachedExperts
-from qwen35_lite.expert_store import ExpertStore
+from qwen35_lite.experts.cache import UncachedExperts
+from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model import Qwen35Model
 
 torch.set_num_threads(2)
@@ -32,7 +32,9 @@ def load_ours(path, dtype=torch.float32, provider_factory=UncachedExperts) -> Qw
     cfg = load_config(path)
     ckpt = Checkpoint(path)
     provider = (
-        provider_factory(ExpertStore(ckpt, cfg.text), torch.device("cpu"), dtype) if cfg.is_moe else None
+        provider_factory(ExpertStore(ckpt, cfg.text, raw_config=cfg.raw), torch.device("cpu"), dtype)
+        if cfg.is_moe
+        else None
     )
     return Qwen35Model.load(ckpt, cfg.text, provider, torch.device("cpu"), dtype)
 

@@ -7,6 +7,7 @@ import torch
 from conftest import load_ours
 
 from qwen35_lite.deltanet import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
+from qwen35_lite.experts.formats import DenseExpert
 from qwen35_lite.moe import dispatch_grouped, dispatch_reference, route
 
 
@@ -35,7 +36,9 @@ def test_grouped_dispatch_equals_reference():
     T, D, I, E, A = 37, 16, 8, 6, 3
     x = torch.randn(T, D, generator=g)
     weights, ids = route(x, torch.randn(E, D, generator=g), A)
-    experts = {e: (torch.randn(2 * I, D, generator=g), torch.randn(D, I, generator=g)) for e in range(E)}
+    experts = {
+        e: DenseExpert(torch.randn(2 * I, D, generator=g), torch.randn(D, I, generator=g)) for e in range(E)
+    }
     # Batched and one-row matmuls sum in different orders (AMX, AVX-512 and AVX2 kernels each their own):
     # a tolerance scaled to fp32's epsilon over D-long dot products of O(1) values holds on any CPU.
     torch.testing.assert_close(

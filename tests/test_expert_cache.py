@@ -9,11 +9,12 @@ import torch
 from conftest import greedy
 from safetensors.torch import save_file
 
-from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.checkpoint import Checkpoint, dequantize_fp8, read_range
 from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
-from qwen35_lite.expert_cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
-from qwen35_lite.expert_store import ExpertStore, evict_page_cache
+from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
+from qwen35_lite.experts.formats import Fp8BlockFormat, expert_format, ffn
+from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
@@ -35,12 +36,19 @@ def ckpts(tmp_path_factory):
     return out
 
 
-def _store(path) -> ExpertStore:
-    return ExpertStore(Checkpoint(path), load_config(path).text)
+def _store(path, dtype: torch.dtype | None = None) -> ExpertStore:
+    """The store of a checkpoint, its slots in `dtype` (None: as stored)."""
+    ckpt, cfg = Checkpoint(path), load_config(path)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, dtype, ckpt)
+    return ExpertStore(ckpt, cfg.text, fmt)
 
 
 def _tiered(path, dtype=torch.bfloat16, **kw) -> TieredExperts:
-    return TieredExperts(_store(path), CPU, dtype, **kw)
+    return TieredExperts(_store(path, dtype), CPU, dtype, **kw)
+
+
+def _dense(expert) -> tuple[torch.Tensor, torch.Tensor]:
+    return expert.gate_up, expert.down
 
 
 # ---- the store ---------------------------------------------------------------------------------
@@ -50,35 +58,40 @@ def _tiered(path, dtype=torch.bfloat16, **kw) -> TieredExperts:
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
 def test_read_into_and_read_many_equal_read(ckpts, fused, stored, compute):
-    store = _store(ckpts[(fused, stored)])
-    assert store.fused == fused
-    nb = store.slot_nbytes(compute)
+    store = _store(ckpts[(fused, stored)], compute)
+    assert store.format.fused == fused and store.format.direct == (stored == compute)
+    nb = store.slot_nbytes
     assert nb == 3 * SPEC.hidden_size * SPEC.moe_intermediate_size * compute.itemsize
     slot = torch.empty(nb, dtype=torch.uint8)
     for layer, e in [(0, 0), (1, 5), (3, 11)]:
-        gate_up, down = store.read_into(layer, e, slot, compute)
+        store.read_many(layer, [e], [slot])
+        gate_up, down = _dense(store.format.bind(slot))
         ref_gu, ref_down = store.read(layer, e, compute)
         assert gate_up.data_ptr() == slot.data_ptr()  # a view into the slot, not a copy
         assert torch.equal(gate_up, ref_gu) and torch.equal(down, ref_down)
     experts = [7, 2, 3, 4, 10]  # 2, 3, 4 are neighbours in a fused tensor: one preadv
     slots = [torch.empty(nb, dtype=torch.uint8) for _ in experts]
-    got = store.read_many(2, experts, slots, compute)
-    for e in experts:
+    store.read_many(2, experts, slots)
+    for e, slot in zip(experts, slots):
         ref = store.read(2, e, compute)
-        assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+        got = _dense(store.format.bind(slot))
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 def test_both_layouts_hold_the_same_experts(ckpts):
     a, b = _store(ckpts[(True, torch.bfloat16)]), _store(ckpts[(False, torch.bfloat16)])
-    sa, sb = (torch.empty(a.slot_nbytes(), dtype=torch.uint8) for _ in range(2))
+    sa, sb = (torch.empty(a.slot_nbytes, dtype=torch.uint8) for _ in range(2))
     for layer in range(SPEC.num_hidden_layers):
         for e in (0, 6, 11):
-            assert torch.equal(a.read_into(layer, e, sa)[0], b.read_into(layer, e, sb)[0])
+            a.read_many(layer, [e], [sa])
+            b.read_many(layer, [e], [sb])
             assert torch.equal(sa, sb)
 
 
-def test_fp8_per_expert_slots_dequantise_like_read(tmp_path):
-    """Block-FP8 experts with scales (sizes not multiples of the 128 block) convert into compute slots."""
+def test_fp8_slots_hold_the_raw_bytes_and_compute_like_read(tmp_path):
+    """Block-FP8 experts with scales (sizes not multiples of the 128 block): the slots hold the FP8 bytes
+    and scales as stored (no dequantisation on the read path); the expert computes what the dequantised
+    weights compute."""
     D, I, E = 200, 160, 3
     cfg = TextConfig(hidden_size=D, moe_intermediate_size=I, num_experts=E, num_hidden_layers=1)
     g = torch.Generator().manual_seed(0)
@@ -90,15 +103,26 @@ def test_fp8_per_expert_slots_dequantise_like_read(tmp_path):
             rows, cols = -(-shape[0] // 128), -(-shape[1] // 128)
             tensors[name + "_scale_inv"] = torch.rand(rows, cols, generator=g) + 0.5
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    store = ExpertStore(Checkpoint(tmp_path), cfg)
-    assert store.needs_staging(torch.bfloat16) and store.raw_nbytes > store.expert_nbytes - 64
-    staging = torch.empty(store.raw_nbytes, dtype=torch.uint8)
+    ckpt = Checkpoint(tmp_path)
+    x = torch.randn(5, D, generator=g)
     for compute in (torch.float32, torch.bfloat16):
-        slots = [torch.empty(store.slot_nbytes(compute), dtype=torch.uint8) for _ in range(E)]
-        got = store.read_many(0, list(range(E)), slots, compute, staging)
-        for e in range(E):
+        fmt = expert_format({}, D, I, CPU, compute, ckpt)
+        store = ExpertStore(ckpt, cfg, fmt)
+        assert isinstance(fmt, Fp8BlockFormat) and not store.needs_staging()
+        assert store.slot_nbytes < 3 * D * I + 4096  # one byte a weight, plus the block scales
+        slots = [torch.empty(store.slot_nbytes, dtype=torch.uint8) for _ in range(E)]
+        store.read_many(0, list(range(E)), slots)
+        for e, slot in enumerate(slots):
+            for part, info in zip(fmt.raw, store.parts[(0, e)]):
+                assert torch.equal(part.view(slot).view(torch.uint8), read_range(info).view(torch.uint8))
             ref = store.read(0, e, compute)
-            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+            xc = x.to(compute)
+            assert torch.equal(fmt.bind(slot)(xc), ffn(xc, *ref))
+            w = dequantize_fp8(
+                tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"],
+                tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight_scale_inv"],
+            )
+            assert torch.equal(ref[1], w.to(compute))
 
 
 def test_evict_page_cache_runs_on_the_expert_files(ckpts):
@@ -140,7 +164,7 @@ def test_cached_experts_equal_the_store(ckpts):
         got = cache.get(layer, experts)
         for e in experts:
             ref = store.read(layer, e, torch.float32)
-            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+            assert torch.equal(got[e].gate_up, ref[0]) and torch.equal(got[e].down, ref[1])
 
 
 def test_more_experts_than_slots_stream_through_the_slots(ckpts):
@@ -153,7 +177,7 @@ def test_more_experts_than_slots_stream_through_the_slots(ckpts):
     assert len(got) == len(want) and 5 in got and 99 not in got
     for e in want + [11, 3, 0]:  # ascending, then out of order (a re-read, still correct)
         ref = store.read(1, e, torch.bfloat16)
-        assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+        assert torch.equal(got[e].gate_up, ref[0]) and torch.equal(got[e].down, ref[1])
     s = cache.stats()
     assert s["ram_hits"] + s["ram_misses"] >= len(want)
     assert len(cache.resident(1)) == 2
@@ -171,7 +195,7 @@ def test_slots_are_reused_without_new_allocations(ckpts):
         n = rng.choice([1, 2, 3, 5])  # 5 > 3 slots: the streaming path
         got = cache.get(layer, rng.sample(range(SPEC.num_experts), n))
         for e in got:
-            gate_up, down = got[e]
+            gate_up, down = _dense(got[e])
             seen.add(gate_up.data_ptr())
             assert down.data_ptr() == gate_up.data_ptr() + gate_up.numel() * gate_up.element_size()
     cache.wait_prefetch()
@@ -358,11 +382,11 @@ def test_gpu_tier_logic_gives_the_store_experts(ckpts, fake_cuda, gpu_slots, cpu
         got = cache.get(layer, experts)
         for e in experts:
             ref = store.read(layer, e, torch.bfloat16)
-            assert got[e][0].data_ptr() in gpu_ptrs  # handed out from GPU slots only
-            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+            assert got[e].gate_up.data_ptr() in gpu_ptrs  # handed out from GPU slots only
+            assert torch.equal(got[e].gate_up, ref[0]) and torch.equal(got[e].down, ref[1])
     s = cache.stats()
     assert s["gpu_slots_per_layer"] == gpu_slots and s["gpu_misses"] > 0 and s["gpu_hits"] > 0
-    assert s["bytes_to_gpu"] >= s["gpu_misses"] * store.slot_nbytes(torch.bfloat16)
+    assert s["bytes_to_gpu"] >= s["gpu_misses"] * store.slot_nbytes
     assert s["ram_hits"] + s["ram_misses"] > 0
 
 
@@ -373,12 +397,12 @@ def test_preload_fills_the_gpu_tier_through_a_small_ram_tier(ckpts, fake_cuda):
     cache = _CpuStandInGpu(store, torch.device("cuda"), torch.bfloat16, cpu_slots=2, gpu_slots=E, pin=False)
     seen = []
     cache.preload(on_progress=lambda done, total: seen.append((done, total)))
-    assert seen[-1][0] == seen[-1][1] == SPEC.num_hidden_layers * E * store.slot_nbytes(torch.bfloat16)
+    assert seen[-1][0] == seen[-1][1] == SPEC.num_hidden_layers * E * store.slot_nbytes
     cache.reset_stats()
     for layer in range(SPEC.num_hidden_layers):
         got = cache.get(layer, list(range(E)))
         ref = store.read(layer, E - 1, torch.bfloat16)
-        assert torch.equal(got[E - 1][0], ref[0]) and torch.equal(got[E - 1][1], ref[1])
+        assert torch.equal(got[E - 1].gate_up, ref[0]) and torch.equal(got[E - 1].down, ref[1])
     s = cache.stats()
     assert s["gpu_misses"] == 0 and s["gpu_hits"] == SPEC.num_hidden_layers * E and s["bytes_read"] == 0
 

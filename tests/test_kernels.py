@@ -7,6 +7,7 @@ import torch
 
 from qwen35_lite.attention import _attend, _attend_reference
 from qwen35_lite.deltanet import causal_conv, causal_conv_reference
+from qwen35_lite.experts.formats import DenseExpert
 from qwen35_lite.moe import dispatch_decode, dispatch_grouped, dispatch_reference
 
 
@@ -35,7 +36,7 @@ def test_fp32_causal_conv_equals_model_dtype_conv(dtype, C, T):
 def test_decode_dispatch_equals_grouped(dtype, E, A, D, I):
     g = torch.Generator().manual_seed(E + A)
     experts = {
-        e: (torch.randn(2 * I, D, generator=g).to(dtype), torch.randn(D, I, generator=g).to(dtype))
+        e: DenseExpert(torch.randn(2 * I, D, generator=g).to(dtype), torch.randn(D, I, generator=g).to(dtype))
         for e in range(E)
     }
     for step in range(20):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.expert_store import ExpertStore
+from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 
@@ -29,8 +29,8 @@ def layouts(tmp_path_factory):
 def test_both_layouts_give_identical_logits(layouts):
     ids = torch.randint(0, 248000, (90,), generator=torch.Generator().manual_seed(0))
     fused, per_expert = (load_ours(layouts[f]) for f in (True, False))
-    assert ExpertStore(Checkpoint(layouts[True]), load_config(layouts[True]).text).fused
-    assert not ExpertStore(Checkpoint(layouts[False]), load_config(layouts[False]).text).fused
+    assert ExpertStore(Checkpoint(layouts[True]), load_config(layouts[True]).text).format.fused
+    assert not ExpertStore(Checkpoint(layouts[False]), load_config(layouts[False]).text).format.fused
     a = fused.forward(fused.make_cache(), ids, all_logits=True)
     b = per_expert.forward(per_expert.make_cache(), ids, all_logits=True)
     assert torch.equal(a, b)

@@ -9,7 +9,7 @@ import torch
 from conftest import greedy, load_ours
 from hf_reference import SHAPES, load_reference
 
-from qwen35_lite.expert_cache import TieredExperts
+from qwen35_lite.experts.cache import TieredExperts
 
 PROMPT_LEN = 150  # crosses the DeltaNet chunk size (64) twice
 NEW_TOKENS = 24

@@ -11,8 +11,8 @@ from conftest import greedy
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.expert_cache import TieredExperts, UncachedExperts
-from qwen35_lite.expert_store import ExpertStore, evict_page_cache
+from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
+from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model import Qwen35Model
 from qwen35_lite.moe import MoE
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -112,7 +112,7 @@ def test_cancelled_prefetch_leaves_correct_experts(path):
         got = cache.get(layer, want)
         for e in want:
             ref = store.read(layer, e, torch.bfloat16)
-            assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+            assert torch.equal(got[e].gate_up, ref[0]) and torch.equal(got[e].down, ref[1])
         assert len(cache.resident(layer)) <= 4
     cache.close()
 
@@ -120,16 +120,17 @@ def test_cancelled_prefetch_leaves_correct_experts(path):
 @pytest.mark.skipif(not getattr(os, "RWF_NOWAIT", 0), reason="needs preadv2 RWF_NOWAIT (Linux)")
 def test_store_tells_page_cache_reads_from_disk_reads(path):
     store = ExpertStore(Checkpoint(path), load_config(path).text)
-    slots = [torch.empty(store.slot_nbytes(), dtype=torch.uint8) for _ in range(3)]
+    slots = [torch.empty(store.slot_nbytes, dtype=torch.uint8) for _ in range(3)]
     store.read_many(0, [1, 5, 9], slots)
     cached = store.runs_cached
     store.read_many(0, [1, 5, 9], slots)  # just read: the page cache holds it
     assert store.runs_cached > cached
     evict_page_cache(store.files())
     disk = store.runs_from_disk
-    got = store.read_many(0, [1, 5, 9], slots)
+    store.read_many(0, [1, 5, 9], slots)
     if store._nowait:  # the filesystem answers RWF_NOWAIT (tmpfs never evicts, so allow no change there)
         assert store.runs_from_disk >= disk
-    for e in (1, 5, 9):
+    for e, slot in zip((1, 5, 9), slots):
         ref = store.read(0, e, torch.bfloat16)
-        assert torch.equal(got[e][0], ref[0]) and torch.equal(got[e][1], ref[1])
+        got = store.format.bind(slot)
+        assert torch.equal(got.gate_up, ref[0]) and torch.equal(got.down, ref[1])

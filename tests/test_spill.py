@@ -9,8 +9,8 @@ import torch
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.expert_cache import UncachedExperts
-from qwen35_lite.expert_store import ExpertStore
+from qwen35_lite.experts.cache import UncachedExperts
+from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 

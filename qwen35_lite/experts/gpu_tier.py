@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .expert_slots import SlotTier
+    from .slots import SlotTier
 
 
 class GpuTier:

@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import BudgetError
-from .expert_policy import POLICIES, FreqLRUPolicy, LRUPolicy
-from .expert_prefetch import Prefetcher
-from .expert_slots import SlotTier
-from .expert_store import ExpertStore
+from ..errors import BudgetError
+from .formats import Expert
 from .gpu_tier import GpuTier
-from .moe import ExpertWeights
+from .policy import POLICIES, FreqLRUPolicy, LRUPolicy
+from .prefetch import Prefetcher
+from .slots import SlotTier
+from .store import ExpertStore
 
 __all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedExperts"]
 
@@ -38,20 +38,26 @@ __all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedE
 
 
 class UncachedExperts:
+    """Reads every requested expert into a fresh buffer each time (the page cache is the only cache)."""
+
+    lookahead = False
+
     def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype) -> None:
-        self.store, self.device, self.dtype = store, device, dtype
+        self.store, self.device, self.dtype = store.retarget(device, dtype), device, dtype
         self.bytes_read = 0
 
-    def get(self, layer: int, experts: list[int]) -> dict[int, ExpertWeights]:
+    def get(self, layer: int, experts: list[int]) -> dict[int, Expert]:
         out = {}
         for e in experts:
-            gate_up, down = self.store.read(layer, e, self.dtype)
+            out[e] = self.store.read_expert(layer, e, self.device)
             self.bytes_read += self.store.expert_nbytes
-            out[e] = (gate_up.to(self.device), down.to(self.device))
         return out
 
     def hint(self, layer: int, experts: list[int]) -> None:
         pass
+
+    def stats(self) -> dict:
+        return {"bytes_read": self.bytes_read}
 
 
 class _Streamed(Mapping):
@@ -62,7 +68,7 @@ class _Streamed(Mapping):
         self.pos = {e: i for i, e in enumerate(need)}
         self.loaded_here: set[int] = set()  # read ahead by this call: already counted as misses
 
-    def __getitem__(self, e: int) -> ExpertWeights:
+    def __getitem__(self, e: int) -> Expert:
         if e not in self.pos:
             raise KeyError(e)
         with self.owner._locks[self.layer]:
@@ -108,7 +114,8 @@ class TieredExperts:
         min_recall: float = 0.5,
         pin: bool | None = None,
     ) -> None:
-        self.store, self.device, self.dtype = store, torch.device(device), dtype
+        self.device, self.dtype = torch.device(device), dtype
+        self.store = store = store.retarget(self.device, dtype)
         cfg = store.cfg
         self.n_layers, self.n_experts = cfg.num_hidden_layers, cfg.num_experts
         on_gpu = self.device.type == "cuda"
@@ -121,12 +128,12 @@ class TieredExperts:
             )
         make_policy = POLICIES[policy] if isinstance(policy, str) else policy
         self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]  # hinted in, not yet used
-        self.slot_nbytes = store.slot_nbytes(dtype)
+        fmt = store.format
+        self.slot_nbytes = fmt.slot_nbytes
         pin = on_gpu if pin is None else pin
         self.ram = SlotTier(
             "ram",
-            store,
-            dtype,
+            fmt,
             self.n_layers,
             min(cpu_slots, self.n_experts),
             make_policy,
@@ -136,8 +143,7 @@ class TieredExperts:
         if on_gpu:
             self.gpu = SlotTier(
                 "gpu",
-                store,
-                dtype,
+                fmt,
                 self.n_layers,
                 min(gpu_slots, self.n_experts),
                 make_policy,
@@ -146,7 +152,7 @@ class TieredExperts:
             self._gpu = GpuTier(
                 self.gpu, self.ram, self.device, self._acquire_ram, self._prefetched, self.slot_nbytes
             )
-        staging = store.needs_staging(dtype)
+        staging = store.needs_staging()
         self._staging = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging else None
         self._staging_bg = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging and prefetch else None
         self._locks = [threading.Lock() for _ in range(self.n_layers)]
@@ -162,7 +168,7 @@ class TieredExperts:
 
     # ---- the provider protocol -----------------------------------------------------------------
 
-    def get(self, layer: int, experts: list[int]) -> Mapping[int, ExpertWeights]:
+    def get(self, layer: int, experts: list[int]) -> Mapping[int, Expert]:
         if self._prefetcher:
             self._prefetcher.cancel(layer)
         need = sorted(set(experts))
@@ -275,7 +281,7 @@ class TieredExperts:
 
     # ---- acquiring a layer's experts -----------------------------------------------------------
 
-    def _acquire(self, tier: SlotTier, layer: int, need: list[int]) -> Mapping[int, ExpertWeights]:
+    def _acquire(self, tier: SlotTier, layer: int, need: list[int]) -> Mapping[int, Expert]:
         """All of `need` in `tier`'s slots of `layer` (caller holds the layer lock)."""
         pool = tier.pools[layer]
         pool.in_use = set(need)
@@ -290,7 +296,7 @@ class TieredExperts:
         self._fill(tier, layer, misses, slots)
         return {e: self._view(tier, layer, pool.where[e]) for e in need}
 
-    def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> ExpertWeights:
+    def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> Expert:
         """One lookup of an over-capacity call: read e plus the call's next missing experts into the
         slots that hold nothing the call still needs (ascending order assumed; any order stays correct)."""
         pool = tier.pools[layer]
@@ -327,10 +333,10 @@ class TieredExperts:
             self.prefetch_used += len(used)
             self._prefetched[layer] -= used
 
-    def _view(self, tier: SlotTier, layer: int, s: int) -> ExpertWeights:
+    def _view(self, tier: SlotTier, layer: int, s: int) -> Expert:
         if tier is self.gpu:
             self._gpu.wait_ready(layer, s)  # the copy into this slot ran on the side stream
-        return tier.views[layer][s]
+        return tier.experts[layer][s]
 
     def _fill(self, tier: SlotTier, layer: int, experts: list[int], slots: list[int]) -> None:
         if experts:
@@ -344,7 +350,7 @@ class TieredExperts:
         if self.gpu is not None:  # a copy out of these pinned slots may still be in flight
             self._gpu.release_ram(layer, slots)
         staging = self._staging_bg if background else self._staging
-        self.store.read_many(layer, experts, [pool.slots[s] for s in slots], self.dtype, staging)
+        self.store.read_many(layer, experts, [pool.slots[s] for s in slots], staging)
         for e, s in zip(experts, slots):
             pool.put(e, s)
         n = len(experts) * self.store.expert_nbytes

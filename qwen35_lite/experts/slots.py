@@ -1,5 +1,5 @@
 """Fixed expert slots: one tier's per-layer pools (which expert sits in which slot, the eviction order),
-the slot buffers allocated once, their compute-dtype views, and the tier's hit/miss counters."""
+the slot buffers allocated once, the expert bound to each slot by its format, and hit/miss counters."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable, Container
 
 import torch
 
-from .expert_policy import LRUPolicy
-from .expert_store import ExpertStore
+from .formats import ALIGN, ExpertFormat
+from .policy import LRUPolicy
 
 
 class SlotPool:
@@ -42,23 +42,24 @@ class SlotPool:
 
 
 class SlotTier:
-    """Per-layer pools of one tier, the compute-dtype views of every slot, and hit/miss counters."""
+    """Per-layer pools of one tier, the expert callable bound to every slot, and hit/miss counters."""
 
     def __init__(
         self,
         name: str,
-        store: ExpertStore,
-        dtype: torch.dtype,
+        fmt: ExpertFormat,
         n_layers: int,
         n_slots: int,
         policy: Callable[[], LRUPolicy],
         alloc: Callable[[int], torch.Tensor],
     ) -> None:
         self.name = name
-        nb = store.slot_nbytes(dtype)
-        self.buffers = [alloc(n_slots * nb) for _ in range(n_layers)]  # the only allocation, ever
+        nb = fmt.slot_nbytes
+        stride = -(-nb // ALIGN) * ALIGN  # every slot starts aligned, so each part's dtype view is too
+        self.buffers = [alloc(n_slots * stride) for _ in range(n_layers)]  # the only allocation, ever
         self.pools = [
-            SlotPool([buf[i * nb : (i + 1) * nb] for i in range(n_slots)], policy()) for buf in self.buffers
+            SlotPool([buf[i * stride : i * stride + nb] for i in range(n_slots)], policy())
+            for buf in self.buffers
         ]
-        self.views = [[store.slot_views(s, dtype) for s in pool.slots] for pool in self.pools]
+        self.experts = [[fmt.bind(s) for s in pool.slots] for pool in self.pools]
         self.hits = self.misses = 0

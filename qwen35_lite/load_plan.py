@@ -1,0 +1,67 @@
+"""Resolve --model and plan its memory before anything heavy is read: config.json, the safetensors headers
+(scanned once, the loader reuses them), the device and dtype, and the `MemoryPlan` for the budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig, load_config
+from .hub import resolve_model
+from .plan import MemoryPlan, plan_for
+
+if TYPE_CHECKING:
+    from .engine import EngineOptions
+
+
+@dataclass
+class Planned:
+    model_dir: Path
+    cfg: ModelConfig
+    ckpt: Checkpoint | None  # None: `info` on config.json alone
+    device: torch.device
+    dtype: torch.dtype
+    plan: MemoryPlan
+
+
+def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Planned:
+    """The plan a load of `model` with `opts` runs under.
+
+    The context is opts.ctx when given, else opts.context (bench: its workload), else plan.plan_for's rule.
+    config_only: plan from config.json alone when the directory has no weights (`info` on a config).
+    """
+    from .engine import config_dtype, pick_device, pick_dtype
+
+    model_dir = resolve_model(model, opts.offline, configs_only=config_only)
+    cfg = load_config(model_dir)
+    # `info` on a hub id fetched the JSON files only: the index alone, with no shard, is not a checkpoint.
+    has_weights = any(model_dir.glob("*.safetensors")) or (
+        not config_only and (model_dir / "model.safetensors.index.json").is_file()
+    )
+    ckpt = Checkpoint(model_dir) if has_weights or not config_only else None
+    if config_only and opts.device.startswith("cuda") and opts.gpu_mem is not None:
+        device = torch.device(opts.device)  # planning for a GPU this machine may not have
+    else:
+        device = pick_device(opts.device)
+    dtype = pick_dtype(opts.dtype, ckpt) if ckpt is not None else config_dtype(opts.dtype, cfg)
+    ctx = opts.ctx if opts.ctx is not None else opts.context
+    plan = plan_for(
+        cfg.text,
+        device=device,
+        dtype=dtype,
+        ckpt=ckpt,
+        raw_config=cfg.raw,
+        gpu_mem=opts.gpu_mem,
+        cpu_mem=opts.cpu_mem,
+        gpu_experts=opts.gpu_experts,
+        cpu_experts=opts.cpu_experts,
+        context=ctx,
+        vision=cfg.vision,
+    )
+    if opts.ctx is None and opts.context is not None:
+        plan.context_from = "the workload"
+    return Planned(model_dir, cfg, ckpt, device, dtype, plan)

@@ -1,0 +1,258 @@
+"""Expert formats: int4 (compressed-tensors) slots and kernels, FP8 and int4 end to end against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import greedy, load_ours
+from safetensors.torch import load_file, save_file
+
+from qwen35_lite.checkpoint import Checkpoint, read_range
+from qwen35_lite.config import load_config
+from qwen35_lite.errors import ConfigError
+from qwen35_lite.experts import int4, int4_cpu
+from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
+from qwen35_lite.experts.formats import (
+    DenseFormat,
+    Fp8BlockFormat,
+    Int4Format,
+    expert_format,
+    ffn,
+)
+from qwen35_lite.experts.store import ExpertStore
+
+CPU = torch.device("cpu")
+
+
+# ---- the CPU int4 kernel layout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 64), (128, 256), (192, 32)])
+def test_kernel_layout_equals_torch_conversion(rows, cols):
+    g = torch.Generator().manual_seed(rows + cols)
+    packed = torch.randint(-(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=g)
+    assert int4_cpu.layout_matches_torch()
+    assert torch.equal(int4_cpu.to_kernel_layout(packed), int4_cpu._torch_layout(packed))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_kernel_matmul_equals_dequantised_weights(symmetric, group):
+    """The kernel's (u - 8) * scale + zero reproduces compressed-tensors' (q - zp) * scale."""
+    g = torch.Generator().manual_seed(group)
+    w = torch.randn(128, 256, generator=g).to(torch.bfloat16)
+    packed, scale, zp = int4.quantize_int4(w, group, symmetric)
+    zp_u = None if zp is None else int4_cpu.unpack_zero_points(zp, 128)
+    sz = int4_cpu.scales_zeros(scale, zp_u, torch.bfloat16)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4_cpu.to_kernel_layout(packed), group, sz)
+    dense = int4.dequantize_int4(packed, scale, zp, group, torch.float32, (128, 256))
+    want = x.float() @ dense.t()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+# ---- formats from config.json alone ----------------------------------------------------------------
+
+CT_W4 = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "quantization_status": "compressed",
+    "config_groups": {
+        "group_0": {
+            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "group",
+                "group_size": 128,
+            },
+            "input_activations": None,
+        }
+    },
+    "ignore": ["lm_head"],
+}
+FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def test_slot_sizes_from_the_397b_config():
+    """One 397B expert (D 4096, I 1024): bf16 25.2 MB; FP8 half plus scales; int4 g128 about a quarter."""
+    D, I = 4096, 1024
+    bf16 = expert_format({}, D, I, "cuda", torch.bfloat16, stored=torch.bfloat16)
+    fp8 = expert_format({"quantization_config": FP8}, D, I, "cuda", torch.bfloat16)
+    w4 = expert_format({"quantization_config": CT_W4}, D, I, "cuda", torch.bfloat16)
+    assert isinstance(bf16, DenseFormat) and bf16.slot_nbytes == 3 * D * I * 2
+    assert isinstance(fp8, Fp8BlockFormat) and fp8.slot_nbytes == 3 * D * I + 3 * 8 * 32 * 4
+    assert isinstance(w4, Int4Format) and not w4.kernel
+    assert w4.slot_nbytes == 3 * D * I // 2 + 2 * (2 * I * D // 128 + D * I // 128)
+    assert 3.8 < bf16.slot_nbytes / w4.slot_nbytes < 4.0 and 1.9 < bf16.slot_nbytes / fp8.slot_nbytes < 2.0
+    on_cpu = expert_format({"quantization_config": CT_W4}, D, I, "cpu", torch.bfloat16)
+    assert on_cpu.kernel and not on_cpu.direct and on_cpu.disk_nbytes == w4.disk_nbytes
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ({"quant_method": "awq"}, "quant_method 'awq'"),
+        ({"format": "float-quantized"}, "float-quantized"),
+        (
+            {"config_groups": {"g": {**CT_W4["config_groups"]["group_0"], "weights": {"num_bits": 3}}}},
+            "3-bit",
+        ),
+        (
+            {
+                "config_groups": {
+                    "g": {**CT_W4["config_groups"]["group_0"], "input_activations": {"num_bits": 8}}
+                }
+            },
+            "input_activations",
+        ),
+    ],
+)
+def test_unsupported_quantization_configs_are_refused(change, words):
+    with pytest.raises(ConfigError) as err:
+        expert_format({"quantization_config": {**CT_W4, **change}}, 256, 128, "cpu", torch.float32)
+    assert words in err.value.message and "supported" in err.value.hint
+
+
+# ---- compressed-tensors checkpoints end to end -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ct_checkpoints(hf_checkpoint, tmp_path_factory):
+    """{(group, symmetric): path} of W4A16 checkpoints that compressed-tensors itself quantised."""
+    from ct_reference import make_ct_checkpoint
+
+    src = hf_checkpoint("moe_int4")
+    root = tmp_path_factory.mktemp("ct")
+    return {
+        (g, sym): make_ct_checkpoint(src, root / f"g{g}-{sym}", g, sym)
+        for g, sym in [(32, True), (64, False)]
+    }
+
+
+def _store(path, dtype, device=CPU) -> ExpertStore:
+    ckpt, cfg = Checkpoint(path), load_config(path)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, device, dtype, ckpt)
+    return ExpertStore(ckpt, cfg.text, fmt, raw_config=cfg.raw)
+
+
+@pytest.mark.parametrize("key", [(32, True), (64, False)])
+def test_int4_slots_hold_the_packed_bytes_and_decode_like_compressed_tensors(ct_checkpoints, key):
+    from ct_reference import ct_decompress, ct_scheme
+
+    path = ct_checkpoints[key]
+    store = _store(path, torch.float32)
+    fmt = store.format
+    assert isinstance(fmt, Int4Format) and fmt.direct and not store.needs_staging()
+    slot = torch.empty(fmt.slot_nbytes, dtype=torch.uint8)
+    store.read_many(2, [3], [slot])
+    for part, info in zip(fmt.raw, store.parts[(2, 3)]):  # raw bytes: no conversion on the read path
+        assert torch.equal(part.view(slot).view(torch.uint8), read_range(info).view(torch.uint8))
+    gate_up, down = store.read(2, 3, torch.float32)
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors |= load_file(f)
+    prefix = "model.language_model.layers.2.mlp.experts.3.down_proj."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    want = ct_decompress(state, ct_scheme(*key)).to(torch.float32)
+    assert torch.equal(down, want)  # bit for bit
+
+
+def test_int4_checkpoint_matches_transformers_in_fp32(ct_checkpoints):
+    """Greedy tokens and logits of a W4A16 checkpoint compressed-tensors wrote, against transformers."""
+    from ct_reference import load_ct_reference
+
+    path = ct_checkpoints[(32, True)]
+    ids = torch.randint(0, 248000, (80,), generator=torch.Generator().manual_seed(5))
+    ref = load_ct_reference(path, torch.float32)
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0]
+        want_tokens = ref.generate(ids[None], max_new_tokens=8, do_sample=False)[0, 80:].tolist()
+    ours = load_ours(path, torch.float32)
+    cache = ours.make_cache()
+    torch.testing.assert_close(ours.forward(cache, ids), want, rtol=1e-4, atol=1e-4)
+    assert greedy(ours, ids, 8)[0] == want_tokens
+
+
+def test_int4_kernel_path_agrees_with_the_exact_path(ct_checkpoints):
+    """bf16 on the CPU runs the int4 kernel: logits close to the exact (dequantise-then-dense) bf16 path,
+    the same top-1 token at >= 99% of positions."""
+    path = ct_checkpoints[(32, True)]
+    ids = torch.randint(0, 248000, (200,), generator=torch.Generator().manual_seed(6))
+    kernel = load_ours(path, torch.bfloat16, _tiered_factory(4))
+    assert kernel.provider.store.format.kernel
+    exact_store = _store(path, torch.bfloat16, torch.device("cuda"))  # the format CUDA would run: exact
+    assert not exact_store.format.kernel
+    exact = load_ours(
+        path, torch.bfloat16, lambda store, device, dtype: UncachedExperts(exact_store, device, dtype)
+    )
+    assert exact.provider.store is exact_store
+    a, b = (m.forward(m.make_cache(), ids).float() for m in (kernel, exact))
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+
+
+def _tiered_factory(slots):
+    return lambda store, device, dtype: TieredExperts(store, device, dtype, cpu_slots=slots, prefetch=False)
+
+
+# ---- FP8 end to end --------------------------------------------------------------------------------
+
+
+def _fp8_twin(src, dst_fp8, dst_dense):
+    """An FP8 block-quantised copy of `src`'s routed experts, and its dequantised fp32 twin."""
+    dst_fp8.mkdir()
+    dst_dense.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.is_file():
+            (dst_fp8 / f.name).write_bytes(f.read_bytes())
+            (dst_dense / f.name).write_bytes(f.read_bytes())
+    fp8, dense = {}, {}
+    g = torch.Generator().manual_seed(1)
+    for f in sorted(src.glob("*.safetensors")):
+        for name, t in load_file(f).items():
+            if ".mlp.experts." not in name:
+                fp8[name] = dense[name] = t
+                continue
+            for e, w in enumerate(t):  # fused [E, out, in] -> per expert
+                base = name.rsplit(".", 1)[0] + f".{e}."
+                halves = w.chunk(2, 0) if name.endswith("gate_up_proj") else [w]
+                kinds = ["gate_proj", "up_proj"] if name.endswith("gate_up_proj") else ["down_proj"]
+                for k, m in zip(kinds, halves):
+                    q = m.to(torch.float8_e4m3fn)
+                    s = torch.rand(-(-m.shape[0] // 128), -(-m.shape[1] // 128), generator=g) + 0.5
+                    fp8[base + k + ".weight"] = q
+                    fp8[base + k + ".weight_scale_inv"] = s
+                    rows = s.repeat_interleave(128, 0)[: m.shape[0]].repeat_interleave(128, 1)[
+                        :, : m.shape[1]
+                    ]
+                    dense[base + k + ".weight"] = q.float() * rows
+    save_file(fp8, str(dst_fp8 / "model.safetensors"))
+    save_file(dense, str(dst_dense / "model.safetensors"))
+    for d in (dst_fp8, dst_dense):
+        (d / "model.safetensors.index.json").unlink(missing_ok=True)
+    cfg = json.loads((dst_fp8 / "config.json").read_text())
+    cfg["quantization_config"] = FP8
+    (dst_fp8 / "config.json").write_text(json.dumps(cfg))
+
+
+def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_twin(hf_checkpoint, tmp_path):
+    _fp8_twin(hf_checkpoint("moe_ratio2_gqa2"), tmp_path / "fp8", tmp_path / "dense")
+    ids = torch.randint(0, 248000, (70,), generator=torch.Generator().manual_seed(2))
+    fp8 = load_ours(tmp_path / "fp8", torch.float32, _tiered_factory(3))
+    assert isinstance(fp8.provider.store.format, Fp8BlockFormat)
+    dense = load_ours(tmp_path / "dense", torch.float32)
+    a, b = (m.forward(m.make_cache(), ids) for m in (fp8, dense))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert greedy(fp8, ids, 6)[0] == greedy(dense, ids, 6)[0]
+
+
+def test_dense_expert_of_a_format_runs_the_reference_ffn():
+    fmt = DenseFormat(32, 16, torch.float32, torch.float32, fused=True)
+    slot = torch.randn(fmt.slot_nbytes // 4).view(torch.uint8)
+    x = torch.randn(4, 32)
+    gate_up, down = (p.view(slot) for p in fmt.slot)
+    assert torch.equal(fmt.bind(slot)(x), ffn(x, gate_up, down))
