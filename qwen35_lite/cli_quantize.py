@@ -47,6 +47,10 @@ def quantize(
         bool,
         typer.Option("--symmetric/--asymmetric", help="Zero-point-free scales, or a zero-point per group."),
     ] = True,
+    mse_clip: Annotated[
+        bool,
+        typer.Option("--mse-clip", help="Per group, search the clipped range with the least error (slower)."),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False,
     shard_size_mb: Annotated[
         int, typer.Option("--shard-size-mb", min=1, help="Cap on each output shard.")
@@ -79,7 +83,13 @@ def quantize(
 
     with bar:
         result = quantize_checkpoint(
-            src_dir, out, scheme, force=force, shard_bytes=shard_size_mb << 20, on_progress=on_progress
+            src_dir,
+            out,
+            scheme,
+            force=force,
+            mse_clip=mse_clip,
+            shard_bytes=shard_size_mb << 20,
+            on_progress=on_progress,
         )
     kept = f", {result.resumed_shards} kept from the interrupted run" if result.resumed_shards else ""
     ui.out.print(

@@ -249,25 +249,29 @@ def _write_fp8_dequantised(job: Job, f) -> None:
         f.write(_as_bytes(dequantize_fp8(w, block_scales, FP8_BLOCK).to(torch.bfloat16)))
 
 
-def _write_job(job: Job, scheme: QuantScheme, f) -> None:
+def _write_job(job: Job, scheme: QuantScheme, mse_clip: bool, f) -> None:
     if job.kind == "copy":
         _copy_bytes(job.source, f)
     elif job.kind == "fp8":
         _write_fp8_dequantised(job, f)
     else:
         w = _read_matrix(job)  # [out, in]
-        packed, scale, zero_point = quantize_int4(w, scheme.group_size or w.shape[1], scheme.symmetric)
+        packed, scale, zero_point = quantize_int4(
+            w, scheme.group_size or w.shape[1], scheme.symmetric, mse_clip
+        )
         parts = [packed, scale, torch.tensor(w.shape, dtype=torch.int64)]
         for t in parts + ([] if zero_point is None else [zero_point]):
             f.write(_as_bytes(t))
 
 
-def _write_shard(shard: Shard, out: Path, scheme: QuantScheme, on_job: Callable[[int], None]) -> None:
+def _write_shard(
+    shard: Shard, out: Path, scheme: QuantScheme, mse_clip: bool, on_job: Callable[[int], None]
+) -> None:
     tmp = out / (shard.file + ".partial")
     with open(tmp, "wb") as f:
         f.write(shard.header)
         for job in shard.jobs:
-            _write_job(job, scheme, f)
+            _write_job(job, scheme, mse_clip, f)
             on_job(job.nbytes)
         f.flush()
         os.fsync(f.fileno())
@@ -279,11 +283,12 @@ def _write_shard(shard: Shard, out: Path, scheme: QuantScheme, on_job: Callable[
 # ---- the manifest, resuming, refusing ------------------------------------------------------------------
 
 
-def _manifest(src: Path, scheme: QuantScheme, shard_bytes: int, shards: list[Shard]) -> dict:
+def _manifest(src: Path, scheme: QuantScheme, mse_clip: bool, shard_bytes: int, shards: list[Shard]) -> dict:
     return {
         "version": MANIFEST_VERSION,
         "source": str(src.resolve()),
         "scheme": {k: v for k, v in asdict(scheme).items() if k != "scale_dtype"},
+        "mse_clip": mse_clip,
         "shard_bytes": shard_bytes,
         "shards": [{"file": s.file, "bytes": s.nbytes} for s in shards],
     }
@@ -421,17 +426,21 @@ def quantize_checkpoint(
     scheme: QuantScheme,
     *,
     force: bool = False,
+    mse_clip: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_progress: Callable[[QuantizeProgress], None] | None = None,
 ) -> QuantizeResult:
-    """Write the int4 checkpoint of `src` (a local directory) to `out`, resuming an interrupted run."""
+    """Write the int4 checkpoint of `src` (a local directory) to `out`, resuming an interrupted run.
+
+    mse_clip: per group, the clipped range with the least squared error instead of the plain min/max.
+    """
     _check_scheme(scheme)
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InputError("OUT is the source directory", "write the quantised checkpoint to a new directory")
     config = _source_config(src)
     shards = plan_shards(plan_jobs(Checkpoint(src), scheme), shard_bytes)
-    manifest = _manifest(src, scheme, shard_bytes, shards)
+    manifest = _manifest(src, scheme, mse_clip, shard_bytes, shards)
     done = _finished_shards(out, _read_marker(out), manifest, force)
     resumed = len(done)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,7 +459,7 @@ def quantize_checkpoint(
             written += n
             report(QuantizeProgress(written, total, len(done), len(shards)))
 
-        _write_shard(shard, out, scheme, on_job)
+        _write_shard(shard, out, scheme, mse_clip, on_job)
         written += len(shard.header)
         done.append(shard.file)
         _save_marker(out, manifest, done)

@@ -198,3 +198,14 @@ def test_interrupted_run_resumes_to_the_same_files(fused_bf16, tmp_path):
     assert resumed.resumed_shards == 1 and first.stat().st_mtime_ns == written_at
     assert files(out) == files(whole.out)
     check_not_partial(out)  # finished: accepted
+
+
+def test_mse_clip_is_part_of_the_run(fused_bf16, tmp_path):
+    plain = quantize_checkpoint(fused_bf16, tmp_path / "plain", QuantScheme(group_size=64)).out
+    clipped = quantize_checkpoint(fused_bf16, tmp_path / "mse", QuantScheme(group_size=64), mse_clip=True).out
+    a, b = tensors(plain), tensors(clipped)
+    scale = "model.language_model.layers.0.mlp.experts.0.gate_proj.weight_scale"
+    assert (b[scale] <= a[scale]).all() and not torch.equal(a[scale], b[scale])  # clipped: smaller scales
+    assert json.loads((clipped / "config.json").read_text()) == json.loads(
+        (plain / "config.json").read_text()
+    )
