@@ -325,9 +325,11 @@ def make_checkpoint(
 
 # ---- info, bench (cli_tools.py) --------------------------------------------------------------------
 
+from .cli_quantize import register as _register_quantize  # noqa: E402  (`quantize`, cli_quantize.py)
 from .cli_tools import register as _register_tools  # noqa: E402  (it uses friendly_errors above)
 
 _register_tools(app)
+_register_quantize(app)
 
 
 def main() -> None:

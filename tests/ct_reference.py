@@ -7,10 +7,18 @@ lays it out (routed experts per expert, everything else untouched).
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import torch
+from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
@@ -40,3 +48,121 @@ def ct_compress(w: torch.Tensor, scheme: QuantizationScheme) -> dict[str, torch.
 
 def ct_decompress(state: dict[str, torch.Tensor], scheme: QuantizationScheme) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(dict(state), scheme)["weight"]
+
+
+EXPERT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts\.)(?:(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight|(?P<fused>gate_up_proj|down_proj))$"
+)
+IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
+META_FILES = ("*.json", "*.jinja", "*.txt", "*.model")
+
+
+def per_expert(name: str, t: torch.Tensor):
+    """(module name, [out, in] weight) of each routed expert matrix in `name`; none for other tensors."""
+    m = EXPERT.match(name)
+    if not m:
+        return
+    prefix = m["prefix"]
+    if m["e"] is not None:
+        yield f"{prefix}{m['e']}.{m['proj']}_proj", t
+    elif m["fused"] == "gate_up_proj":  # [E, 2I, D]: gate rows first, then up
+        half = t.shape[1] // 2
+        for e in range(t.shape[0]):
+            yield f"{prefix}{e}.gate_proj", t[e, :half]
+            yield f"{prefix}{e}.up_proj", t[e, half:]
+    else:  # down_proj [E, D, I]
+        for e in range(t.shape[0]):
+            yield f"{prefix}{e}.down_proj", t[e]
+
+
+def _shards(src: Path) -> list[str]:
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def make_ct_checkpoint(src_dir: Path, out_dir: Path, group_size: int | None, symmetric: bool) -> Path:
+    """Quantise every routed expert of `src_dir` with compressed-tensors and write it per expert to `out_dir`."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scheme = ct_scheme(group_size, symmetric)
+    weight_map: dict[str, str] = {}
+    for shard in _shards(src_dir):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(src_dir / shard), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                experts = list(per_expert(name, t))
+                if not experts:
+                    tensors[name] = t
+                for module, w in experts:
+                    for key, value in ct_compress(w.contiguous(), scheme).items():
+                        tensors[f"{module}.{key}"] = value.contiguous()
+        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    for pattern in META_FILES:
+        for path in src_dir.glob(pattern):
+            if path.name != "model.safetensors.index.json":
+                shutil.copy(path, out_dir / path.name)
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=IGNORE,
+    )
+    ModelCompressor(quantization_config=config).update_config(str(out_dir))
+    return out_dir
+
+
+def load_ct_reference(path: Path, dtype: torch.dtype = torch.float32):
+    """transformers + compressed-tensors, experts dequantised at load (the CPU path: no int4 kernels).
+
+    Symmetric only: transformers 5.23's MoE decompression (`CompressedTensorsDequantize`) drops
+    `weight_zero_point`, so an asymmetric checkpoint fails to load; use `decompress_ct_checkpoint`.
+    """
+    from transformers import CompressedTensorsConfig, Qwen3_5MoeForConditionalGeneration
+
+    return Qwen3_5MoeForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+
+
+def decompress_ct_checkpoint(ct_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A dense copy of a pack-quantized checkpoint, every expert through compressed-tensors' `decompress`.
+
+    The oracle for asymmetric checkpoints, which transformers 5.23 cannot load (see `load_ct_reference`):
+    transformers then runs the model on exactly the weights compressed-tensors dequantises.
+    """
+    ct_dir, out_dir = Path(ct_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((ct_dir / "config.json").read_text())
+    raw = config.pop("quantization_config")
+    scheme = QuantizationScheme.model_validate(next(iter(raw["config_groups"].values())))
+    weight_map: dict[str, str] = {}
+    for shard in _shards(ct_dir):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(ct_dir / shard), "pt") as f:
+            names = list(f.keys())
+            for name in names:
+                if name.endswith(".weight_packed"):
+                    module = name.removesuffix(".weight_packed")
+                    state = {
+                        k.removeprefix(module + "."): f.get_tensor(k)
+                        for k in names
+                        if k.startswith(module + ".")
+                    }
+                    tensors[module + ".weight"] = ct_decompress(state, scheme).to(dtype)
+                elif not name.rpartition(".")[2].startswith(("weight_scale", "weight_shape", "weight_zero")):
+                    tensors[name] = f.get_tensor(name)
+        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+    for pattern in META_FILES:
+        for path in ct_dir.glob(pattern):
+            shutil.copy(path, out_dir / path.name)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir

@@ -197,3 +197,17 @@ def test_parse_refuses_other_schemes_naming_what_it_found(raw, named):
         parse_quantization_config(raw)
     assert named in err.value.message
     assert "W4A16" in err.value.hint
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_clip_never_loses_to_min_max_and_wins_somewhere(symmetric):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5))  # Gaussian: outliers worth clipping
+
+    def group_errors(mse_clip: bool) -> torch.Tensor:
+        packed, scale, zp = quantize_int4(w, 32, symmetric, mse_clip)
+        back = dequantize_int4(packed, scale, zp, 32, torch.float32, (64, 256))
+        return (back - w).square().unflatten(-1, (8, 32)).sum(-1)
+
+    rtn, mse = group_errors(False), group_errors(True)
+    assert (mse <= rtn).all()
+    assert mse.sum() < 0.95 * rtn.sum()

@@ -1,0 +1,99 @@
+"""`qwen35-lite quantize SRC OUT`: routed experts to int4 (compressed-tensors W4A16), with a progress bar.
+
+The work is qwen35_lite/quantize.py; this module parses the flags and renders. `register(app)` adds the
+command with the same one-line error handling as the others.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from .cli_options import Offline
+from .experts.int4 import QuantScheme
+from .hub import resolve_model
+from .quantize import DEFAULT_SHARD_BYTES, QuantizeProgress, quantize_checkpoint
+from .ui import UI
+
+
+def register(app: typer.Typer) -> None:
+    from .cli import friendly_errors  # cli calls register() once friendly_errors exists
+
+    app.command()(friendly_errors(quantize))
+
+
+def quantize(
+    src: Annotated[
+        str, typer.Argument(help="bf16 or FP8 checkpoint: a directory or a hub id.", show_default=False)
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Directory to write the int4 checkpoint to.", show_default=False)
+    ],
+    bits: Annotated[int, typer.Option("--bits", help="Bits per expert weight (4 only).")] = 4,
+    group_size: Annotated[
+        int, typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 (smaller: more accurate).")
+    ] = 128,
+    symmetric: Annotated[
+        bool,
+        typer.Option("--symmetric/--asymmetric", help="Zero-point-free scales, or a zero-point per group."),
+    ] = True,
+    mse_clip: Annotated[
+        bool,
+        typer.Option("--mse-clip", help="Per group, search the clipped range with the least error (slower)."),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False,
+    shard_size_mb: Annotated[
+        int, typer.Option("--shard-size-mb", min=1, help="Cap on each output shard.")
+    ] = DEFAULT_SHARD_BYTES >> 20,
+    offline: Offline = False,
+) -> None:
+    """Quantise the routed experts to int4 (round-to-nearest, compressed-tensors pack-quantized W4A16);
+    everything else is kept (an FP8 source's other weights become bf16). An interrupted run resumes when
+    the same command is run again."""
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    ui = UI()
+    src_dir = resolve_model(src, offline)
+    bar = Progress(
+        TextColumn("quantizing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("shard {task.fields[shard]}"),
+        console=ui.err,
+        transient=True,
+        disable=not ui.err.is_terminal,
+    )
+    task = bar.add_task("quantize", total=None, shard="")
+
+    def on_progress(p: QuantizeProgress) -> None:
+        bar.update(
+            task, completed=p.done_bytes, total=p.total_bytes, shard=f"{p.shards_done}/{p.shards_total}"
+        )
+
+    with bar:
+        result = quantize_checkpoint(
+            src_dir,
+            out,
+            scheme,
+            force=force,
+            mse_clip=mse_clip,
+            shard_bytes=shard_size_mb << 20,
+            on_progress=on_progress,
+        )
+    kept = f", {result.resumed_shards} kept from the interrupted run" if result.resumed_shards else ""
+    ui.out.print(
+        f"wrote {result.out} ({result.total_bytes / 1e6:.0f} MB in {result.shards} shard(s){kept})",
+        markup=False,
+    )
+    ui.out.print(f"try:  qwen35-lite chat --model {result.out}", markup=False)

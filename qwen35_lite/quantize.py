@@ -1,0 +1,469 @@
+"""`qwen35-lite quantize`: a bf16 or FP8 checkpoint -> a compressed-tensors W4A16 (pack-quantized) one.
+
+Only the routed experts are quantised (round-to-nearest, experts/int4.py); everything else is copied
+byte for byte, except that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a
+pure compressed-tensors checkpoint. Fused expert tensors are written per expert, the layout
+compressed-tensors uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.).
+
+Memory stays small whatever the model size: every output shard's header is planned from the source headers
+alone, then the shard is streamed to disk one tensor (one expert matrix, or a chunk of rows) at a time.
+Resumable: OUT holds a manifest (`PARTIAL_MARKER`) while the run is unfinished; each shard is written under
+a temporary name and renamed when complete, so a rerun of the same command keeps the finished shards (name
+and size checked against the manifest) and continues. The marker goes last, once the index, config and
+tokenizer files are in place: `check_not_partial` refuses a directory that still has it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FP8_BLOCK, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, dequantize_fp8, read_range
+from .errors import CheckpointError, ConfigError, InputError
+from .experts.int4 import Int4Quantization, QuantScheme, parse_quantization_config, quantize_int4
+
+PARTIAL_MARKER = ".qwen35-quantize-partial.json"
+MANIFEST_VERSION = 1
+DEFAULT_SHARD_BYTES = 4 << 30
+GROUP_SIZES = (32, 64, 128)
+COMPRESSED_TENSORS_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config this writes
+EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
+IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
+COPY_CHUNK = 64 << 20
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# Routed experts of the decoder (the MTP head's experts stay as they are): per-expert or fused.
+EXPERT_NAME = re.compile(
+    r"^(?!mtp\.)(?P<prefix>.*\.mlp\.experts\.)"
+    r"(?:(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight|(?P<fused>gate_up_proj|down_proj))$"
+)
+NOT_COPIED = {"config.json", "model.safetensors.index.json", PARTIAL_MARKER}
+
+
+@dataclass(frozen=True)
+class QuantizeProgress:
+    done_bytes: int  # output bytes written (finished shards found on disk count as written)
+    total_bytes: int
+    shards_done: int
+    shards_total: int
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    out: Path
+    shards: int
+    total_bytes: int
+    resumed_shards: int  # finished shards kept from an interrupted run
+
+
+@dataclass(frozen=True)
+class Job:
+    """One source matrix (or one expert's slice of a fused tensor) and what becomes of it.
+
+    kind: "copy" (bytes as they are), "fp8" (block-dequantised to bf16), "int4" (quantised: 3 or 4 tensors).
+    """
+
+    kind: str
+    name: str  # the output name: the tensor's, or for int4 the module's (`...experts.3.up_proj`)
+    source: TensorInfo
+    scale_inv: TensorInfo | None = None  # FP8 sources: the block scales of `source`
+    outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = field(default_factory=tuple)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.outputs)
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    jobs: tuple[Job, ...]
+
+    @property
+    def header(self) -> bytes:
+        """The safetensors header, 8-byte aligned; data follows in job order."""
+        meta: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for job in self.jobs:
+            for name, dtype, shape in job.outputs:
+                n = math.prod(shape) * dtype.itemsize
+                meta[name] = {
+                    "dtype": DTYPE_NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + n],
+                }
+                offset += n
+        raw = json.dumps(meta, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(job.nbytes for job in self.jobs)
+
+
+# ---- planning (headers only) -------------------------------------------------------------------------
+
+
+def _slice(info: TensorInfo, e: int, rows: slice | None = None) -> TensorInfo:
+    """Expert e of a fused [E, ...] tensor (contiguous: e is the leading dim), optionally a row range of it."""
+    per = info.nbytes // info.shape[0]
+    sub = replace(info, shape=info.shape[1:], start=info.start + e * per, end=info.start + (e + 1) * per)
+    return sub if rows is None else _rows(sub, rows.start, rows.stop)
+
+
+def _rows(info: TensorInfo, r0: int, r1: int) -> TensorInfo:
+    per = info.nbytes // info.shape[0]
+    return replace(
+        info, shape=(r1 - r0, *info.shape[1:]), start=info.start + r0 * per, end=info.start + r1 * per
+    )
+
+
+def _int4_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme):
+    out_f, in_f = shape
+    group = scheme.group_size or in_f
+    if in_f % group:
+        raise InputError(
+            f"{module} has {in_f} input features, not a multiple of --group-size {group}",
+            f"pick a group size that divides {in_f}",
+        )
+    parts = [
+        (f"{module}.weight_packed", torch.int32, (out_f, -(-in_f // 8))),
+        (f"{module}.weight_scale", dtype, (out_f, in_f // group)),
+        (f"{module}.weight_shape", torch.int64, (2,)),
+    ]
+    if not scheme.symmetric:
+        parts.append((f"{module}.weight_zero_point", torch.int32, (-(-out_f // 8), in_f // group)))
+    return tuple(parts)
+
+
+def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantScheme) -> Iterator[Job]:
+    m = EXPERT_NAME.match(info.name)
+    # FP8 experts are dequantised to bf16 before quantising: their scales are then bf16, as on a bf16 model
+    dtype = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
+    if m["e"] is not None:
+        module = f"{m['prefix']}{m['e']}.{m['proj']}_proj"
+        yield Job("int4", module, info, scale_inv, _int4_outputs(module, info.shape, dtype, scheme))
+        return
+    if scale_inv is not None:
+        raise CheckpointError(
+            f"{info.name}: FP8 fused experts are not supported", "use a bf16 or per-expert source"
+        )
+    n_experts, rows = info.shape[0], info.shape[1]
+    # gate_up_proj [E, 2I, D]: gate rows first, then up; down_proj [E, D, I]
+    halves = (
+        [("gate", slice(0, rows // 2)), ("up", slice(rows // 2, rows))]
+        if m["fused"] == "gate_up_proj"
+        else [("down", None)]
+    )
+    for e in range(n_experts):
+        for proj, part in halves:
+            sub = _slice(info, e, part)
+            module = f"{m['prefix']}{e}.{proj}_proj"
+            yield Job("int4", module, sub, None, _int4_outputs(module, sub.shape, dtype, scheme))
+
+
+def plan_jobs(ckpt: Checkpoint, scheme: QuantScheme) -> list[Job]:
+    """Every output tensor, in source order (file, offset)."""
+    infos = sorted(ckpt.tensors.values(), key=lambda i: (i.file.name, i.start))
+    by_name = {i.name: i for i in infos}
+    jobs: list[Job] = []
+    for info in infos:
+        if info.name.endswith("_scale_inv"):
+            continue  # consumed with its weight
+        scale_inv = by_name.get(info.name + "_scale_inv") if info.dtype in FP8_DTYPES else None
+        if info.dtype in FP8_DTYPES and scale_inv is None:
+            raise CheckpointError(
+                f"FP8 tensor {info.name} has no weight_scale_inv", "the checkpoint is incomplete"
+            )
+        if EXPERT_NAME.match(info.name):
+            jobs.extend(_expert_jobs(info, scale_inv, scheme))
+        elif scale_inv is not None:
+            jobs.append(Job("fp8", info.name, info, scale_inv, ((info.name, torch.bfloat16, info.shape),)))
+        else:
+            jobs.append(Job("copy", info.name, info, None, ((info.name, info.dtype, info.shape),)))
+    if not any(job.kind == "int4" for job in jobs):
+        raise CheckpointError(f"no routed experts in {ckpt.dir}", "quantize takes a Qwen3.5 MoE checkpoint")
+    return jobs
+
+
+def plan_shards(jobs: list[Job], shard_bytes: int) -> list[Shard]:
+    """Fill shards in order up to `shard_bytes` (a single larger tensor gets a shard of its own)."""
+    groups: list[list[Job]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + job.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.nbytes
+    n = len(groups)
+    return [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_matrix(job: Job) -> torch.Tensor:
+    w = read_range(job.source)
+    if job.scale_inv is None:
+        return w
+    return dequantize_fp8(w, read_range(job.scale_inv), FP8_BLOCK).to(torch.bfloat16)
+
+
+def _copy_bytes(info: TensorInfo, f) -> None:
+    with open(info.file, "rb") as src:
+        src.seek(info.start)
+        left = info.nbytes
+        while left:
+            chunk = src.read(min(COPY_CHUNK, left))
+            if not chunk:
+                raise CheckpointError(
+                    f"{info.file.name} ended early while reading {info.name}", "re-download it"
+                )
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def _write_fp8_dequantised(job: Job, f) -> None:
+    """Row blocks of 128 at a time, so an FP8 embedding-sized matrix never sits whole in fp32."""
+    rows, cols = job.source.shape
+    step = FP8_BLOCK * max(1, COPY_CHUNK // (FP8_BLOCK * cols * 4))
+    scale_inv = read_range(job.scale_inv)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = read_range(_rows(job.source, r0, r1))
+        block_scales = scale_inv[r0 // FP8_BLOCK : -(-r1 // FP8_BLOCK)]
+        f.write(_as_bytes(dequantize_fp8(w, block_scales, FP8_BLOCK).to(torch.bfloat16)))
+
+
+def _write_job(job: Job, scheme: QuantScheme, mse_clip: bool, f) -> None:
+    if job.kind == "copy":
+        _copy_bytes(job.source, f)
+    elif job.kind == "fp8":
+        _write_fp8_dequantised(job, f)
+    else:
+        w = _read_matrix(job)  # [out, in]
+        packed, scale, zero_point = quantize_int4(
+            w, scheme.group_size or w.shape[1], scheme.symmetric, mse_clip
+        )
+        parts = [packed, scale, torch.tensor(w.shape, dtype=torch.int64)]
+        for t in parts + ([] if zero_point is None else [zero_point]):
+            f.write(_as_bytes(t))
+
+
+def _write_shard(
+    shard: Shard, out: Path, scheme: QuantScheme, mse_clip: bool, on_job: Callable[[int], None]
+) -> None:
+    tmp = out / (shard.file + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(shard.header)
+        for job in shard.jobs:
+            _write_job(job, scheme, mse_clip, f)
+            on_job(job.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
+    if tmp.stat().st_size != shard.nbytes:
+        raise CheckpointError(f"{shard.file} came out {tmp.stat().st_size} bytes, planned {shard.nbytes}", "")
+    tmp.replace(out / shard.file)
+
+
+# ---- the manifest, resuming, refusing ------------------------------------------------------------------
+
+
+def _manifest(src: Path, scheme: QuantScheme, mse_clip: bool, shard_bytes: int, shards: list[Shard]) -> dict:
+    return {
+        "version": MANIFEST_VERSION,
+        "source": str(src.resolve()),
+        "scheme": {k: v for k, v in asdict(scheme).items() if k != "scale_dtype"},
+        "mse_clip": mse_clip,
+        "shard_bytes": shard_bytes,
+        "shards": [{"file": s.file, "bytes": s.nbytes} for s in shards],
+    }
+
+
+def _save_marker(out: Path, manifest: dict, done: list[str]) -> None:
+    tmp = out / (PARTIAL_MARKER + ".tmp")
+    tmp.write_text(json.dumps({**manifest, "done": done}, indent=1))
+    tmp.replace(out / PARTIAL_MARKER)
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        return json.loads((out / PARTIAL_MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # unreadable: treated as another run's
+
+
+def check_not_partial(model_dir: Path) -> None:
+    """Refuse a directory that an unfinished `quantize` left behind."""
+    marker = _read_marker(Path(model_dir))
+    if marker is None:
+        return
+    done, total = len(marker.get("done", [])), len(marker.get("shards", []))
+    raise CheckpointError(
+        f"{model_dir} is an unfinished quantize output ({done} of {total} shards written)",
+        f"rerun the same `qwen35-lite quantize {marker.get('source', 'SRC')} {model_dir}` command to finish it",
+    )
+
+
+def _finished_shards(out: Path, marker: dict | None, manifest: dict, force: bool) -> list[str]:
+    """The shards an earlier identical run finished; refuse a non-empty OUT that is not such a run."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise InputError(f"{out} exists and is not a directory", "pick another output directory")
+    resumable = marker is not None and {k: marker.get(k) for k in manifest} == manifest
+    if not resumable:
+        if any(out.iterdir()) and not force:
+            what = "an unfinished quantize with other options" if marker is not None else "not empty"
+            raise InputError(f"{out} is {what}", "pick a new directory, or pass --force to overwrite it")
+        return []
+    sizes = {s["file"]: s["bytes"] for s in manifest["shards"]}
+    return [
+        f for f in marker.get("done", []) if (out / f).is_file() and (out / f).stat().st_size == sizes.get(f)
+    ]
+
+
+def _clear_stale(out: Path, keep: list[str]) -> None:
+    """--force / a resumed run: drop checkpoint files that are not finished shards of this run."""
+    for path in out.iterdir():
+        stale = path.name.endswith((".safetensors", ".safetensors.partial", ".safetensors.index.json"))
+        if path.is_file() and stale and path.name not in keep:
+            path.unlink()
+
+
+# ---- config and metadata -----------------------------------------------------------------------------
+
+
+def quantization_config(scheme: QuantScheme) -> dict:
+    """`quantization_config` exactly as compressed-tensors' ModelCompressor.update_config writes it."""
+    weights = {
+        "dynamic": False,
+        "group_size": scheme.group_size,
+        "num_bits": scheme.bits,
+        "strategy": "group" if scheme.group_size else "channel",
+        "symmetric": scheme.symmetric,
+        "type": "int",
+    }
+    group = {"format": None, "input_activations": None, "output_activations": None}
+    return {
+        "config_groups": {"group_0": {**group, "targets": [EXPERT_TARGET], "weights": weights}},
+        "format": "pack-quantized",
+        "global_compression_ratio": None,
+        "ignore": IGNORE,
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def _source_config(src: Path) -> dict:
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"no config.json in {src}", "SRC must be a Hugging Face checkpoint directory or hub id"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{src / 'config.json'} is not valid JSON", "re-download the checkpoint") from e
+    found = parse_quantization_config(config.get("quantization_config"))
+    if isinstance(found, Int4Quantization):
+        raise InputError(f"{src} is already quantised to int4", "quantize a bf16 or FP8 checkpoint")
+    return config
+
+
+def _write_metadata(src: Path, out: Path, config: dict, scheme: QuantScheme, shards: list[Shard]) -> None:
+    weight_map = {name: s.file for s in shards for job in s.jobs for name, _, _ in job.outputs}
+    index = {
+        "metadata": {"total_size": sum(j.nbytes for s in shards for j in s.jobs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {**config, "quantization_config": quantization_config(scheme)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for path in sorted(src.iterdir()):
+        # tokenizer, chat template, generation and preprocessor configs
+        if (
+            path.is_file()
+            and path.suffix in (".json", ".jinja", ".txt", ".model")
+            and path.name not in NOT_COPIED
+        ):
+            shutil.copyfile(path, out / path.name)
+
+
+# ---- the command's work ------------------------------------------------------------------------------
+
+
+def _check_scheme(scheme: QuantScheme) -> None:
+    if scheme.bits != 4:
+        raise InputError(f"--bits {scheme.bits} is not supported", "only 4-bit (W4A16) experts are written")
+    if scheme.group_size not in GROUP_SIZES:
+        raise InputError(f"--group-size {scheme.group_size} is not supported", "use 32, 64 or 128")
+
+
+def quantize_checkpoint(
+    src: Path,
+    out: Path,
+    scheme: QuantScheme,
+    *,
+    force: bool = False,
+    mse_clip: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    on_progress: Callable[[QuantizeProgress], None] | None = None,
+) -> QuantizeResult:
+    """Write the int4 checkpoint of `src` (a local directory) to `out`, resuming an interrupted run.
+
+    mse_clip: per group, the clipped range with the least squared error instead of the plain min/max.
+    """
+    _check_scheme(scheme)
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise InputError("OUT is the source directory", "write the quantised checkpoint to a new directory")
+    config = _source_config(src)
+    shards = plan_shards(plan_jobs(Checkpoint(src), scheme), shard_bytes)
+    manifest = _manifest(src, scheme, mse_clip, shard_bytes, shards)
+    done = _finished_shards(out, _read_marker(out), manifest, force)
+    resumed = len(done)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out, done)
+    _save_marker(out, manifest, done)
+    total = sum(s.nbytes for s in shards)
+    written = sum(s.nbytes for s in shards if s.file in done)
+    report = on_progress or (lambda p: None)
+    report(QuantizeProgress(written, total, len(done), len(shards)))
+    for shard in shards:
+        if shard.file in done:
+            continue
+
+        def on_job(n: int) -> None:
+            nonlocal written
+            written += n
+            report(QuantizeProgress(written, total, len(done), len(shards)))
+
+        _write_shard(shard, out, scheme, mse_clip, on_job)
+        written += len(shard.header)
+        done.append(shard.file)
+        _save_marker(out, manifest, done)
+        report(QuantizeProgress(written, total, len(done), len(shards)))
+    _write_metadata(src, out, config, scheme, shards)
+    (out / PARTIAL_MARKER).unlink()
+    return QuantizeResult(out, len(shards), total, resumed)
