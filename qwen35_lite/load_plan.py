@@ -13,6 +13,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
 from .hub import resolve_model
 from .plan import MemoryPlan, plan_for
+from .quantize import check_not_partial
 
 if TYPE_CHECKING:
     from .engine import EngineOptions
@@ -37,6 +38,7 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
     from .engine import config_dtype, pick_device, pick_dtype
 
     model_dir = resolve_model(model, opts.offline, configs_only=config_only)
+    check_not_partial(model_dir)  # an interrupted `quantize` output is refused, never half-loaded
     cfg = load_config(model_dir)
     # `info` on a hub id fetched the JSON files only: the index alone, with no shard, is not a checkpoint.
     has_weights = any(model_dir.glob("*.safetensors")) or (

@@ -9,7 +9,7 @@ import torch
 from conftest import greedy, load_ours
 from safetensors.torch import load_file, save_file
 
-from qwen35_lite.checkpoint import Checkpoint, read_range
+from qwen35_lite.checkpoint import Checkpoint, dequantize_fp8, read_range
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import ConfigError
 from qwen35_lite.experts import int4, int4_cpu
@@ -173,26 +173,45 @@ def test_int4_checkpoint_matches_transformers_in_fp32(ct_checkpoints):
         want_tokens = ref.generate(ids[None], max_new_tokens=8, do_sample=False)[0, 80:].tolist()
     ours = load_ours(path, torch.float32)
     cache = ours.make_cache()
-    torch.testing.assert_close(ours.forward(cache, ids), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.forward(cache, ids, all_logits=True), want, rtol=0, atol=1e-4)
     assert greedy(ours, ids, 8)[0] == want_tokens
 
 
-def test_int4_kernel_path_agrees_with_the_exact_path(ct_checkpoints):
-    """bf16 on the CPU runs the int4 kernel: logits close to the exact (dequantise-then-dense) bf16 path,
-    the same top-1 token at >= 99% of positions."""
+def test_int4_kernel_path_is_as_close_to_fp32_as_the_exact_bf16_path(ct_checkpoints):
+    """bf16 on the CPU runs the int4 kernel ((u - 8) * scale + zero inside the matmul, scales in bf16).
+    Against the exact fp32 logits it must be as close as the exact bf16 path (dequantise, cast, F.linear):
+    each expert within 1%, the logits' error at most 1.25x the exact path's, top-1 within 2 points of it.
+    (On these random weights the two bf16 paths agree with each other at ~94% of positions: logits are
+    near-ties, so a fixed top-1 rate between them would test the weights, not the kernel.)"""
     path = ct_checkpoints[(32, True)]
     ids = torch.randint(0, 248000, (200,), generator=torch.Generator().manual_seed(6))
     kernel = load_ours(path, torch.bfloat16, _tiered_factory(4))
     assert kernel.provider.store.format.kernel
-    exact_store = _store(path, torch.bfloat16, torch.device("cuda"))  # the format CUDA would run: exact
-    assert not exact_store.format.kernel
-    exact = load_ours(
-        path, torch.bfloat16, lambda store, device, dtype: UncachedExperts(exact_store, device, dtype)
-    )
-    assert exact.provider.store is exact_store
-    a, b = (m.forward(m.make_cache(), ids).float() for m in (kernel, exact))
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99
-    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+    stores = {
+        "exact": _store(path, torch.bfloat16, torch.device("cuda")),  # the format CUDA runs: exact
+        "fp32": _store(path, torch.float32),
+    }
+    assert not stores["exact"].format.kernel
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    for e in range(4):
+        out = {}
+        for name, store in [("kernel", kernel.provider.store), *stores.items()]:
+            slot = torch.empty(store.slot_nbytes, dtype=torch.uint8)
+            store.read_many(1, [e], [slot])
+            out[name] = store.format.bind(slot)(x.to(store.format.dtype)).float()
+        assert (out["kernel"] - out["fp32"]).norm() <= 0.01 * out["fp32"].norm()
+    models = {"kernel": kernel}
+    for name, store in stores.items():
+        dtype = store.format.dtype
+        models[name] = load_ours(
+            path, dtype, lambda _s, device, dt, store=store: UncachedExperts(store, device, dt)
+        )
+    logits = {k: m.forward(m.make_cache(), ids, all_logits=True).float() for k, m in models.items()}
+    ref = logits["fp32"]
+    err = {k: ((logits[k] - ref).norm() / ref.norm()).item() for k in ("kernel", "exact")}
+    top1 = {k: (logits[k].argmax(-1) == ref.argmax(-1)).float().mean().item() for k in ("kernel", "exact")}
+    assert err["kernel"] <= 1.25 * err["exact"], err
+    assert top1["kernel"] >= top1["exact"] - 0.02, top1
 
 
 def _tiered_factory(slots):
@@ -217,19 +236,12 @@ def _fp8_twin(src, dst_fp8, dst_dense):
             if ".mlp.experts." not in name:
                 fp8[name] = dense[name] = t
                 continue
-            for e, w in enumerate(t):  # fused [E, out, in] -> per expert
-                base = name.rsplit(".", 1)[0] + f".{e}."
-                halves = w.chunk(2, 0) if name.endswith("gate_up_proj") else [w]
-                kinds = ["gate_proj", "up_proj"] if name.endswith("gate_up_proj") else ["down_proj"]
-                for k, m in zip(kinds, halves):
-                    q = m.to(torch.float8_e4m3fn)
-                    s = torch.rand(-(-m.shape[0] // 128), -(-m.shape[1] // 128), generator=g) + 0.5
-                    fp8[base + k + ".weight"] = q
-                    fp8[base + k + ".weight_scale_inv"] = s
-                    rows = s.repeat_interleave(128, 0)[: m.shape[0]].repeat_interleave(128, 1)[
-                        :, : m.shape[1]
-                    ]
-                    dense[base + k + ".weight"] = q.float() * rows
+            for matrix_name, m in _expert_matrices(name, t):
+                q = m.to(torch.float8_e4m3fn)
+                s = torch.rand(-(-m.shape[0] // 128), -(-m.shape[1] // 128), generator=g) + 0.5
+                fp8[matrix_name] = q
+                fp8[matrix_name + "_scale_inv"] = s
+                dense[matrix_name] = dequantize_fp8(q, s)
     save_file(fp8, str(dst_fp8 / "model.safetensors"))
     save_file(dense, str(dst_dense / "model.safetensors"))
     for d in (dst_fp8, dst_dense):
@@ -239,13 +251,28 @@ def _fp8_twin(src, dst_fp8, dst_dense):
     (dst_fp8 / "config.json").write_text(json.dumps(cfg))
 
 
+def _expert_matrices(name: str, t: torch.Tensor):
+    """(per-expert weight name, [out, in]) of a fused [E, out, in] tensor or of a per-expert one."""
+    if t.dim() == 2:
+        return [(name, t)]
+    base = name.rsplit(".", 1)[0]
+    out = []
+    for e, w in enumerate(t):
+        if name.endswith("gate_up_proj"):
+            gate, up = w.chunk(2, 0)
+            out += [(f"{base}.{e}.gate_proj.weight", gate), (f"{base}.{e}.up_proj.weight", up)]
+        else:
+            out.append((f"{base}.{e}.down_proj.weight", w))
+    return out
+
+
 def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_twin(hf_checkpoint, tmp_path):
     _fp8_twin(hf_checkpoint("moe_ratio2_gqa2"), tmp_path / "fp8", tmp_path / "dense")
     ids = torch.randint(0, 248000, (70,), generator=torch.Generator().manual_seed(2))
     fp8 = load_ours(tmp_path / "fp8", torch.float32, _tiered_factory(3))
     assert isinstance(fp8.provider.store.format, Fp8BlockFormat)
     dense = load_ours(tmp_path / "dense", torch.float32)
-    a, b = (m.forward(m.make_cache(), ids) for m in (fp8, dense))
+    a, b = (m.forward(m.make_cache(), ids, all_logits=True) for m in (fp8, dense))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert greedy(fp8, ids, 6)[0] == greedy(dense, ids, 6)[0]
 
@@ -256,3 +283,49 @@ def test_dense_expert_of_a_format_runs_the_reference_ffn():
     x = torch.randn(4, 32)
     gate_up, down = (p.view(slot) for p in fmt.slot)
     assert torch.equal(fmt.bind(slot)(x), ffn(x, gate_up, down))
+
+
+# ---- `quantize` output end to end -------------------------------------------------------------------
+
+
+def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_checkpoint, tmp_path):
+    """`quantize` (ours) on a transformers checkpoint: transformers loads the result, and our fp32 greedy
+    tokens and logits on it equal its own; an interrupted output is refused by the loader in one line."""
+    from ct_reference import load_ct_reference
+
+    from qwen35_lite.engine import Engine, EngineOptions
+    from qwen35_lite.errors import CheckpointError
+    from qwen35_lite.experts.int4 import QuantScheme
+    from qwen35_lite.quantize import quantize_checkpoint
+
+    out = tmp_path / "w4"
+    quantize_checkpoint(hf_checkpoint("moe_int4"), out, QuantScheme(group_size=32, symmetric=True))
+    ids = torch.randint(0, 248000, (70,), generator=torch.Generator().manual_seed(8))
+    ref = load_ct_reference(out, torch.float32)
+    with torch.no_grad():
+        want = ref(input_ids=ids[None]).logits[0]
+        want_tokens = ref.generate(ids[None], max_new_tokens=6, do_sample=False)[0, 70:].tolist()
+    engine = Engine.load(str(out), EngineOptions(device="cpu", dtype="float32", offline=True, cpu_mem=4))
+    assert isinstance(engine.provider.store.format, Int4Format) and engine.plan.expert_format.startswith(
+        "int4"
+    )
+    ours = engine.model
+    torch.testing.assert_close(ours.forward(ours.make_cache(), ids, all_logits=True), want, rtol=0, atol=1e-4)
+    assert greedy(ours, ids, 6)[0] == want_tokens
+
+    def stop_after_first_shard(progress):
+        if progress.shards_done >= 1:
+            raise KeyboardInterrupt
+
+    partial = tmp_path / "partial"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(
+            hf_checkpoint("moe_int4"),
+            partial,
+            QuantScheme(group_size=32, symmetric=True),
+            shard_bytes=1 << 16,
+            on_progress=stop_after_first_shard,
+        )
+    with pytest.raises(CheckpointError) as err:
+        Engine.load(str(partial), EngineOptions(device="cpu", offline=True))
+    assert "unfinished quantize" in err.value.message and "rerun" in err.value.hint
