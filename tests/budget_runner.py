@@ -43,10 +43,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    cfg = load_config(Path(args.model)).text
+    model_cfg = load_config(Path(args.model))
+    cfg = model_cfg.text
     ckpt = Checkpoint(args.model)
     dtype = ckpt.info("embed_tokens.weight").dtype
-    store = ExpertStore(ckpt, cfg)
+    store = ExpertStore(ckpt, cfg, raw_config=model_cfg.raw)
     plan = None
     if args.uncached:
         provider = UncachedExperts(store, CPU, dtype)
@@ -56,6 +57,7 @@ def main() -> None:
             device=CPU,
             dtype=dtype,
             ckpt=ckpt,
+            raw_config=model_cfg.raw,
             cpu_mem=args.cpu_mem,
             cpu_experts=args.cpu_experts,
             context=args.context or args.prompt_len + args.new_tokens,

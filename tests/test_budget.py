@@ -16,14 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from quant_helpers import fp8_copy
 
 from qwen35_lite.cache import DeltaNetState, KVCache
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import TieredExperts
+from qwen35_lite.experts.int4 import QuantScheme
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model import Qwen35Model
 from qwen35_lite.plan import GiB, MemoryPlan
+from qwen35_lite.quantize import quantize_checkpoint
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 RUNNER = Path(__file__).with_name("budget_runner.py")
@@ -79,6 +82,16 @@ def reference_tokens(big_checkpoint) -> list[int]:
     return result["tokens"]
 
 
+@pytest.fixture(scope="session")
+def compact_checkpoints(big_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The big checkpoint with its experts in FP8 (0.8 GB) and in int4 g128 (0.43 GB, our `quantize`)."""
+    root = tmp_path_factory.mktemp("compact")
+    return {
+        "fp8": fp8_copy(big_checkpoint, root / "fp8"),
+        "int4": quantize_checkpoint(big_checkpoint, root / "int4", QuantScheme(group_size=128)).out,
+    }
+
+
 def _ckpt_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -103,6 +116,25 @@ def test_cpu_run_stays_within_cpu_mem_and_decodes_the_same_tokens(big_checkpoint
     else:
         assert stats["ram_slots_per_layer"] == 1
     assert stats["bytes_read"] > budget  # it streamed more than it could ever hold
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+@pytest.mark.parametrize("kind,budget_gib", [("fp8", 0.5), ("int4", 0.35)])
+def test_compact_experts_stay_within_cpu_mem_and_decode_the_same_tokens(
+    compact_checkpoints, kind, budget_gib
+):
+    """FP8 and int4 experts under a budget below their size: bounded, tokens of an unconstrained run."""
+    path = compact_checkpoints[kind]
+    budget = int(budget_gib * GiB)
+    want, _ = run_sampled(str(path), "--uncached")
+    assert _ckpt_bytes(path) > budget
+    result, peak = run_sampled(str(path), "--cpu-mem", str(budget_gib))
+    assert result["tokens"] == want["tokens"]
+    assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {budget_gib} GiB"
+    assert result["plan"]["cpu_total"] <= budget
+    assert 2 <= result["plan"]["cpu_slots"] < BIG.num_experts // 2
+    assert result["stats"]["ram_hits"] > 0 and result["stats"]["bytes_read"] > budget // 2
 
 
 def test_deltanet_state_does_not_grow_with_context(tmp_path):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import greedy, load_ours
-from safetensors.torch import load_file, save_file
+from quant_helpers import FP8_CONFIG, fp8_copy
+from safetensors.torch import load_file
 
-from qwen35_lite.checkpoint import Checkpoint, dequantize_fp8, read_range
+from qwen35_lite.checkpoint import Checkpoint, read_range
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import ConfigError
 from qwen35_lite.experts import int4, int4_cpu
@@ -74,7 +73,7 @@ CT_W4 = {
     },
     "ignore": ["lm_head"],
 }
-FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8 = FP8_CONFIG
 
 
 def test_slot_sizes_from_the_397b_config():
@@ -221,53 +220,8 @@ def _tiered_factory(slots):
 # ---- FP8 end to end --------------------------------------------------------------------------------
 
 
-def _fp8_twin(src, dst_fp8, dst_dense):
-    """An FP8 block-quantised copy of `src`'s routed experts, and its dequantised fp32 twin."""
-    dst_fp8.mkdir()
-    dst_dense.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and f.is_file():
-            (dst_fp8 / f.name).write_bytes(f.read_bytes())
-            (dst_dense / f.name).write_bytes(f.read_bytes())
-    fp8, dense = {}, {}
-    g = torch.Generator().manual_seed(1)
-    for f in sorted(src.glob("*.safetensors")):
-        for name, t in load_file(f).items():
-            if ".mlp.experts." not in name:
-                fp8[name] = dense[name] = t
-                continue
-            for matrix_name, m in _expert_matrices(name, t):
-                q = m.to(torch.float8_e4m3fn)
-                s = torch.rand(-(-m.shape[0] // 128), -(-m.shape[1] // 128), generator=g) + 0.5
-                fp8[matrix_name] = q
-                fp8[matrix_name + "_scale_inv"] = s
-                dense[matrix_name] = dequantize_fp8(q, s)
-    save_file(fp8, str(dst_fp8 / "model.safetensors"))
-    save_file(dense, str(dst_dense / "model.safetensors"))
-    for d in (dst_fp8, dst_dense):
-        (d / "model.safetensors.index.json").unlink(missing_ok=True)
-    cfg = json.loads((dst_fp8 / "config.json").read_text())
-    cfg["quantization_config"] = FP8
-    (dst_fp8 / "config.json").write_text(json.dumps(cfg))
-
-
-def _expert_matrices(name: str, t: torch.Tensor):
-    """(per-expert weight name, [out, in]) of a fused [E, out, in] tensor or of a per-expert one."""
-    if t.dim() == 2:
-        return [(name, t)]
-    base = name.rsplit(".", 1)[0]
-    out = []
-    for e, w in enumerate(t):
-        if name.endswith("gate_up_proj"):
-            gate, up = w.chunk(2, 0)
-            out += [(f"{base}.{e}.gate_proj.weight", gate), (f"{base}.{e}.up_proj.weight", up)]
-        else:
-            out.append((f"{base}.{e}.down_proj.weight", w))
-    return out
-
-
 def test_fp8_checkpoint_gives_the_logits_of_its_dequantised_twin(hf_checkpoint, tmp_path):
-    _fp8_twin(hf_checkpoint("moe_ratio2_gqa2"), tmp_path / "fp8", tmp_path / "dense")
+    fp8_copy(hf_checkpoint("moe_ratio2_gqa2"), tmp_path / "fp8", dense_twin=tmp_path / "dense")
     ids = torch.randint(0, 248000, (70,), generator=torch.Generator().manual_seed(2))
     fp8 = load_ours(tmp_path / "fp8", torch.float32, _tiered_factory(3))
     assert isinstance(fp8.provider.store.format, Fp8BlockFormat)
