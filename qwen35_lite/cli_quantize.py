@@ -81,16 +81,20 @@ def quantize(
             task, completed=p.done_bytes, total=p.total_bytes, shard=f"{p.shards_done}/{p.shards_total}"
         )
 
-    with bar:
-        result = quantize_checkpoint(
-            src_dir,
-            out,
-            scheme,
-            force=force,
-            mse_clip=mse_clip,
-            shard_bytes=shard_size_mb << 20,
-            on_progress=on_progress,
-        )
+    try:
+        with bar:
+            result = quantize_checkpoint(
+                src_dir,
+                out,
+                scheme,
+                force=force,
+                mse_clip=mse_clip,
+                shard_bytes=shard_size_mb << 20,
+                on_progress=on_progress,
+            )
+    except KeyboardInterrupt:
+        ui.info("the finished shards are kept: run the same command again to resume")
+        raise
     kept = f", {result.resumed_shards} kept from the interrupted run" if result.resumed_shards else ""
     ui.out.print(
         f"wrote {result.out} ({result.total_bytes / 1e6:.0f} MB in {result.shards} shard(s){kept})",

@@ -22,6 +22,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -87,7 +88,7 @@ class Shard:
     file: str
     jobs: tuple[Job, ...]
 
-    @property
+    @cached_property
     def header(self) -> bytes:
         """The safetensors header, 8-byte aligned; data follows in job order."""
         meta: dict[str, dict] = {"__metadata__": {"format": "pt"}}

@@ -163,9 +163,11 @@ def test_non_empty_out_is_refused_without_force(fused_bf16, tmp_path):
     (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")
     with pytest.raises(InputError, match="not empty"):
         quantize_checkpoint(fused_bf16, out, QuantScheme(group_size=64))
-    result = CliRunner().invoke(app, ["quantize", str(fused_bf16), str(out), "--group-size", "64"])
-    assert result.exit_code == 1 and "error:" in result.stderr and "Traceback" not in result.output
-    quantize_checkpoint(fused_bf16, out, QuantScheme(group_size=64), force=True)
+    args = ["quantize", str(fused_bf16), str(out), "--group-size", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "not empty" in result.stderr and "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--force"])
+    assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}")
     assert not (out / "model-00001-of-00009.safetensors").exists()  # no stale shard survives --force
 
 
