@@ -17,67 +17,10 @@ from pathlib import Path
 from .errors import InputError, Qwen35Error
 from .generate import Finished, TokenEvent
 from .session import THINK_MODES, ChatSession
+from .settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
 from .ui import UI, ReplyPrinter, format_stats
 
-# ---- settings: /set and the sampling flags share these names, types and ranges -----------------------
-
-
-@dataclass(frozen=True)
-class Setting:
-    kind: type
-    low: float | None = None  # inclusive lower bound
-    high: float | None = None  # inclusive upper bound
-    positive: bool = False  # strictly above zero
-    nullable: bool = False  # "none" is accepted (seed: fresh randomness each reply)
-
-
-SETTINGS: dict[str, Setting] = {
-    "temperature": Setting(float, low=0.0),
-    "top_p": Setting(float, low=0.0, high=1.0),
-    "top_k": Setting(int, low=0),
-    "min_p": Setting(float, low=0.0, high=1.0),
-    "presence_penalty": Setting(float),
-    "repetition_penalty": Setting(float, positive=True),
-    "seed": Setting(int, low=0, nullable=True),
-    "max_new_tokens": Setting(int, low=1),
-}
-
-
-def check_setting(key: str, value: object) -> None:
-    """Raise InputError when `value` is out of range for `key`."""
-    s = SETTINGS[key]
-    if value is None:
-        if s.nullable:
-            return
-        raise InputError(f"{key} needs a value", f"e.g. /set {key} 1")
-    bad = (
-        (s.low is not None and value < s.low)
-        or (s.high is not None and value > s.high)
-        or (s.positive and value <= 0)
-    )
-    if bad:
-        bounds = "above 0" if s.positive else _range_text(s)
-        raise InputError(f"{key} must be {bounds}, not {value}", f"pick a {s.kind.__name__} {bounds}")
-
-
-def _range_text(s: Setting) -> str:
-    if s.high is not None:
-        return f"between {s.low:g} and {s.high:g}"
-    return f"at least {s.low:g}"
-
-
-def parse_setting(key: str, raw: str) -> object:
-    if key not in SETTINGS:
-        raise InputError(f"unknown setting {key!r}", "one of: " + ", ".join(SETTINGS))
-    s = SETTINGS[key]
-    if s.nullable and raw.lower() in ("none", "off", "random"):
-        return None
-    try:
-        value = s.kind(raw)
-    except ValueError as e:
-        raise InputError(f"{key} takes a {s.kind.__name__}, not {raw!r}", f"e.g. /set {key} 1") from e
-    check_setting(key, value)
-    return value
+# ---- settings (their table and checks are in settings.py) -----------------------------------------
 
 
 def apply_setting(session: ChatSession, key: str, value: object) -> None:
