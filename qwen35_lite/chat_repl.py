@@ -130,8 +130,9 @@ def _image(repl: Repl, arg: str) -> None:
         repl.pending_images.clear()
         repl.ui.note("attached images dropped")
         return
+    path = user_path(arg, "image")
     repl.session.engine.check_vision()  # a text-only checkpoint says so now, not at the next message
-    repl.attach([Path(_unquote(arg)).expanduser()])
+    repl.attach([path])
 
 
 def _system(repl: Repl, arg: str) -> None:
@@ -179,16 +180,12 @@ def _stats(repl: Repl, arg: str) -> None:
 
 
 def _save(repl: Repl, arg: str) -> None:
-    if not arg:
-        raise InputError("/save needs a file name", "e.g. /save chat.json")
-    repl.session.save(Path(arg).expanduser())
+    repl.session.save(user_path(arg, "save"))
     repl.ui.note(f"saved {len(repl.session.messages)} messages to {arg}")
 
 
 def _load(repl: Repl, arg: str) -> None:
-    if not arg:
-        raise InputError("/load needs a file name", "e.g. /load chat.json")
-    repl.session.load(Path(arg).expanduser())
+    repl.session.load(user_path(arg, "load"))
     repl.ui.note(f"loaded {len(repl.session.messages)} messages from {arg}")
 
 
@@ -269,7 +266,15 @@ class Repl:
         if cmd is None:
             self.ui.note(f"Unknown command '/{name}'. Type /help for help")
             return
-        cmd.handler(self, arg.strip())
+        try:
+            cmd.handler(self, arg.strip())
+        except Qwen35Error:
+            raise
+        except Exception as e:  # our bug, not the user's: one line, and the chat goes on
+            self.ui.error(
+                f"/{cmd.name} failed: {type(e).__name__}: {e}",
+                "the conversation is kept; please report this with the command you typed",
+            )
 
     @functools.cached_property
     def can_see(self) -> bool:
@@ -356,6 +361,25 @@ def _unquote(word: str) -> str:
     if len(word) > 1 and word[0] == word[-1] and word[0] in "'\"":
         return word[1:-1]
     return word.replace("\\ ", " ")
+
+
+def user_path(arg: str, command: str) -> Path:
+    """The file a command's argument names (quotes removed, ~ expanded), or an InputError saying why not."""
+    if not arg:
+        raise InputError(
+            f"/{command} needs a file name",
+            f"e.g. /{command} {'cat.png' if command == 'image' else 'chat.json'}",
+        )
+    name = _unquote(arg)
+    if "\0" in name:
+        raise InputError("a file name cannot hold a NUL byte", f"type the path after /{command} again")
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # ~user with no such user (or no home directory)
+        user = name.split("/", 1)[0]
+        raise InputError(
+            f"cannot expand {user}: no such user's home directory", "write the path in full"
+        ) from None
 
 
 def _image_file(word: str) -> Path | None:
