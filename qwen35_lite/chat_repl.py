@@ -39,8 +39,9 @@ def current_settings(session: ChatSession) -> list[tuple[str, object]]:
 
 
 @contextmanager
-def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
-    """While a reply streams, Ctrl+C sets `cancel` (the reply ends cleanly after the current token).
+def cancel_on_sigint(cancel: threading.Event, on_first: Callable[[], None] | None = None) -> Iterator[None]:
+    """While a reply streams, Ctrl+C sets `cancel` (the reply ends cleanly after the current token) and
+    calls `on_first` (a note that it was seen).
 
     A second Ctrl+C raises KeyboardInterrupt, for the case where one step (a long prefill chunk) is slow.
     Outside the main thread (no signals there) this does nothing.
@@ -53,6 +54,8 @@ def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
         if cancel.is_set():
             raise KeyboardInterrupt
         cancel.set()
+        if on_first is not None:
+            on_first()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -68,15 +71,16 @@ def stream_reply(
     show_thinking: bool,
     printing: bool = True,
     images: Sequence[Path] = (),
+    stdout_may_close: bool = False,
 ) -> Finished:
     """Send `text` (and `images`), print the reply as it streams, return the Finished event (with expert
-    stats added)."""
+    stats added). stdout_may_close: a closed stdout stops the printing only (chat), not the reply."""
     cancel = threading.Event()
-    printer = ReplyPrinter(ui, show_thinking)
+    printer = ReplyPrinter(ui, show_thinking, stdout_may_close=stdout_may_close)
     prefill_bar, image_bar = ui.prefill_progress(), ui.image_progress()
     done: Finished | None = None
     try:
-        with cancel_on_sigint(cancel):
+        with cancel_on_sigint(cancel, on_first=printer.stopping):
             events = session.send(
                 text, cancel=cancel, on_prefill=prefill_bar, images=images, on_encode=image_bar
             )
@@ -303,7 +307,9 @@ class Repl:
         show = self.session.settings.think == "on"
         fed = self.session.cache.offset
         try:
-            done = stream_reply(self.ui, self.session, text, show_thinking=show, images=images)
+            done = stream_reply(
+                self.ui, self.session, text, show_thinking=show, images=images, stdout_may_close=True
+            )
         except (Exception, KeyboardInterrupt) as e:
             if self.session.cache.offset != fed:
                 # The cache holds part of a turn the history does not: rebuild it from the history on the
