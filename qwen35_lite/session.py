@@ -82,8 +82,13 @@ class ChatSession:
         raises InputError and the current conversation is unchanged."""
         path = Path(path)
         saved = read_save(path)
-        if any(message_images(m) for m in saved.messages):
-            self.engine.check_vision()  # else every later turn would fail on the images
+        if images := [p for m in saved.messages for p in message_images(m)]:
+            # Else every later turn would fail on them: the model must see, and each image must decode
+            # (through the same restricted open as --image; the next turn re-encodes them anyway).
+            self.engine.check_vision()
+            from .multimodal import load_images  # PIL only for chats with images
+
+            load_images(images)
         think = saved.settings.get("think", self.settings.think)
         system = saved.settings.get("system", self.settings.system)
         self._check_fits(saved.messages, system, think)

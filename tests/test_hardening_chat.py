@@ -255,6 +255,17 @@ def test_bad_commands_are_one_line_and_keep_the_chat(repl, tmp_path, capsys):
     assert [m["content"] for m in repl.session.messages[::2]] == ["first message", "next message"]
 
 
+def test_load_decodes_the_images_of_a_save_before_taking_it(repl, tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "x.png"
+    fake.write_bytes(EPS)
+    saved = tmp_path / "c.json"
+    saved.write_text(json.dumps({"messages": [_image_turn(fake), {"role": "assistant", "content": "ok"}]}))
+    monkeypatch.setattr(repl.session.engine, "check_vision", lambda: None)  # as if the model could see
+    repl.handle(f"/load {saved}")
+    one_error(capsys.readouterr().err, "x.png", "not an image we read")
+    assert repl.session.messages == []
+
+
 def test_an_unexpected_error_in_a_command_is_one_line(repl, monkeypatch, capsys):
     def broken(r, arg):
         raise RuntimeError("boom")
