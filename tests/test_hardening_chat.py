@@ -402,6 +402,8 @@ def test_hidden_thinking_shows_a_transient_progress_line_on_a_terminal(ckpt):
         term.send("think about it\n")
         term.wait_for(r"thinking… \d+ tokens, \d+ s")
         term.wait_for("reply 30 tok")  # random weights think all along: the reply ends at the cap
+        after = term.seen[term.seen.rindex("thinking…") :].split("reply 30 tok")[0]
+        assert "\x1b[1A\x1b[2K" in after  # the line is erased (cursor up, clear line) before the stats
         assert "Thinking..." not in term.seen  # none of the thinking text itself
     finally:
         term.close()
