@@ -115,7 +115,7 @@ def _read_json(path: Path) -> object:
         )
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a 5000-digit number, nesting too deep
         raise InputError(
             f"not a chat save: {path} is not JSON ({e})", "pass a file written by /save"
         ) from None
@@ -180,7 +180,7 @@ def _check_part(part: object, where: str) -> None:
 
 
 def _check_image_file(name: str, where: str) -> None:
-    """The image must still be a regular file (not gone, not /dev/zero); it is decoded at the next turn."""
+    """The image must still be a regular file (not gone, not /dev/zero); ChatSession.load then decodes it."""
     if "\0" in name:
         raise NotASave(f"{where}: an image path holds a NUL byte")
     try:

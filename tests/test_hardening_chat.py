@@ -192,6 +192,7 @@ def _saves(d: Path) -> dict[str, Path]:
         "bad_think": {"messages": [], "settings": {"think": "maybe"}},
         "extra_key": {"messages": [], "colour": "blue"},
         "no_messages": {"settings": {}},
+        "too_deep": "[" * 100_000 + "]" * 100_000,
         "valid_image": {"messages": [_image_turn(pic)]},  # fine, but this model cannot see
     }
     out = {}
@@ -232,6 +233,7 @@ BAD_COMMANDS = [
     ("/load {extra_key}", ["not a chat save", "'colour'"]),
     ("/load {no_messages}", ["not a chat save", '"messages"']),
     ("/load {huge}", ["not a chat save", "over the 8 MB limit"]),
+    ("/load {too_deep}", ["not a chat save", "not JSON"]),
     ("/load {valid_image}", ["no vision tower"]),
     ("/set temperature nan", ["finite"]),
     ("/set seed 18446744073709551616", ["seed must be"]),
