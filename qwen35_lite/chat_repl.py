@@ -55,9 +55,10 @@ def cancel_on_sigint(cancel: threading.Event, on_first: Callable[[], None] | Non
             raise KeyboardInterrupt
         cancel.set()
         if on_first is not None:
-            # Not called here: the handler may run while this thread is inside a write to the same stream
-            # (Python refuses the reentrant write); a thread prints it as soon as that write is done.
-            threading.Thread(target=on_first, daemon=True).start()
+            try:
+                on_first()
+            except RuntimeError:  # the signal came inside a write to the same stream: Python refuses the
+                pass  # reentrant write, and the note is dropped (the reply still stops)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
