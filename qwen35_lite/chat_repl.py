@@ -17,67 +17,10 @@ from pathlib import Path
 from .errors import InputError, Qwen35Error
 from .generate import Finished, TokenEvent
 from .session import THINK_MODES, ChatSession
+from .settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
 from .ui import UI, ReplyPrinter, format_stats
 
-# ---- settings: /set and the sampling flags share these names, types and ranges -----------------------
-
-
-@dataclass(frozen=True)
-class Setting:
-    kind: type
-    low: float | None = None  # inclusive lower bound
-    high: float | None = None  # inclusive upper bound
-    positive: bool = False  # strictly above zero
-    nullable: bool = False  # "none" is accepted (seed: fresh randomness each reply)
-
-
-SETTINGS: dict[str, Setting] = {
-    "temperature": Setting(float, low=0.0),
-    "top_p": Setting(float, low=0.0, high=1.0),
-    "top_k": Setting(int, low=0),
-    "min_p": Setting(float, low=0.0, high=1.0),
-    "presence_penalty": Setting(float),
-    "repetition_penalty": Setting(float, positive=True),
-    "seed": Setting(int, low=0, nullable=True),
-    "max_new_tokens": Setting(int, low=1),
-}
-
-
-def check_setting(key: str, value: object) -> None:
-    """Raise InputError when `value` is out of range for `key`."""
-    s = SETTINGS[key]
-    if value is None:
-        if s.nullable:
-            return
-        raise InputError(f"{key} needs a value", f"e.g. /set {key} 1")
-    bad = (
-        (s.low is not None and value < s.low)
-        or (s.high is not None and value > s.high)
-        or (s.positive and value <= 0)
-    )
-    if bad:
-        bounds = "above 0" if s.positive else _range_text(s)
-        raise InputError(f"{key} must be {bounds}, not {value}", f"pick a {s.kind.__name__} {bounds}")
-
-
-def _range_text(s: Setting) -> str:
-    if s.high is not None:
-        return f"between {s.low:g} and {s.high:g}"
-    return f"at least {s.low:g}"
-
-
-def parse_setting(key: str, raw: str) -> object:
-    if key not in SETTINGS:
-        raise InputError(f"unknown setting {key!r}", "one of: " + ", ".join(SETTINGS))
-    s = SETTINGS[key]
-    if s.nullable and raw.lower() in ("none", "off", "random"):
-        return None
-    try:
-        value = s.kind(raw)
-    except ValueError as e:
-        raise InputError(f"{key} takes a {s.kind.__name__}, not {raw!r}", f"e.g. /set {key} 1") from e
-    check_setting(key, value)
-    return value
+# ---- settings (their table and checks are in settings.py) -----------------------------------------
 
 
 def apply_setting(session: ChatSession, key: str, value: object) -> None:
@@ -96,8 +39,9 @@ def current_settings(session: ChatSession) -> list[tuple[str, object]]:
 
 
 @contextmanager
-def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
-    """While a reply streams, Ctrl+C sets `cancel` (the reply ends cleanly after the current token).
+def cancel_on_sigint(cancel: threading.Event, on_first: Callable[[], None] | None = None) -> Iterator[None]:
+    """While a reply streams, Ctrl+C sets `cancel` (the reply ends cleanly after the current token) and
+    calls `on_first` (a note that it was seen).
 
     A second Ctrl+C raises KeyboardInterrupt, for the case where one step (a long prefill chunk) is slow.
     Outside the main thread (no signals there) this does nothing.
@@ -110,6 +54,11 @@ def cancel_on_sigint(cancel: threading.Event) -> Iterator[None]:
         if cancel.is_set():
             raise KeyboardInterrupt
         cancel.set()
+        if on_first is not None:
+            try:
+                on_first()
+            except RuntimeError:  # the signal came inside a write to the same stream: Python refuses the
+                pass  # reentrant write, and the note is dropped (the reply still stops)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -125,15 +74,16 @@ def stream_reply(
     show_thinking: bool,
     printing: bool = True,
     images: Sequence[Path] = (),
+    stdout_may_close: bool = False,
 ) -> Finished:
     """Send `text` (and `images`), print the reply as it streams, return the Finished event (with expert
-    stats added)."""
+    stats added). stdout_may_close: a closed stdout stops the printing only (chat), not the reply."""
     cancel = threading.Event()
-    printer = ReplyPrinter(ui, show_thinking)
+    printer = ReplyPrinter(ui, show_thinking, stdout_may_close=stdout_may_close)
     prefill_bar, image_bar = ui.prefill_progress(), ui.image_progress()
     done: Finished | None = None
     try:
-        with cancel_on_sigint(cancel):
+        with cancel_on_sigint(cancel, on_first=printer.stopping):
             events = session.send(
                 text, cancel=cancel, on_prefill=prefill_bar, images=images, on_encode=image_bar
             )
@@ -187,8 +137,9 @@ def _image(repl: Repl, arg: str) -> None:
         repl.pending_images.clear()
         repl.ui.note("attached images dropped")
         return
+    path = user_path(arg, "image")
     repl.session.engine.check_vision()  # a text-only checkpoint says so now, not at the next message
-    repl.attach([Path(_unquote(arg)).expanduser()])
+    repl.attach([path])
 
 
 def _system(repl: Repl, arg: str) -> None:
@@ -236,16 +187,12 @@ def _stats(repl: Repl, arg: str) -> None:
 
 
 def _save(repl: Repl, arg: str) -> None:
-    if not arg:
-        raise InputError("/save needs a file name", "e.g. /save chat.json")
-    repl.session.save(Path(arg).expanduser())
+    repl.session.save(user_path(arg, "save"))
     repl.ui.note(f"saved {len(repl.session.messages)} messages to {arg}")
 
 
 def _load(repl: Repl, arg: str) -> None:
-    if not arg:
-        raise InputError("/load needs a file name", "e.g. /load chat.json")
-    repl.session.load(Path(arg).expanduser())
+    repl.session.load(user_path(arg, "load"))
     repl.ui.note(f"loaded {len(repl.session.messages)} messages from {arg}")
 
 
@@ -326,7 +273,15 @@ class Repl:
         if cmd is None:
             self.ui.note(f"Unknown command '/{name}'. Type /help for help")
             return
-        cmd.handler(self, arg.strip())
+        try:
+            cmd.handler(self, arg.strip())
+        except Qwen35Error:
+            raise
+        except Exception as e:  # our bug, not the user's: one line, and the chat goes on
+            self.ui.error(
+                f"/{cmd.name} failed: {type(e).__name__}: {e}",
+                "the conversation is kept; please report this with the command you typed",
+            )
 
     @functools.cached_property
     def can_see(self) -> bool:
@@ -355,7 +310,9 @@ class Repl:
         show = self.session.settings.think == "on"
         fed = self.session.cache.offset
         try:
-            done = stream_reply(self.ui, self.session, text, show_thinking=show, images=images)
+            done = stream_reply(
+                self.ui, self.session, text, show_thinking=show, images=images, stdout_may_close=True
+            )
         except (Exception, KeyboardInterrupt) as e:
             if self.session.cache.offset != fed:
                 # The cache holds part of a turn the history does not: rebuild it from the history on the
@@ -413,6 +370,25 @@ def _unquote(word: str) -> str:
     if len(word) > 1 and word[0] == word[-1] and word[0] in "'\"":
         return word[1:-1]
     return word.replace("\\ ", " ")
+
+
+def user_path(arg: str, command: str) -> Path:
+    """The file a command's argument names (quotes removed, ~ expanded), or an InputError saying why not."""
+    if not arg:
+        raise InputError(
+            f"/{command} needs a file name",
+            f"e.g. /{command} {'cat.png' if command == 'image' else 'chat.json'}",
+        )
+    name = _unquote(arg)
+    if "\0" in name:
+        raise InputError("a file name cannot hold a NUL byte", f"type the path after /{command} again")
+    try:
+        return Path(name).expanduser()
+    except RuntimeError:  # ~user with no such user (or no home directory)
+        user = name.split("/", 1)[0]
+        raise InputError(
+            f"cannot expand {user}: no such user's home directory", "write the path in full"
+        ) from None
 
 
 def _image_file(word: str) -> Path | None:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .chat_file import read_save, write_atomic
 from .engine import Engine
 from .errors import InputError
 from .generate import Finished, GenerationRequest, TokenEvent, generate
 from .sampling import SamplingParams
+from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 from .tokenizer import StreamDecoder
-
-THINK_MODES = ("on", "off", "hide")
 
 
 @dataclass
@@ -66,23 +66,50 @@ class ChatSession:
         self.unfed, self.fresh = [], True
 
     def save(self, path: Path) -> None:
+        """Write the conversation as JSON; an existing file is replaced whole or, on any failure, kept."""
         data = {"messages": self.messages, "settings": asdict(self.settings)}
+        text = json.dumps(data, ensure_ascii=False, indent=2)
         try:
-            Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=2))
-        except OSError as e:
-            raise InputError(f"cannot write {path}: {e.strerror}", "pick a writable path") from e
+            write_atomic(Path(path), text)
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            reason = getattr(e, "strerror", None) or str(e)
+            raise InputError(
+                f"cannot write {path}: {reason}", "pick a writable path (an existing file there is unchanged)"
+            ) from e
 
     def load(self, path: Path) -> None:
-        try:
-            data = json.loads(Path(path).read_text())
-            messages = list(data["messages"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"cannot load a chat from {path}", "pass a file written by /save") from e
-        s = data.get("settings", {})
-        self.settings.system = s.get("system", self.settings.system)
-        self.settings.think = s.get("think", self.settings.think)
-        self.messages = messages
+        """Resume a conversation written by save(). The whole file is checked first: on any problem this
+        raises InputError and the current conversation is unchanged."""
+        path = Path(path)
+        saved = read_save(path)
+        if images := [p for m in saved.messages for p in message_images(m)]:
+            # Else every later turn would fail on them: the model must see, and each image must decode
+            # (through the same restricted open as --image; the next turn re-encodes them anyway).
+            self.engine.check_vision()
+            from .multimodal import load_images  # PIL only for chats with images
+
+            load_images(images)
+        think = saved.settings.get("think", self.settings.think)
+        system = saved.settings.get("system", self.settings.system)
+        self._check_fits(saved.messages, system, think)
+        self.settings.system, self.settings.think = system, think
+        self.messages = saved.messages
         self.reset_cache()
+
+    def _check_fits(self, messages: list[dict], system: str | None, think: str) -> None:
+        """Refuse a history the context cannot hold, which would make every later turn fail."""
+        history = [*([{"role": "system", "content": system}] if system else []), *messages]
+        if not messages or self.settings.raw:
+            return
+        text = self.engine.template.render(
+            history, add_generation_prompt=True, enable_thinking=think != "off"
+        )
+        n = len(self.engine.tokenizer.encode(text))
+        if n >= self.engine.max_context:
+            raise InputError(
+                f"the saved chat is {n} tokens, over the context of {self.engine.max_context}",
+                "start the chat with a larger --ctx to resume it",
+            )
 
     # --- prompts -------------------------------------------------------------------------------------
     def _render(self, messages: list[dict]) -> str:

@@ -7,11 +7,16 @@ and the progress bars below are disabled there, so piped output never holds esca
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -20,6 +25,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.spinner import Spinner
 from rich.text import Text
 
 PREFILL_BAR_MIN_TOKENS = 1024  # shorter prompts prefill in a blink; a bar would only flicker
@@ -37,6 +43,7 @@ class UI:
         self.out = _console(stderr=False)
         self.err = _console(stderr=True)
         self.quiet = quiet
+        self.stdout_closed = False  # the reader of stdout went away (`| head`); see drop_stdout
 
     # --- messages on stderr ------------------------------------------------------------------------
     def error(self, message: str, hint: str = "") -> None:
@@ -55,6 +62,19 @@ class UI:
         # Raw write, not console.print: the answer must reach stdout byte for byte (no markup, no wrapping).
         self.out.file.write(text)
         self.out.file.flush()
+
+    def drop_stdout(self) -> None:
+        """After a BrokenPipeError on stdout: send what is left of it to /dev/null, once, and say so.
+
+        Python would otherwise retry the buffered text at every flush and at exit, each time a traceback.
+        """
+        if self.stdout_closed:
+            return
+        self.stdout_closed = True
+        # With no real file behind stdout (an in-process test) this fails, and the writes are skipped instead.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        self.info("(stdout was closed: replies are kept in the conversation but no longer printed)")
 
     def thinking(self, text: str) -> None:
         if self.err.is_terminal:
@@ -169,15 +189,18 @@ class ReplyPrinter:
     """Turns the TokenEvents of one reply into output: answer → stdout, thinking → stderr (dim, framed).
 
     Leading blank lines are dropped (the model writes "\\n\\n" after </think>); the streams are left at the
-    start of a line when the reply ends, so the next prompt or stats line starts cleanly.
+    start of a line when the reply ends, so the next prompt or stats line starts cleanly. Hidden thinking
+    shows a transient "thinking… N tokens, S s" line on a terminal instead (minutes of silence otherwise).
+    stdout_may_close: a closed stdout (`| head`) stops the printing, not the reply (the chat keeps it).
     """
 
-    def __init__(self, ui: UI, show_thinking: bool = True) -> None:
-        self.ui, self.show_thinking = ui, show_thinking
+    def __init__(self, ui: UI, show_thinking: bool = True, stdout_may_close: bool = False) -> None:
+        self.ui, self.show_thinking, self.stdout_may_close = ui, show_thinking, stdout_may_close
         self.in_thinking = False
         self.thought = False  # something of the thinking was printed
         self.answered = False
         self.answer_tail = ""
+        self.hidden: HiddenThinking | None = None
 
     def push(self, text: str, thinking: bool) -> None:
         if thinking:
@@ -189,11 +212,25 @@ class ReplyPrinter:
             if not text:
                 return
             self.answered = True
-        self.ui.answer(text)
+        self._answer(text)
         self.answer_tail = text
+
+    def _answer(self, text: str) -> None:
+        if self.ui.stdout_closed:
+            return
+        try:
+            self.ui.answer(text)
+        except BrokenPipeError:
+            if not self.stdout_may_close:
+                raise
+            self.ui.drop_stdout()
 
     def _think(self, text: str) -> None:
         if not self.show_thinking:
+            if self.hidden is None and self.ui.err.is_terminal:
+                self.hidden = HiddenThinking(self.ui)
+            if self.hidden is not None:
+                self.hidden.tick()
             return
         if not self.in_thinking:
             text = text.lstrip()
@@ -204,18 +241,58 @@ class ReplyPrinter:
         self.ui.thinking(text)
 
     def _close_thinking(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
+            self.hidden = None
         if self.in_thinking:
             self.ui.err.print()
             self.ui.err.print(Text("...done thinking.", style="dim italic"))
             self.ui.err.print()
             self.in_thinking = False
 
+    def stopping(self) -> None:
+        """Acknowledge a first Ctrl+C at once: the reply ends only after the current step (a long prefill
+        chunk can take seconds)."""
+        if self.in_thinking:
+            self.ui.err.print()  # off the line the thinking is streaming on
+        self.ui.info("stopping… (Ctrl+C again to abandon the reply at once)")
+
     def finish(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
+            self.hidden = None
         if self.in_thinking:  # cut off while still thinking
             self.ui.err.print()
             self.in_thinking = False
         if self.answered and not self.answer_tail.endswith("\n"):
-            self.ui.answer("\n")
+            self._answer("\n")
+
+
+class HiddenThinking:
+    """The transient stderr line shown while the model thinks unseen: a spinner, the thinking tokens so
+    far and the seconds spent (re-rendered by rich a few times a second, so the time moves on its own)."""
+
+    def __init__(self, ui: UI) -> None:
+        self.tokens, self.started = 0, time.monotonic()
+        line = Spinner("dots", text=self, style="dim")
+        self.live = Live(
+            line,
+            console=ui.err,
+            transient=True,
+            refresh_per_second=4,
+            redirect_stdout=False,  # the answer writes to stdout directly, never through the live display
+            redirect_stderr=False,
+        )
+        self.live.start(refresh=True)
+
+    def tick(self) -> None:
+        self.tokens += 1
+
+    def __rich__(self) -> Text:
+        return Text(f"thinking… {self.tokens} tokens, {time.monotonic() - self.started:.0f} s", style="dim")
+
+    def close(self) -> None:
+        self.live.stop()
 
 
 def human_bytes(n: int | None) -> str:

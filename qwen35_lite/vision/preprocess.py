@@ -22,6 +22,10 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from ..errors import ConfigError, InputError
 
 MAX_ASPECT_RATIO = 200
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the formats we document, and the only ones opened
+FORMAT_NAMES = "PNG, JPEG, WebP, GIF or BMP"
+# Pillow's own DecompressionBombWarning threshold (a 1 GiB RGBA-sized image; ~89.5 megapixels, e.g. 9459x9459).
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 
 
 @dataclass
@@ -96,31 +100,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: Path | str) -> Image.Image:
-    """Open, fully decode and convert an image file to RGB; any failure is an InputError with a hint."""
+    """Open, fully decode and convert an image file to RGB; any failure is an InputError with a hint.
+
+    Only the formats we document are tried (Pillow would otherwise hand an EPS file, whatever its name,
+    to Ghostscript), and the size in the header is checked before any pixel is decoded.
+    """
     path = Path(path)
+    if "\0" in str(path):
+        raise InputError("an image path cannot hold a NUL byte", "check the path given for the image")
     if not path.exists():
         raise InputError(f"image file not found: {path}", "check the path given to --image")
     if not path.is_file():
-        raise InputError(f"{path} is not a file", "pass the path of an image file (PNG, JPEG, WebP, ...)")
+        raise InputError(f"{path} is not a file", f"pass the path of an image file ({FORMAT_NAMES})")
     # A global PIL flag can make truncated files decode silently padded with grey; force strict decoding.
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's own pixel check is off while we open: it prints a raw warning, and _check_pixels says more.
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = False, None
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
+            _check_pixels(path, im.width, im.height)
             im.load()
             return to_rgb(im)
     except UnidentifiedImageError as e:
         raise InputError(
-            f"{path} is not an image PIL can read", "use a PNG, JPEG, WebP, GIF or BMP file"
+            f"{path} is not an image we read ({FORMAT_NAMES})", "convert it to PNG or JPEG first"
         ) from e
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{path} is too large to decode safely ({e})", "downscale the image first") from e
     except PermissionError as e:
         raise InputError(f"cannot read {path}: permission denied", "check the file's permissions") from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise InputError(f"{path} is truncated or corrupt ({e})", "re-export or re-download the image") from e
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Refuse, from the header alone, an image whose decoded size would be unreasonable."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{path} is {width}x{height}, {width * height / 1e6:.0f} megapixels: over the"
+            f" {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit for an image",
+            "downscale it first (the model sees at most a few megapixels of it anyway)",
+        )
 
 
 def smart_resize(
