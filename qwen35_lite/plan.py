@@ -110,7 +110,7 @@ class MemoryPlan:
         plan = cls(dev, dtype, ctx, cfg, cpu_slots_asked=cpu_experts, gpu_slots_asked=gpu_experts)
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
-            shapes = {n: ckpt.info(n).shape for n in shapes}
+            ckpt.check_resident(shapes)  # the weights must be what config.json describes
             if cfg.is_moe:
                 stored_dtype = ckpt.info("layers.0.mlp.experts." + first_expert_key(ckpt)).dtype
         b = dtype.itemsize
