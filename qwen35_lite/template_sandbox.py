@@ -1,0 +1,181 @@
+"""The sandbox chat templates render in: jinja2's immutable sandbox with bounds on work and size, so a broken
+or hostile template (nested `range(100000)` loops, `'a' * 10**11`, a string doubled 40 times, `10**10**10`)
+fails in one line instead of hanging the process or exhausting its memory.
+
+Bounds: every string, list or integer an operator (`*`, `**`, `+`, `%`, `~`), a call or a filter builds; the
+rendered text; and the wall clock of one render, enforced by a line tracer on the template's own frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.nodes import Concat
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_CHARS = 32 << 20  # longest string or list a template may build, and longest prompt it may render
+MAX_INT_BITS = 1 << 16  # largest integer it may build (about 20,000 digits)
+RENDER_SECONDS = 10.0  # the real Qwen3.5 template renders a 2,000-message chat in well under a second
+TEMPLATE_FILENAME = "<template>"  # the file name of the frames of a template compiled from a string
+# A %-format spec: flags, then width and precision, each digits or `*` (taken from the arguments).
+PERCENT_SPEC = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+FORMAT_FIELD = re.compile(r"\{[^{}]*\}")
+
+
+class TemplateLimitError(Exception):
+    """A template went past one of the bounds above; the message says which."""
+
+
+def check_size(value: Any) -> Any:
+    """Return `value`, or raise when it is a string, list or integer past the bounds."""
+    if isinstance(value, str | list | tuple | dict | bytes) and len(value) > MAX_CHARS:
+        unit = "characters" if isinstance(value, str) else "items"
+        raise TemplateLimitError(f"builds a value of {len(value)} {unit} (limit {MAX_CHARS})")
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise TemplateLimitError(f"builds an integer of {value.bit_length()} bits (limit {MAX_INT_BITS})")
+    return value
+
+
+def _check_operands(operator: str, left: Any, right: Any) -> None:
+    """Refuse an operation whose result would be past the bounds, before computing it."""
+    ints = type(left) in (int, bool) and type(right) in (int, bool)
+    if operator == "**" and ints and right > 0 and abs(left) > 1:
+        if right * (abs(left).bit_length() - 1) > MAX_INT_BITS:
+            raise TemplateLimitError(f"computes a power with {right} as exponent (too large)")
+    elif operator == "*" and ints:
+        if left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+            raise TemplateLimitError("multiplies integers past the size limit")
+    elif operator == "*":
+        sized, count = (left, right) if isinstance(right, int) else (right, left)
+        if isinstance(count, int) and hasattr(sized, "__len__") and len(sized) * count > MAX_CHARS:
+            raise TemplateLimitError(f"repeats a value {count} times (limit {MAX_CHARS} items)")
+    elif operator == "+" and hasattr(left, "__len__") and hasattr(right, "__len__"):
+        check_size(left), check_size(right)
+        if len(left) + len(right) > MAX_CHARS:
+            raise TemplateLimitError(f"joins values past {MAX_CHARS} items")
+    elif operator == "%" and isinstance(left, str):
+        _check_percent_specs(left)
+
+
+def _check_percent_specs(text: str) -> None:
+    """%-format specs (`%999999999d`, `%*d`) asking for more than MAX_CHARS characters."""
+    for width in (n for spec in PERCENT_SPEC.finditer(text) for n in spec.groups() if n):
+        if width == "*" or _too_wide(width):
+            raise TemplateLimitError(f"formats with a field width of {width[:20]} (limit {MAX_CHARS})")
+
+
+def _check_format_fields(text: str) -> None:
+    """str.format fields (`{:999999999}`) asking for more than MAX_CHARS characters."""
+    for field in FORMAT_FIELD.finditer(text):
+        if any(_too_wide(n) for n in re.findall(r"\d+", field.group())):
+            raise TemplateLimitError(f"formats with a field {field.group()[:30]} wider than {MAX_CHARS}")
+
+
+def _too_wide(digits: str) -> bool:
+    return len(digits) > len(str(MAX_CHARS)) or int(digits) > MAX_CHARS  # no int() of 5,000 digits
+
+
+def _check_arguments(args: tuple, kwargs: dict) -> None:
+    """A call or filter argument past MAX_CHARS asks for that much output (center, indent, ljust, ...)."""
+    for value in (*args, *kwargs.values()):
+        if type(value) is int and abs(value) > MAX_CHARS:
+            raise TemplateLimitError(f"passes {value} to a function (limit {MAX_CHARS})")
+
+
+def limited_filter(fn: Callable) -> Callable:
+    """`fn` as a filter whose size arguments and result are bounded."""
+    # Filters taking a context or environment get it first, then the value: only later arguments are sizes.
+    skip = 2 if getattr(fn, "jinja_pass_arg", None) is not None else 1
+
+    @functools.wraps(fn)  # keeps jinja_pass_arg, so Jinja still passes the context
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        _check_arguments(args[skip:], kwargs)
+        return check_size(fn(*args, **kwargs))
+
+    return limited
+
+
+def _checked_format(fn: Callable) -> Callable:
+    """The `format` filter (`'%5d'|format(x)`, a %-format) with its widths checked first."""
+
+    def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            _check_percent_specs(value)
+        return fn(value, *args, **kwargs)
+
+    return checked
+
+
+class _CheckedConcat(CodeGenerator):
+    """Compiles `a ~ b` to environment.checked(...): `~` is not an operator the sandbox can intercept."""
+
+    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+        self.write("environment.checked(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class LimitedSandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with the size bounds on operators, `~`, calls and filters."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})  # also stops compile-time folding of `10**10**10`
+    code_generator_class = _CheckedConcat
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters = {name: limited_filter(fn) for name, fn in self.filters.items()}
+        self.filters["format"] = limited_filter(_checked_format(self.filters["format"]))
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_operands(operator, left, right)
+        return check_size(super().call_binop(context, operator, left, right))
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        _check_arguments(args, kwargs)
+        return check_size(super().call(context, obj, *args, **kwargs))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            _check_format_fields(value.__self__)
+        return wrapped
+
+    @staticmethod
+    def checked(value: Any) -> Any:
+        return check_size(value)
+
+
+def bounded_render(chunks: Iterator[str], seconds: float | None = None) -> str:
+    """Join a template's output (`template.generate(...)`) under the time and size bounds."""
+    deadline = time.monotonic() + (RENDER_SECONDS if seconds is None else seconds)
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Callable | None:
+        if time.monotonic() > deadline:
+            raise TemplateLimitError(
+                f"ran for more than {RENDER_SECONDS if seconds is None else seconds:g} s"
+            )
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Callable | None:
+        # only the template's frames are traced line by line: Jinja's runtime and our filters run at full speed
+        return on_line if frame.f_code.co_filename == TEMPLATE_FILENAME else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        parts, total = [], 0
+        for chunk in chunks:
+            total += len(chunk)
+            if total > MAX_CHARS:
+                raise TemplateLimitError(f"renders more than {MAX_CHARS} characters")
+            parts.append(chunk)
+        return "".join(parts)
+    finally:
+        sys.settrace(previous)
