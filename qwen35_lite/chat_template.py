@@ -15,7 +15,7 @@ import jinja2.ext
 import jinja2.utils
 
 from .errors import CheckpointError, InputError
-from .template_sandbox import LimitedSandbox, TemplateLimitError, bounded_render, limited_filter
+from .template_sandbox import LimitedSandbox, TemplateLimitError, limited_filter
 
 BUILTIN_TEMPLATE = Path(__file__).resolve().parent / "assets" / "chat_template.jinja"
 # transformers passes the tokenizer's special tokens to every template (some read `bos_token` / `eos_token`).
@@ -36,7 +36,8 @@ class ChatTemplate:
         if not text.strip():
             raise CheckpointError(f"the chat template in {origin} is empty", FIX_TEMPLATE_HINT)
         try:
-            self._template = _environment().from_string(text)
+            self._env = _environment()
+            self._template = self._env.from_string(text)
         except jinja2.TemplateSyntaxError as exc:
             raise CheckpointError(
                 f"the chat template in {origin} does not compile: {exc.message} (line {exc.lineno})",
@@ -100,15 +101,15 @@ class ChatTemplate:
                 "tools must be JSON-schema dicts", 'pass [{"type": "function", "function": {...}}]'
             )
         variables = {**self.special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
-        chunks = self._template.generate(
-            messages=chat,
-            tools=_plain(tools),
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
         try:
-            return bounded_render(chunks)  # the same text as Template.render, under time and size bounds
+            return self._env.render_bounded(  # the text of Template.render, under time and size bounds
+                self._template,
+                messages=chat,
+                tools=_plain(tools),
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
         except InputError:
             raise
         except TemplateLimitError as exc:

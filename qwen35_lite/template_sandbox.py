@@ -3,27 +3,26 @@ or hostile template (nested `range(100000)` loops, `'a' * 10**11`, a string doub
 fails in one line instead of hanging the process or exhausting its memory.
 
 Bounds: every string, list or integer an operator (`*`, `**`, `+`, `%`, `~`), a call or a filter builds; the
-rendered text; and the wall clock of one render, enforced by a line tracer on the template's own frames.
+rendered text; and the wall clock of one render, checked at every loop iteration and every call.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
+from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
-from jinja2.nodes import Concat
+from jinja2.environment import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_CHARS = 32 << 20  # longest string or list a template may build, and longest prompt it may render
 MAX_INT_BITS = 1 << 16  # largest integer it may build (about 20,000 digits)
 RENDER_SECONDS = 10.0  # the real Qwen3.5 template renders a 2,000-message chat in well under a second
-TEMPLATE_FILENAME = "<template>"  # the file name of the frames of a template compiled from a string
 # A %-format spec: flags, then width and precision, each digits or `*` (taken from the arguments).
 PERCENT_SPEC = re.compile(r"%[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 FORMAT_FIELD = re.compile(r"\{[^{}]*\}")
@@ -116,14 +115,31 @@ def _checked_format(fn: Callable) -> Callable:
 class _CheckedConcat(CodeGenerator):
     """Compiles `a ~ b` to environment.checked(...): `~` is not an operator the sandbox can intercept."""
 
-    def visit_Concat(self, node: Concat, frame: Frame) -> None:
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.checked(")
         super().visit_Concat(node, frame)
         self.write(")")
 
 
+class _Ticking:
+    """A for loop's iterable that checks the render deadline at every item (its length is the original's,
+    so `loop.length` and `loop.last` behave as before)."""
+
+    def __init__(self, env: LimitedSandbox, iterable: Any) -> None:
+        self.env, self.iterable = env, iterable
+
+    def __len__(self) -> int:
+        return len(self.iterable)  # TypeError when it has none: LoopContext then counts the items
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            self.env.tick()
+            yield item
+
+
 class LimitedSandbox(ImmutableSandboxedEnvironment):
-    """jinja2's immutable sandbox, with the size bounds on operators, `~`, calls and filters."""
+    """jinja2's immutable sandbox, with size bounds on operators, `~`, calls and filters, and a deadline
+    checked at every loop iteration and every call (the only ways a template spends unbounded time)."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})  # also stops compile-time folding of `10**10**10`
     code_generator_class = _CheckedConcat
@@ -132,12 +148,44 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.filters = {name: limited_filter(fn) for name, fn in self.filters.items()}
         self.filters["format"] = limited_filter(_checked_format(self.filters["format"]))
+        self.deadline, self.seconds = math.inf, RENDER_SECONDS
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):  # `for x in xs` runs as `for x in environment.ticking(xs)`
+            loop.iter = nodes.Call(
+                nodes.EnvironmentAttribute("ticking"), [loop.iter], [], None, None, lineno=loop.lineno
+            )
+        return tree
+
+    def ticking(self, iterable: Any) -> _Ticking:
+        return _Ticking(self, iterable)
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"ran for more than {self.seconds:g} s")
+
+    def render_bounded(self, template: Template, **variables: Any) -> str:
+        """`template.render(**variables)`, under the deadline and the size bound on the text."""
+        self.seconds = RENDER_SECONDS  # read at each render, so a test can shorten it
+        self.deadline = time.monotonic() + self.seconds
+        try:
+            parts, total = [], 0
+            for chunk in template.generate(**variables):
+                total += len(chunk)
+                if total > MAX_CHARS:
+                    raise TemplateLimitError(f"renders more than {MAX_CHARS} characters")
+                parts.append(chunk)
+            return "".join(parts)
+        finally:
+            self.deadline = math.inf
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _check_operands(operator, left, right)
         return check_size(super().call_binop(context, operator, left, right))
 
     def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        self.tick()
         _check_arguments(args, kwargs)
         return check_size(super().call(context, obj, *args, **kwargs))
 
@@ -150,32 +198,3 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
     @staticmethod
     def checked(value: Any) -> Any:
         return check_size(value)
-
-
-def bounded_render(chunks: Iterator[str], seconds: float | None = None) -> str:
-    """Join a template's output (`template.generate(...)`) under the time and size bounds."""
-    deadline = time.monotonic() + (RENDER_SECONDS if seconds is None else seconds)
-
-    def on_line(frame: FrameType, event: str, arg: Any) -> Callable | None:
-        if time.monotonic() > deadline:
-            raise TemplateLimitError(
-                f"ran for more than {RENDER_SECONDS if seconds is None else seconds:g} s"
-            )
-        return on_line
-
-    def on_call(frame: FrameType, event: str, arg: Any) -> Callable | None:
-        # only the template's frames are traced line by line: Jinja's runtime and our filters run at full speed
-        return on_line if frame.f_code.co_filename == TEMPLATE_FILENAME else None
-
-    previous = sys.gettrace()
-    sys.settrace(on_call)
-    try:
-        parts, total = [], 0
-        for chunk in chunks:
-            total += len(chunk)
-            if total > MAX_CHARS:
-                raise TemplateLimitError(f"renders more than {MAX_CHARS} characters")
-            parts.append(chunk)
-        return "".join(parts)
-    finally:
-        sys.settrace(previous)
