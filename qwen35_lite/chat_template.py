@@ -23,6 +23,19 @@ SPECIAL_TOKEN_KEYS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "se
 # transformers also accepts reasoning under these older names and copies it to `reasoning_content`/`thinking`.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 FIX_TEMPLATE_HINT = "fix or delete that template; without one the built-in Qwen3.5 template is used"
+# What a render can raise that is the template's or the conversation's fault, not ours.
+RENDER_FAILURES = (
+    TemplateLimitError,
+    RecursionError,
+    MemoryError,
+    ArithmeticError,
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    IndexError,
+)
 
 
 class ChatTemplate:
@@ -112,30 +125,25 @@ class ChatTemplate:
             )
         except InputError:
             raise
-        except TemplateLimitError as exc:
-            raise InputError(f"the chat template ({self.origin}) {exc}", FIX_TEMPLATE_HINT) from exc
-        except (RecursionError, MemoryError) as exc:
-            raise InputError(
-                f"the chat template ({self.origin}) ran out of {'stack' if isinstance(exc, RecursionError) else 'memory'}"
-                " (endless recursion or a huge value?)",
-                FIX_TEMPLATE_HINT,
-            ) from exc
-        except ArithmeticError as exc:
-            raise InputError(
-                f"the chat template ({self.origin}) failed: {_short(exc)}", FIX_TEMPLATE_HINT
-            ) from exc
-        except (
-            jinja2.TemplateError,
-            TypeError,
-            ValueError,
-            KeyError,
-            AttributeError,
-            IndexError,
-        ) as exc:
-            raise InputError(
-                f"the chat template ({self.origin}) failed on these messages: {_short(exc)}",
-                "check the roles and content format; the template may not support this conversation shape",
-            ) from exc
+        except RENDER_FAILURES as exc:
+            raise self._render_error(exc) from exc
+
+    def _render_error(self, exc: BaseException) -> InputError:
+        """The template's own fault (a bound, endless recursion, arithmetic), else one with these messages."""
+        where = f"the chat template ({self.origin})"
+        if isinstance(exc, TemplateLimitError):
+            return InputError(f"{where} {exc}", FIX_TEMPLATE_HINT)
+        if isinstance(exc, RecursionError | MemoryError):
+            what = (
+                "stack (endless recursion?)" if isinstance(exc, RecursionError) else "memory (a huge value?)"
+            )
+            return InputError(f"{where} ran out of {what}", FIX_TEMPLATE_HINT)
+        if isinstance(exc, ArithmeticError):
+            return InputError(f"{where} failed: {_short(exc)}", FIX_TEMPLATE_HINT)
+        return InputError(
+            f"{where} failed on these messages: {_short(exc)}",
+            "check the roles and content format; the template may not support this conversation shape",
+        )
 
 
 def _raise_exception(message: str) -> None:

@@ -20,7 +20,8 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.environment import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-MAX_CHARS = 32 << 20  # longest string or list a template may build, and longest prompt it may render
+MAX_CHARS = 16 << 20  # longest string or list a template may build, and longest prompt it may render
+# (4M tokens or more: past any context; a list that long is 128 MiB of pointers)
 MAX_INT_BITS = 1 << 16  # largest integer it may build (about 20,000 digits)
 RENDER_SECONDS = 10.0  # the real Qwen3.5 template renders a 2,000-message chat in well under a second
 # A %-format spec: flags, then width and precision, each digits or `*` (taken from the arguments).
