@@ -236,7 +236,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {_short(exc)}", "download the file again") from exc
     return data if isinstance(data, dict) else {}
 

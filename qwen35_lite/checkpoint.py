@@ -79,7 +79,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         text = f.read(n)
     try:
         header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path.name} has a corrupt header", "re-download this shard") from e
     if not isinstance(header, dict):
         raise CheckpointError(
@@ -214,7 +214,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     """The index's tensor -> shard map, refused unless it is a JSON object of strings to strings."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index.name} is corrupt", "re-download the checkpoint") from e
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
         raise CheckpointError(

@@ -231,17 +231,17 @@ def _size(value: Any, key: str, limit: int, least: int = 1) -> int:
     if type(value) is not int:  # not bool, not float: sizes are whole numbers
         raise ConfigError(f"config.json: {key} must be a whole number, not {_show(value)}", CORRUPT_HINT)
     if value < least:
-        raise ConfigError(f"config.json: {key} is {value}; it must be at least {least}", CORRUPT_HINT)
+        raise ConfigError(f"config.json: {key} is {_show(value)}; it must be at least {least}", CORRUPT_HINT)
     if value > limit:
         raise ConfigError(
-            f"config.json: {key} is {value}, an implausible value (at most {limit} is plausible)",
+            f"config.json: {key} is {_show(value)}, an implausible value (at most {limit} is plausible)",
             CORRUPT_HINT,
         )
     return value
 
 
 def _positive_float(value: Any, key: str, most: float = math.inf) -> float:
-    if type(value) not in (int, float) or not 0 < value <= most or not math.isfinite(value):
+    if type(value) not in (int, float) or not 0 < value <= most or not value < 1e300:  # nor inf, NaN
         bound = "" if most == math.inf else f" and at most {most}"
         raise ConfigError(
             f"config.json: {key} must be a number above 0{bound}, not {_show(value)}", CORRUPT_HINT
@@ -260,7 +260,10 @@ def _mrope_section(value: Any, where: str) -> list[int]:
 
 def _show(value: Any) -> str:
     """A value for an error line: its repr, cut short (a corrupt file may hold megabytes in one key)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's 4300-digit conversion limit
+        return f"an integer of {value.bit_length()} bits"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -313,7 +316,7 @@ def load_config(model_dir: Path) -> ModelConfig:
         )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise ConfigError(
             f"config.json in {model_dir} is not valid JSON ({e})", "re-download the checkpoint"
         ) from e

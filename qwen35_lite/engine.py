@@ -107,7 +107,7 @@ def generation_defaults(model_dir: Path, tokenizer: Tokenizer) -> GenerationDefa
 def _read_generation_config(path: Path) -> dict:
     try:
         g = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise ConfigError(
             f"{path.name} in {path.parent} is not valid JSON ({e})",
             "fix or delete that file (without it the sampling defaults are temperature 1, top-p 1)",
@@ -124,6 +124,8 @@ def _number(low: float = -math.inf, high: float = math.inf, above: bool = False,
         finite_float = type(v) is float and math.isfinite(v) and not whole
         if type(v) is not int and not finite_float:  # bool is not int here: `true` is no number
             return "a whole number" if whole else "a number"
+        if not -1e300 < v < 1e300:  # an integer that float() cannot hold
+            return "a plausible number"
         if v < low or v > high or (above and v <= low):
             bounds = f"above {low:g}" if above else f"at least {low:g}"
             return bounds + (f" and at most {high:g}" if high < math.inf else "")
@@ -154,7 +156,9 @@ GENERATION_KEYS = {
 def _generation_value(g: dict, key: str, check: Callable[[object], str | None]) -> object:
     value = g.get(key)
     if value is not None and (problem := check(value)) is not None:
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        huge = type(value) is int and value.bit_length() > 64  # repr fails past 4300 digits
+        shown = f"an integer of {value.bit_length()} bits" if huge else repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
         raise ConfigError(
             f"generation_config.json: {key} must be {problem}, not {shown}",
             "fix or delete that key (the --temperature, --top-p, ... flags override the file)",

@@ -111,6 +111,11 @@ SHARD_CASES = {
     "bytes after the last tensor": (GOOD, bytes(24), "8 bytes after its last tensor"),
     "metadata not strings": ({**GOOD, "__metadata__": {"format": 1}}, bytes(16), "__metadata__"),
     "header longer than the file": (b"", b"", "truncated or not a safetensors file"),
+    "5000-digit offset": (
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 1' + b"0" * 5000 + b"]}}",
+        b"",
+        "corrupt header",
+    ),
 }
 
 
@@ -349,6 +354,11 @@ CONFIG_CASES = {
         "full_attention_interval is 0",
     ),
     "vocab 10^12": (composite(vocab_size=10**12), "vocab_size is 1000000000000, an implausible value"),
+    "vocab 10^5000": (
+        composite(vocab_size=10**5000),
+        "vocab_size is an integer of 16610 bits, an implausible",
+    ),
+    "rope_theta 10^400": (composite(rope_parameters={"rope_theta": 10**400}), "rope_theta must be a number"),
     "missing num_experts": (composite(num_experts=DROP), "config.json has no text_config.num_experts"),
     "missing hidden_size": (composite(hidden_size=DROP), "has no text_config.hidden_size"),
     "max_position_embeddings 0": (composite(max_position_embeddings=0), "max_position_embeddings is 0"),
@@ -393,7 +403,9 @@ def test_valid_configs_still_parse():
     assert no_head_dim.text.head_dim == 16
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a": ', b"\xff\xfe{}"])
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000 + "]" * 100_000, '{"a": ', b"\xff\xfe{}", '{"vocab_size": 1' + "0" * 5000 + "}"]
+)
 def test_unreadable_config_json_is_one_error(tmp_path, text):
     path = tmp_path / "config.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -425,6 +437,11 @@ GENERATION_CASES = {
     "do_sample a string": ({"do_sample": "yes"}, "do_sample must be true or false"),
     "eos a string": ({"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
     "eos list with a negative": ({"eos_token_id": [1, -2]}, "eos_token_id must be a token id"),
+    "temperature past float": (
+        {"temperature": 10**400},
+        "temperature must be a plausible number, not an integer",
+    ),
+    "5000 digits": ('{"top_k": 1' + "0" * 5000 + "}", "is not valid JSON"),
 }
 
 
