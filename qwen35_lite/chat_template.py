@@ -13,15 +13,29 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.utils
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import CheckpointError, InputError
+from .template_sandbox import LimitedSandbox, TemplateLimitError, limited_filter
 
 BUILTIN_TEMPLATE = Path(__file__).resolve().parent / "assets" / "chat_template.jinja"
 # transformers passes the tokenizer's special tokens to every template (some read `bos_token` / `eos_token`).
 SPECIAL_TOKEN_KEYS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 # transformers also accepts reasoning under these older names and copies it to `reasoning_content`/`thinking`.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+FIX_TEMPLATE_HINT = "fix or delete that template; without one the built-in Qwen3.5 template is used"
+# What a render can raise that is the template's or the conversation's fault, not ours.
+RENDER_FAILURES = (
+    TemplateLimitError,
+    RecursionError,
+    MemoryError,
+    ArithmeticError,
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    KeyError,
+    AttributeError,
+    IndexError,
+)
 
 
 class ChatTemplate:
@@ -32,12 +46,20 @@ class ChatTemplate:
     ) -> None:
         self.text, self.source, self.origin = text, source, origin
         self.special_tokens = dict(special_tokens or {})
+        if not text.strip():
+            raise CheckpointError(f"the chat template in {origin} is empty", FIX_TEMPLATE_HINT)
         try:
-            self._template = _environment().from_string(text)
+            self._env = _environment()
+            self._template = self._env.from_string(text)
         except jinja2.TemplateSyntaxError as exc:
             raise CheckpointError(
                 f"the chat template in {origin} does not compile: {exc.message} (line {exc.lineno})",
-                "fix or delete that template; without one the built-in Qwen3.5 template is used",
+                FIX_TEMPLATE_HINT,
+            ) from exc
+        except (RecursionError, MemoryError, TemplateLimitError) as exc:
+            raise CheckpointError(
+                f"the chat template in {origin} does not compile: it is nested too deeply or too large",
+                FIX_TEMPLATE_HINT,
             ) from exc
 
     @classmethod
@@ -49,7 +71,7 @@ class ChatTemplate:
         special = {key: _token_text(config[key]) for key in SPECIAL_TOKEN_KEYS if config.get(key)}
         jinja_file = model_dir / "chat_template.jinja"
         if jinja_file.is_file():
-            return cls(jinja_file.read_text(encoding="utf-8"), "checkpoint", str(jinja_file), special)
+            return cls(_read_text(jinja_file), "checkpoint", str(jinja_file), special)
         processor_file = model_dir / "chat_template.json"
         if isinstance(text := _read_json(processor_file).get("chat_template"), str):
             return cls(text, "checkpoint", str(processor_file), special)
@@ -93,7 +115,8 @@ class ChatTemplate:
             )
         variables = {**self.special_tokens, **_plain(extra), "enable_thinking": enable_thinking}
         try:
-            return self._template.render(
+            return self._env.render_bounded(  # the text of Template.render, under time and size bounds
+                self._template,
                 messages=chat,
                 tools=_plain(tools),
                 documents=None,
@@ -102,11 +125,25 @@ class ChatTemplate:
             )
         except InputError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
-            raise InputError(
-                f"the chat template ({self.origin}) failed on these messages: {exc}",
-                "check the roles and content format; the template may not support this conversation shape",
-            ) from exc
+        except RENDER_FAILURES as exc:
+            raise self._render_error(exc) from exc
+
+    def _render_error(self, exc: BaseException) -> InputError:
+        """The template's own fault (a bound, endless recursion, arithmetic), else one with these messages."""
+        where = f"the chat template ({self.origin})"
+        if isinstance(exc, TemplateLimitError):
+            return InputError(f"{where} {exc}", FIX_TEMPLATE_HINT)
+        if isinstance(exc, RecursionError | MemoryError):
+            what = (
+                "stack (endless recursion?)" if isinstance(exc, RecursionError) else "memory (a huge value?)"
+            )
+            return InputError(f"{where} ran out of {what}", FIX_TEMPLATE_HINT)
+        if isinstance(exc, ArithmeticError):
+            return InputError(f"{where} failed: {_short(exc)}", FIX_TEMPLATE_HINT)
+        return InputError(
+            f"{where} failed on these messages: {_short(exc)}",
+            "check the roles and content format; the template may not support this conversation shape",
+        )
 
 
 def _raise_exception(message: str) -> None:
@@ -149,11 +186,9 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attribute {name!r}")
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
+def _environment() -> LimitedSandbox:
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = limited_filter(_tojson)
     env.globals.update(
         raise_exception=_raise_exception,
         strftime_now=_strftime_now,
@@ -201,9 +236,22 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}", "download the file again") from exc
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {_short(exc)}", "download the file again") from exc
     return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"the chat template in {path} is not UTF-8 text", FIX_TEMPLATE_HINT) from exc
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's text cut to one short line (a template's error may quote a huge value)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _token_text(token: Any) -> str:

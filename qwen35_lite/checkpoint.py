@@ -10,10 +10,13 @@ checkpoints) are stripped, so the engine sees `layers.0.mlp.gate.weight`, `embed
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -35,6 +38,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 FP8_BLOCK = 128
+HEADER_LIMIT = 100_000_000  # safetensors' own cap on the header size
 
 
 @dataclass(frozen=True)
@@ -60,65 +64,180 @@ def canonical_name(stored: str) -> str:
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, data offset) of one safetensors file, with typed errors for bad files."""
+    """Return (header dict, data offset) of one safetensors file, with typed errors for bad files.
+
+    The file is opened non-blocking and must be a regular file, so a FIFO or a device named
+    `*.safetensors` is refused instead of hanging the loader."""
+    with os.fdopen(_open_regular(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated (no header)", "re-download this shard")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > HEADER_LIMIT:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file", "re-download it")
+        text = f.read(n)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path.name} is truncated (no header)", "re-download this shard")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{path.name} is truncated or not a safetensors file", "re-download it")
-            header = json.loads(f.read(n))
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path.name} has a corrupt header", "re-download this shard") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path.name} has a corrupt header (not a JSON object)", "re-download this shard"
+        )
+    return header, 8 + n
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file (O_NONBLOCK: a FIFO opens
+    at once instead of waiting for a writer, then fails the check)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as e:
         raise CheckpointError(
             f"shard {path.name} is missing from {path.parent}", "re-download the checkpoint"
         ) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path.name} has a corrupt header", "re-download this shard") from e
-    return header, 8 + n
+    except OSError as e:
+        raise CheckpointError(
+            f"shard {path.name} cannot be opened: {e.strerror}", "check the file and its permissions"
+        ) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(
+            f"shard {path.name} is not a regular file", "replace it with the downloaded safetensors file"
+        )
+    return fd
 
 
 def _scan_file(path: Path) -> list[TensorInfo]:
+    """Every tensor of one shard, checked as the safetensors library checks them: known dtype, a shape
+    whose bytes fill its range, ranges in order, without gaps or overlaps, exactly covering the data."""
     header, base = read_header(path)
-    size = path.stat().st_size
-    infos = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path.name}: tensor {name} has unsupported dtype {meta['dtype']}", "")
-        start, end = (base + o for o in meta["data_offsets"])
-        if end > size:
-            raise CheckpointError(
-                f"{path.name} is truncated ({size} bytes, tensors reach {end})",
-                "the download was interrupted: re-download this shard",
-            )
-        infos.append(TensorInfo(name, path, dtype, tuple(meta["shape"]), start, end))
+    size = os.stat(path).st_size
+    infos = [_tensor_info(path, name, meta, base) for name, meta in header.items() if name != "__metadata__"]
+    _check_metadata(path, header.get("__metadata__", {}))
+    infos.sort(key=lambda i: (i.start, i.end))
+    offset = base
+    for info in infos:
+        if info.start != offset:
+            what = "overlaps the previous tensor" if info.start < offset else "leaves a gap before it"
+            raise CheckpointError(f"{path.name}: tensor {info.name} {what}", "re-download this shard")
+        offset = info.end
+    if offset > size:
+        raise CheckpointError(
+            f"{path.name} is truncated ({size} bytes, tensors reach {offset})",
+            "the download was interrupted: re-download this shard",
+        )
+    if offset < size:
+        raise CheckpointError(
+            f"{path.name} has {size - offset} bytes after its last tensor", "re-download this shard"
+        )
     return infos
+
+
+def _tensor_info(path: Path, name: str, meta: object, base: int) -> TensorInfo:
+    # The common case in a few operations (a 397B checkpoint has ~100k tensors); the diagnosis only on failure.
+    try:
+        code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[code]
+        begin, end = offsets
+        ok = _is_counts(shape) and _is_counts(offsets) and end - begin == math.prod(shape) * dtype.itemsize
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise _tensor_error(path, name, meta)
+    return TensorInfo(name, path, dtype, tuple(shape), base + begin, base + end)
+
+
+def _tensor_error(path: Path, name: str, meta: object) -> CheckpointError:
+    """What is wrong with one header entry, in the order the fields are read."""
+
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path.name}: tensor {name} {problem}", "re-download this shard")
+
+    if not isinstance(meta, dict):
+        return bad("has no dtype, shape and data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in meta:
+            return bad(f"has no {key}")
+    code, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None:
+        return CheckpointError(
+            f"{path.name}: tensor {name} has unsupported dtype {code!r}",
+            f"qwen35-lite reads {', '.join(SAFETENSORS_DTYPES)}",
+        )
+    if not _is_counts(shape):
+        return bad(f"has a malformed shape {shape!r}")
+    if not (_is_counts(offsets) and len(offsets) == 2):
+        return bad(f"has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    if end < begin:
+        return bad(f"has reversed data_offsets {offsets}")
+    return bad(
+        f"of shape {shape} in {code} needs {math.prod(shape) * dtype.itemsize} bytes, not {end - begin}"
+    )
+
+
+def _is_counts(value: object) -> bool:
+    """A JSON list of whole numbers >= 0 (not booleans, which isinstance(int) would let through); loops in
+    C, since a 397B checkpoint has ~100k tensors to check at every load."""
+    return type(value) is list and set(map(type, value)) <= {int} and min(value, default=0) >= 0
+
+
+def _check_metadata(path: Path, metadata: object) -> None:
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(
+            f"{path.name} has a corrupt header (__metadata__ must map strings to strings)",
+            "re-download this shard",
+        )
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index.name} is corrupt", "re-download the checkpoint") from e
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (model_dir / f).is_file()]
+        files = sorted({_shard_path(model_dir, name, index.name) for name in _weight_map(index).values()})
+        missing = [f.name for f in files if not os.path.lexists(f)]
         if missing:
             raise CheckpointError(
                 f"{len(missing)} shard(s) listed in {index.name} are missing, first {missing[0]}",
                 "the download is incomplete: run the same command online to resume it",
             )
-        return [model_dir / f for f in files]
+        return files
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {model_dir}", "is this a Hugging Face checkpoint?")
     return files
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map, refused unless it is a JSON object of strings to strings."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index.name} is corrupt", "re-download the checkpoint") from e
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(
+            f"{index.name} is corrupt (weight_map must map tensor names to shard files)",
+            "re-download the checkpoint",
+        )
+    return weight_map
+
+
+def _shard_path(model_dir: Path, name: str, index_name: str) -> Path:
+    """A shard named by the index: a bare `*.safetensors` file name, so no entry reaches outside the
+    checkpoint directory (`../../etc/passwd`, `/abs/path`) before anything is opened."""
+    if name != PurePosixPath(name).name or name in ("", ".", "..") or "\\" in name or "\0" in name:
+        raise CheckpointError(
+            f"{index_name} names a shard outside the checkpoint directory: {name!r}",
+            "the index is corrupt or tampered with: re-download the checkpoint",
+        )
+    if not name.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{index_name} names a shard that is not a .safetensors file: {name!r}",
+            "re-download the checkpoint",
+        )
+    return model_dir / name
 
 
 class Checkpoint:
@@ -129,7 +248,13 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for path in _shard_files(self.dir):
             for info in _scan_file(path):
-                self.tensors[canonical_name(info.name)] = info
+                name = canonical_name(info.name)
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"tensor {info.name} is stored twice, in {self.tensors[name].file.name} and {path.name}",
+                        "re-download the checkpoint",
+                    )
+                self.tensors[name] = info
         self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -142,6 +267,23 @@ class Checkpoint:
             raise CheckpointError(
                 f"tensor {name} is missing from {self.dir}", "the checkpoint is incomplete"
             ) from e
+
+    def check_resident(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse resident tensors that config.json does not describe: each must be present, floating-point
+        (FP8 included: it is dequantised on read) and of the shape the config implies (`shapes`, from
+        plan_sizes.tensor_shapes). Routed experts and their quantised forms are not resident: not checked."""
+        for name, shape in shapes.items():
+            info = self.info(name)
+            if not info.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"tensor {info.name} is stored as {str(info.dtype).removeprefix('torch.')}, not a float type",
+                    "norms, projections and embeddings must be F32, F16, BF16 or FP8: re-download the checkpoint",
+                )
+            if info.shape != tuple(shape):
+                raise CheckpointError(
+                    f"tensor {info.name} has shape {list(info.shape)} but config.json implies {list(shape)}",
+                    "config.json does not describe these weights: use the config.json of the same checkpoint",
+                )
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.tensors if n.startswith(prefix)]

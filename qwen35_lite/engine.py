@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .experts.cache import TieredExperts
 from .experts.formats import expert_format
 from .experts.store import ExpertStore
@@ -95,23 +96,92 @@ def config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
 
 
 def generation_defaults(model_dir: Path, tokenizer: Tokenizer) -> GenerationDefaults:
-    """Sampling defaults from generation_config.json; stop on its eos ids and on <|im_end|>."""
+    """Sampling defaults from generation_config.json; stop on its eos ids and on <|im_end|>.
+
+    A key set to null counts as absent (as in transformers); a key of the wrong type or out of range
+    is a ConfigError naming it, never a silent fallback: the file decides how every reply is sampled."""
     path = model_dir / "generation_config.json"
-    g = json.loads(path.read_text()) if path.is_file() else {}
-    eos = g.get("eos_token_id", [])
-    stop = set(eos if isinstance(eos, list) else [eos])
+    g = _read_generation_config(path) if path.is_file() else {}
+    value = {key: _generation_value(g, key, check) for key, check in GENERATION_KEYS.items()}
+    eos = value["eos_token_id"]
+    stop = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     im_end = tokenizer.token_id(IM_END)
     if im_end is not None:
         stop.add(im_end)
+    sample = value["do_sample"] is not False
     params = SamplingParams(
-        temperature=float(g.get("temperature", 1.0)) if g.get("do_sample", True) else 0.0,
-        top_p=float(g.get("top_p", 1.0)),
-        top_k=int(g.get("top_k", 0) or 0),
-        min_p=float(g.get("min_p", 0.0) or 0.0),
-        presence_penalty=float(g.get("presence_penalty", 0.0) or 0.0),
-        repetition_penalty=float(g.get("repetition_penalty", 1.0) or 1.0),
+        temperature=float(value["temperature"] if value["temperature"] is not None else 1.0)
+        if sample
+        else 0.0,
+        top_p=float(value["top_p"] if value["top_p"] is not None else 1.0),
+        top_k=value["top_k"] or 0,
+        min_p=float(value["min_p"] or 0.0),
+        presence_penalty=float(value["presence_penalty"] or 0.0),
+        repetition_penalty=float(value["repetition_penalty"] or 1.0),
     )
-    return GenerationDefaults(params, int(g.get("max_new_tokens", 0) or 0) or 2048, tuple(sorted(stop)))
+    return GenerationDefaults(params, value["max_new_tokens"] or 2048, tuple(sorted(stop)))
+
+
+def _read_generation_config(path: Path) -> dict:
+    try:
+        g = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(
+            f"{path.name} in {path.parent} is not valid JSON ({e})",
+            "fix or delete that file (without it the sampling defaults are temperature 1, top-p 1)",
+        ) from e
+    if not isinstance(g, dict):
+        raise ConfigError(f"{path.name} in {path.parent} is not a JSON object", "fix or delete that file")
+    return g
+
+
+def _number(low: float = -math.inf, high: float = math.inf, above: bool = False, whole: bool = False):
+    """A check for one generation_config.json value: its type and its range, as text for the message."""
+
+    def check(v: object) -> str | None:
+        finite_float = type(v) is float and math.isfinite(v) and not whole
+        if type(v) is not int and not finite_float:  # bool is not int here: `true` is no number
+            return "a whole number" if whole else "a number"
+        if not -1e300 < v < 1e300:  # an integer that float() cannot hold
+            return "a plausible number"
+        if v < low or v > high or (above and v <= low):
+            bounds = f"above {low:g}" if above else f"at least {low:g}"
+            return bounds + (f" and at most {high:g}" if high < math.inf else "")
+        return None
+
+    return check
+
+
+def _token_ids(v: object) -> str | None:
+    ids = v if isinstance(v, list) else [v]
+    ok = all(type(i) is int and i >= 0 for i in ids)
+    return None if ok else "a token id or a list of token ids"
+
+
+GENERATION_KEYS = {
+    "eos_token_id": _token_ids,
+    "do_sample": lambda v: None if isinstance(v, bool) else "true or false",
+    "temperature": _number(0.0),
+    "top_p": _number(0.0, 1.0),
+    "top_k": _number(0, whole=True),
+    "min_p": _number(0.0, 1.0),
+    "presence_penalty": _number(),
+    "repetition_penalty": _number(0.0, above=True),
+    "max_new_tokens": _number(1, whole=True),
+}
+
+
+def _generation_value(g: dict, key: str, check: Callable[[object], str | None]) -> object:
+    value = g.get(key)
+    if value is not None and (problem := check(value)) is not None:
+        huge = type(value) is int and value.bit_length() > 64  # repr fails past 4300 digits
+        shown = f"an integer of {value.bit_length()} bits" if huge else repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ConfigError(
+            f"generation_config.json: {key} must be {problem}, not {shown}",
+            "fix or delete that key (the --temperature, --top-p, ... flags override the file)",
+        )
+    return value
 
 
 class Engine:

@@ -111,7 +111,7 @@ class MemoryPlan:
         plan = cls(dev, dtype, ctx, cfg, cpu_slots_asked=cpu_experts, gpu_slots_asked=gpu_experts)
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
-            shapes = {n: ckpt.info(n).shape for n in shapes}
+            ckpt.check_resident(shapes)  # the weights must be what config.json describes
         b = dtype.itemsize
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
