@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from . import __version__, cli_help
 from .cli_options import (
     CpuExperts,
     CpuMem,
@@ -41,21 +42,56 @@ from .cli_options import (
     TopP,
     chat_settings,
     check_flags,
+    check_load_flags,
     load_engine,
     pick,
 )
 from .errors import InputError, Qwen35Error
 from .ui import UI, format_stats
 
+cli_help.install()
+
 app = typer.Typer(
     name="qwen35-lite",
     help="Run Qwen3.5 mixture-of-experts models exactly, on one GPU plus CPU RAM plus NVMe.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `qwen35-lite` shows the help and exits 0 (main below), as git does
     pretty_exceptions_enable=False,  # our bugs print a plain traceback, without dumping tensors as locals
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 EXIT_INTERRUPTED = 130
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("qwen35-lite")
+    except PackageNotFoundError:
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qwen35-lite {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Run Qwen3.5 mixture-of-experts models exactly, on one GPU plus CPU RAM plus NVMe."""
+    if ctx.invoked_subcommand is None:
+        if text := ctx.get_help():  # rich help prints itself and returns ""
+            typer.echo(text)
+        raise typer.Exit()
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -97,19 +133,43 @@ def _silence_stdout() -> None:
 # ---- run ---------------------------------------------------------------------------------------------
 
 
-def read_prompt(ui: UI, prompt: str) -> str:
-    if prompt == "-" and sys.stdin.isatty():
-        ui.info("(type the prompt, then Ctrl+D)")
-    text = sys.stdin.read() if prompt == "-" else prompt
+def read_prompt(ui: UI, words: list[str]) -> str:
+    """The prompt: the words of the command line joined with spaces, or stdin for `-`.
+
+    Bytes that are not UTF-8 (in an argument or piped in) become U+FFFD instead of failing in the
+    tokenizer. A piped prompt loses its trailing newline and spaces, as with ollama.
+    """
+    from .tokenizer import as_valid_text
+
+    if words == ["-"]:
+        if sys.stdin.isatty():
+            ui.info("(type the prompt, then Ctrl+D)")
+        text = read_stdin().rstrip()
+    else:
+        text = " ".join(words)
     if not text.strip():
         raise InputError("the prompt is empty", "pass the prompt as an argument, or pipe it in with -")
-    return text
+    return as_valid_text(text)
+
+
+def read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stream (tests, embedding)
+        return sys.stdin.read()
+    return stream.read().decode("utf-8", errors="replace")
 
 
 @app.command()
 @friendly_errors
 def run(
-    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.", show_default=False)],
+    prompt: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PROMPT",
+            help="The prompt (several words are joined with spaces); - reads it from stdin.",
+            show_default=False,
+        ),
+    ],
     model: Model,
     system: System = None,
     raw: Raw = False,
@@ -140,6 +200,7 @@ def run(
         typer.Option(
             "--image",
             "-i",
+            metavar="PATH",
             help="An image to show the model, before the prompt text (repeat for several, in order).",
             show_default=False,
         ),
@@ -151,6 +212,7 @@ def run(
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
+    check_load_flags(load)
     images = list(image or [])
     if images and raw:
         raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
@@ -217,6 +279,7 @@ def chat(
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
+    check_load_flags(load)
     ui = UI(quiet=quiet)
     engine = load_engine(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))

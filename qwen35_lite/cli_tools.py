@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -19,6 +20,7 @@ from .cli_options import (
     LoadFlags,
     Model,
     Offline,
+    check_load_flags,
     load_engine,
     pick,
     plan_memory,
@@ -35,8 +37,14 @@ def register(app: typer.Typer) -> None:
     """Add `info` and `bench` to `app`, with the same one-line error handling as `run` and `chat`."""
     from .cli import friendly_errors  # cli calls register() once friendly_errors exists
 
-    app.command()(friendly_errors(info))
-    app.command()(friendly_errors(bench))
+    for command in (info, bench):
+        app.command(help=flowed_help(command))(friendly_errors(command))
+
+
+def flowed_help(fn) -> str:
+    """fn's docstring with each paragraph on one line: typer's rich help keeps the docstring's line breaks."""
+    paragraphs = inspect.getdoc(fn).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 def info(
@@ -51,9 +59,14 @@ def info(
     cpu_experts: CpuExperts = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Print the memory plan without loading weights: resident bytes per device, KV per token and the
-    context that fits, expert slots per tier, expected reads per token. Works on config.json alone."""
+    """Print the memory plan without loading the weights.
+
+    The plan shows the resident bytes per device, the KV cache per token and the context that fits, the
+    expert slots per tier and the bytes expected to be read per token. A directory holding only
+    config.json is enough.
+    """
     flags = pick(LoadFlags, locals())
+    check_load_flags(flags, planning=True)
     planned = plan_memory(flags, config_only=True)
     plan = planned.plan
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
@@ -79,11 +92,16 @@ def bench(
     cpu_experts: CpuExperts = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Time a fixed workload (seeded prompt ids, greedy decode of --new-tokens) under the budget flags:
-    prefill and decode tok/s, ttft, cache hits and misses per tier, bytes per token, peak memory."""
+    """Time a fixed workload under the budget flags.
+
+    The workload is --prompt-tokens seeded prompt ids, then exactly --new-tokens greedy tokens. The
+    result gives prefill and decode speed, time to first token, cache hits and misses per tier, bytes
+    read per token and peak memory.
+    """
     from .benchmark import run_benchmark
 
     flags = pick(LoadFlags, locals())
+    check_load_flags(flags)
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
     engine = load_engine(ui, flags, context=prompt_tokens + new_tokens + 1)
