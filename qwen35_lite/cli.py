@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -47,7 +48,10 @@ from .cli_options import (
     pick,
 )
 from .errors import InputError, Qwen35Error
-from .ui import UI, format_stats
+from .ui import UI, format_stats, human_bytes, plural
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 cli_help.install()
 
@@ -128,6 +132,13 @@ def _silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:
+    """load_engine, and the seconds it took (the progress bars vanish, so the stats carry the figure)."""
+    start = time.perf_counter()
+    engine = load_engine(ui, load, context)
+    return engine, round(time.perf_counter() - start, 2)
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -222,11 +233,12 @@ def run(
         from .multimodal import load_images
 
         load_images(images)  # a wrong path fails now, not after loading the model
-    engine = load_engine(ui, load)
+    engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     reply = session.last_reply
+    done.stats["load_s"] = load_s
     if json_out:
         ui.json_line(
             {
@@ -281,7 +293,7 @@ def chat(
     check_flags(flags)
     check_load_flags(load)
     ui = UI(quiet=quiet)
-    engine = load_engine(ui, load)
+    engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     repl = Repl(ui, session)
     if repl.tty:
@@ -289,7 +301,7 @@ def chat(
         ui.header(
             [
                 f"qwen35-lite · {engine.model_dir.name} · {m.device.type} {str(m.dtype).removeprefix('torch.')}"
-                f" · ctx {engine.max_context} · thinking {session.settings.think}",
+                f" · ctx {engine.max_context} · thinking {session.settings.think} · loaded in {load_s:.1f} s",
                 '/help for commands · """ for multi-line · Ctrl+C stops a reply · Ctrl+D leaves',
             ]
         )
@@ -382,7 +394,7 @@ def make_checkpoint(
         )
     shards = sorted(out.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
-    ui.out.print(f"wrote {out} ({total / 1e6:.0f} MB in {len(shards)} shard(s))", markup=False)
+    ui.out.print(f"wrote {out} ({human_bytes(total)} in {plural(len(shards), 'shard')})", markup=False)
     ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -104,9 +105,12 @@ def bench(
     check_load_flags(flags)
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
+    start = time.perf_counter()
     engine = load_engine(ui, flags, context=prompt_tokens + new_tokens + 1)
+    load_s = round(time.perf_counter() - start, 2)
     with ui.phase_progress() as on_progress:
         result = run_benchmark(engine, prompt_tokens, new_tokens, seed=seed, on_progress=on_progress)
+    result["load_s"] = load_s
     if json_out:
         ui.json_line(result)
         return
