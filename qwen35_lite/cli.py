@@ -356,7 +356,10 @@ def make_checkpoint(
     dtype: Annotated[Literal["bfloat16", "float32"], typer.Option(help="Stored dtype.")] = "bfloat16",
     shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MB.")] = 2048,
     seed: Annotated[int, typer.Option(help="Weights seed.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Write into a non-empty directory (its old shards are removed first)."),
+    ] = False,
 ) -> None:
     """Write a random-weight Qwen3.5-MoE checkpoint (real tokenizer and chat template) to try offline."""
     import torch
@@ -379,8 +382,13 @@ def make_checkpoint(
             f"{spec.num_experts_per_tok} experts per token but only {spec.num_experts} experts",
             param_hint="--top-k",
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InputError(f"{out} already exists and is not empty", "pick a new directory, or pass --force")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a directory", "pick a new directory path")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(
+            f"{out} already exists and is not empty",
+            "pick a new directory, or pass --force to replace the checkpoint in it",
+        )
     ui = UI()
     with ui.count_progress("writing layers") as on_progress:
         write_checkpoint(

@@ -235,11 +235,23 @@ class Planned:
 
 
 def _config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
-    from .engine import DTYPES, named_dtype
+    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present),
+    under the same CPU rule as engine.pick_dtype."""
+    import torch
+
+    from .cpu_features import cpu_compute_dtype
+    from .engine import named_dtype
 
     if name != "auto":
         return named_dtype(name)
+    stored = declared_dtype(cfg)
+    return stored if torch.cuda.is_available() else cpu_compute_dtype(stored)
+
+
+def declared_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype config.json says the weights are stored in (bfloat16 when it says none)."""
+    from .engine import DTYPES
+
     text = cfg.raw.get("text_config", cfg.raw)
     stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
     return DTYPES.get(str(stored), DTYPES["bfloat16"])

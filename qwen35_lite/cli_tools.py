@@ -21,7 +21,9 @@ from .cli_options import (
     LoadFlags,
     Model,
     Offline,
+    Planned,
     check_load_flags,
+    declared_dtype,
     load_engine,
     pick,
     plan_memory,
@@ -73,9 +75,25 @@ def info(
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
     ui = UI()
     if json_out:
-        ui.json_line({"model": planned.model_dir.name, **plan_json(plan)})
+        ui.json_line(
+            {"model": planned.model_dir.name, **plan_json(plan), "dtype_note": dtype_note(dtype, planned)}
+        )
     else:
         ui.table(plan.rows(), title=f"memory plan for {planned.model_dir.name}", stdout=True)
+    if note := dtype_note(flags.dtype, planned):
+        ui.note("note: " + note)
+
+
+def dtype_note(requested: str, planned: Planned) -> str | None:
+    """Why auto planned float32 for a bfloat16 checkpoint (a CPU without native bf16), else None."""
+    import torch
+
+    from .cpu_features import NO_BF16_NOTE
+
+    plan = planned.plan
+    if requested != "auto" or plan.dtype != torch.float32 or torch.device(plan.device).type != "cpu":
+        return None
+    return NO_BF16_NOTE if declared_dtype(planned.cfg) == torch.bfloat16 else None
 
 
 def bench(
@@ -99,10 +117,12 @@ def bench(
     result gives prefill and decode speed, time to first token, cache hits and misses per tier, bytes
     read per token and peak memory.
     """
-    from .benchmark import run_benchmark
+    from .benchmark import check_workload, run_benchmark
 
     flags = pick(LoadFlags, locals())
     check_load_flags(flags)
+    if ctx is not None:
+        check_workload(prompt_tokens, new_tokens, ctx)  # before the load; the model's cap is checked after
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
     start = time.perf_counter()
@@ -114,7 +134,11 @@ def bench(
     if json_out:
         ui.json_line(result)
         return
-    rows = [("model", f"{result['model']} ({result['device']}, {result['dtype']})")]
+    bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 support unknown"}
+    rows = [
+        ("model", f"{result['model']} ({result['device']}, {result['dtype']})"),
+        ("CPU", f"{result['cpu']} ({bf16[result['cpu_native_bf16']]})"),
+    ]
     if plan := result.get("plan"):
         slots = f"{plan['cpu_slots']} RAM" + (
             f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""

@@ -13,6 +13,7 @@ import torch
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig, load_config
+from .cpu_features import cpu_compute_dtype
 from .errors import CheckpointError, InputError
 from .expert_cache import UncachedExperts
 from .expert_store import ExpertStore
@@ -62,17 +63,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, ckpt: Checkpoint) -> torch.dtype:
-    if name == "auto":
-        stored = ckpt.info("embed_tokens.weight").dtype
-        return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-    return named_dtype(name)
+def pick_dtype(name: str, ckpt: Checkpoint, device: torch.device | str | None = None) -> torch.dtype:
+    """--dtype; auto is the checkpoint's dtype, except float32 for bfloat16 on a CPU without native bf16.
+
+    device: where the model runs; None means where --device auto puts it (CUDA when visible).
+    """
+    if name != "auto":
+        return named_dtype(name)
+    stored = ckpt.info("embed_tokens.weight").dtype
+    dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+    on_cpu = not torch.cuda.is_available() if device is None else torch.device(device).type == "cpu"
+    return cpu_compute_dtype(dtype) if on_cpu else dtype
 
 
 def named_dtype(name: str) -> torch.dtype:
     """--dtype other than auto."""
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
+        raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16, float16 or float32")
     return DTYPES[name]
 
 
