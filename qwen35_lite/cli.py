@@ -1,7 +1,8 @@
 """The `qwen35-lite` command line: run (one shot), chat (interactive), make-checkpoint (random weights).
 
 Every user-caused failure is a Qwen35Error and ends as one `error:` line plus a `hint:` line, exit code 1;
-typer's own usage errors exit 2. Anything else is our bug and keeps its traceback.
+usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli_help.py).
+Anything else is our bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Typer (0.29) prints a `<bool>` type beside every flag, writes a required argumen
 usage line, and frames usage errors in a box. We want git/ollama-style help (flags without a type,
 `PROMPT`) and usage errors in the same two lines as every other error (`error:` and `hint:`). Typer has no
 setting for these, so `install()` wraps the three methods that render them; everything else is typer's own.
+Each patch applies only where this typer has the method (older ones render flags and usage differently).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 
 import typer.core
 import typer.rich_utils
+from rich.console import Console
 from rich.text import Text
 
 
@@ -22,11 +24,14 @@ def install() -> None:
     typer.core._qwen35_lite_help = True
     _flags_without_type()
     _arguments_in_capitals()
-    typer.rich_utils.rich_format_error = _usage_error_lines
+    if hasattr(typer.rich_utils, "rich_format_error"):
+        typer.rich_utils.rich_format_error = _usage_error_lines
 
 
 def _flags_without_type() -> None:
-    original = typer.core.TyperOption.display_type_rich
+    original = getattr(typer.core.TyperOption, "display_type_rich", None)
+    if original is None:
+        return
 
     @functools.wraps(original)
     def display_type_rich(self, ctx):
@@ -43,7 +48,8 @@ def _arguments_in_capitals() -> None:
         name = name if self.required else f"[{name}]"
         return name + ("..." if self.nargs != 1 else "")
 
-    typer.core.TyperArgument._usage_display_name = usage_name
+    if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+        typer.core.TyperArgument._usage_display_name = usage_name
 
 
 def _usage_error_lines(error) -> None:
@@ -51,7 +57,7 @@ def _usage_error_lines(error) -> None:
 
     Bare `qwen35-lite` never gets here (the app shows its help itself), so every error is a real one.
     """
-    console = typer.rich_utils._get_rich_console(stderr=True)
+    console = Console(stderr=True, highlight=False)
     console.print(Text.assemble(("error:", "bold red"), " ", error.format_message()), soft_wrap=True)
     ctx = getattr(error, "ctx", None)
     if ctx is not None:
