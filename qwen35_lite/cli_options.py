@@ -252,9 +252,9 @@ def declared_dtype(cfg: ModelConfig) -> torch.dtype:
     """The dtype config.json says the weights are stored in (bfloat16 when it says none)."""
     from .engine import DTYPES
 
-    text = cfg.raw.get("text_config", cfg.raw)
-    stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
-    return DTYPES.get(str(stored), DTYPES["bfloat16"])
+    text, raw = cfg.raw.get("text_config", cfg.raw), cfg.raw
+    stored = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+    return DTYPES.get(str(stored or "bfloat16"), DTYPES["bfloat16"])
 
 
 def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:

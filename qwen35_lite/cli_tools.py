@@ -88,12 +88,14 @@ def dtype_note(requested: str, planned: Planned) -> str | None:
     """Why auto planned float32 for a bfloat16 checkpoint (a CPU without native bf16), else None."""
     import torch
 
-    from .cpu_features import NO_BF16_NOTE
+    from .cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
 
     plan = planned.plan
     if requested != "auto" or plan.dtype != torch.float32 or torch.device(plan.device).type != "cpu":
         return None
-    return NO_BF16_NOTE if declared_dtype(planned.cfg) == torch.bfloat16 else None
+    if cpu_has_native_bf16() is not False or declared_dtype(planned.cfg) != torch.bfloat16:
+        return None
+    return NO_BF16_NOTE
 
 
 def bench(

@@ -307,18 +307,20 @@ def bf16_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("native,cpu_dtype", [(False, torch.float32), (True, torch.bfloat16)])
-def test_auto_dtype_is_float32_only_on_a_cpu_without_bf16(bf16_ckpt, monkeypatch, native, cpu_dtype):
+def test_auto_dtype_is_float32_only_on_a_cpu_without_bf16(bf16_ckpt, ckpt, monkeypatch, native, cpu_dtype):
     monkeypatch.setattr(cpu_features, "cpu_has_native_bf16", lambda: native)
-    ckpt = Checkpoint(bf16_ckpt)
-    assert pick_dtype("auto", ckpt, "cpu") == cpu_dtype
-    assert pick_dtype("auto", ckpt, "cuda") == torch.bfloat16  # a GPU computes bf16 natively
-    assert pick_dtype("bfloat16", ckpt, "cpu") == torch.bfloat16  # asked for: kept
+    stored = Checkpoint(bf16_ckpt)
+    assert pick_dtype("auto", stored, "cpu") == cpu_dtype
+    assert pick_dtype("auto", stored, "cuda") == torch.bfloat16  # a GPU computes bf16 natively
+    assert pick_dtype("bfloat16", stored, "cpu") == torch.bfloat16  # asked for: kept
     r = cli("info", "-m", bf16_ckpt, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["dtype"] == str(cpu_dtype).removeprefix("torch.")
     assert ("no native bfloat16" in r.stderr) == (not native)
     assert (plan["dtype_note"] is not None) == (not native)
+    fp32 = cli("info", "-m", ckpt, "--device", "cpu")  # stored in float32: nothing to explain
+    assert fp32.exit_code == 0 and "bfloat16" not in fp32.stderr, fp32.stderr
 
 
 def test_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
