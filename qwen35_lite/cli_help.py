@@ -3,7 +3,7 @@
 Typer (0.29) prints a `<bool>` type beside every flag, writes a required argument as `{prompt}` in the
 usage line, and frames usage errors in a box. We want git/ollama-style help (flags without a type,
 `PROMPT`) and usage errors in the same two lines as every other error (`error:` and `hint:`). Typer has no
-setting for these, so `install()` wraps the three methods that render them; everything else is typer's own.
+setting for these, so `install()` wraps the methods that render them; everything else is typer's own.
 Each patch applies only where this typer has the method (older ones render flags and usage differently).
 """
 
@@ -50,6 +50,12 @@ def _arguments_in_capitals() -> None:
 
     if hasattr(typer.core.TyperArgument, "_usage_display_name"):
         typer.core.TyperArgument._usage_display_name = usage_name
+    original = getattr(typer.core.TyperArgument, "display_type_rich", None)
+    if original is not None:
+        # an argument named by its metavar (PROMPT) needs no `<list[str]>` beside it
+        typer.core.TyperArgument.display_type_rich = lambda self, ctx: (
+            None if self.metavar else original(self, ctx)
+        )
 
 
 def _usage_error_lines(error) -> None:
