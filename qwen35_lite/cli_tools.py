@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import inspect
-import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -24,7 +23,6 @@ from .cli_options import (
     Planned,
     check_load_flags,
     declared_dtype,
-    load_engine,
     pick,
     plan_memory,
 )
@@ -74,13 +72,12 @@ def info(
     plan = planned.plan
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
     ui = UI()
+    note = dtype_note(flags.dtype, planned)
     if json_out:
-        ui.json_line(
-            {"model": planned.model_dir.name, **plan_json(plan), "dtype_note": dtype_note(dtype, planned)}
-        )
+        ui.json_line({"model": planned.model_dir.name, **plan_json(plan), "dtype_note": note})
     else:
         ui.table(plan.rows(), title=f"memory plan for {planned.model_dir.name}", stdout=True)
-    if note := dtype_note(flags.dtype, planned):
+    if note:
         ui.note("note: " + note)
 
 
@@ -120,6 +117,7 @@ def bench(
     read per token and peak memory.
     """
     from .benchmark import check_workload, run_benchmark
+    from .cli import timed_load  # cli imports this module at its end, so not at the top
 
     flags = pick(LoadFlags, locals())
     check_load_flags(flags)
@@ -127,9 +125,7 @@ def bench(
         check_workload(prompt_tokens, new_tokens, ctx)  # before the load; the model's cap is checked after
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
-    start = time.perf_counter()
-    engine = load_engine(ui, flags, context=prompt_tokens + new_tokens + 1)
-    load_s = round(time.perf_counter() - start, 2)
+    engine, load_s = timed_load(ui, flags, context=prompt_tokens + new_tokens + 1)
     with ui.phase_progress() as on_progress:
         result = run_benchmark(engine, prompt_tokens, new_tokens, seed=seed, on_progress=on_progress)
     result["load_s"] = load_s
