@@ -8,6 +8,7 @@ Anything else is our bug and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import io
 import sys
 import time
 from collections.abc import Callable
@@ -293,6 +294,8 @@ def chat(
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
     check_load_flags(load)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
+        sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
     engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))

@@ -187,6 +187,12 @@ def test_argv_bytes_that_are_not_utf8_become_replacement_characters(ckpt, tok):
     assert json.loads(p.stdout.splitlines()[-1])["prompt_ids"] == tok.encode("caf\ufffd")
 
 
+def test_chat_reads_bytes_that_are_not_utf8(ckpt):
+    r = cli("chat", "-m", ckpt, "--raw", "-t", "0", "-n", "2", input=b"caf\xe9\n/exit\n")
+    assert r.exit_code == 0, r.stderr
+    assert "error" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_lone_surrogates_are_replaced_before_tokenising():
     assert as_valid_text("caf\udce9") == "caf\ufffd"  # an escaped byte, as argv gives it
     assert as_valid_text("a\ud800b") == "a\ufffdb"  # a surrogate from elsewhere (JSON)
