@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from .cpu_features import cpu_has_native_bf16, cpu_model_name
 from .engine import Engine
 from .errors import InputError
 from .generate import Finished, GenerationRequest, TokenEvent, generate
@@ -25,6 +26,22 @@ def prompt_ids(engine: Engine, n: int, seed: int = 0) -> list[int]:
     high = min([vocab, *engine.defaults.stop_ids])
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, high, (n,), generator=g).tolist()
+
+
+def check_workload(prompt_tokens: int, new_tokens: int, context: int, model_max: int | None = None) -> None:
+    """Refuse a workload the context cannot hold: the decode would stop early and time fewer tokens."""
+    need = prompt_tokens + new_tokens
+    if need <= context:
+        return
+    if model_max is not None and need > model_max:
+        hint = f"the model's maximum context is {model_max}: lower --prompt-tokens or --new-tokens"
+    else:
+        hint = f"use --ctx {need} or more, or lower --prompt-tokens or --new-tokens"
+    raise InputError(
+        f"{prompt_tokens} prompt tokens + {new_tokens} new tokens need {need} tokens of context,"
+        f" but the context is {context}",
+        hint,
+    )
 
 
 def run_benchmark(
@@ -46,6 +63,7 @@ def run_benchmark(
         raise InputError(
             "bench needs at least one prompt token and one new token", "e.g. --prompt-tokens 512"
         )
+    check_workload(prompt_tokens, new_tokens, engine.max_context, engine.cfg.text.max_position_embeddings)
     req = GenerationRequest(
         prompt_ids=prompt_ids(engine, prompt_tokens, seed),
         params=SamplingParams(temperature=0.0),
@@ -70,6 +88,8 @@ def run_benchmark(
         "model": engine.model_dir.name,
         "device": m.device.type,
         "dtype": str(m.dtype).removeprefix("torch."),
+        "cpu": cpu_model_name(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "seed": seed,
         **done.stats,
         "tokens": done.tokens,

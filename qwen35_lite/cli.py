@@ -1,19 +1,23 @@
 """The `qwen35-lite` command line: run (one shot), chat (interactive), make-checkpoint (random weights).
 
 Every user-caused failure is a Qwen35Error and ends as one `error:` line plus a `hint:` line, exit code 1;
-typer's own usage errors exit 2. Anything else is our bug and keeps its traceback.
+usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli_help.py).
+Anything else is our bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
+from . import __version__, cli_help
 from .cli_options import (
     CpuExperts,
     CpuMem,
@@ -41,21 +45,59 @@ from .cli_options import (
     TopP,
     chat_settings,
     check_flags,
+    check_load_flags,
     load_engine,
     pick,
 )
 from .errors import InputError, Qwen35Error
-from .ui import UI, format_stats
+from .ui import UI, format_stats, human_bytes, plural
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+cli_help.install()
 
 app = typer.Typer(
     name="qwen35-lite",
     help="Run Qwen3.5 mixture-of-experts models exactly, on one GPU plus CPU RAM plus NVMe.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `qwen35-lite` shows the help and exits 0 (main below), as git does
     pretty_exceptions_enable=False,  # our bugs print a plain traceback, without dumping tensors as locals
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 EXIT_INTERRUPTED = 130
+
+
+def version() -> str:
+    """The installed package's version (its metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("qwen35-lite")
+    except PackageNotFoundError:
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qwen35-lite {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_print_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Run Qwen3.5 mixture-of-experts models exactly, on one GPU plus CPU RAM plus NVMe."""
+    if ctx.invoked_subcommand is None:
+        if text := ctx.get_help():  # rich help prints itself and returns ""
+            typer.echo(text)
+        raise typer.Exit()
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -94,22 +136,53 @@ def _silence_stdout() -> None:
         pass
 
 
+def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:
+    """load_engine, and the seconds it took (the progress bars vanish, so the stats carry the figure)."""
+    start = time.perf_counter()
+    engine = load_engine(ui, load, context)
+    return engine, round(time.perf_counter() - start, 2)
+
+
 # ---- run ---------------------------------------------------------------------------------------------
 
 
-def read_prompt(ui: UI, prompt: str) -> str:
-    if prompt == "-" and sys.stdin.isatty():
-        ui.info("(type the prompt, then Ctrl+D)")
-    text = sys.stdin.read() if prompt == "-" else prompt
+def read_prompt(ui: UI, words: list[str]) -> str:
+    """The prompt: the words of the command line joined with spaces, or stdin for `-`.
+
+    Bytes that are not UTF-8 (in an argument or piped in) become U+FFFD instead of failing in the
+    tokenizer. A piped prompt loses its trailing newline and spaces, as with ollama.
+    """
+    from .tokenizer import as_valid_text
+
+    if words == ["-"]:
+        if sys.stdin.isatty():
+            ui.info("(type the prompt, then Ctrl+D)")
+        text = read_stdin().rstrip()
+    else:
+        text = " ".join(words)
     if not text.strip():
         raise InputError("the prompt is empty", "pass the prompt as an argument, or pipe it in with -")
-    return text
+    return as_valid_text(text)
+
+
+def read_stdin() -> str:
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stream (tests, embedding)
+        return sys.stdin.read()
+    return stream.read().decode("utf-8", errors="replace")
 
 
 @app.command()
 @friendly_errors
 def run(
-    prompt: Annotated[str, typer.Argument(help="The prompt; - reads it from stdin.", show_default=False)],
+    prompt: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PROMPT",
+            help="The prompt (several words are joined with spaces); - reads it from stdin.",
+            show_default=False,
+        ),
+    ],
     model: Model,
     system: System = None,
     raw: Raw = False,
@@ -140,6 +213,7 @@ def run(
         typer.Option(
             "--image",
             "-i",
+            metavar="PATH",
             help="An image to show the model, before the prompt text (repeat for several, in order).",
             show_default=False,
         ),
@@ -151,6 +225,7 @@ def run(
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
+    check_load_flags(load)
     images = list(image or [])
     if images and raw:
         raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
@@ -160,11 +235,12 @@ def run(
         from .multimodal import load_images
 
         load_images(images)  # a wrong path fails now, not after loading the model
-    engine = load_engine(ui, load)
+    engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     reply = session.last_reply
+    done.stats["load_s"] = load_s
     if json_out:
         ui.json_line(
             {
@@ -217,8 +293,11 @@ def chat(
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
+    check_load_flags(load)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
+        sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
-    engine = load_engine(ui, load)
+    engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     repl = Repl(ui, session)
     if repl.tty:
@@ -226,7 +305,7 @@ def chat(
         ui.header(
             [
                 f"qwen35-lite · {engine.model_dir.name} · {m.device.type} {str(m.dtype).removeprefix('torch.')}"
-                f" · ctx {engine.max_context} · thinking {session.settings.think}",
+                f" · ctx {engine.max_context} · thinking {session.settings.think} · loaded in {load_s:.1f} s",
                 '/help for commands · """ for multi-line · Ctrl+C stops a reply · Ctrl+D leaves',
             ]
         )
@@ -281,7 +360,10 @@ def make_checkpoint(
     dtype: Annotated[Literal["bfloat16", "float32"], typer.Option(help="Stored dtype.")] = "bfloat16",
     shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MB.")] = 2048,
     seed: Annotated[int, typer.Option(help="Weights seed.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty directory.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Write into a non-empty directory (its old shards are removed first)."),
+    ] = False,
 ) -> None:
     """Write a random-weight Qwen3.5-MoE checkpoint (real tokenizer and chat template) to try offline."""
     import torch
@@ -304,8 +386,13 @@ def make_checkpoint(
             f"{spec.num_experts_per_tok} experts per token but only {spec.num_experts} experts",
             param_hint="--top-k",
         )
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise InputError(f"{out} already exists and is not empty", "pick a new directory, or pass --force")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a directory", "pick a new directory path")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(
+            f"{out} already exists and is not empty",
+            "pick a new directory, or pass --force to replace the checkpoint in it",
+        )
     ui = UI()
     with ui.count_progress("writing layers") as on_progress:
         write_checkpoint(
@@ -319,7 +406,7 @@ def make_checkpoint(
         )
     shards = sorted(out.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
-    ui.out.print(f"wrote {out} ({total / 1e6:.0f} MB in {len(shards)} shard(s))", markup=False)
+    ui.out.print(f"wrote {out} ({human_bytes(total)} in {plural(len(shards), 'shard')})", markup=False)
     ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
 
 

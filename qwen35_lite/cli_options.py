@@ -6,6 +6,7 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -213,6 +214,43 @@ def check_flags(flags: ReplyFlags) -> None:
                 check_setting(key, value)
             except InputError as e:
                 raise typer.BadParameter(e.message, param_hint="--" + key.replace("_", "-")) from None
+
+
+def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
+    """Reject memory budgets that are no size, and GPU flags on a run that has no GPU, before the load.
+
+    planning: `info`, which may plan for a GPU this machine lacks when --device cuda names one.
+    """
+    for name, value in (("--cpu-mem", flags.cpu_mem), ("--gpu-mem", flags.gpu_mem)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise typer.BadParameter(
+                f"{value:g} is not a size; give GiB above 0 (e.g. {name} 8)", param_hint=name
+            )
+    gpu_flags = [n for n, v in (("--gpu-mem", flags.gpu_mem), ("--gpu-experts", flags.gpu_experts)) if v]
+    if gpu_flags and not _runs_on_gpu(flags.device):
+        raise InputError(
+            f"{' and '.join(gpu_flags)} {'apply' if len(gpu_flags) > 1 else 'applies'} to a GPU, but"
+            f" {_why_cpu(flags.device)}",
+            "drop it, or use --device cuda on a machine with a GPU"
+            + (" (info --device cuda plans for one anywhere)" if planning else ""),
+        )
+
+
+def _runs_on_gpu(device: str) -> bool:
+    # --device cuda on a machine without one: pick_device refuses it in its own words (info plans for it)
+    return device.startswith("cuda") or (device == "auto" and _cuda_visible())
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _why_cpu(device: str) -> str:
+    return (
+        "--device cpu runs on the CPU" if device == "cpu" else "no CUDA GPU is visible (this runs on the CPU)"
+    )
 
 
 def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -19,13 +20,14 @@ from .cli_options import (
     LoadFlags,
     Model,
     Offline,
-    load_engine,
+    check_load_flags,
     pick,
     plan_memory,
 )
 from .ui import UI, reply_rows
 
 if TYPE_CHECKING:
+    from .load_plan import Planned
     from .plan import MemoryPlan
 
 JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")]
@@ -35,8 +37,14 @@ def register(app: typer.Typer) -> None:
     """Add `info` and `bench` to `app`, with the same one-line error handling as `run` and `chat`."""
     from .cli import friendly_errors  # cli calls register() once friendly_errors exists
 
-    app.command()(friendly_errors(info))
-    app.command()(friendly_errors(bench))
+    for command in (info, bench):
+        app.command(help=flowed_help(command))(friendly_errors(command))
+
+
+def flowed_help(fn) -> str:
+    """fn's docstring with each paragraph on one line: typer's rich help keeps the docstring's line breaks."""
+    paragraphs = inspect.getdoc(fn).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 def info(
@@ -51,17 +59,40 @@ def info(
     cpu_experts: CpuExperts = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Print the memory plan without loading weights: resident bytes per device, KV per token and the
-    context that fits, expert slots per tier, expected reads per token. Works on config.json alone."""
+    """Print the memory plan without loading the weights.
+
+    The plan shows the resident bytes per device, the KV cache per token and the context that fits, the
+    expert slots per tier and the bytes expected to be read per token. A directory holding only
+    config.json is enough.
+    """
     flags = pick(LoadFlags, locals())
+    check_load_flags(flags, planning=True)
     planned = plan_memory(flags, config_only=True)
     plan = planned.plan
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
     ui = UI()
+    note = dtype_note(flags.dtype, planned)
     if json_out:
-        ui.json_line({"model": planned.model_dir.name, **plan_json(plan)})
+        ui.json_line({"model": planned.model_dir.name, **plan_json(plan), "dtype_note": note})
     else:
         ui.table(plan.rows(), title=f"memory plan for {planned.model_dir.name}", stdout=True)
+    if note:
+        ui.note("note: " + note)
+
+
+def dtype_note(requested: str, planned: Planned) -> str | None:
+    """Why auto planned float32 for a bfloat16 checkpoint (a CPU without native bf16), else None."""
+    import torch
+
+    from .cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
+    from .engine import declared_dtype
+
+    plan = planned.plan
+    if requested != "auto" or plan.dtype != torch.float32 or torch.device(plan.device).type != "cpu":
+        return None
+    if cpu_has_native_bf16() is not False or declared_dtype(planned.cfg) != torch.bfloat16:
+        return None
+    return NO_BF16_NOTE
 
 
 def bench(
@@ -79,20 +110,33 @@ def bench(
     cpu_experts: CpuExperts = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Time a fixed workload (seeded prompt ids, greedy decode of --new-tokens) under the budget flags:
-    prefill and decode tok/s, ttft, cache hits and misses per tier, bytes per token, peak memory."""
-    from .benchmark import run_benchmark
+    """Time a fixed workload under the budget flags.
+
+    The workload is --prompt-tokens seeded prompt ids, then exactly --new-tokens greedy tokens. The
+    result gives prefill and decode speed, time to first token, cache hits and misses per tier, bytes
+    read per token and peak memory.
+    """
+    from .benchmark import check_workload, run_benchmark
+    from .cli import timed_load  # cli imports this module at its end, so not at the top
 
     flags = pick(LoadFlags, locals())
+    check_load_flags(flags)
+    if ctx is not None:
+        check_workload(prompt_tokens, new_tokens, ctx)  # before the load; the model's cap is checked after
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
-    engine = load_engine(ui, flags, context=prompt_tokens + new_tokens + 1)
+    engine, load_s = timed_load(ui, flags, context=prompt_tokens + new_tokens + 1)
     with ui.phase_progress() as on_progress:
         result = run_benchmark(engine, prompt_tokens, new_tokens, seed=seed, on_progress=on_progress)
+    result["load_s"] = load_s
     if json_out:
         ui.json_line(result)
         return
-    rows = [("model", f"{result['model']} ({result['device']}, {result['dtype']})")]
+    bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 support unknown"}
+    rows = [
+        ("model", f"{result['model']} ({result['device']}, {result['dtype']})"),
+        ("CPU", f"{result['cpu']} ({bf16[result['cpu_native_bf16']]})"),
+    ]
     if plan := result.get("plan"):
         slots = f"{plan['cpu_slots']} RAM" + (
             f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""

@@ -15,6 +15,7 @@ import torch
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig
+from .cpu_features import cpu_compute_dtype
 from .errors import CheckpointError, ConfigError, InputError
 from .experts.cache import TieredExperts
 from .experts.formats import expert_format
@@ -72,27 +73,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, ckpt: Checkpoint) -> torch.dtype:
-    if name == "auto":
-        stored = ckpt.info("embed_tokens.weight").dtype
-        return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
-    return named_dtype(name)
+def pick_dtype(name: str, ckpt: Checkpoint, device: torch.device | str | None = None) -> torch.dtype:
+    """--dtype; auto is the checkpoint's dtype, except float32 for bfloat16 on a CPU without native bf16.
+
+    device: where the model runs; None means where --device auto puts it (CUDA when visible).
+    """
+    if name != "auto":
+        return named_dtype(name)
+    stored = ckpt.info("embed_tokens.weight").dtype
+    dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+    on_cpu = not torch.cuda.is_available() if device is None else torch.device(device).type == "cpu"
+    return cpu_compute_dtype(dtype) if on_cpu else dtype
 
 
 def named_dtype(name: str) -> torch.dtype:
     """--dtype other than auto."""
     if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16 or float32")
+        raise InputError(f"unknown dtype {name!r}", "use auto, bfloat16, float16 or float32")
     return DTYPES[name]
 
 
-def config_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present)."""
+def declared_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype config.json says the weights are stored in (bfloat16 when it says none)."""
+    text, raw = cfg.raw.get("text_config", cfg.raw), cfg.raw
+    stored = text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+    return DTYPES.get(str(stored or "bfloat16"), DTYPES["bfloat16"])
+
+
+def config_dtype(name: str, cfg: ModelConfig, device: torch.device | str | None = None) -> torch.dtype:
+    """--dtype, or the dtype config.json names (a checkpoint's weights are what decide when present), under
+    the CPU rule of `pick_dtype`."""
     if name != "auto":
         return named_dtype(name)
-    text = cfg.raw.get("text_config", cfg.raw)
-    stored = text.get("dtype") or text.get("torch_dtype") or cfg.raw.get("torch_dtype") or "bfloat16"
-    return DTYPES.get(str(stored), DTYPES["bfloat16"])
+    dtype = declared_dtype(cfg)
+    on_cpu = not torch.cuda.is_available() if device is None else torch.device(device).type == "cpu"
+    return cpu_compute_dtype(dtype) if on_cpu else dtype
 
 
 def generation_defaults(model_dir: Path, tokenizer: Tokenizer) -> GenerationDefaults:

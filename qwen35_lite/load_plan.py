@@ -49,7 +49,9 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
         device = torch.device(opts.device)  # planning for a GPU this machine may not have
     else:
         device = pick_device(opts.device)
-    dtype = pick_dtype(opts.dtype, ckpt) if ckpt is not None else config_dtype(opts.dtype, cfg)
+    dtype = (
+        pick_dtype(opts.dtype, ckpt, device) if ckpt is not None else config_dtype(opts.dtype, cfg, device)
+    )
     ctx = opts.ctx if opts.ctx is not None else opts.context
     plan = plan_for(
         cfg.text,

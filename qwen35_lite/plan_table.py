@@ -39,7 +39,8 @@ def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
     rows += [
         (
             "KV cache per token",
-            f"{plan.kv_per_token / KiB:.1f} KiB ({len(cfg.full_attention_layers)} attention layers)",
+            f"{plan.kv_per_token / KiB:.1f} KiB ({len(cfg.full_attention_layers)} attention"
+            f" layer{'' if len(cfg.full_attention_layers) == 1 else 's'})",
         ),
         (f"KV cache, {plan.context} tokens ({kv_dev})", fmt_gib(plan.kv_bytes)),
         ("DeltaNet state (fixed)", fmt_gib(plan.state_bytes)),

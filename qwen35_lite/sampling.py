@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CheckpointError
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +36,18 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.T
     return logits
 
 
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise CheckpointError when the model gave NaN or infinite logits: argmax would pick at random and
+    multinomial would fail in torch's words; either way the weights, not the sampler, are at fault."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
+        raise CheckpointError(
+            f"the model computed {bad} logits: the checkpoint's weights are corrupt or overflow in this dtype",
+            "download the checkpoint again (or check its shards for NaN); with --dtype float16, try"
+            " bfloat16 or float32",
+        )
+
+
 def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], int]:
     """Return fn(logits [V] fp32) -> token id."""
     gen = torch.Generator()
@@ -43,6 +57,7 @@ def make_sampler(p: SamplingParams) -> Callable[[torch.Tensor], int]:
         gen.seed()
 
     def sample(logits: torch.Tensor) -> int:
+        check_finite(logits)
         if p.temperature <= 0:
             return int(torch.argmax(logits))
         logits = logits / p.temperature

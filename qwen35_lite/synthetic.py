@@ -173,9 +173,14 @@ def write_checkpoint(
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the checkpoint to `out` (created); return it. Progress is reported in layers written."""
+    """Write the checkpoint to `out` (created); return it. Progress is reported in layers written.
+
+    The weights of a checkpoint already in `out` (its shards and index) are removed first, so none of its
+    shards is left behind beside the new ones; other files are left alone or overwritten.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_weights(out)
     gen = torch.Generator().manual_seed(seed)
     writer = _ShardWriter(out, shard_bytes)
     for name, t in resident_tensors(spec, gen):
@@ -189,6 +194,13 @@ def write_checkpoint(
     writer.finish()
     _write_metadata(out, spec, dtype)
     return out
+
+
+def remove_weights(directory: Path) -> None:
+    """Delete the safetensors shards and index of the checkpoint in `directory` (nothing else)."""
+    for path in [*directory.glob("*.safetensors"), directory / "model.safetensors.index.json"]:
+        if path.is_file() or path.is_symlink():
+            path.unlink()
 
 
 class _ShardWriter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -41,7 +42,7 @@ class Tokenizer:
         return cls(backend, source="checkpoint")
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(as_valid_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -54,6 +55,23 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added/special tokens included (the embedding table may be padded beyond it)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def as_valid_text(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD: tokenizers accepts only valid Unicode.
+
+    Python turns bytes that are not UTF-8 in argv (and in streams opened with surrogateescape) into
+    lone surrogates; those bytes become U+FFFD, as a UTF-8 decoder with errors="replace" would give.
+    """
+    if not _SURROGATE.search(text):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes (e.g. from JSON "\\ud800")
+        return _SURROGATE.sub("\ufffd", text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @functools.cache

@@ -296,12 +296,18 @@ class HiddenThinking:
 
 
 def human_bytes(n: int | None) -> str:
+    """Binary units, as the budgets are given (GiB): small figures in KiB or B, never a rounded 0.0."""
     if n is None:
         return "?"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
-            return f"{n / size:.2f} {unit}" if unit == "GB" else f"{n / size:.0f} {unit}"
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 hit`, `2 hits`: the count and the word in the right number."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def _pct(x: float | None) -> str | None:
@@ -316,10 +322,13 @@ FINISH_NOTES = {
 
 
 def format_stats(stats: dict, max_context: int | None = None, finish_reason: str = "") -> str:
-    """One line: prompt and decode speed, time to first token, context use, memory, expert caches."""
+    """One line: load time (when given), prompt and decode speed, time to first token, context use, memory,
+    expert caches."""
     parts = []
     if note := FINISH_NOTES.get(finish_reason):
         parts.append(f"[{note}]")
+    if stats.get("load_s") is not None:
+        parts.append(f"load {stats['load_s']:.1f} s")
     p, g = stats.get("prompt_tokens", 0), stats.get("generated_tokens", 0)
     prefill = stats.get("prefill_tok_s")
     parts.append(f"prompt {p} tok" + (f" @ {prefill:.1f} tok/s" if prefill else ""))
@@ -364,7 +373,8 @@ def _num(x: float | None, unit: str, digits: int = 2) -> str:
 
 def reply_rows(stats: dict) -> list[tuple[str, str]]:
     """One reply (or a bench run) as table rows: speeds, expert traffic per tier, peak memory."""
-    rows = [
+    rows = [("load", _num(stats["load_s"], "s"))] if stats.get("load_s") is not None else []
+    rows += [
         ("prompt", f"{stats.get('prompt_tokens', 0)} tok, {_num(stats.get('prefill_tok_s'), 'tok/s', 1)}"),
         ("reply", f"{stats.get('generated_tokens', 0)} tok, {_num(stats.get('decode_tok_s'), 'tok/s', 1)}"),
         ("time to first token", _num(stats.get("ttft_s"), "s")),
@@ -399,14 +409,15 @@ def cache_rows(counters: dict) -> list[tuple[str, str]]:
         if f"{tier}_slots_per_layer" in counters:
             h, m = counters[f"{tier}_hits"], counters[f"{tier}_misses"]
             rate = _pct(counters.get(f"{tier}_hit_rate"))
-            text = f"{counters[f'{tier}_slots_per_layer']} slots per layer, {h} hits / {m} misses"
+            slots = plural(counters[f"{tier}_slots_per_layer"], "slot")
+            text = f"{slots} per layer, {plural(h, 'hit')} / {plural(m, 'miss', 'misses')}"
             rows.append((f"{label} tier", text + (f" ({rate})" if rate else "")))
     if "bytes_read" in counters:
         rows.append(
             (
                 "read from disk",
                 f"{human_bytes(counters['bytes_read'])}"
-                + (f" ({counters['experts_read']} experts)" if "experts_read" in counters else ""),
+                + (f" ({plural(counters['experts_read'], 'expert')})" if "experts_read" in counters else ""),
             )
         )
     if "bytes_to_gpu" in counters:
