@@ -357,6 +357,12 @@ def make_checkpoint(
     moe_intermediate: Annotated[int | None, typer.Option(min=1, help="Expert intermediate size.")] = None,
     top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token.")] = None,
     layout: Annotated[Literal["fused", "per-expert"], typer.Option(help="Expert tensor layout.")] = "fused",
+    fp8: Annotated[
+        bool,
+        typer.Option(
+            "--fp8", help="Routed experts in block-128 FP8, per expert (the official FP8 release's layout)."
+        ),
+    ] = False,
     dtype: Annotated[Literal["bfloat16", "float32"], typer.Option(help="Stored dtype.")] = "bfloat16",
     shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MB.")] = 2048,
     seed: Annotated[int, typer.Option(help="Weights seed.")] = 0,
@@ -400,6 +406,7 @@ def make_checkpoint(
             spec,
             dtype=getattr(torch, dtype),
             fused=layout == "fused",
+            fp8_experts=fp8,
             shard_bytes=shard_size_mb << 20,
             seed=seed,
             on_progress=on_progress,

@@ -20,8 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint import FP8_BLOCK
+
 ASSETS = Path(__file__).parent / "assets"
 PREFIX = "model.language_model."
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+# quantization_config of the official FP8 release (block-wise, 128 x 128)
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 @dataclass
@@ -163,12 +173,28 @@ def expert_tensors(
         yield f"{m}{e}.down_proj.weight", down[e]
 
 
+def fp8_block_experts(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Per-expert weights -> the official FP8 release's layout: float8_e4m3fn weight and fp32
+    weight_scale_inv per 128x128 block (scale = block absmax / 448, the format's largest value)."""
+    for name, w in tensors:
+        out, inp = w.shape
+        rows, cols = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
+        padded = torch.zeros(rows * FP8_BLOCK, cols * FP8_BLOCK)
+        padded[:out, :inp] = w.float()
+        blocks = padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK)  # [R, b, C, b]
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [R, C]
+        q = (blocks / scale[:, None, :, None]).view_as(padded)[:out, :inp].to(torch.float8_e4m3fn)
+        yield name, q
+        yield name + "_scale_inv", scale
+
+
 def write_checkpoint(
     out: Path,
     spec: SyntheticSpec,
     *,
     dtype: torch.dtype = torch.bfloat16,
     fused: bool = True,
+    fp8_experts: bool = False,
     shard_bytes: int = 2 << 30,
     seed: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
@@ -177,6 +203,7 @@ def write_checkpoint(
 
     The weights of a checkpoint already in `out` (its shards and index) are removed first, so none of its
     shards is left behind beside the new ones; other files are left alone or overwritten.
+    fp8_experts: the routed experts per expert in block-128 FP8 (the official FP8 release's layout).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,12 +214,13 @@ def write_checkpoint(
         keep_fp32 = name.endswith(("A_log", "linear_attn.norm.weight"))  # as the official release stores them
         writer.add(name, t.to(torch.float32 if keep_fp32 else dtype))
     for layer in range(spec.num_hidden_layers):
-        for name, t in expert_tensors(spec, layer, gen, fused, dtype):
+        experts = expert_tensors(spec, layer, gen, fused and not fp8_experts, dtype)
+        for name, t in fp8_block_experts(experts) if fp8_experts else experts:
             writer.add(name, t.contiguous())
         if on_progress:
             on_progress(layer + 1, spec.num_hidden_layers)
     writer.finish()
-    _write_metadata(out, spec, dtype)
+    _write_metadata(out, spec, dtype, FP8_CONFIG if fp8_experts else None)
     return out
 
 
@@ -247,7 +275,7 @@ class _ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_metadata(out: Path, spec: SyntheticSpec, dtype: torch.dtype) -> None:
+def _write_metadata(out: Path, spec: SyntheticSpec, dtype: torch.dtype, quantization: dict | None) -> None:
     config = {
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
@@ -259,6 +287,8 @@ def _write_metadata(out: Path, spec: SyntheticSpec, dtype: torch.dtype) -> None:
         "vision_end_token_id": 248054,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if quantization:
+        config["quantization_config"] = quantization
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {
         "bos_token_id": 248044,

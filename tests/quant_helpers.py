@@ -11,13 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen35_lite.checkpoint import dequantize_fp8
-
-FP8_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
+from qwen35_lite.synthetic import FP8_CONFIG
 
 
 def expert_matrices(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -283,3 +283,20 @@ def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_
     with pytest.raises(CheckpointError) as err:
         Engine.load(str(partial), EngineOptions(device="cpu", offline=True))
     assert "unfinished quantize" in err.value.message and "rerun" in err.value.hint
+
+
+def test_synthetic_fp8_experts_dequantise_to_the_bf16_ones(tmp_path):
+    """make-checkpoint --fp8: the same random experts in block-128 FP8 (scale = block absmax / 448)."""
+    from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+    spec = SyntheticSpec(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, vocab_size=4096)
+    dense = _store(
+        write_checkpoint(tmp_path / "bf16", spec, dtype=torch.bfloat16, fused=False), torch.float32
+    )
+    fp8 = _store(
+        write_checkpoint(tmp_path / "fp8", spec, dtype=torch.bfloat16, fp8_experts=True), torch.float32
+    )
+    assert isinstance(fp8.format, Fp8BlockFormat) and fp8.expert_nbytes < dense.expert_nbytes * 0.6
+    for layer, e in [(0, 0), (1, 3)]:
+        for a, b in zip(fp8.read(layer, e, torch.float32), dense.read(layer, e, torch.float32)):
+            assert (a - b).norm() <= 0.05 * b.norm()  # e4m3: 3 mantissa bits

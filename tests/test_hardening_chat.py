@@ -52,7 +52,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt) -> Engine:
-    return Engine.load(str(ckpt), EngineOptions(device="cpu", offline=True, max_context=512))
+    return Engine.load(str(ckpt), EngineOptions(device="cpu", offline=True, ctx=512))
 
 
 @pytest.fixture
