@@ -13,7 +13,7 @@ from qwen35_lite.checkpoint import Checkpoint, dequantize_fp8, read_range
 from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
-from qwen35_lite.experts.formats import Fp8BlockFormat, expert_format, ffn
+from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -106,23 +106,37 @@ def test_fp8_slots_hold_the_raw_bytes_and_compute_like_read(tmp_path):
     ckpt = Checkpoint(tmp_path)
     x = torch.randn(5, D, generator=g)
     for compute in (torch.float32, torch.bfloat16):
-        fmt = expert_format({}, D, I, CPU, compute, ckpt)
-        store = ExpertStore(ckpt, cfg, fmt)
-        assert isinstance(fmt, Fp8BlockFormat) and not store.needs_staging()
-        assert store.slot_nbytes < 3 * D * I + 4096  # one byte a weight, plus the block scales
-        slots = [torch.empty(store.slot_nbytes, dtype=torch.uint8) for _ in range(E)]
-        store.read_many(0, list(range(E)), slots)
-        for e, slot in enumerate(slots):
-            for part, info in zip(fmt.raw, store.parts[(0, e)]):
-                assert torch.equal(part.view(slot).view(torch.uint8), read_range(info).view(torch.uint8))
-            ref = store.read(0, e, compute)
-            xc = x.to(compute)
-            assert torch.equal(fmt.bind(slot)(xc), ffn(xc, *ref))
-            w = dequantize_fp8(
-                tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"],
-                tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight_scale_inv"],
-            )
-            assert torch.equal(ref[1], w.to(compute))
+        for device in ("cuda", "cpu"):  # CUDA: FP8 bytes in the slots; CPU: dequantised on entry
+            fmt = expert_format({}, D, I, device, compute, ckpt)
+            store = ExpertStore(ckpt, cfg, fmt)
+            assert isinstance(fmt, Fp8BlockFormat) and fmt.direct == (device == "cuda")
+            if fmt.direct:
+                assert store.slot_nbytes < 3 * D * I + 4096  # one byte a weight, plus the block scales
+            slots = [torch.empty(store.slot_nbytes, dtype=torch.uint8) for _ in range(E)]
+            store.read_many(0, list(range(E)), slots)
+            for e, slot in enumerate(slots):
+                if fmt.direct:  # the raw bytes, as stored: no dequantisation on the read path
+                    for part, info in zip(fmt.raw, store.parts[(0, e)]):
+                        assert torch.equal(
+                            part.view(slot).view(torch.uint8), read_range(info).view(torch.uint8)
+                        )
+                ref = store.read(0, e, compute)
+                xc = x.to(compute)
+                assert torch.equal(fmt.bind(slot)(xc), ffn(xc, *ref))
+                w = dequantize_fp8(
+                    tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"],
+                    tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight_scale_inv"],
+                )
+                assert torch.equal(ref[1], w.to(compute))
+
+
+def test_fast_e4m3_conversion_is_exact_for_every_code():
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    got, want = e4m3_to_float(codes), codes.float()
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    w = torch.randn(256, 384).to(torch.float8_e4m3fn)
+    s = torch.rand(2, 3) * 1e3  # scales past 2^8: no overflow in the bit trick
+    assert torch.equal(dequantize_block(w, s), dequantize_fp8(w, s))
 
 
 def test_evict_page_cache_runs_on_the_expert_files(ckpts):

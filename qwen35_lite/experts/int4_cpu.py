@@ -31,11 +31,12 @@ def _direct_layout(packed: torch.Tensor) -> torch.Tensor:
     n, half = b.shape
     rows = b.view(n // BLOCK_N, 2, BLOCK_N // 2, half)  # [NB, 2, 32, K/2]: rows j and 32 + j of a block
     lo_rows, hi_rows = rows[:, 0], rows[:, 1]
-    even = (lo_rows & 0xF) | (hi_rows << 4)  # column 2m of each row pair  [NB, 32, K/2]
-    odd = (lo_rows >> 4) | (hi_rows & 0xF0)  # column 2m + 1
-    out = torch.stack([even, odd], dim=-1)  # [NB, 32, K/2, 2]
-    out = out.permute(0, 2, 3, 1)  # [NB, K/2, 2, 32]: input column k = 2m + p, then row j of the block
-    return out.contiguous().view(n, half)
+    out = torch.empty(n // BLOCK_N, half, 2, BLOCK_N // 2, dtype=torch.uint8)  # [NB, K/2, 2, 32]
+    by_row = out.permute(0, 3, 1, 2)  # [NB, 32, K/2, 2]: the same bytes, indexed like the inputs
+    # input column 2m sits in the low nibbles, 2m + 1 in the high ones; written straight into place
+    torch.bitwise_or(lo_rows & 0xF, hi_rows << 4, out=by_row[..., 0])
+    torch.bitwise_or(lo_rows >> 4, hi_rows & 0xF0, out=by_row[..., 1])
+    return out.view(n, half)
 
 
 def _torch_layout(packed: torch.Tensor) -> torch.Tensor:
