@@ -38,7 +38,7 @@ from qwen35_lite.cpu_features import cpu_has_native_bf16  # noqa: E402
 from qwen35_lite.engine import Engine, EngineOptions  # noqa: E402
 from qwen35_lite.experts import int4  # noqa: E402
 from qwen35_lite.experts.formats import expert_format  # noqa: E402
-from qwen35_lite.plan import MemoryPlan  # noqa: E402
+from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
 from qwen35_lite.quantize import quantize_checkpoint  # noqa: E402
 from qwen35_lite.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402
 

@@ -23,7 +23,7 @@ from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import POLICIES, TieredExperts
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
-from qwen35_lite.model import Qwen35Model
+from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec
 
 _COMMON = dict(

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import ModelCache
 from .errors import CheckpointError, InputError
-from .model import Qwen35Model
+from .model.cache import ModelCache
+from .model.qwen35 import PREFILL_CHUNK, Qwen35Model
 from .sampling import SamplingParams, apply_penalties, make_sampler
 from .stats import expert_counters, peak_memory, reply_expert_stats
-
-PREFILL_CHUNK = 512  # a multiple of the DeltaNet chunk (64), so chunk boundaries match a one-shot prefill
 
 
 @dataclass

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .cache import ModelCache
 from .engine import Engine
 from .errors import InputError
+from .model.cache import ModelCache
 from .vision import (
     expand_image_placeholders,
     load_image,

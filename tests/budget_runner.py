@@ -24,8 +24,8 @@ from qwen35_lite.config import load_config  # noqa: E402
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts  # noqa: E402
 from qwen35_lite.experts.store import ExpertStore  # noqa: E402
 from qwen35_lite.generate import PREFILL_CHUNK  # noqa: E402
-from qwen35_lite.model import Qwen35Model  # noqa: E402
-from qwen35_lite.plan import MemoryPlan  # noqa: E402
+from qwen35_lite.model.qwen35 import Qwen35Model  # noqa: E402
+from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
 
 CPU = torch.device("cpu")
 

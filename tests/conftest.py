@@ -10,7 +10,7 @@ from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import UncachedExperts
 from qwen35_lite.experts.store import ExpertStore
-from qwen35_lite.model import Qwen35Model
+from qwen35_lite.model.qwen35 import Qwen35Model
 
 torch.set_num_threads(2)
 

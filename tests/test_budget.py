@@ -18,14 +18,14 @@ import pytest
 import torch
 from quant_helpers import fp8_copy
 
-from qwen35_lite.cache import DeltaNetState, KVCache
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import TieredExperts
 from qwen35_lite.experts.int4 import QuantScheme
 from qwen35_lite.experts.store import ExpertStore
-from qwen35_lite.model import Qwen35Model
-from qwen35_lite.plan import GiB, MemoryPlan
+from qwen35_lite.model.cache import DeltaNetState, KVCache
+from qwen35_lite.model.qwen35 import Qwen35Model
+from qwen35_lite.plan.memory import GiB, MemoryPlan
 from qwen35_lite.quantize import quantize_checkpoint
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwen35_lite.chat_repl import COMMANDS
 from qwen35_lite.chat_template import ChatTemplate
 from qwen35_lite.cli import app
+from qwen35_lite.cli.chat_repl import COMMANDS
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.tokenizer import Tokenizer
 
@@ -416,7 +416,7 @@ def test_make_checkpoint_then_run_it(tmp_path):
 
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_size_presets_are_valid_specs(size):
-    from qwen35_lite.cli import SIZES
+    from qwen35_lite.cli.app import SIZES
     from qwen35_lite.config import parse_config
 
     spec = SyntheticSpec(**SIZES[size])

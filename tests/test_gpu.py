@@ -21,8 +21,8 @@ from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
 from qwen35_lite.experts.store import ExpertStore
-from qwen35_lite.model import Qwen35Model
-from qwen35_lite.plan import GiB
+from qwen35_lite.model.qwen35 import Qwen35Model
+from qwen35_lite.plan.memory import GiB
 from qwen35_lite.synthetic import write_checkpoint
 
 pytestmark = [

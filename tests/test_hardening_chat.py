@@ -28,15 +28,15 @@ from PIL import EpsImagePlugin, Image, UnidentifiedImageError
 from typer.testing import CliRunner
 
 from qwen35_lite import chat_file
-from qwen35_lite.chat_repl import COMMANDS, Repl
 from qwen35_lite.cli import app
+from qwen35_lite.cli.chat_repl import COMMANDS, Repl
+from qwen35_lite.cli.ui import UI
 from qwen35_lite.engine import Engine, EngineOptions
 from qwen35_lite.errors import InputError
 from qwen35_lite.sampling import SamplingParams
 from qwen35_lite.session import ChatSession, ChatSettings
 from qwen35_lite.settings import check_setting, parse_setting
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.ui import UI
 from qwen35_lite.vision.preprocess import MAX_IMAGE_PIXELS, load_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from qwen35_lite import cpu_features
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.cli import app
-from qwen35_lite.cli_tools import bench, flowed_help, info
-from qwen35_lite.engine import pick_dtype
+from qwen35_lite.cli.tools import bench, flowed_help, info
+from qwen35_lite.cli.ui import cache_rows, format_stats, human_bytes, plural
+from qwen35_lite.device import pick_dtype
 from qwen35_lite.errors import CheckpointError
 from qwen35_lite.sampling import SamplingParams, make_sampler
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.tokenizer import Tokenizer, as_valid_text
-from qwen35_lite.ui import cache_rows, format_stats, human_bytes, plural
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)

@@ -30,7 +30,7 @@ from qwen35_lite.cli import app
 from qwen35_lite.config import load_config, parse_config
 from qwen35_lite.engine import generation_defaults
 from qwen35_lite.errors import CheckpointError, ConfigError, InputError
-from qwen35_lite.plan_sizes import tensor_shapes
+from qwen35_lite.plan.sizes import tensor_shapes
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ import torch
 from test_plan import CONFIG_397B
 from typer.testing import CliRunner
 
-import qwen35_lite.plan
+import qwen35_lite.plan.memory
 from qwen35_lite.cli import app
-from qwen35_lite.plan import GiB
+from qwen35_lite.plan.memory import GiB
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 # 4 layers x 64 experts x 384 KiB = 96 MiB of experts beside a 64 MB embedding + head (the real vocabulary,
@@ -66,8 +66,8 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def no_process_constants(monkeypatch):
-    monkeypatch.setattr(qwen35_lite.plan, "PROCESS_BASE", 0)
-    monkeypatch.setattr(qwen35_lite.plan, "TOKENIZER", 0)
+    monkeypatch.setattr(qwen35_lite.plan.memory, "PROCESS_BASE", 0)
+    monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER", 0)
 
 
 # ---- info ------------------------------------------------------------------------------------------
@@ -159,3 +159,29 @@ def test_run_under_cpu_mem_decodes_the_same_tokens_with_misses(ckpt, no_process_
 def test_run_with_a_cpu_mem_too_small_is_one_line_and_a_hint(ckpt):
     r = cli("run", "-m", ckpt, "--cpu-mem", 0.05, "hello")
     assert_refused(r, "the resident path needs", "--cpu-mem is 0.05 GiB", "use --cpu-mem")
+
+
+def test_info_sizes_slots_from_the_quantization_config(tmp_path):
+    """The real 397B config on the reference box's budgets: the FP8 release's quantization_config gives about
+    2x the bf16 plan's RAM and GPU slots per layer, a compressed-tensors W4A16 g128 one about 3.9x."""
+    from test_formats import CT_W4, FP8
+
+    budgets = ["--device", "cuda", "--gpu-mem", 22.5, "--cpu-mem", 110, "--ctx", 8192]
+    plans = {}
+    for name, qc in [("bf16", None), ("fp8", FP8), ("w4", CT_W4)]:
+        d = tmp_path / name
+        d.mkdir()
+        cfg = {**CONFIG_397B, **({"quantization_config": qc} if qc else {})}
+        (d / "config.json").write_text(json.dumps(cfg))
+        plans[name] = ok_json("info", "-m", d, *budgets)
+    bf16, fp8, w4 = plans["bf16"], plans["fp8"], plans["w4"]
+    assert (bf16["gpu_slots"], bf16["cpu_slots"]) == (3, 74)  # the figures the issue measured
+    assert fp8["expert_format"] == "fp8 block-128" and w4["expert_format"] == "int4 g128 symmetric"
+    for key in ("cpu_slots", "gpu_slots"):
+        assert 1.9 <= fp8[key] / bf16[key] <= 2.1
+        assert 3.6 <= w4[key] / bf16[key] <= 4.0
+    assert w4["expert_slot_bytes"] < bf16["expert_slot_bytes"] / 3.8
+    bad = {**CONFIG_397B, "quantization_config": {**CT_W4, "quant_method": "awq"}}
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    r = cli("info", "-m", tmp_path, *budgets)
+    assert r.exit_code == 1 and "awq" in r.stderr and "Traceback" not in r.stderr

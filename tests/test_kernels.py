@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen35_lite.attention import _attend, _attend_reference
-from qwen35_lite.deltanet import causal_conv, causal_conv_reference
 from qwen35_lite.experts.formats import DenseExpert
-from qwen35_lite.moe import dispatch_decode, dispatch_grouped, dispatch_reference
+from qwen35_lite.model.attention import _attend, _attend_reference
+from qwen35_lite.model.deltanet import causal_conv, causal_conv_reference
+from qwen35_lite.model.moe import dispatch_decode, dispatch_grouped, dispatch_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

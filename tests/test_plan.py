@@ -11,8 +11,9 @@ import torch
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import BudgetError
-from qwen35_lite.plan import GiB, MemoryPlan
-from qwen35_lite.plan_sizes import tensor_shapes
+from qwen35_lite.plan.memory import GiB, MemoryPlan
+from qwen35_lite.plan.sizes import tensor_shapes
+from qwen35_lite.plan.table import plan_rows
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 # Qwen3.5-397B-A17B, from shared/docs/qwen35-architecture.md §1.1
@@ -85,7 +86,7 @@ def test_397b_kv_state_and_resident_bytes_match_the_anchors(cfg397):
     assert plan.expert_disk_bytes == 3 * 4096 * 1024 * 2  # 25.2 MB
     disk, to_gpu = plan.bytes_per_token(ram_hit=0.0, gpu_hit=0.0)
     assert disk == pytest.approx(15.1e9, rel=0.01) and to_gpu == disk  # 600 experts per token
-    rows = dict(plan.rows())
+    rows = dict(plan_rows(plan))
     assert rows["KV cache per token"].startswith("30.0 KiB")
     assert "GPU" in "".join(rows) and plan.gpu_slots > 0 and plan.cpu_slots > 0
     assert plan.gpu_total <= 80 * GiB and plan.cpu_total <= 120 * GiB
@@ -122,7 +123,7 @@ def test_397b_gpu_budget_too_small_spills_layers_then_refuses(cfg397):
     assert plan._layer_bytes[59] == layer_59 - router
     assert plan.gpu_fixed + plan.moe_layers * plan.slot_bytes <= 16 * GiB
     plan.check()
-    assert any("placed on the CPU" in label for label, _ in plan.rows())
+    assert any("placed on the CPU" in label for label, _ in plan_rows(plan))
     with pytest.raises(BudgetError, match="--gpu-mem") as err:
         MemoryPlan.build(cfg397, device="cuda", dtype=torch.bfloat16, gpu_mem=1, cpu_mem=200).check()
     assert "spilled-layer buffers" in err.value.message  # every part of the total is named

@@ -18,15 +18,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 from vision_helpers import build_tiny_vlm, load_tiny_vlm, make_image
 
-from qwen35_lite.chat_repl import Repl, split_image_paths
 from qwen35_lite.chat_template import BUILTIN_TEMPLATE
 from qwen35_lite.cli import app
+from qwen35_lite.cli.chat_repl import Repl, split_image_paths
+from qwen35_lite.cli.ui import UI
 from qwen35_lite.config import VisionConfig
 from qwen35_lite.engine import Engine, EngineOptions
 from qwen35_lite.errors import InputError
 from qwen35_lite.sampling import SamplingParams
 from qwen35_lite.session import ChatSession, ChatSettings
-from qwen35_lite.ui import UI
 from qwen35_lite.vision.tower import vision_tensor_shapes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import FP8_BLOCK, Checkpoint, TensorInfo, dequantize_fp8
 from ..errors import CheckpointError, ConfigError
-from . import int4, int4_cpu
+from ..experts import int4, int4_cpu
 
 ALIGN = 64  # part offsets inside a buffer: every dtype view stays aligned
 PROJ = ("gate", "up", "down")

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import InputError, Qwen35Error
-from .generate import Finished, TokenEvent
-from .session import THINK_MODES, ChatSession
-from .settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
+from ..errors import InputError, Qwen35Error
+from ..generate import Finished, TokenEvent
+from ..session import THINK_MODES, ChatSession
+from ..settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
 from .ui import UI, ReplyPrinter, format_stats
 
 # ---- settings (their table and checks are in settings.py) -----------------------------------------
@@ -293,7 +293,7 @@ class Repl:
 
     def attach(self, paths: list[Path], later: bool = True) -> None:
         """Queue images for the next message; a bad file is reported now (and none of `paths` is queued)."""
-        from .multimodal import load_images
+        from ..multimodal import load_images
 
         for path, image in zip(paths, load_images(paths)):
             self.pending_images.append(path)

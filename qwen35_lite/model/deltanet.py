@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import TextConfig
 from .cache import DeltaNetState
-from .config import TextConfig
 from .layers import gated_rms_norm
 
 CHUNK = 64

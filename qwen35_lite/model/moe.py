@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .config import TextConfig
-from .experts.formats import Expert, ffn
+from ..config import TextConfig
+from ..experts.formats import Expert, ffn
 from .layers import swiglu
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import TextConfig
 from .cache import KVCache
-from .config import TextConfig
 from .layers import apply_rope, rms_norm_1p
 
 

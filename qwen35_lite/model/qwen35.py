@@ -11,14 +11,17 @@ from collections.abc import Callable, Collection
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import Checkpoint
+from ..config import TextConfig
 from .attention import Attention
 from .cache import ModelCache
-from .checkpoint import Checkpoint
-from .config import TextConfig
 from .deltanet import GatedDeltaNet
 from .layers import MRoPE, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
+
+PREFILL_CHUNK = 512  # tokens a prefill forward takes at most: a multiple of the DeltaNet chunk (64),
+# so chunk boundaries fall where a one-shot prefill puts them
 
 MIXER_KEYS = {
     "linear_attention": [

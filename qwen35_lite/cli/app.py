@@ -7,18 +7,18 @@ Anything else is our bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import io
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from . import __version__, cli_help
-from .cli_options import (
+from .. import __version__
+from ..errors import InputError
+from .errors import EXIT_INTERRUPTED, friendly_errors
+from .help import install as install_help
+from .options import (
     CpuExperts,
     CpuMem,
     Ctx,
@@ -46,16 +46,15 @@ from .cli_options import (
     chat_settings,
     check_flags,
     check_load_flags,
-    load_engine,
     pick,
+    timed_load,
 )
-from .errors import InputError, Qwen35Error
 from .ui import UI, format_stats, human_bytes, plural
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    pass
 
-cli_help.install()
+install_help()
 
 app = typer.Typer(
     name="qwen35-lite",
@@ -64,8 +63,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # our bugs print a plain traceback, without dumping tensors as locals
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-EXIT_INTERRUPTED = 130
 
 
 def version() -> str:
@@ -100,49 +97,6 @@ def main_options(
         raise typer.Exit()
 
 
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn the errors a user can cause into one line and an exit code; let everything else through."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ui = UI()
-        try:
-            return fn(*args, **kwargs)
-        except Qwen35Error as e:
-            ui.error(e.message, e.hint)
-            raise typer.Exit(e.exit_code) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            ui.error(f"{e.filename or 'a file'}: {e.strerror}", "check the path and its permissions")
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            if ui.err.is_terminal:
-                ui.err.print()  # past the ^C the terminal echoed
-            ui.error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:
-            # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-            _silence_stdout()
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _silence_stdout() -> None:
-    import os
-
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:
-    """load_engine, and the seconds it took (the progress bars vanish, so the stats carry the figure)."""
-    start = time.perf_counter()
-    engine = load_engine(ui, load, context)
-    return engine, round(time.perf_counter() - start, 2)
-
-
 # ---- run ---------------------------------------------------------------------------------------------
 
 
@@ -152,7 +106,7 @@ def read_prompt(ui: UI, words: list[str]) -> str:
     Bytes that are not UTF-8 (in an argument or piped in) become U+FFFD instead of failing in the
     tokenizer. A piped prompt loses its trailing newline and spaces, as with ollama.
     """
-    from .tokenizer import as_valid_text
+    from ..tokenizer import as_valid_text
 
     if words == ["-"]:
         if sys.stdin.isatty():
@@ -220,8 +174,8 @@ def run(
     ] = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
+    from ..session import ChatSession
     from .chat_repl import stream_reply
-    from .session import ChatSession
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
@@ -232,7 +186,7 @@ def run(
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
     if images:
-        from .multimodal import load_images
+        from ..multimodal import load_images
 
         load_images(images)  # a wrong path fails now, not after loading the model
     engine, load_s = timed_load(ui, load)
@@ -288,8 +242,8 @@ def chat(
     cpu_experts: CpuExperts = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
+    from ..session import ChatSession
     from .chat_repl import Repl
-    from .session import ChatSession
 
     flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
     check_flags(flags)
@@ -374,7 +328,7 @@ def make_checkpoint(
     """Write a random-weight Qwen3.5-MoE checkpoint (real tokenizer and chat template) to try offline."""
     import torch
 
-    from .synthetic import SyntheticSpec, write_checkpoint
+    from ..synthetic import SyntheticSpec, write_checkpoint
 
     values = dict(SIZES[size])
     for key, value in (
@@ -419,8 +373,8 @@ def make_checkpoint(
 
 # ---- info, bench (cli_tools.py) --------------------------------------------------------------------
 
-from .cli_quantize import register as _register_quantize  # noqa: E402  (`quantize`, cli_quantize.py)
-from .cli_tools import register as _register_tools  # noqa: E402  (it uses friendly_errors above)
+from .quantize import register as _register_quantize  # noqa: E402  (`quantize`: quantize.py)
+from .tools import register as _register_tools  # noqa: E402  (`info`, `bench`: tools.py)
 
 _register_tools(app)
 _register_quantize(app)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .cli_options import (
+from .errors import friendly_errors
+from .options import (
     CpuExperts,
     CpuMem,
     Ctx,
@@ -23,19 +24,19 @@ from .cli_options import (
     check_load_flags,
     pick,
     plan_memory,
+    timed_load,
 )
 from .ui import UI, reply_rows
 
 if TYPE_CHECKING:
-    from .load_plan import Planned
-    from .plan import MemoryPlan
+    from ..plan.load import Planned
+    from ..plan.memory import MemoryPlan
 
 JsonOut = Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")]
 
 
 def register(app: typer.Typer) -> None:
     """Add `info` and `bench` to `app`, with the same one-line error handling as `run` and `chat`."""
-    from .cli import friendly_errors  # cli calls register() once friendly_errors exists
 
     for command in (info, bench):
         app.command(help=flowed_help(command))(friendly_errors(command))
@@ -75,7 +76,9 @@ def info(
     if json_out:
         ui.json_line({"model": planned.model_dir.name, **plan_json(plan), "dtype_note": note})
     else:
-        ui.table(plan.rows(), title=f"memory plan for {planned.model_dir.name}", stdout=True)
+        from ..plan.table import plan_rows
+
+        ui.table(plan_rows(plan), title=f"memory plan for {planned.model_dir.name}", stdout=True)
     if note:
         ui.note("note: " + note)
 
@@ -84,8 +87,8 @@ def dtype_note(requested: str, planned: Planned) -> str | None:
     """Why auto planned float32 for a bfloat16 checkpoint (a CPU without native bf16), else None."""
     import torch
 
-    from .cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
-    from .engine import declared_dtype
+    from ..cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
+    from ..device import declared_dtype
 
     plan = planned.plan
     if requested != "auto" or plan.dtype != torch.float32 or torch.device(plan.device).type != "cpu":
@@ -116,8 +119,7 @@ def bench(
     result gives prefill and decode speed, time to first token, cache hits and misses per tier, bytes
     read per token and peak memory.
     """
-    from .benchmark import check_workload, run_benchmark
-    from .cli import timed_load  # cli imports this module at its end, so not at the top
+    from ..benchmark import check_workload, run_benchmark
 
     flags = pick(LoadFlags, locals())
     check_load_flags(flags)

@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import TextConfig, VisionConfig
-from .model import resident_names
-from .vision.tower import vision_tensor_shapes
+from ..checkpoint import Checkpoint
+from ..config import TextConfig, VisionConfig
+from ..model.qwen35 import resident_names
+from ..vision.tower import vision_tensor_shapes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions

@@ -5,18 +5,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig, load_config
-from .hub import resolve_model
-from .plan import MemoryPlan, plan_for
-from .quantize import check_not_partial
+from ..checkpoint import Checkpoint
+from ..config import ModelConfig, load_config
+from ..device import config_dtype, pick_device, pick_dtype
+from ..hub import resolve_model
+from ..quantize import check_not_partial
+from .memory import MemoryPlan, plan_for
 
-if TYPE_CHECKING:
-    from .engine import EngineOptions
+
+@dataclass
+class EngineOptions:
+    """How to load: device, dtype and the memory budgets the plan fits everything into."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    offline: bool = False
+    ctx: int | None = None  # --ctx: the context the KV cache is reserved for
+    context: int | None = None  # without --ctx: the workload's context (bench), else the plan's rule
+    gpu_mem: float | None = None  # GiB; None: free memory minus a margin
+    cpu_mem: float | None = None
+    gpu_experts: int | None = None  # slots per layer instead of what the budget fits
+    cpu_experts: int | None = None
 
 
 @dataclass
@@ -35,8 +47,6 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
     The context is opts.ctx when given, else opts.context (bench: its workload), else plan.plan_for's rule.
     config_only: plan from config.json alone when the directory has no weights (`info` on a config).
     """
-    from .engine import config_dtype, pick_device, pick_dtype
-
     model_dir = resolve_model(model, opts.offline, configs_only=config_only)
     check_not_partial(model_dir)  # an interrupted `quantize` output is refused, never half-loaded
     cfg = load_config(model_dir)

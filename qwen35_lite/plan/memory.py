@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
-from .checkpoint import Checkpoint
-from .config import TextConfig, VisionConfig
-from .errors import BudgetError
-from .experts.formats import ALIGN, expert_format
-from .generate import PREFILL_CHUNK
-from .plan_sizes import (
+from ..checkpoint import Checkpoint
+from ..config import TextConfig, VisionConfig
+from ..errors import BudgetError
+from ..experts.formats import ALIGN, expert_format
+from ..model.qwen35 import PREFILL_CHUNK
+from ..model.spill import stays_resident
+from ..vision.tower import tower_dtype
+from .sizes import (
     CUDA_CONTEXT,
     CUDA_HOST,
     DEFAULT_CONTEXT,
@@ -38,8 +40,6 @@ from .plan_sizes import (
     tensor_shapes,
     vision_tower_nbytes,
 )
-from .spill import stays_resident
-from .vision.tower import tower_dtype
 
 __all__ = ["GiB", "MemoryPlan", "plan_for", "tensor_shapes"]
 
@@ -384,12 +384,6 @@ class MemoryPlan:
     def provider_kwargs(self) -> dict[str, int]:
         """Keyword arguments for TieredExperts(store, device, dtype, **plan.provider_kwargs())."""
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}
-
-    def rows(self) -> list[tuple[str, str]]:
-        """(label, value) pairs for the CLI's `info` table (plan_table.py)."""
-        from .plan_table import plan_rows
-
-        return plan_rows(self)
 
 
 def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:

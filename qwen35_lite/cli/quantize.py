@@ -19,15 +19,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from .cli_options import Offline
-from .experts.int4 import QuantScheme
-from .hub import resolve_model
-from .quantize import DEFAULT_SHARD_BYTES, QuantizeProgress, quantize_checkpoint
+from ..experts.int4 import QuantScheme
+from ..hub import resolve_model
+from ..quantize import DEFAULT_SHARD_BYTES, QuantizeProgress, quantize_checkpoint
+from .errors import friendly_errors
+from .options import Offline
 from .ui import UI
 
 
 def register(app: typer.Typer) -> None:
-    from .cli import friendly_errors  # cli calls register() once friendly_errors exists
 
     app.command()(friendly_errors(quantize))
 

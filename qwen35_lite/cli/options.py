@@ -7,18 +7,19 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
-from .errors import InputError
+from ..errors import InputError
 from .ui import UI
 
 if TYPE_CHECKING:
-    from .engine import Engine, EngineOptions
-    from .load_plan import Planned
-    from .session import ChatSettings
+    from ..engine import Engine, EngineOptions
+    from ..plan.load import Planned
+    from ..session import ChatSettings
 
 # ---- the options ---------------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ def pick(cls: type, values: dict[str, Any]) -> Any:
 
 def engine_options(flags: LoadFlags, context: int | None = None) -> EngineOptions:
     """The engine's load options for these flags; `context`: the workload's, used when --ctx is not given."""
-    from .engine import EngineOptions
+    from ..engine import EngineOptions
 
     return EngineOptions(
         **{f.name: getattr(flags, f.name) for f in fields(LoadFlags) if f.name != "model"}, context=context
@@ -188,14 +189,14 @@ def engine_options(flags: LoadFlags, context: int | None = None) -> EngineOption
 
 def plan_memory(flags: LoadFlags, context: int | None = None, config_only: bool = False) -> Planned:
     """Resolve --model and plan memory from config.json and the safetensors headers (nothing heavy)."""
-    from .load_plan import plan_load
+    from ..plan.load import plan_load
 
     return plan_load(flags.model, engine_options(flags, context), config_only)
 
 
 def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
     """Plan memory, refuse a budget that cannot hold the run, then load under the plan, with progress bars."""
-    from .engine import Engine
+    from ..engine import Engine
 
     with ui.load_progress() as on_progress:
         return Engine.load(flags.model, engine_options(flags, context), on_progress=on_progress)
@@ -255,7 +256,7 @@ def _why_cpu(device: str) -> str:
 
 def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
     """Checkpoint defaults, overridden by every flag that was given."""
-    from .session import ChatSettings
+    from ..session import ChatSettings
 
     keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
     overrides = {k: getattr(flags, k) for k in keys if getattr(flags, k) is not None}
@@ -267,3 +268,10 @@ def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
         system=flags.system,
         raw=flags.raw,
     )
+
+
+def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:
+    """load_engine, and the seconds it took (the progress bars vanish, so the stats carry the figure)."""
+    start = time.perf_counter()
+    engine = load_engine(ui, load, context)
+    return engine, round(time.perf_counter() - start, 2)

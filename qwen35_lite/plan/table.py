@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .plan_sizes import KiB, fmt_gib, fmt_mib
+from .sizes import KiB, fmt_gib, fmt_mib
 
 if TYPE_CHECKING:
-    from .plan import MemoryPlan
+    from .memory import MemoryPlan
 
 
 def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:

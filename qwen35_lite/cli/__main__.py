@@ -1,0 +1,5 @@
+"""`python -m qwen35_lite.cli ...`."""
+
+from .app import main
+
+main()
