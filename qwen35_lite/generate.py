@@ -52,12 +52,23 @@ class GenerationRequest:
     max_context: int = 262144
 
 
-def check_context(cache: ModelCache, n_prompt: int, max_context: int) -> None:
+def check_context(cache: ModelCache, n_prompt: int, max_context: int, model_max: int) -> None:
     if cache.offset + n_prompt >= max_context:
         raise InputError(
             f"the prompt needs {cache.offset + n_prompt} tokens of context but the limit is {max_context}",
-            "shorten the prompt, /clear the chat, or raise --ctx",
+            context_hint("shorten the prompt", cache.offset, max_context, model_max),
         )
+
+
+def context_hint(first: str, offset: int, max_context: int, model_max: int) -> str:
+    """Only the ways out that can work: /clear when there is a conversation to forget, --ctx when the
+    model takes a longer context than the one reserved."""
+    ways = [first]
+    if offset:
+        ways.append("/clear the conversation")
+    if max_context < model_max:
+        ways.append(f"raise --ctx (this model takes up to {model_max} tokens, if the memory budget holds it)")
+    return ", or ".join([", ".join(ways[:-1]), ways[-1]] if len(ways) > 1 else ways)
 
 
 def check_vocab(ids: list[int], vocab_size: int) -> None:
@@ -104,7 +115,7 @@ def generate(
     on_prefill: Callable[[int, int], None] | None = None,
 ) -> Iterator[TokenEvent | Finished]:
     """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
-    check_context(cache, len(req.prompt_ids), req.max_context)
+    check_context(cache, len(req.prompt_ids), req.max_context, model.cfg.max_position_embeddings)
     check_vocab(req.prompt_ids, model.cfg.vocab_size)
     sample = make_sampler(req.params)
     penalised = req.params.repetition_penalty != 1.0 or req.params.presence_penalty != 0.0

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .engine import Engine
 from .errors import InputError
+from .generate import context_hint
 from .model.cache import ModelCache
 from .vision import (
     expand_image_placeholders,
@@ -62,7 +63,8 @@ def image_prompt(
     pixel_values, grid = preprocess(load_images(images), image_cfg)
     merge = cfg.vision.spatial_merge_size
     expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
-    _check_context(engine.max_context, cache, len(ids), expanded, cfg.image_token_id, image_cfg)
+    model_max = engine.cfg.text.max_position_embeddings
+    _check_context(engine.max_context, model_max, cache, len(ids), expanded, cfg.image_token_id, image_cfg)
     positions, delta = mrope_positions(expanded, grid, cfg.image_token_id, merge)
     features = engine.vision().encode(pixel_values, grid, on_encode)  # loads the tower on the first image
     embeds = model.embed_ids(torch.tensor(expanded, dtype=torch.long))
@@ -72,6 +74,7 @@ def image_prompt(
 
 def _check_context(
     limit: int,
+    model_max: int,
     cache: ModelCache,
     n_unexpanded: int,
     expanded: list[int],
@@ -86,6 +89,11 @@ def _check_context(
     raise InputError(
         f"image too large for the context: the prompt needs {needed} tokens "
         f"({expanded.count(image_token_id)} of them for the image(s)) but the limit is {limit}",
-        f"raise --ctx, /clear the chat, or use a smaller image (this checkpoint's preprocessor allows "
-        f"{image_cfg.max_pixels} pixels, about {per_image} tokens, per image)",
+        context_hint(
+            f"use a smaller image (this checkpoint's preprocessor allows {image_cfg.max_pixels} pixels, "
+            f"about {per_image} tokens, per image)",
+            cache.offset,
+            limit,
+            model_max,
+        ),
     )

@@ -339,3 +339,24 @@ def test_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
     assert detect() is True
     cpuinfo.write_text("Features\t: fp asimd bf16 i8mm\n")  # Arm
     assert detect() is True
+
+
+# ---- hints that can work -------------------------------------------------------------------------------
+
+
+def test_context_hints_offer_only_what_can_work(ckpt):
+    """`run` has no chat to /clear; --ctx is suggested only below the model's maximum, which it names."""
+    from qwen35_lite.generate import context_hint
+    from qwen35_lite.plan.sizes import fmt_gib
+
+    r = cli("run", "-m", ckpt, "--raw", "--ctx", 16, "-n", 1, "word " * 40)
+    assert r.exit_code == 1 and "/clear" not in r.stderr and "raise --ctx" in r.stderr
+    assert context_hint("shorten", 0, 4096, 4096) == "shorten"
+    assert context_hint("shorten", 9, 4096, 4096) == "shorten, or /clear the conversation"
+    assert "up to 262144" in context_hint("shorten", 9, 4096, 262144)
+    assert fmt_gib(3 * 1024) == "3.0 KiB" and fmt_gib(5 << 30) == "5.00 GiB"
+
+
+def test_system_in_raw_chat_is_refused_and_the_chat_goes_on(ckpt):
+    r = cli("chat", "-m", ckpt, "--raw", "-n", 2, input="/system be brief\nhello\n")
+    assert r.exit_code == 0 and "no effect in --raw mode" in r.stderr and "Traceback" not in r.stderr

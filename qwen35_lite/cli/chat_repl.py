@@ -18,7 +18,7 @@ from ..errors import InputError, Qwen35Error
 from ..generate import Finished, TokenEvent
 from ..session import THINK_MODES, ChatSession
 from ..settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
-from .ui import UI, ReplyPrinter, format_stats
+from .ui import UI, ReplyPrinter, format_stats, plural
 
 # ---- settings (their table and checks are in settings.py) -----------------------------------------
 
@@ -143,6 +143,8 @@ def _image(repl: Repl, arg: str) -> None:
 
 
 def _system(repl: Repl, arg: str) -> None:
+    if repl.session.settings.raw:
+        raise InputError("/system has no effect in --raw mode (no chat template)", "restart without --raw")
     repl.session.set_system(arg or None)
     repl.ui.note("system prompt set" if arg else "system prompt removed")
 
@@ -188,12 +190,12 @@ def _stats(repl: Repl, arg: str) -> None:
 
 def _save(repl: Repl, arg: str) -> None:
     repl.session.save(user_path(arg, "save"))
-    repl.ui.note(f"saved {len(repl.session.messages)} messages to {arg}")
+    repl.ui.note(f"saved {plural(len(repl.session.messages), 'message')} to {arg}")
 
 
 def _load(repl: Repl, arg: str) -> None:
     repl.session.load(user_path(arg, "load"))
-    repl.ui.note(f"loaded {len(repl.session.messages)} messages from {arg}")
+    repl.ui.note(f"loaded {plural(len(repl.session.messages), 'message')} from {arg}")
 
 
 def _exit(repl: Repl, arg: str) -> None:

@@ -127,11 +127,14 @@ def vision_tower_nbytes(
 
 
 def fmt_gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """GiB as the budgets are given; a figure that would round to 0.00 GiB in a smaller unit."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 100 else fmt_mib(n)
 
 
 def fmt_mib(n: float) -> str:
-    return f"{n / MiB:.1f} MiB"
+    if n >= MiB / 10:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / KiB:.1f} KiB" if n >= KiB / 10 else f"{int(n)} B"
 
 
 def ceil_gib(n: float) -> str:
