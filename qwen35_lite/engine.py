@@ -185,6 +185,7 @@ class Engine:
         model_obj = Qwen35Model.load(
             ckpt, cfg.text, provider, device, dtype, progress, cpu_layers=tuple(plan.cpu_layers)
         )
+        model_obj.prefill_block = plan.prefill_block
         if isinstance(provider, TieredExperts) and plan.holds_every_expert:
             # the model fits: read every expert now (as llama.cpp or ollama would), not on first use
             expert_progress = (lambda d, t: on_progress("loading experts", d, t)) if on_progress else None

@@ -87,17 +87,23 @@ def prefill(
     req: GenerationRequest,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Feed the prompt in chunks; return the last position's logits [V] (fp32)."""
+    """Feed the prompt in blocks of model.prefill_block tokens, each layer by layer (a MoE layer reads its
+    experts once a block, not once a 512-token chunk); return the last position's logits [V] (fp32).
+    on_progress(tokens done, tokens) moves with the layers inside a block."""
     ids = torch.tensor(req.prompt_ids, dtype=torch.long)
     T = len(req.prompt_ids)
+    block = max(PREFILL_CHUNK, model.prefill_block // PREFILL_CHUNK * PREFILL_CHUNK)
     logits = None
-    for s in range(0, T, PREFILL_CHUNK):
-        e = min(T, s + PREFILL_CHUNK)
+    for s in range(0, T, block):
+        e = min(T, s + block)
         embeds = None if req.embeds is None else req.embeds[s:e]
         positions = None if req.positions is None else req.positions[:, s:e]
-        logits = model.forward(cache, ids=ids[s:e], embeds=embeds, positions=positions)
-        if on_progress:
-            on_progress(e, T)
+
+        def on_layer(done: int, layers: int, s: int = s, e: int = e) -> None:
+            if on_progress:
+                on_progress(s + (e - s) * done // layers, T)
+
+        logits = model.prefill(cache, ids=ids[s:e], embeds=embeds, positions=positions, on_layer=on_layer)
     cache.token_ids.extend(req.prompt_ids)
     # Only after the whole prompt: the explicit positions above already include the shift; every later
     # token (decode, next turn) takes offset + rope_delta.

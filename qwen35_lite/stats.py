@@ -67,6 +67,7 @@ def reply_expert_stats(
             asked = out[f"{tier}_hits"] + out[f"{tier}_misses"]
             out[f"{tier}_hit_rate"] = round(out[f"{tier}_hits"] / asked, 4) if asked else None
     if "bytes_read" in end:
+        out["prefill_disk_bytes"] = prefilled["bytes_read"] - start.get("bytes_read", 0)
         out["disk_bytes_per_token"] = _per(end["bytes_read"] - prefilled["bytes_read"], decoded)
     if "bytes_to_gpu" in end:
         out["gpu_bytes_per_token"] = _per(end["bytes_to_gpu"] - prefilled["bytes_to_gpu"], decoded)

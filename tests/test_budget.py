@@ -137,6 +137,25 @@ def test_compact_experts_stay_within_cpu_mem_and_decode_the_same_tokens(
     assert result["stats"]["ram_hits"] > 0 and result["stats"]["bytes_read"] > budget // 2
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+def test_a_2k_prompt_reads_each_expert_about_once_within_the_budget(big_checkpoint):
+    """Layer-by-layer prefill: a 2048-token prompt under a budget below the checkpoint reads at most 1.1x
+    the routed-expert bytes (every expert is picked by some token), inside the budget; the 512-token
+    chunked prefill it replaces read them once a chunk."""
+    budget = int(1.0 * GiB)
+    experts = BIG.num_hidden_layers * BIG.num_experts * BIG.expert_bytes()
+    assert _ckpt_bytes(big_checkpoint) > budget
+    args = [str(big_checkpoint), "--cpu-mem", "1.0", "--prompt-len", "2048", "--new-tokens", "2"]
+    result, peak = run_sampled(*args)
+    assert result["prefill_block"] >= 2048
+    assert result["prefill_bytes"] <= 1.1 * experts, result["prefill_bytes"] / experts
+    assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem 1.0 GiB"
+    chunked, _ = run_sampled(*args, "--prefill-block", "512")
+    assert chunked["prefill_bytes"] >= 2.5 * result["prefill_bytes"]  # 2.76x measured
+    assert chunked["tokens"] == result["tokens"]
+
+
 def test_deltanet_state_does_not_grow_with_context(tmp_path):
     """Cache bytes after 4096 tokens minus after 512 = the attention layers' KV growth, nothing else."""
     spec = SyntheticSpec(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, vocab_size=4096)

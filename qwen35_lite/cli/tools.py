@@ -169,6 +169,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "activation_bytes": plan.activations,
         "expert_disk_bytes": plan.expert_disk_bytes,
         "expert_format": plan.expert_format,
+        "prefill_block": plan.prefill_block,
         "expert_slot_bytes": plan.slot_bytes,
         "experts": plan.cfg.num_experts if plan.moe_layers else 0,
         "cpu_slots": plan.cpu_slots,

@@ -57,25 +57,24 @@ def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.
 
 
 def dispatch_grouped(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
-    """Sort (token, slot) pairs by expert so each expert runs once on all its tokens."""
+    """Each expert runs once on all the tokens that picked it (in token order); its outputs land in their
+    (token, slot) place, are weighted in place, and the slots are summed in one reduction.
+
+    Memory: one [T, A, D] buffer besides one expert's rows at a time, so a prefill block of thousands of
+    tokens fits (the sort-gather-scatter version held four such buffers)."""
     T, A = ids.shape
     flat = ids.reshape(-1)  # [T·A]
-    order = torch.argsort(flat, stable=True)
-    sorted_ids = flat[order].tolist()
-    rows = x[order // A]  # [T·A, D], grouped by expert
-    out = torch.empty_like(rows)
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
+    counts = torch.bincount(flat[order]).tolist()
+    out = torch.empty(T * A, x.shape[-1], dtype=x.dtype, device=x.device)  # [T·A, D], (token, slot) order
     start = 0
-    while start < len(sorted_ids):
-        e = sorted_ids[start]
-        end = start
-        while end < len(sorted_ids) and sorted_ids[end] == e:
-            end += 1
-        out[start:end] = experts[e](rows[start:end])
-        start = end
-    out = out * weights.reshape(-1)[order, None]
-    unsorted = torch.empty_like(out)
-    unsorted[order] = out
-    return unsorted.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
+    for e, n in enumerate(counts):
+        if n:
+            pairs = order[start : start + n]
+            out[pairs] = experts[e](x[pairs // A])
+            start += n
+    out.mul_(weights.reshape(-1, 1))
+    return out.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
 
 
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:

@@ -20,8 +20,9 @@ from .layers import MRoPE, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
 
-PREFILL_CHUNK = 512  # tokens a prefill forward takes at most: a multiple of the DeltaNet chunk (64),
+PREFILL_CHUNK = 512  # tokens a mixer takes at once in a prefill: a multiple of the DeltaNet chunk (64),
 # so chunk boundaries fall where a one-shot prefill puts them
+PREFILL_BLOCK = 4096  # tokens a layer-by-layer prefill takes at once (the plan may lower it)
 
 MIXER_KEYS = {
     "linear_attention": [
@@ -82,12 +83,25 @@ class DecoderLayer:
         self.mlp = MoE(cfg, index, mlp_w, provider) if cfg.is_moe else DenseMLP(mlp_w)
 
     def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = rms_norm_1p(h, self.input_norm, self.eps)
-        if self.kind == "linear_attention":
-            h = h + self.mixer(x, cache)
-        else:
-            h = h + self.mixer(x, cos, sin, cache)
+        h = h + self.mix(rms_norm_1p(h, self.input_norm, self.eps), cache, cos, sin)
         return h + self.mlp(rms_norm_1p(h, self.post_norm, self.eps))
+
+    def mix(self, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.mixer(x, cache) if self.kind == "linear_attention" else self.mixer(x, cos, sin, cache)
+
+    def prefill(
+        self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        """The layer over a whole block of tokens h [T, D]: the mixer chunk by chunk (its state carried
+        as in a chunked forward), then the MLP once over all T tokens, so a MoE layer asks for its experts
+        once for the block (each read at most once) instead of once per chunk."""
+        mixed = torch.empty_like(h)
+        for s in range(0, h.shape[0], chunk):
+            e = min(h.shape[0], s + chunk)
+            mixed[s:e] = h[s:e] + self.mix(
+                rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
+            )
+        return mixed + self.mlp(rms_norm_1p(mixed, self.post_norm, self.eps))
 
 
 def _sub(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -109,6 +123,9 @@ class Qwen35Model:
     ) -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.spilled = spilled  # layers whose weights are streamed in from host memory (spill.py)
+        self.prefill_block = (
+            PREFILL_BLOCK  # prompt tokens per layer-by-layer pass (the plan's, when loaded under one)
+        )
         self.provider = provider  # the expert provider: generate reads its counters for the reply stats
         self.embed = weights.pop("embed_tokens.weight")  # stays on the CPU: it is only indexed
         self.norm = weights.pop("norm.weight")
@@ -182,10 +199,7 @@ class Qwen35Model:
         """
         h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
         T = h.shape[0]
-        if positions is None:
-            start = cache.offset + cache.rope_delta
-            positions = torch.arange(start, start + T, device=self.device).expand(3, T)
-        cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
+        cos, sin = self.rope.cos_sin(self._positions(cache, T, positions), self.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             if self.spilled is not None and i in self.spilled:
                 self.spilled.before(i)
@@ -193,3 +207,35 @@ class Qwen35Model:
         cache.offset += T
         h = h if all_logits else h[-1:]
         return F.linear(rms_norm_1p(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        cache: ModelCache,
+        ids: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """A block of prompt tokens layer by layer: all of them through layer l before layer l + 1
+        (attention and DeltaNet chunked inside the layer at PREFILL_CHUNK, where `forward` would cut the
+        block), so each MoE layer fetches its experts once for the block. Same inputs and result as
+        `forward` (logits of the last position [1, V]); on_layer(done, layers) after each layer."""
+        h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
+        T = h.shape[0]
+        cos, sin = self.rope.cos_sin(self._positions(cache, T, positions), self.dtype)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
+            if self.spilled is not None and i in self.spilled:
+                self.spilled.before(i)
+            h = layer.prefill(h, layer_cache, cos, sin, PREFILL_CHUNK)
+            if on_layer:
+                on_layer(i + 1, len(self.layers))
+        cache.offset += T
+        return F.linear(rms_norm_1p(h[-1:], self.norm, self.cfg.rms_norm_eps), self.lm_head)
+
+    def _positions(self, cache: ModelCache, T: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """M-RoPE rows [3, T]: the given ones, else offset + rope_delta + arange(T) in every row."""
+        if positions is None:
+            start = cache.offset + cache.rope_delta
+            return torch.arange(start, start + T, device=self.device).expand(3, T)
+        return positions.to(self.device)

@@ -19,7 +19,7 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig, VisionConfig
 from ..errors import BudgetError
 from ..experts.formats import ALIGN, expert_format
-from ..model.qwen35 import PREFILL_CHUNK
+from ..model.qwen35 import PREFILL_BLOCK, PREFILL_CHUNK
 from ..model.spill import stays_resident
 from ..vision.tower import tower_dtype
 from .sizes import (
@@ -70,6 +70,7 @@ class MemoryPlan:
     overhead_gpu: int = 0
     staging_bytes: int = 0
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
+    prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
@@ -117,6 +118,8 @@ class MemoryPlan:
         plan._place_weights(nbytes, shapes, ckpt)
         plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
+        plan._set_budgets(gpu_mem, cpu_mem)
+        plan.prefill_block = plan._prefill_block(ctx)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
         n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
@@ -141,7 +144,6 @@ class MemoryPlan:
             plan.slot_bytes = -(-fmt.slot_nbytes // ALIGN) * ALIGN  # slots start aligned (experts.slots)
             # a format that prepares slots reads through staging: foreground + prefetch thread
             plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
-        plan._set_budgets(gpu_mem, cpu_mem)
         if dev == "cuda":
             plan._spill_layers_to_cpu()
         plan._size_slots()
@@ -244,13 +246,23 @@ class MemoryPlan:
     def gpu_total(self) -> int:
         return self.gpu_fixed + self.gpu_slots * self.moe_layers * self.slot_bytes if self.on_gpu else 0
 
+    def _prefill_block(self, ctx: int) -> int:
+        """Prompt tokens a layer-by-layer prefill takes at once: the most (up to PREFILL_BLOCK) whose
+        activations stay within a tenth of the compute device's budget. Larger blocks read a MoE layer's
+        experts fewer times a prompt; the tenth keeps most of the budget for the expert cache."""
+        budget = self.gpu_budget if self.device == "cuda" else self.cpu_budget
+        block = PREFILL_BLOCK
+        while block > PREFILL_CHUNK and activation_bytes(self.cfg, self.dtype, block, ctx) > budget / 10:
+            block //= 2
+        return block
+
     def _context_bytes(self, ctx: int) -> tuple[int, int]:
         """(KV cache, activation buffers) at a context of `ctx` tokens."""
         n_full = max(len(self.cfg.full_attention_layers), 1)
         steps = -(-ctx // KV_STEP) * KV_STEP
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
-            activation_bytes(self.cfg, self.dtype, min(PREFILL_CHUNK, ctx), ctx),
+            activation_bytes(self.cfg, self.dtype, min(self.prefill_block, ctx), ctx),
             activation_bytes(self.cfg, self.dtype, 1, ctx),
         )
         return kv, act

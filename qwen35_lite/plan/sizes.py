@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..config import TextConfig, VisionConfig
-from ..model.qwen35 import resident_names
+from ..model.qwen35 import PREFILL_CHUNK, resident_names
 from ..vision.tower import vision_tensor_shapes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -90,9 +90,11 @@ def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
 
 
 def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int) -> int:
-    """Peak temporaries of one forward over `tokens` new tokens at `context` (one layer at a time).
+    """Peak temporaries of one prefill block (or decode step) of `tokens` new tokens at `context`.
 
-    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries.
+    An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries. A
+    block goes through a layer whole (the residual stream and the MoE over all its tokens) but through
+    the mixers PREFILL_CHUNK tokens at a time (model.Qwen35Model.prefill).
     SDPA with `enable_gqa` reads the shared K/V heads in place (measured on the CPU: +2 MB peak for a
     decode step at H=32, Hkv=2, S=8192, hd=256, where expanding K/V would take 268 MB); in fp32 on CUDA
     its math backend still expands them, so that case keeps the expansion term.
@@ -100,7 +102,10 @@ def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: 
     T, D, b = tokens, cfg.hidden_size, dtype.itemsize
     A, I, Is = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
     common = T * D * (4 * b + 8)  # residual stream, norm input/output, fp32 norm temporaries
-    moe = T * A * (4 * D + 4 * I) * b + T * 3 * Is * b + T * cfg.num_experts * 4 * 2
+    # dispatch_grouped: the [T, A, D] outputs, one expert's rows and FFN temporaries (at most T rows),
+    # the shared expert, the router's fp32 probabilities and the sort indices
+    moe = T * A * D * b + T * (2 * D + 3 * I) * b + T * 3 * Is * b + T * cfg.num_experts * 8 + T * A * 16
+    T = min(T, PREFILL_CHUNK)  # the mixers see one chunk at a time
     hv, dk, dv = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
     conv = 2 * cfg.linear_num_key_heads * dk + hv * dv
     chunk = 64

@@ -54,7 +54,10 @@ def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
             if plan.vision_bytes
             else []
         ),
-        ("activation buffers", fmt_gib(plan.activations)),
+        (
+            "activation buffers",
+            f"{fmt_gib(plan.activations)} (prefill in blocks of {plan.prefill_block} tokens)",
+        ),
         (
             "runtime overhead",
             f"{fmt_gib(plan.overhead_cpu)} CPU"
