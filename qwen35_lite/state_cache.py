@@ -12,7 +12,8 @@ Where to save (the server's protocol):
   request (one token at least must be fed to get logits), so the state after the whole prompt would never
   serve an identical resend (a retry, a regenerate). The state after `prompt[:-1]` serves it by feeding one
   token, and serves any request that extends the prompt too. So the server prefills `prompt[:-1]`, saves,
-  then feeds the last token as a one-token prompt.
+  then feeds the last token as a one-token prompt (a text token: the template ends the prompt with the
+  assistant header, so image embeddings, positions and rope_delta all belong to the first part).
 
 Images: their placeholder ids are the same whatever the picture, so equal ids do not mean equal states.
 `key` must be equal for a hit: the server passes a hash of the bytes of every image in the request (in
