@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from qwen35_lite import session as session_module
 from qwen35_lite.chat_template import ChatTemplate
+from qwen35_lite.cli import app
+from qwen35_lite.engine import Engine
 from qwen35_lite.errors import InputError
+from qwen35_lite.generate import Finished, TokenEvent
+from qwen35_lite.session import ChatSession
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.tokenizer import Tokenizer
 from qwen35_lite.tool_calls import (
     ContentDelta,
     StreamingToolParser,
@@ -295,3 +305,139 @@ def test_check_tools_refuses_what_is_not_openai_tools(tools, words):
 
 def test_check_tools_accepts_openai_tools():
     assert check_tools(TOOLS) is TOOLS
+
+
+# ---- --tools on run and chat (a tiny random checkpoint: it never writes a real call) ----------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tools") / "tiny"
+    write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tools_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tools") / "tools.json"
+    path.write_text(json.dumps(TOOLS[:1]), encoding="utf-8")
+    return path
+
+
+_ENGINES: dict = {}
+
+
+@pytest.fixture
+def one_load(monkeypatch):
+    """Each (checkpoint, options) loads once for this file: the tokenizer alone takes a second to parse."""
+    load = Engine.load.__func__
+
+    def cached(cls, model, opts=None, provider_factory=None, on_progress=None):
+        key = (str(model), repr(opts))
+        if key not in _ENGINES:
+            _ENGINES[key] = load(cls, model, opts, provider_factory, on_progress)
+        return _ENGINES[key]
+
+    monkeypatch.setattr(Engine, "load", classmethod(cached))
+
+
+def cli(*args, input: str | None = None):
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def fake_reply(monkeypatch, pieces: list[str]) -> None:
+    """The model 'writes' these pieces of answer (after a little thinking), then stops."""
+
+    def generate(model, cache, request, decoder, cancel=None, on_prefill=None):
+        yield TokenEvent(1, "hmm", thinking=True)
+        for piece in pieces:
+            yield TokenEvent(2, piece, thinking=False)
+        yield Finished("stop", stats={"prompt_tokens": len(request.prompt_ids)}, unfed=[], tokens=[1, 2])
+
+    monkeypatch.setattr(session_module, "generate", generate)
+
+
+def test_run_json_renders_the_tools_into_the_prompt(ckpt, tools_file, one_load):
+    r = cli("run", "-m", ckpt, "--json", "--no-think", "-t", "0", "-n", "4", "--tools", tools_file, "Hi")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tool_calls"] == []
+    template, tok = ChatTemplate.from_dir(ckpt), Tokenizer.from_dir(ckpt)
+    messages = [{"role": "user", "content": "Hi"}]
+    with_tools = template.render(messages, enable_thinking=False, tools=TOOLS[:1])
+    assert "<tools>" in with_tools and out["prompt_ids"] == tok.encode(with_tools)
+    plain = cli("run", "-m", ckpt, "--json", "--no-think", "-t", "0", "-n", "4", "Hi")
+    assert json.loads(plain.stdout)["prompt_ids"] == tok.encode(
+        template.render(messages, enable_thinking=False)
+    )
+
+
+REPLY_WITH_CALL = [
+    "Let me ",
+    "check.\n\n<tool",
+    "_call>\n<function=get_weather>\n<parameter=city>\nParis",
+    "\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>",
+]
+
+
+def test_run_prints_the_content_then_the_calls(ckpt, tools_file, one_load, monkeypatch):
+    fake_reply(monkeypatch, REPLY_WITH_CALL)
+    r = cli("run", "-m", ckpt, "--tools", tools_file, "--quiet", "Weather?")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == 'Let me check.\ntool call: get_weather {"city": "Paris", "days": 2}\n'
+    out = json.loads(cli("run", "-m", ckpt, "--tools", tools_file, "--json", "Weather?").stdout)
+    assert out["text"] == "Let me check."
+    [call] = out["tool_calls"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris", "days": 2}
+    assert call["id"].startswith("call_")
+    # without --tools the reply is printed as the model wrote it
+    assert cli("run", "-m", ckpt, "--quiet", "Weather?").stdout == "".join(REPLY_WITH_CALL).strip() + "\n"
+
+
+def test_chat_renders_the_tools_once_and_prints_calls(ckpt, tools_file, one_load, monkeypatch):
+    fake_reply(monkeypatch, REPLY_WITH_CALL)
+    prompts = []
+    send = ChatSession.send
+
+    def spy(self, text, *args, **kwargs):
+        prompts.append(self.prompt_ids(text))
+        return send(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(ChatSession, "send", spy)
+    r = cli("chat", "-m", ckpt, "--tools", tools_file, "--quiet", input="Weather?\nAnd tomorrow?\n")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.count('tool call: get_weather {"city": "Paris", "days": 2}\n') == 2
+    assert "<tool_call>" not in r.stdout
+    tok = Tokenizer.from_dir(ckpt)
+    first, second = (tok.decode(p) for p in prompts)
+    assert "<tools>" in first and "get_weather" in first
+    assert "<tools>" not in second and second.startswith("<|im_end|>\n<|im_start|>user\nAnd tomorrow?")
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, "no such file"),
+        ("[{]", "is not JSON"),
+        ('{"type": "function"}', "JSON list"),
+        ('[{"type": "function", "function": {"description": "x"}}]', 'tool 1 has no "name"'),
+    ],
+)
+def test_a_bad_tools_file_is_one_error_line_before_loading(tmp_path, content, words, monkeypatch):
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    monkeypatch.setattr(Engine, "load", None)  # never reached
+    r = cli("run", "-m", tmp_path, "--tools", path, "Hi")
+    assert r.exit_code == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    assert words in lines[0] and "Traceback" not in r.stderr
+
+
+def test_tools_with_raw_is_a_usage_error(tmp_path, tools_file):
+    r = cli("run", "-m", tmp_path, "--raw", "--tools", tools_file, "Hi")
+    assert r.exit_code == 2 and "--tools" in r.stderr
