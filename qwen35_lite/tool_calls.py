@@ -33,6 +33,7 @@ FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
 PARAM_OPEN, PARAM_CLOSE = "<parameter=", "</parameter>"
 # The body of one call: the function's name (one line, no markup) and everything up to its last </function>.
 FUNCTION_BODY = re.compile(r"\s*<function=([^<>\n]+)>(.*)</function>\s*", re.DOTALL)
+SPACE = re.compile(r"\s*")
 STRING_TYPES = ("string", "str", "text", "varchar", "char", "enum")
 TOOLS_HINT = 'give a JSON list of {"type": "function", "function": {"name", "description", "parameters"}}'
 
@@ -74,6 +75,7 @@ class StreamingToolParser:
     def __init__(self, tools: list[dict] | None) -> None:
         self._schemas = _parameter_schemas(tools)
         self._pending = ""  # text not yet decided: a possible (start of a) call
+        self._close_from = 0  # where the held call's </tool_call> may start: each text is searched once
         self._space = ""  # whitespace after the content so far, sent only if more content follows
         self._started = False  # some content was sent
         self._calls: list[ToolCall] = []
@@ -105,12 +107,14 @@ class StreamingToolParser:
                 break
             self._content(text[:start], out)
             text = text[start:]
-            decided = _call_extent(text)
+            decided = _call_extent(text, self._close_from)
             if decided is None:  # undecided until more text comes
+                self._close_from = max(0, len(text) - len(CALL_CLOSE) + 1)
                 if final:
                     self._content(text, out)
-                    text = ""
+                    text, self._close_from = "", 0
                 break
+            self._close_from = 0
             call = self._call(text[len(CALL_OPEN) : decided - len(CALL_CLOSE)]) if decided else None
             if call is None:  # not a call: its opening tag is content, and the scan goes on after it
                 end = len(CALL_OPEN)
@@ -152,15 +156,17 @@ class StreamingToolParser:
         return ToolCall(new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
 
 
-def _call_extent(text: str) -> int | None:
+def _call_extent(text: str, close_from: int = 0) -> int | None:
     """For text starting with <tool_call>: the length of the call block through its </tool_call>; 0 when
-    the tag opens no call (no <function= after it); None when more text is needed to tell."""
-    after = text[len(CALL_OPEN) :].lstrip()
-    if len(after) < len(FUNCTION_OPEN):
-        return None if FUNCTION_OPEN.startswith(after) else 0
-    if not after.startswith(FUNCTION_OPEN):
+    the tag opens no call (no <function= after it); None when more text is needed to tell.
+    close_from: no </tool_call> starts before it (a streamed call is not searched again from its start)."""
+    start = SPACE.match(text, len(CALL_OPEN)).end()
+    head = text[start : start + len(FUNCTION_OPEN)]
+    if len(head) < len(FUNCTION_OPEN):
+        return None if FUNCTION_OPEN.startswith(head) else 0
+    if head != FUNCTION_OPEN:
         return 0
-    close = text.find(CALL_CLOSE, len(CALL_OPEN))
+    close = text.find(CALL_CLOSE, max(len(CALL_OPEN), close_from))
     return None if close < 0 else close + len(CALL_CLOSE)
 
 
