@@ -56,12 +56,16 @@ def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.
     return out.sum(dim=1)
 
 
-def dispatch_grouped(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
+def dispatch_grouped(
+    x, weights, ids, experts: Mapping[int, Expert], chunk: int | None = None
+) -> torch.Tensor:
     """Each expert runs once on all the tokens that picked it (in token order); its outputs land in their
     (token, slot) place, are weighted in place, and the slots are summed in one reduction.
 
-    Memory: one [T, A, D] buffer besides one expert's rows at a time, so a prefill block of thousands of
-    tokens fits (the sort-gather-scatter version held four such buffers)."""
+    chunk: a prefill block's experts still run once each, in ascending order (a streamed lookup reads
+    each once), but on the tokens of one `chunk`-token span at a time: the same rows, so the same bits,
+    as calling this chunk by chunk, whatever the block's size (a matmul's rounding can depend on its row
+    count). Memory: one [T, A, D] buffer besides one expert's rows at a time."""
     T, A = ids.shape
     flat = ids.reshape(-1)  # [T·A]
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
@@ -71,10 +75,19 @@ def dispatch_grouped(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Te
     for e, n in enumerate(counts):
         if n:
             pairs = order[start : start + n]
-            out[pairs] = experts[e](x[pairs // A])
+            for group in _by_span(pairs, A * (chunk or T)):
+                out[group] = experts[e](x[group // A])
             start += n
     out.mul_(weights.reshape(-1, 1))
     return out.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
+
+
+def _by_span(pairs: torch.Tensor, span: int) -> list[torch.Tensor]:
+    """Ascending pair indices split where they cross a multiple of `span`."""
+    spans = pairs // span
+    if bool(spans[0] == spans[-1]):
+        return [pairs]
+    return list(torch.split(pairs, torch.unique_consecutive(spans, return_counts=True)[1].tolist()))
 
 
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
@@ -99,12 +112,26 @@ class MoE:
         self.next_gate: torch.Tensor | None = None  # the next MoE layer's router (set by the model)
         self.last_ids: torch.Tensor | None = None  # routing of the last call, for stats and prefetch recall
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What needs no routed expert: (routing weights [T, A], expert ids [T, A], gated shared expert)."""
         w = self.w
         shared = swiglu(
             x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], w["shared_expert.down_proj"]
         )
         weights, ids = route(x, w["gate"], self.top_k)
+        return weights, ids, torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
+
+    def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A prefill block x [T, D]: its experts asked for once, each computed chunk by chunk
+        (dispatch_grouped's `chunk`), the rest chunk by chunk too: the bits of `__call__` on each chunk."""
+        local = [self._local(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+        weights, ids, gated = (torch.cat(parts) for parts in zip(*local))
+        self.last_ids = ids
+        experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
+        return dispatch_grouped(x, weights, ids, experts, chunk) + gated
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids, gated = self._local(x)
         self.last_ids = ids
         if x.shape[0] == 1 and self.next_gate is not None and self.provider.lookahead:
             # Decode: the next layer's router applied to this layer's input names the experts it will
@@ -113,7 +140,7 @@ class MoE:
             self.provider.hint(self.layer + 1, next_ids[0].tolist())
         experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
         routed = (dispatch_decode if x.shape[0] == 1 else dispatch_grouped)(x, weights, ids, experts)
-        return routed + torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
+        return routed + gated
 
 
 class DenseMLP:
@@ -124,3 +151,6 @@ class DenseMLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w["gate_proj"], self.w["up_proj"], self.w["down_proj"])
+
+    def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        return torch.cat([self(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])

@@ -93,15 +93,16 @@ class DecoderLayer:
         self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         """The layer over a whole block of tokens h [T, D]: the mixer chunk by chunk (its state carried
-        as in a chunked forward), then the MLP once over all T tokens, so a MoE layer asks for its experts
-        once for the block (each read at most once) instead of once per chunk."""
+        as in a chunked forward), then the MLP over the block, so a MoE layer asks for its experts once for
+        the block (each read at most once) instead of once per chunk; every matmul still sees one chunk's
+        rows, so the result has the bits of the chunked forward."""
         mixed = torch.empty_like(h)
         for s in range(0, h.shape[0], chunk):
             e = min(h.shape[0], s + chunk)
             mixed[s:e] = h[s:e] + self.mix(
                 rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
             )
-        return mixed + self.mlp(rms_norm_1p(mixed, self.post_norm, self.eps))
+        return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
 
 
 def _sub(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
