@@ -1,0 +1,420 @@
+"""`qwen35-lite serve` end to end: a real uvicorn server on 127.0.0.1 (a thread, or a process for SIGTERM),
+spoken to with the official `openai` client, on one tiny random fp32 checkpoint with the real tokenizer.
+
+The oracles: `qwen35-lite run` for the text of a reply, transformers' apply_chat_template for the prompt
+length, and a cold server for the tokens of a reply resumed from a kept model state.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from typer.testing import CliRunner
+
+from qwen35_lite.cli import app as cli_app
+from qwen35_lite.engine import Engine, EngineOptions
+from qwen35_lite.server import seams, worker
+from qwen35_lite.server.app import create_app
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test"
+CTX = 512
+SYSTEM = "Be brief."
+PROMPT = "Name three colours."
+MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather for a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt) -> Engine:
+    return Engine.load(str(ckpt), EngineOptions(device="cpu", ctx=CTX))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """uvicorn serving `app` on a free port in a daemon thread."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.app = app
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def client(self, key: str = KEY):
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = ThreadServer(create_app(engine, "tiny", api_key=KEY))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def finished(monkeypatch) -> list:
+    """Every Finished event the worker's generations end with (their reason and tokens)."""
+    seen = []
+    real = worker.generate
+
+    def spy(*args, **kwargs):
+        for event in real(*args, **kwargs):
+            if isinstance(event, worker.Finished):
+                seen.append(event)
+            yield event
+
+    monkeypatch.setattr(worker, "generate", spy)
+    return seen
+
+
+def run_cli(engine, monkeypatch, *args) -> dict:
+    """`qwen35-lite run --json` in-process, on the engine the server holds (same weights, no second load)."""
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
+    r = CliRunner().invoke(cli_app, ["run", "--model", "tiny", "--json", "--temperature", "0", *args])
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def chat(client, n: int = 8, **kwargs):
+    body = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "max_tokens": n, **kwargs}
+    return client.chat.completions.create(**body)
+
+
+# ---- the reply is run's reply ----------------------------------------------------------------------
+
+
+def test_chat_completion_equals_run_streamed_or_not(server, engine, monkeypatch):
+    answer = run_cli(engine, monkeypatch, "--no-think", "-n", "8", "--system", SYSTEM, PROMPT)
+    assert answer["text"] and not answer["thinking"]
+    r = chat(server.client(), extra_body=NO_THINK)
+    assert r.choices[0].message.content.strip() == answer["text"]
+    assert r.choices[0].finish_reason == answer["finish_reason"] == "length"
+    assert r.usage.prompt_tokens == len(answer["prompt_ids"]) and r.usage.completion_tokens == 8
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # a cold server
+    chunks = list(
+        chat(server.client(), stream=True, stream_options={"include_usage": True}, extra_body=NO_THINK)
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+
+
+def test_reasoning_is_apart_from_content(server, engine, monkeypatch):
+    """With thinking on, a random model never closes <think>: all of it is reasoning, none is content."""
+    answer = run_cli(engine, monkeypatch, "-n", "8", "--system", SYSTEM, PROMPT)
+    r = chat(server.client())
+    message = r.choices[0].message
+    assert message.content == ""
+    assert message.reasoning_content.strip() == answer["thinking"] != ""
+    chunks = list(chat(server.client(), stream=True))
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    assert streamed == message.reasoning_content
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_prompt_tokens_are_transformers_apply_chat_template_length(server, ckpt):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(ckpt)
+    history = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21°C"},
+    ]
+    for messages in (MESSAGES, history):
+        r = chat(server.client(), n=1, tools=TOOLS, messages=messages, extra_body=NO_THINK)
+        parsed = copy.deepcopy(messages)  # what vLLM does too: arguments as an object for the template
+        for m in parsed:
+            for call in m.get("tool_calls", []):
+                call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+        ids = hf.apply_chat_template(
+            parsed,
+            tools=TOOLS,
+            add_generation_prompt=True,
+            enable_thinking=False,
+            tokenize=True,
+            return_dict=False,
+        )
+        assert r.usage.prompt_tokens == len(ids)
+
+
+def test_stop_string_cuts_the_reply(server):
+    full = chat(server.client(), extra_body=NO_THINK).choices[0].message.content
+    stop = full[3:5]
+    r = chat(server.client(), stop=[stop], extra_body=NO_THINK)
+    assert r.choices[0].message.content == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = chat(server.client(), stop=stop, stream=True, extra_body=NO_THINK)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+
+
+def test_raw_completion_and_models(server, engine):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="The sky is", max_tokens=5, temperature=0)
+    tokens = engine.tokenizer.encode("The sky is")
+    assert r.usage.prompt_tokens == len(tokens) and r.usage.completion_tokens == 5
+    streamed = client.completions.create(
+        model="tiny", prompt="The sky is", max_tokens=5, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+# ---- errors: OpenAI's JSON, and the server keeps serving --------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict
+    body: dict
+
+
+def post(server, body: dict, key: str | None = KEY, path: str = "/chat/completions") -> Answer:
+    """A raw POST (the openai client hides the bodies of errors behind exceptions)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(server.url + path, json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return Answer(r.status, dict(r.headers), json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read()))
+
+
+@pytest.mark.parametrize(
+    "body, key, status, words",
+    [
+        ({"model": "tiny"}, KEY, 400, "messages"),
+        ({"model": "tiny", "messages": "hi"}, KEY, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400, "unknown role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 600}]}, KEY, 400, "context"),
+        ({"model": "tiny", "messages": MESSAGES, "temperature": -1}, KEY, 400, "temperature"),
+        ({"model": "nope", "messages": MESSAGES}, KEY, 404, "nope"),
+        ({"model": "tiny", "messages": MESSAGES}, None, 401, "API key"),
+        ({"model": "tiny", "messages": MESSAGES}, "wrong", 401, "API key"),
+    ],
+)
+def test_errors_are_openai_json_and_the_server_keeps_serving(server, body, key, status, words):
+    r = post(server, body, key)
+    assert r.status == status, r.body
+    error = r.body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and words in error["message"]
+    assert chat(server.client(), n=2).choices[0].finish_reason == "length"
+
+
+def test_unreadable_or_remote_images_are_400(server, tmp_path):
+    garbage = "data:image/png;base64," + base64.b64encode(b"not a png at all").decode()
+    for url in (garbage, str(tmp_path / "missing.png"), "https://example.com/cat.png"):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}]
+        r = post(server, {"model": "tiny", "messages": messages})
+        assert r.status == 400, r.body
+        assert r.body["error"]["message"]
+    assert chat(server.client(), n=2).choices[0].finish_reason == "length"
+
+
+# ---- one model, several clients --------------------------------------------------------------------
+
+
+def test_two_concurrent_clients_both_complete(server):
+    results = {}
+
+    def ask(name: str) -> None:
+        results[name] = chat(server.client(), n=6, extra_body=NO_THINK)
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["a"].choices[0].message.content == results["b"].choices[0].message.content
+    assert results["a"].usage.completion_tokens == results["b"].usage.completion_tokens == 6
+
+
+def test_a_client_that_leaves_stops_its_generation(server, finished):
+    budget = CTX - 64
+    with server.client().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=budget, temperature=0, stream=True
+    ) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+    deadline = time.time() + 10
+    while not finished and time.time() < deadline:
+        time.sleep(0.05)
+    assert finished and finished[-1].reason == "cancelled"
+    assert len(finished[-1].tokens) < budget
+    assert chat(server.client(), n=2).choices[0].finish_reason == "length"
+
+
+def test_full_queue_is_503_with_retry_after(engine):
+    s = ThreadServer(create_app(engine, "tiny", capacity=1))
+    try:
+        with s.client(key="none").chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=CTX - 64, temperature=0, stream=True
+        ) as running:
+            next(iter(running))  # the first chunk: it is running
+            busy = post(s, {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}, key=None)
+        assert busy.status == 503 and busy.headers["retry-after"]
+        assert busy.body["error"]["type"] == "server_error"
+    finally:
+        s.stop()
+
+
+# ---- state reuse -----------------------------------------------------------------------------------
+
+
+class DictPrefixCache:
+    """A stand-in for the coming state_cache.PrefixCache: every saved state, the longest prefix wins."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 16) -> None:
+        self.saved: dict[tuple, object] = {}
+
+    def match(self, ids, key=""):
+        best = max((k for k in self.saved if tuple(ids[: len(k)]) == k), key=len, default=None)
+        return (None, 0) if best is None else (copy.deepcopy(self.saved[best]), len(best))
+
+    def save(self, ids, cache, key=""):
+        self.saved[tuple(ids)] = cache
+
+
+def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine, monkeypatch):
+    cold = ThreadServer(create_app(engine, "tiny"))
+    try:
+        first = chat(cold.client(), n=6, extra_body=NO_THINK)
+        turn = [
+            *MESSAGES,
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "tool", "content": "sunny, 21°C"},
+        ]
+        cold_next = chat(cold.client(), n=6, messages=turn, extra_body=NO_THINK)
+    finally:
+        cold.stop()
+    monkeypatch.setattr(worker, "REUSES_STATE", True)
+    monkeypatch.setattr("qwen35_lite.server.app.PrefixCache", DictPrefixCache)
+    warm = ThreadServer(create_app(engine, "tiny"))
+    try:
+        a = chat(warm.client(), n=6, extra_body=NO_THINK)
+        again = chat(warm.client(), n=6, extra_body=NO_THINK)
+        following = chat(warm.client(), n=6, messages=turn, extra_body=NO_THINK)
+    finally:
+        warm.stop()
+    assert a.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == a.usage.prompt_tokens - 1
+    assert following.usage.prompt_tokens_details.cached_tokens > a.usage.prompt_tokens  # the reply was kept
+    assert (
+        a.choices[0].message.content == again.choices[0].message.content == first.choices[0].message.content
+    )
+    assert following.choices[0].message.content == cold_next.choices[0].message.content
+
+
+def test_seams_fall_back_without_the_coming_modules():
+    if seams.REUSES_STATE:
+        pytest.skip("state_cache.py is merged")
+    assert seams.PrefixCache(1 << 20).match([1, 2, 3]) == (None, 0)
+    assert [d.text for d in seams.StreamingToolParser(TOOLS).feed("<tool_call>")] == ["<tool_call>"]
+
+
+# ---- the real process ------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_the_server_within_seconds(ckpt):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen35_lite.cli",
+        "serve",
+        "--model",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--ctx",
+        str(CTX),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the server did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
