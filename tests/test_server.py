@@ -418,3 +418,86 @@ def test_sigterm_stops_the_server_within_seconds(ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---- tool calls ------------------------------------------------------------------------------------
+
+CALL_MARKUP = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+class MarkupParser:
+    """Stands in for tool_calls.StreamingToolParser until it is merged: one call, in the markup above."""
+
+    def __init__(self, tools) -> None:
+        self.buf, self.done = "", False
+
+    def feed(self, text: str) -> list:
+        self.buf += text
+        if not self.done and self.buf.endswith("</tool_call>"):
+            self.done = True
+            before = self.buf[: self.buf.index("<tool_call>")]
+            return [
+                seams.ContentDelta(before),
+                seams.ToolCallDelta(0, None, "get_weather", '{"city": "Paris"}'),
+            ]
+        return []
+
+    def finish(self) -> list:
+        return [] if self.done else [seams.ContentDelta(self.buf)]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """The worker's generation replaced by a reply that says a word and then calls the tool."""
+    if seams.StreamingToolParser.__module__ != "qwen35_lite.tool_calls":
+        monkeypatch.setattr("qwen35_lite.server.reply.StreamingToolParser", MarkupParser)
+    pieces = ["Let me check.", "<tool_call>", "\n<function=get_weather>\n", "<parameter=city>\nParis\n"]
+    pieces += ["</parameter>\n</function>\n", "</tool_call>"]
+    assert "".join(pieces[1:]) == CALL_MARKUP
+
+    def fake(model, cache, req, decoder, cancel=None):
+        for i, text in enumerate(pieces):
+            yield worker.TokenEvent(i, text, False)
+        yield worker.Finished("stop", {}, [], list(range(len(pieces) + 1)))
+
+    monkeypatch.setattr(worker, "generate", fake)
+
+
+def test_tool_calls_parsed_with_ids_and_streamed_without_markup(server, scripted):
+    r = chat(server.client(), tools=TOOLS, extra_body=NO_THINK)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content.strip() == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert (
+        call.id
+        and call.function.name == "get_weather"
+        and json.loads(call.function.arguments) == {"city": "Paris"}
+    )
+    chunks = list(chat(server.client(), tools=TOOLS, stream=True, extra_body=NO_THINK))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert "<tool_call>" not in content and "<function" not in content
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_shows_the_model_no_tools(server, scripted):
+    r = chat(server.client(), tools=TOOLS, tool_choice="none", extra_body=NO_THINK)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason == "stop"
+    with_tools = chat(server.client(), n=1, tools=TOOLS, extra_body=NO_THINK)
+    assert r.usage.prompt_tokens < with_tools.usage.prompt_tokens  # the tool schema was not rendered
+
+
+def test_a_good_image_on_a_text_only_checkpoint_is_400(server, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(path)
+    part = {"type": "image_url", "image_url": {"url": str(path)}}
+    r = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [part]}]})
+    assert r.status == 400 and "vision" in r.body["error"]["message"]
+    assert chat(server.client(), n=2).choices[0].finish_reason == "length"

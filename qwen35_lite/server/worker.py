@@ -36,7 +36,10 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, event: object) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop closed (the server is shutting down): nobody is listening
+            self.cancel.set()
 
 
 class QueueFull(Exception):
