@@ -412,9 +412,18 @@ def test_sigterm_stops_the_server_within_seconds(ckpt):
                         break
             except OSError:
                 time.sleep(0.2)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json.dumps({"model": "tiny", "prompt": "Hi", "max_tokens": 2}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
-        assert "Traceback" not in proc.stderr.read()
+        log = proc.stderr.read()
+        assert "Traceback" not in log and f"serving tiny on http://127.0.0.1:{port}/v1" in log
+        assert "POST /v1/completions · prompt 1 tok (0 cached) · reply 2 tok (length)" in log
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -300,7 +300,7 @@ def log_request(request: Request, outcome: Outcome, started: float) -> None:
     stats = outcome.finished.stats if outcome.finished else {}
     u = usage(outcome)
     log.info(
-        "%s %s: %d prompt tokens (%d cached), %d generated (%s), %s tok/s, TTFT %s s, %.2f s",
+        "%s %s · prompt %d tok (%d cached) · reply %d tok (%s) · %s tok/s · TTFT %s s · %.2f s",
         request.method,
         request.url.path,
         u["prompt_tokens"],
