@@ -246,6 +246,12 @@ def post(server, body: dict, key: str | None = KEY, path: str = "/chat/completio
         return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read()))
 
 
+BAD_CALL = {
+    "role": "assistant",
+    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris"}}],
+}
+
+
 @pytest.mark.parametrize(
     "body, key, status, words",
     [
@@ -254,6 +260,24 @@ def post(server, body: dict, key: str | None = KEY, path: str = "/chat/completio
         ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, KEY, 400, "unknown role"),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 600}]}, KEY, 400, "context"),
         ({"model": "tiny", "messages": MESSAGES, "temperature": -1}, KEY, 400, "temperature"),
+        ({"model": "tiny", "messages": MESSAGES, "n": 2}, KEY, 400, "n"),
+        (
+            {
+                "model": "tiny",
+                "messages": MESSAGES,
+                "tools": TOOLS,
+                "tool_choice": {"function": {"name": "x"}},
+            },
+            KEY,
+            400,
+            "not among the tools",
+        ),
+        (
+            {"model": "tiny", "messages": [*MESSAGES, BAD_CALL]},
+            KEY,
+            400,
+            "not valid JSON",
+        ),
         ({"model": "nope", "messages": MESSAGES}, KEY, 404, "nope"),
         ({"model": "tiny", "messages": MESSAGES}, None, 401, "API key"),
         ({"model": "tiny", "messages": MESSAGES}, "wrong", 401, "API key"),

@@ -107,7 +107,9 @@ def create_app(
             raise bad_request("the prompt is empty", "prompt")
         if not images and len(ids) >= engine.max_context:
             raise bad_request(
-                f"the prompt is {len(ids)} tokens but the context is {engine.max_context}", "messages"
+                f"the prompt is {len(ids)} tokens but the context is {engine.max_context}: shorten it, or"
+                " start the server with a larger --ctx",
+                "messages",
             )
         cap = req.reply_cap() or engine.defaults.max_new_tokens
         params = sampling_params(req, engine.defaults.params)
@@ -116,7 +118,7 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: ChatRequest, request: Request):
         check_model(req)
-        tools, _forced = template_tools(req)
+        tools = template_tools(req)
         thinking = req.enable_thinking()
         images_dir = image_dir()
         try:

@@ -122,28 +122,28 @@ def sampling_params(req: SamplingFields, defaults: SamplingParams) -> SamplingPa
 # ---- messages --------------------------------------------------------------------------------------
 
 
-def template_tools(req: ChatRequest) -> tuple[list[dict] | None, str | None]:
-    """(tools passed to the template, the one function a named tool_choice forces).
+def template_tools(req: ChatRequest) -> list[dict] | None:
+    """The tools the template renders, as tool_choice selects them.
 
     tool_choice "none" renders no tools at all, so the model is never told it has any (the model cannot
     call what it was not shown, and nothing has to be dropped afterwards); a named function renders only
-    that tool."""
+    that tool ("required" is taken as "auto": nothing constrains the sampler)."""
     choice, tools = req.tool_choice, req.tools or None
     if tools is not None and not all(
         isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools
     ):
         raise bad_request('each tool must be {"type": "function", "function": {...}}', "tools")
     if choice in (None, "auto", "required"):
-        return tools, None
+        return tools
     if choice == "none":
-        return None, None
+        return None
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str):
         raise bad_request('tool_choice must be "auto", "none" or {"type": "function", ...}', "tool_choice")
     named = [t for t in tools or [] if t["function"].get("name") == name]
     if not named:
         raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-    return named, name
+    return named
 
 
 def template_messages(messages: list[dict], image_dir: Path) -> tuple[list[dict], list[str]]:
