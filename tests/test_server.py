@@ -354,17 +354,20 @@ def test_full_queue_is_503_with_retry_after(engine):
 
 
 class DictPrefixCache:
-    """A stand-in for the coming state_cache.PrefixCache: every saved state, the longest prefix wins."""
+    """A stand-in for the coming state_cache.PrefixCache, with its contract: the longest kept proper
+    prefix of the ids matches and comes back as a copy; save keeps a copy of the state after exactly ids."""
 
     def __init__(self, max_bytes: int, max_entries: int = 16) -> None:
         self.saved: dict[tuple, object] = {}
 
     def match(self, ids, key=""):
-        best = max((k for k in self.saved if tuple(ids[: len(k)]) == k), key=len, default=None)
+        kept = [k for k in self.saved if len(k) < len(ids) and tuple(ids[: len(k)]) == k]
+        best = max(kept, key=len, default=None)
         return (None, 0) if best is None else (copy.deepcopy(self.saved[best]), len(best))
 
     def save(self, ids, cache, key=""):
-        self.saved[tuple(ids)] = cache
+        assert cache.offset == len(ids) == len(cache.token_ids)
+        self.saved[tuple(ids)] = copy.deepcopy(cache)
 
 
 def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine, monkeypatch):

@@ -4,7 +4,6 @@ wait in order in a bounded queue, and each job's events reach its HTTP handler o
 from __future__ import annotations
 
 import asyncio
-import copy
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ class Worker:
         )
         for event in generate(model, cache, req, StreamDecoder(eng.tokenizer), cancel=job.cancel):
             if isinstance(event, Finished) and REUSES_STATE and not job.images:
-                self.prefix.save(list(cache.token_ids), copy.deepcopy(cache))  # the next turn starts here
+                self.prefix.save(list(cache.token_ids), cache)  # a copy is kept: the next turn starts there
             job.emit(event)
 
     def _resume(self, ids: list[int]) -> tuple[ModelCache, int]:
@@ -120,17 +119,19 @@ class Worker:
 
         DeltaNet state cannot be rewound, so snapshots are kept at the prompt less its last token (an
         identical resend then feeds one token and samples the same first token) and at the end of each
-        reply. Without the state cache the prompt is fed whole, in one prefill, exactly as `run` does."""
+        reply. PrefixCache.match returns a copy of the longest kept proper prefix of `ids` and save keeps a
+        copy, so the state handed back is this request's own. Without the state cache the prompt is fed
+        whole, in one prefill, exactly as `run` does."""
         model = self.engine.model
         if not REUSES_STATE:
             return model.make_cache(), 0
-        head = ids[:-1]
-        cache, hit = self.prefix.match(head)
+        cache, hit = self.prefix.match(ids)
         if cache is None:
             cache, hit = model.make_cache(), 0
+        head = ids[:-1]
         if len(head) > hit:
             prefill(model, cache, GenerationRequest(prompt_ids=head[hit:]))
-            self.prefix.save(list(head), copy.deepcopy(cache))
+            self.prefix.save(list(head), cache)
         return cache, hit
 
 
