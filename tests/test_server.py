@@ -537,3 +537,21 @@ def test_a_good_image_on_a_text_only_checkpoint_is_400(server, tmp_path):
     r = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [part]}]})
     assert r.status == 400 and "vision" in r.body["error"]["message"]
     assert chat(server.client(), n=2).choices[0].finish_reason == "length"
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+
+def test_serve_command_binds_loopback_by_default_and_warns_elsewhere_without_a_key(engine, ckpt, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt)])
+    assert r.exit_code == 0, r.stderr
+    assert calls[-1][1:] == ("127.0.0.1", 8000) and "warning" not in r.stderr
+    assert f"serving {ckpt.name} on http://127.0.0.1:8000/v1" in r.stderr  # a directory: its name is the id
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--port", "9"])
+    assert r.exit_code == 0 and calls[-1][1:] == ("0.0.0.0", 9)
+    assert "warning: listening on 0.0.0.0 without --api-key" in r.stderr
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--api-key", "k"])
+    assert r.exit_code == 0 and "warning" not in r.stderr
