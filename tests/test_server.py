@@ -555,3 +555,32 @@ def test_serve_command_binds_loopback_by_default_and_warns_elsewhere_without_a_k
     assert "warning: listening on 0.0.0.0 without --api-key" in r.stderr
     r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--api-key", "k"])
     assert r.exit_code == 0 and "warning" not in r.stderr
+
+
+# ---- images ----------------------------------------------------------------------------------------
+
+
+def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatch):
+    from vision_helpers import build_tiny_vlm, make_image
+
+    vlm = Engine.load(str(build_tiny_vlm(tmp_path / "vlm")), EngineOptions(device="cpu", dtype="float32"))
+    picture = tmp_path / "a.png"
+    make_image(100, 70).save(picture)
+    answer = run_cli(vlm, monkeypatch, "--no-think", "-n", "6", "--image", str(picture), PROMPT)
+    assert answer["text"] and answer["prompt_ids"].count(248056) > 1  # <|image_pad|> expanded
+    data_url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    s = ThreadServer(create_app(vlm, "vlm"))
+    try:
+        for url in (data_url, str(picture), f"file://{picture}"):
+            parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]
+            r = s.client().chat.completions.create(
+                model="vlm",
+                messages=[{"role": "user", "content": parts}],
+                temperature=0,
+                max_tokens=6,
+                extra_body=NO_THINK,
+            )
+            assert r.choices[0].message.content.strip() == answer["text"]
+            assert r.usage.prompt_tokens == len(answer["prompt_ids"])  # image tokens included
+    finally:
+        s.stop()
