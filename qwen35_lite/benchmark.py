@@ -50,6 +50,7 @@ def run_benchmark(
     new_tokens: int,
     *,
     seed: int = 0,
+    profile: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Prefill `prompt_tokens` seeded ids, then decode exactly `new_tokens` greedily (no stop token ends
@@ -57,7 +58,8 @@ def run_benchmark(
 
     Returns the reply stats of generate (prefill/decode tok/s, ttft, hits and misses per tier, bytes read
     from disk and copied to the GPU per decoded token, peak memory per device) plus the workload, the
-    plan's slots and the tokens.
+    plan's slots and the tokens. profile: also count a few decode steps' kernel-launching ops and host
+    reads (op_profile.profile_decode), under "profile".
     """
     if prompt_tokens < 1 or new_tokens < 1:
         raise InputError(
@@ -94,6 +96,10 @@ def run_benchmark(
         **done.stats,
         "tokens": done.tokens,
     }
+    if profile:
+        from .op_profile import profile_decode
+
+        out["profile"] = profile_decode(engine.model, prompt_ids(engine, min(prompt_tokens, 64), seed + 1))
     plan = engine.plan
     if plan is not None:
         out["plan"] = {

@@ -20,6 +20,7 @@ from .generate import Finished, GenerationRequest, TokenEvent, generate
 from .sampling import SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 from .tokenizer import StreamDecoder
+from .tool_calls import ToolCall, parse_tool_calls
 
 
 @dataclass
@@ -33,18 +34,20 @@ class ChatSettings:
 
 @dataclass
 class Reply:
-    text: str = ""
+    text: str = ""  # the answer; with tools, without the tool-call markup (tool_calls holds the calls)
     thinking: str = ""
     tokens: list[int] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     stats: dict = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, settings: ChatSettings) -> None:
+    def __init__(self, engine: Engine, settings: ChatSettings, tools: list[dict] | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.tools = tools  # OpenAI-style tools for the template's system turn; replies are parsed for calls
         self.messages: list[dict] = []
         self.cache = engine.model.make_cache()
         self.unfed: list[int] = []
@@ -102,7 +105,7 @@ class ChatSession:
         if not messages or self.settings.raw:
             return
         text = self.engine.template.render(
-            history, add_generation_prompt=True, enable_thinking=think != "off"
+            history, add_generation_prompt=True, enable_thinking=think != "off", tools=self.tools
         )
         n = len(self.engine.tokenizer.encode(text))
         if n >= self.engine.max_context:
@@ -112,9 +115,13 @@ class ChatSession:
             )
 
     # --- prompts -------------------------------------------------------------------------------------
-    def _render(self, messages: list[dict]) -> str:
+    def _render(self, messages: list[dict], whole: bool) -> str:
+        """whole: the conversation from its start, which alone carries the tools (in the system turn)."""
         return self.engine.template.render(
-            messages, add_generation_prompt=True, enable_thinking=self.settings.think != "off"
+            messages,
+            add_generation_prompt=True,
+            enable_thinking=self.settings.think != "off",
+            tools=self.tools if whole else None,
         )
 
     def prompt_ids(self, user_text: str, images: Sequence[Path | str] = ()) -> list[int]:
@@ -131,11 +138,13 @@ class ChatSession:
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
             history = [*system, *self.messages, user]
-            return tok.encode(self._render(history)), [p for m in history for p in message_images(m)]
+            return tok.encode(self._render(history, whole=True)), [
+                p for m in history for p in message_images(m)
+            ]
         closing = (
             [] if self.cache.token_ids[-1:] == [tok.token_id("<|im_end|>")] else tok.encode("<|im_end|>\n")
         )
-        return [*self.unfed, *closing, *tok.encode(self._render([user]))], message_images(user)
+        return [*self.unfed, *closing, *tok.encode(self._render([user], whole=False))], message_images(user)
 
     # --- a turn --------------------------------------------------------------------------------------
     def send(
@@ -197,7 +206,11 @@ class ChatSession:
         assistant = {"role": "assistant", "content": reply.text}
         if reply.thinking:
             assistant["reasoning_content"] = reply.thinking
-        self.messages.append(assistant)
+        self.messages.append(
+            assistant
+        )  # the reply as generated, markup and all: a re-render gives its tokens
+        if self.tools is not None:
+            reply.text, reply.tool_calls = parse_tool_calls(reply.text, self.tools)
 
 
 def user_message(text: str, images: Sequence[Path | str] = ()) -> dict:

@@ -41,12 +41,14 @@ from .options import (
     System,
     Temperature,
     Think,
+    Tools,
     TopK,
     TopP,
     chat_settings,
     check_flags,
     check_load_flags,
     pick,
+    read_tools,
     timed_load,
 )
 from .ui import UI, format_stats, human_bytes, plural
@@ -172,6 +174,7 @@ def run(
             show_default=False,
         ),
     ] = None,
+    tools: Tools = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
     from ..session import ChatSession
@@ -185,12 +188,13 @@ def run(
         raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
+    tool_list = read_tools(tools)
     if images:
         from ..multimodal import load_images
 
         load_images(images)  # a wrong path fails now, not after loading the model
     engine, load_s = timed_load(ui, load)
-    session = ChatSession(engine, chat_settings(engine, flags))
+    session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     reply = session.last_reply
@@ -203,6 +207,9 @@ def run(
                 "tokens": reply.tokens,
                 "prompt_ids": reply.prompt_ids,
                 "finish_reason": reply.finish_reason,
+                "tool_calls": [
+                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls
+                ],
                 "stats": done.stats,
             }
         )
@@ -240,6 +247,7 @@ def chat(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    tools: Tools = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
     from ..session import ChatSession
@@ -251,15 +259,18 @@ def chat(
     if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
+    tool_list = read_tools(tools)
     engine, load_s = timed_load(ui, load)
-    session = ChatSession(engine, chat_settings(engine, flags))
+    session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
     repl = Repl(ui, session)
     if repl.tty:
         m = engine.model
         ui.header(
             [
                 f"qwen35-lite · {engine.model_dir.name} · {m.device.type} {str(m.dtype).removeprefix('torch.')}"
-                f" · ctx {engine.max_context} · thinking {session.settings.think} · loaded in {load_s:.1f} s",
+                f" · ctx {engine.max_context} · thinking {session.settings.think}"
+                + (f" · {plural(len(tool_list), 'tool')}" if tool_list else "")
+                + f" · loaded in {load_s:.1f} s",
                 '/help for commands · """ for multi-line · Ctrl+C stops a reply · Ctrl+D leaves',
             ]
         )

@@ -79,7 +79,7 @@ def stream_reply(
     """Send `text` (and `images`), print the reply as it streams, return the Finished event (with expert
     stats added). stdout_may_close: a closed stdout stops the printing only (chat), not the reply."""
     cancel = threading.Event()
-    printer = ReplyPrinter(ui, show_thinking, stdout_may_close=stdout_may_close)
+    printer = ReplyPrinter(ui, show_thinking, stdout_may_close=stdout_may_close, tools=session.tools)
     prefill_bar, image_bar = ui.prefill_progress(), ui.image_progress()
     done: Finished | None = None
     try:

@@ -6,9 +6,11 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
@@ -75,6 +77,16 @@ Repetition = Annotated[
 ]
 Seed = Annotated[
     int | None, typer.Option("--seed", help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
+]
+Tools = Annotated[
+    Path | None,
+    typer.Option(
+        "--tools",
+        metavar="FILE",
+        help='Tools the model may call: a JSON list of {"type": "function", "function": {...}} (OpenAI'
+        " style); the calls in the reply are printed after it.",
+        show_default=False,
+    ),
 ]
 Think = Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first.")]
 HideThinking = Annotated[
@@ -168,6 +180,7 @@ class ReplyFlags:
     seed: int | None = None
     think: bool = True
     hide_thinking: bool = False
+    tools: Path | None = None
 
 
 def pick(cls: type, values: dict[str, Any]) -> Any:
@@ -208,6 +221,8 @@ def check_flags(flags: ReplyFlags) -> None:
 
     if flags.raw and flags.system:
         raise typer.BadParameter("--system has no effect with --raw", param_hint="--system")
+    if flags.raw and flags.tools:
+        raise typer.BadParameter("tools need the chat template, which --raw turns off", param_hint="--tools")
     for key in SETTINGS:
         value = getattr(flags, key)
         if value is not None:
@@ -268,6 +283,26 @@ def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
         system=flags.system,
         raw=flags.raw,
     )
+
+
+def read_tools(path: Path | None) -> list[dict] | None:
+    """The --tools file, read and checked before the (slow) load: one error line says what is wrong."""
+    from ..tool_calls import TOOLS_HINT, check_tools
+
+    if path is None:
+        return None
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}", "pass the JSON file that lists the tools") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        reason = getattr(e, "strerror", None) or str(e)
+        raise InputError(f"cannot read {path}: {reason}", "check the path and its permissions") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply
+        raise InputError(f"{path} is not JSON: {e}", TOOLS_HINT) from None
+    return check_tools(data, str(path))
 
 
 def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:

@@ -111,6 +111,13 @@ def bench(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    profile: Annotated[
+        bool,
+        typer.Option(
+            "--profile",
+            help="Also count kernel-launching ops and host reads (syncs on a GPU) per decode token.",
+        ),
+    ] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Time a fixed workload under the budget flags.
@@ -129,7 +136,9 @@ def bench(
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
     engine, load_s = timed_load(ui, flags, context=prompt_tokens + new_tokens + 1)
     with ui.phase_progress() as on_progress:
-        result = run_benchmark(engine, prompt_tokens, new_tokens, seed=seed, on_progress=on_progress)
+        result = run_benchmark(
+            engine, prompt_tokens, new_tokens, seed=seed, profile=profile, on_progress=on_progress
+        )
     result["load_s"] = load_s
     if json_out:
         ui.json_line(result)
@@ -144,6 +153,14 @@ def bench(
             f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""
         )
         rows.append(("expert slots per layer", f"{slots} of {plan['experts']}"))
+    if prof := result.get("profile"):
+        rows.append(
+            (
+                "per decode token",
+                f"{prof['ops_per_token']:g} kernel-launching ops ({prof['ops_per_layer']:g} a layer), "
+                f"{prof['host_reads_per_token']:g} host reads ({prof['host_reads_per_layer']:g} a layer)",
+            )
+        )
     ui.table(rows + reply_rows(result), title="bench", stdout=True)
 
 

@@ -28,6 +28,8 @@ from rich.progress import (
 from rich.spinner import Spinner
 from rich.text import Text
 
+from ..tool_calls import ContentDelta, StreamingToolParser
+
 PREFILL_BAR_MIN_TOKENS = 1024  # shorter prompts prefill in a blink; a bar would only flicker
 
 
@@ -192,10 +194,19 @@ class ReplyPrinter:
     start of a line when the reply ends, so the next prompt or stats line starts cleanly. Hidden thinking
     shows a transient "thinking… N tokens, S s" line on a terminal instead (minutes of silence otherwise).
     stdout_may_close: a closed stdout (`| head`) stops the printing, not the reply (the chat keeps it).
+    tools: the answer goes through the tool-call parser: its content streams, markup that may be a call is
+    held back, and each call is printed as a `tool call: NAME {arguments}` line once the reply ends.
     """
 
-    def __init__(self, ui: UI, show_thinking: bool = True, stdout_may_close: bool = False) -> None:
+    def __init__(
+        self,
+        ui: UI,
+        show_thinking: bool = True,
+        stdout_may_close: bool = False,
+        tools: list[dict] | None = None,
+    ) -> None:
         self.ui, self.show_thinking, self.stdout_may_close = ui, show_thinking, stdout_may_close
+        self.tool_parser = StreamingToolParser(tools) if tools is not None else None
         self.in_thinking = False
         self.thought = False  # something of the thinking was printed
         self.answered = False
@@ -207,6 +218,14 @@ class ReplyPrinter:
             self._think(text)
             return
         self._close_thinking()
+        if self.tool_parser is None:
+            self._content(text)
+            return
+        for delta in self.tool_parser.feed(text):
+            if isinstance(delta, ContentDelta):
+                self._content(delta.text)
+
+    def _content(self, text: str) -> None:
         if not self.answered:
             text = text.lstrip()
             if not text:
@@ -264,8 +283,14 @@ class ReplyPrinter:
         if self.in_thinking:  # cut off while still thinking
             self.ui.err.print()
             self.in_thinking = False
+        if self.tool_parser is not None:
+            for delta in self.tool_parser.finish():
+                if isinstance(delta, ContentDelta):
+                    self._content(delta.text)
         if self.answered and not self.answer_tail.endswith("\n"):
             self._answer("\n")
+        for call in self.tool_parser.calls if self.tool_parser is not None else []:
+            self._answer(f"tool call: {call.name} {call.arguments}\n")
 
 
 class HiddenThinking:

@@ -44,6 +44,19 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
+    @property
+    def used_nbytes(self) -> int:
+        """The bytes of the positions filled so far (what `clone` holds), not of the grown buffer."""
+        return self.k[:, : self.length].numel() * self.k.element_size() * 2
+
+    def clone(self) -> KVCache:
+        """A deep copy of the filled positions only: the next append grows it as usual."""
+        copy = KVCache.__new__(KVCache)
+        copy.k = self.k[:, : self.length].clone()
+        copy.v = self.v[:, : self.length].clone()
+        copy.length = self.length
+        return copy
+
 
 class DeltaNetState:
     """The causal-conv window (last K raw pre-conv inputs) and the fp32 recurrent state of one layer."""
@@ -57,6 +70,15 @@ class DeltaNetState:
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * 4
 
+    used_nbytes = nbytes  # fixed size: all of it is in use
+
+    def clone(self) -> DeltaNetState:
+        copy = DeltaNetState.__new__(DeltaNetState)
+        copy.conv = self.conv.clone()
+        copy.recurrent = self.recurrent.clone()
+        copy.started = self.started  # decides recurrence vs chunked rule for the next single token
+        return copy
+
 
 @dataclass
 class ModelCache:
@@ -68,3 +90,15 @@ class ModelCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    @property
+    def used_nbytes(self) -> int:
+        """The bytes a `clone` takes: KV up to the filled length, DeltaNet state whole."""
+        return sum(c.used_nbytes for c in self.layers)
+
+    @torch.inference_mode()  # like the tensors the model writes: the copy is fed to forward as they are
+    def clone(self) -> ModelCache:
+        """A deep copy on the same device: feeding either one leaves the other as it was."""
+        return ModelCache(
+            [c.clone() for c in self.layers], self.offset, self.rope_delta, list(self.token_ids)
+        )

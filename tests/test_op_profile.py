@@ -1,0 +1,41 @@
+"""bench --profile: kernel-launching ops and host reads per decode token, counted on any device."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from qwen35_lite.cli import app
+from qwen35_lite.op_profile import count_host_reads, profile_decode
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+
+def test_host_reads_are_counted_and_the_methods_restored():
+    t = torch.arange(4)
+    before = torch.Tensor.tolist
+    with count_host_reads() as reads:
+        t.tolist(), int(t[0]), t.sum().item(), bool(t[1])
+    assert reads == {"tolist": 1, "__int__": 1, "item": 1, "__bool__": 1}
+    assert torch.Tensor.tolist is before
+
+
+def test_bench_profile_counts_ops_and_host_reads_per_token(tmp_path):
+    from conftest import load_ours
+
+    spec = SyntheticSpec(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2)
+    ckpt = write_checkpoint(tmp_path / "ck", spec)
+    model = load_ours(ckpt, torch.float32)
+    prof = profile_decode(model, list(range(100, 140)), tokens=4)
+    # every layer's matmuls launch something; each MoE layer reads its routing back (.tolist) at least once
+    assert prof["ops_per_layer"] > 10 and prof["host_reads_per_layer"] >= 1 and "aten::mm" in prof["top_ops"]
+    r = CliRunner().invoke(
+        app, ["bench", "-m", str(ckpt), "--prompt-tokens", "16", "--new-tokens", "2", "--profile", "--json"]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["profile"]["ops_per_token"] > 0
+    table = CliRunner().invoke(
+        app, ["bench", "-m", str(ckpt), "--prompt-tokens", "16", "--new-tokens", "2", "--profile"]
+    )
+    assert "kernel-launching ops" in table.stdout
