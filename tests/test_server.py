@@ -546,6 +546,7 @@ def test_serve_command_binds_loopback_by_default_and_warns_elsewhere_without_a_k
     calls = []
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    monkeypatch.setattr("qwen35_lite.cli.serve.check_address", lambda host, port: None)  # 8000 may be taken
     r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt)])
     assert r.exit_code == 0, r.stderr
     assert calls[-1][1:] == ("127.0.0.1", 8000) and "warning" not in r.stderr
@@ -555,6 +556,20 @@ def test_serve_command_binds_loopback_by_default_and_warns_elsewhere_without_a_k
     assert "warning: listening on 0.0.0.0 without --api-key" in r.stderr
     r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--host", "0.0.0.0", "--api-key", "k"])
     assert r.exit_code == 0 and "warning" not in r.stderr
+
+
+def test_serve_refuses_a_port_in_use_before_loading(ckpt, monkeypatch):
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--port", str(port)])
+    assert r.exit_code == 1
+    assert (
+        r.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+        and "hint: pick another --port" in r.stderr
+    )
 
 
 # ---- images ----------------------------------------------------------------------------------------

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from ..errors import InputError
 from .errors import friendly_errors
 from .options import (
     CpuExperts,
@@ -61,7 +63,8 @@ def serve(
         typer.Option(
             "--state-cache",
             min=0,
-            help="GiB of RAM kept for model states of recent prompts and replies (reused by later requests).",
+            help="GiB kept for model states of recent prompts and replies, on the model's device (reused by"
+            " later requests).",
             rich_help_panel=SERVER,
         ),
     ] = 2.0,
@@ -84,6 +87,7 @@ def serve(
 
     load = pick(LoadFlags, locals())
     check_load_flags(load)
+    check_address(host, port)  # before the load, which can take minutes
     ui = UI()
     engine, load_s = timed_load(ui, load)
     model_id = engine.model_dir.name if Path(model).expanduser().is_dir() else model
@@ -93,6 +97,20 @@ def serve(
     ui.info(f"serving {model_id} on http://{host}:{port}/v1 (loaded in {load_s:.1f} s; Ctrl+C stops)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse an address this process cannot listen on (taken, or not this machine's) in one line."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise InputError(
+            f"cannot listen on {host}:{port}: {e.strerror or e}",
+            "pick another --port, or stop what is using it (or check --host)",
+        ) from None
 
 
 def _loopback(host: str) -> bool:
