@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from qwen35_lite.cli import app as cli_app
 from qwen35_lite.engine import Engine, EngineOptions
-from qwen35_lite.server import seams, worker
+from qwen35_lite.server import worker
 from qwen35_lite.server.app import create_app
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
@@ -146,7 +146,7 @@ def test_chat_completion_equals_run_streamed_or_not(server, engine, monkeypatch)
     assert r.choices[0].message.content.strip() == answer["text"]
     assert r.choices[0].finish_reason == answer["finish_reason"] == "length"
     assert r.usage.prompt_tokens == len(answer["prompt_ids"]) and r.usage.completion_tokens == 8
-    assert r.usage.prompt_tokens_details.cached_tokens == 0  # a cold server
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # the server's first request
     chunks = list(
         chat(server.client(), stream=True, stream_options={"include_usage": True}, extra_body=NO_THINK)
     )
@@ -154,6 +154,7 @@ def test_chat_completion_equals_run_streamed_or_not(server, engine, monkeypatch)
     assert text == r.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1  # a resend
 
 
 def test_reasoning_is_apart_from_content(server, engine, monkeypatch):
@@ -278,6 +279,7 @@ BAD_CALL = {
             400,
             "not valid JSON",
         ),
+        ({"model": "tiny", "messages": MESSAGES, "tools": [{"type": "x"}]}, KEY, 400, '"type": "function"'),
         ({"model": "nope", "messages": MESSAGES}, KEY, 404, "nope"),
         ({"model": "tiny", "messages": MESSAGES}, None, 401, "API key"),
         ({"model": "tiny", "messages": MESSAGES}, "wrong", 401, "API key"),
@@ -353,25 +355,8 @@ def test_full_queue_is_503_with_retry_after(engine):
 # ---- state reuse -----------------------------------------------------------------------------------
 
 
-class DictPrefixCache:
-    """A stand-in for the coming state_cache.PrefixCache, with its contract: the longest kept proper
-    prefix of the ids matches and comes back as a copy; save keeps a copy of the state after exactly ids."""
-
-    def __init__(self, max_bytes: int, max_entries: int = 16) -> None:
-        self.saved: dict[tuple, object] = {}
-
-    def match(self, ids, key=""):
-        kept = [k for k in self.saved if len(k) < len(ids) and tuple(ids[: len(k)]) == k]
-        best = max(kept, key=len, default=None)
-        return (None, 0) if best is None else (copy.deepcopy(self.saved[best]), len(best))
-
-    def save(self, ids, cache, key=""):
-        assert cache.offset == len(ids) == len(cache.token_ids)
-        self.saved[tuple(ids)] = copy.deepcopy(cache)
-
-
-def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine, monkeypatch):
-    cold = ThreadServer(create_app(engine, "tiny"))
+def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine):
+    cold = ThreadServer(create_app(engine, "tiny", state_bytes=0))  # keeps no state
     try:
         first = chat(cold.client(), n=6, extra_body=NO_THINK)
         turn = [
@@ -382,8 +367,6 @@ def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine,
         cold_next = chat(cold.client(), n=6, messages=turn, extra_body=NO_THINK)
     finally:
         cold.stop()
-    monkeypatch.setattr(worker, "REUSES_STATE", True)
-    monkeypatch.setattr("qwen35_lite.server.app.PrefixCache", DictPrefixCache)
     warm = ThreadServer(create_app(engine, "tiny"))
     try:
         a = chat(warm.client(), n=6, extra_body=NO_THINK)
@@ -398,13 +381,6 @@ def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine,
         a.choices[0].message.content == again.choices[0].message.content == first.choices[0].message.content
     )
     assert following.choices[0].message.content == cold_next.choices[0].message.content
-
-
-def test_seams_fall_back_without_the_coming_modules():
-    if seams.REUSES_STATE:
-        pytest.skip("state_cache.py is merged")
-    assert seams.PrefixCache(1 << 20).match([1, 2, 3]) == (None, 0)
-    assert [d.text for d in seams.StreamingToolParser(TOOLS).feed("<tool_call>")] == ["<tool_call>"]
 
 
 # ---- the real process ------------------------------------------------------------------------------
@@ -463,32 +439,9 @@ CALL_MARKUP = (
 )
 
 
-class MarkupParser:
-    """Stands in for tool_calls.StreamingToolParser until it is merged: one call, in the markup above."""
-
-    def __init__(self, tools) -> None:
-        self.buf, self.done = "", False
-
-    def feed(self, text: str) -> list:
-        self.buf += text
-        if not self.done and self.buf.endswith("</tool_call>"):
-            self.done = True
-            before = self.buf[: self.buf.index("<tool_call>")]
-            return [
-                seams.ContentDelta(before),
-                seams.ToolCallDelta(0, None, "get_weather", '{"city": "Paris"}'),
-            ]
-        return []
-
-    def finish(self) -> list:
-        return [] if self.done else [seams.ContentDelta(self.buf)]
-
-
 @pytest.fixture
 def scripted(monkeypatch):
     """The worker's generation replaced by a reply that says a word and then calls the tool."""
-    if seams.StreamingToolParser.__module__ != "qwen35_lite.tool_calls":
-        monkeypatch.setattr("qwen35_lite.server.reply.StreamingToolParser", MarkupParser)
     pieces = ["Let me check.", "<tool_call>", "\n<function=get_weather>\n", "<parameter=city>\nParis\n"]
     pieces += ["</parameter>\n</function>\n", "</tool_call>"]
     assert "".join(pieces[1:]) == CALL_MARKUP

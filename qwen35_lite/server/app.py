@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from ..engine import Engine
 from ..errors import Qwen35Error
 from ..generate import Finished, TokenEvent
+from ..state_cache import PrefixCache
 from .protocol import (
     APIError,
     ChatRequest,
@@ -37,7 +38,6 @@ from .protocol import (
     template_tools,
 )
 from .reply import Delta, ReplyText, join_tool_calls
-from .seams import PrefixCache
 from .worker import Job, QueueFull, Started, Worker
 
 log = logging.getLogger("qwen35_lite.server")

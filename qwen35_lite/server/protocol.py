@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError
 from ..sampling import SamplingParams
 from ..settings import check_setting
+from ..tool_calls import check_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 IMAGE_SUFFIX = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "gif": ".gif", "bmp": ".bmp"}
@@ -128,11 +129,12 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
     tool_choice "none" renders no tools at all, so the model is never told it has any (the model cannot
     call what it was not shown, and nothing has to be dropped afterwards); a named function renders only
     that tool ("required" is taken as "auto": nothing constrains the sampler)."""
-    choice, tools = req.tool_choice, req.tools or None
-    if tools is not None and not all(
-        isinstance(t, dict) and isinstance(t.get("function"), dict) for t in tools
-    ):
-        raise bad_request('each tool must be {"type": "function", "function": {...}}', "tools")
+    choice, tools = req.tool_choice, req.tools or None  # [] as no tools: some clients always send the key
+    if tools is not None:
+        try:
+            check_tools(tools)
+        except InputError as e:
+            raise bad_request(e.message, "tools") from None
     if choice in (None, "auto", "required"):
         return tools
     if choice == "none":

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..generate import TokenEvent
-from .seams import ContentDelta, StreamingToolParser, ToolCallDelta, new_call_id
+from ..tool_calls import ContentDelta, StreamingToolParser, ToolCallDelta, new_call_id
 
 
 class StopStrings:

@@ -13,8 +13,8 @@ from ..errors import Qwen35Error
 from ..generate import Finished, GenerationRequest, TokenEvent, check_context, generate, prefill
 from ..model.cache import ModelCache
 from ..sampling import SamplingParams
+from ..state_cache import PrefixCache
 from ..tokenizer import StreamDecoder
-from .seams import REUSES_STATE, PrefixCache
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Worker:
             max_context=eng.max_context,
         )
         for event in generate(model, cache, req, StreamDecoder(eng.tokenizer), cancel=job.cancel):
-            if isinstance(event, Finished) and REUSES_STATE and not job.images:
+            if isinstance(event, Finished) and not job.images:
                 self.prefix.save(list(cache.token_ids), cache)  # a copy is kept: the next turn starts there
             job.emit(event)
 
@@ -120,11 +120,8 @@ class Worker:
         DeltaNet state cannot be rewound, so snapshots are kept at the prompt less its last token (an
         identical resend then feeds one token and samples the same first token) and at the end of each
         reply. PrefixCache.match returns a copy of the longest kept proper prefix of `ids` and save keeps a
-        copy, so the state handed back is this request's own. Without the state cache the prompt is fed
-        whole, in one prefill, exactly as `run` does."""
+        copy, so the state handed back is this request's own (state_cache.py describes the protocol)."""
         model = self.engine.model
-        if not REUSES_STATE:
-            return model.make_cache(), 0
         cache, hit = self.prefix.match(ids)
         if cache is None:
             cache, hit = model.make_cache(), 0
