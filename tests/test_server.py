@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 
 from qwen35_lite.cli import app as cli_app
 from qwen35_lite.engine import Engine, EngineOptions
+from qwen35_lite.generate import Finished, TokenEvent
 from qwen35_lite.server import worker
 from qwen35_lite.server.app import create_app
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -115,7 +116,7 @@ def finished(monkeypatch) -> list:
 
     def spy(*args, **kwargs):
         for event in real(*args, **kwargs):
-            if isinstance(event, worker.Finished):
+            if isinstance(event, Finished):
                 seen.append(event)
             yield event
 
@@ -448,8 +449,8 @@ def scripted(monkeypatch):
 
     def fake(model, cache, req, decoder, cancel=None):
         for i, text in enumerate(pieces):
-            yield worker.TokenEvent(i, text, False)
-        yield worker.Finished("stop", {}, [], list(range(len(pieces) + 1)))
+            yield TokenEvent(i, text, False)
+        yield Finished("stop", {}, [], list(range(len(pieces) + 1)))
 
     monkeypatch.setattr(worker, "generate", fake)
 
@@ -550,5 +551,16 @@ def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatc
             )
             assert r.choices[0].message.content.strip() == answer["text"]
             assert r.usage.prompt_tokens == len(answer["prompt_ids"])  # image tokens included
+            cached = r.usage.prompt_tokens_details.cached_tokens  # the same picture each time: a resend
+            assert cached == (0 if url == data_url else r.usage.prompt_tokens - 1)
+        other = tmp_path / "b.png"
+        make_image(100, 70, seed=5).save(
+            other
+        )  # the same size, so the same ids: only the key tells them apart
+        parts = [{"type": "image_url", "image_url": {"url": str(other)}}, {"type": "text", "text": PROMPT}]
+        r = s.client().chat.completions.create(
+            model="vlm", messages=[{"role": "user", "content": parts}], max_tokens=1, extra_body=NO_THINK
+        )
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
     finally:
         s.stop()
