@@ -564,3 +564,19 @@ def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatc
         assert r.usage.prompt_tokens_details.cached_tokens == 0
     finally:
         s.stop()
+
+
+def test_a_failure_in_generation_is_json_and_the_server_keeps_serving(server, monkeypatch):
+    def broken(model, cache, req, decoder, cancel=None):
+        yield TokenEvent(1, "Hi", False)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(worker, "generate", broken)
+    r = post(server, {"model": "tiny", "messages": MESSAGES})
+    assert (
+        r.status == 500 and r.body["error"]["type"] == "server_error" and "boom" in r.body["error"]["message"]
+    )
+    with pytest.raises(openai.APIError, match="boom"):
+        list(chat(server.client(), stream=True))  # the 200 was sent: the error arrives as an event
+    monkeypatch.undo()
+    assert chat(server.client(), n=2).choices[0].finish_reason == "length"

@@ -67,7 +67,7 @@ def create_app(
 
     app = FastAPI(title="qwen35-lite", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.worker = worker
-    qwen35_errors_as_400(app)
+    library_errors_as_json(app)
 
     async def authorize(request: Request) -> None:
         if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
@@ -213,6 +213,9 @@ def create_app(
             if req.include_usage():
                 yield data({**envelope(ident, kind, True), "choices": [], "usage": usage(outcome)})
             yield "data: [DONE]\n\n"
+        except Exception as e:  # the 200 is sent: the error goes in the stream, as vLLM sends it
+            yield data(error_body(e))
+            yield "data: [DONE]\n\n"
         finally:  # also when the client left and the response was cancelled
             log_request(request, outcome, started)
             job.cancel.set()
@@ -325,10 +328,22 @@ def _ends_in_thinking(ids: list[int], engine: Engine) -> bool:
     return last_open > last_close
 
 
-def qwen35_errors_as_400(app: FastAPI) -> None:
-    """A user's error from the library (an unreadable image, a text-only checkpoint given one) is a 400."""
+def error_body(e: Exception) -> dict:
+    """Any error as OpenAI's JSON: ours as they are, a user's error from the library (an unreadable image,
+    a text-only checkpoint given one) as a 400, anything else as a 500 whose traceback goes to the log."""
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, Qwen35Error):
+        return bad_request(f"{e.message} ({e.hint})" if e.hint else e.message).body()
+    log.error("request failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body()
 
+
+def library_errors_as_json(app: FastAPI) -> None:
     @app.exception_handler(Qwen35Error)
     async def user_error(request: Request, e: Qwen35Error) -> JSONResponse:
-        message = f"{e.message} ({e.hint})" if e.hint else e.message
-        return JSONResponse(bad_request(message).body(), status_code=400)
+        return JSONResponse(error_body(e), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=500)
