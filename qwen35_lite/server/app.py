@@ -133,6 +133,7 @@ def create_app(
                 tools=tools,
                 enable_thinking=thinking,
                 add_generation_prompt=True,
+                **req.template_variables(),
             )
             ids = await run_in_threadpool(engine.tokenizer.encode, text)
             job = make_job(req, ids, images, _ends_in_thinking(ids, engine))

@@ -89,10 +89,15 @@ class ChatRequest(SamplingFields):
             )
         return value
 
+    def template_variables(self) -> dict[str, Any]:
+        """The other chat_template_kwargs, passed to the template as vLLM passes them (the arguments
+        the server sets itself cannot be overridden this way)."""
+        reserved = {"enable_thinking", "messages", "tools", "add_generation_prompt", "documents"}
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in reserved}
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
-    echo: bool = False
 
     def reply_cap(self) -> int | None:
         return self.max_tokens
