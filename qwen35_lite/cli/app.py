@@ -385,10 +385,12 @@ def make_checkpoint(
 # ---- info, bench (cli_tools.py) --------------------------------------------------------------------
 
 from .quantize import register as _register_quantize  # noqa: E402  (`quantize`: quantize.py)
+from .serve import register as _register_serve  # noqa: E402  (`serve`: serve.py)
 from .tools import register as _register_tools  # noqa: E402  (`info`, `bench`: tools.py)
 
 _register_tools(app)
 _register_quantize(app)
+_register_serve(app)
 
 
 def main() -> None:

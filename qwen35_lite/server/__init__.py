@@ -1,0 +1,1 @@
+"""`qwen35-lite serve`: an OpenAI-compatible HTTP server over one loaded Engine (FastAPI + uvicorn)."""

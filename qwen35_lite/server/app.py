@@ -1,0 +1,350 @@
+"""The FastAPI app: /v1/models, /v1/chat/completions and /v1/completions over one Worker.
+
+Handlers turn a request into prompt ids (the checkpoint's chat template, exactly as transformers renders
+it), queue a Job, and turn its events into an OpenAI response: one JSON body, or server-sent events. The
+library never prints: one log line per request goes to the `qwen35_lite.server` logger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import Engine
+from ..errors import Qwen35Error
+from ..generate import Finished, TokenEvent
+from ..state_cache import PrefixCache
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    bad_request,
+    finish_reason,
+    image_dir,
+    sampling_params,
+    template_messages,
+    template_tools,
+)
+from .reply import Delta, ReplyText, join_tool_calls
+from .worker import Job, QueueFull, Started, Worker
+
+log = logging.getLogger("qwen35_lite.server")
+POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
+RETRY_AFTER_S = 5
+
+
+@dataclass
+class Outcome:
+    """What a finished job gave, for the response's usage and the log line."""
+
+    started: Started | None = None
+    finished: Finished | None = None
+    completion_ids: list[int] = field(default_factory=list)
+
+
+def create_app(
+    engine: Engine, model_id: str, api_key: str | None = None, capacity: int = 8, state_bytes: int = 2 << 30
+) -> FastAPI:
+    """The server app for a loaded engine; `capacity`: requests waiting or running before 503."""
+    worker = Worker(engine, PrefixCache(state_bytes), capacity)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        worker.stop()  # the thread ends after the job it is running, which the shutdown cancels
+
+    app = FastAPI(title="qwen35-lite", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.worker = worker
+    library_errors_as_json(app)
+
+    async def authorize(request: Request) -> None:
+        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(
+                401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return await api_error(
+            request, bad_request(f"{where or 'body'}: {first.get('msg', 'malformed request')}", where or None)
+        )
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen35-lite"}
+        return {"object": "list", "data": [card]}
+
+    def check_model(req: SamplingFields) -> None:
+        if req.model != model_id:
+            raise APIError(
+                404,
+                f"the model {req.model!r} does not exist (this server runs {model_id!r})",
+                "model",
+                "model_not_found",
+            )
+
+    def make_job(req: SamplingFields, ids: list[int], images: list[str], thinking_open: bool) -> Job:
+        if not ids:
+            raise bad_request("the prompt is empty", "prompt")
+        if not images and len(ids) >= engine.max_context:
+            raise bad_request(
+                f"the prompt is {len(ids)} tokens but the context is {engine.max_context}: shorten it, or"
+                " start the server with a larger --ctx",
+                "messages",
+            )
+        cap = req.reply_cap() or engine.defaults.max_new_tokens
+        params = sampling_params(req, engine.defaults.params)
+        return Job(ids, params, cap, thinking_open, images)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        check_model(req)
+        tools = template_tools(req)
+        thinking = req.enable_thinking()
+        images_dir = image_dir()
+        try:
+            messages, images = template_messages(req.messages, Path(images_dir.name))
+            if images:  # an unreadable image is the client's 400, found before the request waits in line
+                from ..multimodal import load_images
+
+                await run_in_threadpool(load_images, images)
+            text = await run_in_threadpool(
+                engine.template.render,
+                messages,
+                tools=tools,
+                enable_thinking=thinking,
+                add_generation_prompt=True,
+                **req.template_variables(),
+            )
+            ids = await run_in_threadpool(engine.tokenizer.encode, text)
+            job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
+            reply = ReplyText(req.stop_strings(), tools)
+            return await respond(request, req, job, reply, "chat", images_dir)
+        except BaseException:
+            images_dir.cleanup()
+            raise
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req)
+        ids = await run_in_threadpool(engine.tokenizer.encode, req.prompt_text())
+        job = make_job(req, ids, [], False)
+        return await respond(
+            request, req, job, ReplyText(req.stop_strings(), None, separate_reasoning=False), "text"
+        )
+
+    async def respond(
+        request: Request, req: SamplingFields, job: Job, reply: ReplyText, kind: str, cleanup=None
+    ):
+        try:
+            worker.submit(job)
+        except QueueFull:
+            raise APIError(
+                503, "the server is busy: every place in the queue is taken", code="server_busy"
+            ) from None
+        outcome = Outcome()
+        started = time.perf_counter()
+        try:
+            first = await next_event(job, request)
+            if isinstance(first, Exception):
+                raise first
+            outcome.started = first
+        except BaseException:
+            job.cancel.set()
+            if cleanup:
+                cleanup.cleanup()
+            raise
+        ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        if req.stream:
+            body = stream(request, req, job, reply, kind, ident, outcome, started, cleanup)
+            return StreamingResponse(body, media_type="text/event-stream")
+        try:
+            whole = Delta()
+            async for delta in deltas(job, request, reply, outcome):
+                whole.reasoning += delta.reasoning
+                whole.content += delta.content
+                whole.tool_calls += delta.tool_calls
+        finally:
+            job.cancel.set()
+            if cleanup:
+                cleanup.cleanup()
+        log_request(request, outcome, started)
+        reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
+        choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if kind == "chat":
+            message = {"role": "assistant", "content": whole.content or (None if whole.tool_calls else "")}
+            if whole.reasoning:
+                message["reasoning_content"] = whole.reasoning
+            if whole.tool_calls:
+                message["tool_calls"] = join_tool_calls(whole.tool_calls)
+            choice["message"] = message
+        else:
+            choice["text"] = whole.content
+        return {**envelope(ident, kind, False), "choices": [choice], "usage": usage(outcome)}
+
+    async def stream(request, req, job, reply, kind, ident, outcome, started, cleanup) -> AsyncIterator[str]:
+        try:
+            if kind == "chat":
+                yield sse(ident, kind, {"role": "assistant", "content": ""})
+            saw_calls = False
+            async for delta in deltas(job, request, reply, outcome):
+                saw_calls = saw_calls or bool(delta.tool_calls)
+                yield sse(ident, kind, delta_body(delta) if kind == "chat" else {"text": delta.content})
+            reason = finish_reason(outcome.finished.reason, reply.stopped, saw_calls)
+            yield sse(ident, kind, {} if kind == "chat" else {"text": ""}, reason)
+            if req.include_usage():
+                yield data({**envelope(ident, kind, True), "choices": [], "usage": usage(outcome)})
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the 200 is sent: the error goes in the stream, as vLLM sends it
+            yield data(error_body(e))
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client left and the response was cancelled
+            log_request(request, outcome, started)
+            job.cancel.set()
+            if cleanup:
+                cleanup.cleanup()
+
+    def envelope(ident: str, kind: str, chunk: bool) -> dict:
+        obj = ("chat.completion" if kind == "chat" else "text_completion") + (
+            ".chunk" if chunk and kind == "chat" else ""
+        )
+        return {"id": ident, "object": obj, "created": int(time.time()), "model": model_id}
+
+    def sse(ident: str, kind: str, delta: dict, reason: str | None = None) -> str:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choice.update({"delta": delta} if kind == "chat" else delta)
+        return data({**envelope(ident, kind, True), "choices": [choice]})
+
+    return app
+
+
+def data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def delta_body(delta: Delta) -> dict:
+    body: dict = {}
+    if delta.reasoning:
+        body["reasoning_content"] = delta.reasoning
+    if delta.content:
+        body["content"] = delta.content
+    if delta.tool_calls:
+        body["tool_calls"] = [
+            {
+                "index": d.index,
+                **({"id": d.id, "type": "function"} if d.id else {}),
+                "function": {**({"name": d.name} if d.name else {}), "arguments": d.arguments},
+            }
+            for d in delta.tool_calls
+        ]
+    return body
+
+
+async def next_event(job: Job, request: Request):
+    """The job's next event; a client that left cancels the job (it stops at its next token)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise asyncio.CancelledError from None
+
+
+async def deltas(job: Job, request: Request, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:
+    """The reply's Deltas until the job finishes; a stop string cancels the rest of the generation."""
+    while True:
+        event = await next_event(job, request)
+        if isinstance(event, Exception):
+            raise event
+        if isinstance(event, Finished):
+            outcome.finished = event
+            if tail := reply.finish():
+                yield tail
+            return
+        if isinstance(event, TokenEvent):
+            if event.id >= 0:
+                outcome.completion_ids.append(event.id)
+            delta = reply.feed(event)
+            if reply.stopped:
+                job.cancel.set()
+            if delta:
+                yield delta
+
+
+def usage(outcome: Outcome) -> dict:
+    prompt = outcome.started.prompt_tokens
+    completion = len(outcome.finished.tokens) if outcome.finished else len(outcome.completion_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": outcome.started.cached_tokens},
+    }
+
+
+def log_request(request: Request, outcome: Outcome, started: float) -> None:
+    stats = outcome.finished.stats if outcome.finished else {}
+    u = usage(outcome)
+    log.info(
+        "%s %s · prompt %d tok (%d cached) · reply %d tok (%s) · %s tok/s · TTFT %s s · %.2f s",
+        request.method,
+        request.url.path,
+        u["prompt_tokens"],
+        u["prompt_tokens_details"]["cached_tokens"],
+        u["completion_tokens"],
+        outcome.finished.reason if outcome.finished else "client left",
+        stats.get("decode_tok_s"),
+        stats.get("ttft_s"),
+        time.perf_counter() - started,
+    )
+
+
+def _ends_in_thinking(ids: list[int], engine: Engine) -> bool:
+    """True when the prompt leaves a <think> block open (the template's generation prompt does)."""
+    open_id, close_id = engine.tokenizer.token_id("<think>"), engine.tokenizer.token_id("</think>")
+    if open_id is None:
+        return False
+    last_open = max((i for i, t in enumerate(ids) if t == open_id), default=-1)
+    last_close = max((i for i, t in enumerate(ids) if t == close_id), default=-1)
+    return last_open > last_close
+
+
+def error_body(e: Exception) -> dict:
+    """Any error as OpenAI's JSON: ours as they are, a user's error from the library (an unreadable image,
+    a text-only checkpoint given one) as a 400, anything else as a 500 whose traceback goes to the log."""
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, Qwen35Error):
+        return bad_request(f"{e.message} ({e.hint})" if e.hint else e.message).body()
+    log.error("request failed", exc_info=e)
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body()
+
+
+def library_errors_as_json(app: FastAPI) -> None:
+    @app.exception_handler(Qwen35Error)
+    async def user_error(request: Request, e: Qwen35Error) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(error_body(e), status_code=500)

@@ -1,0 +1,247 @@
+"""The OpenAI request bodies the server accepts, and what they become: chat-template messages, sampling
+settings, stop strings. Every problem is an APIError carrying the HTTP status and OpenAI's error fields."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InputError
+from ..sampling import SamplingParams
+from ..settings import check_setting
+from ..tool_calls import check_tools
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+IMAGE_SUFFIX = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "gif": ".gif", "bmp": ".bmp"}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param, "invalid_value")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields both endpoints share; unknown fields are accepted and ignored, as OpenAI's peers do."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def reply_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def enable_thinking(self) -> bool:
+        value = (self.chat_template_kwargs or {}).get("enable_thinking", True)
+        if not isinstance(value, bool):
+            raise bad_request(
+                "chat_template_kwargs.enable_thinking must be true or false", "chat_template_kwargs"
+            )
+        return value
+
+    def template_variables(self) -> dict[str, Any]:
+        """The other chat_template_kwargs, passed to the template as vLLM passes them (the arguments
+        the server sets itself cannot be overridden this way)."""
+        reserved = {"enable_thinking", "messages", "tools", "add_generation_prompt", "documents"}
+        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in reserved}
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+
+    def reply_cap(self) -> int | None:
+        return self.max_tokens
+
+    def prompt_text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise bad_request("one prompt per request (a list of one string at most)", "prompt")
+        return self.prompt[0]
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
+
+
+def sampling_params(req: SamplingFields, defaults: SamplingParams) -> SamplingParams:
+    """The checkpoint's defaults (generation_config.json), overridden by every field the request sets,
+    each checked against the ranges the CLI flags and /set use."""
+    overrides = {k: getattr(req, k) for k in SAMPLING_KEYS if getattr(req, k) is not None}
+    for key, value in overrides.items():
+        try:
+            check_setting(key, value)
+        except InputError as e:
+            raise bad_request(e.message, key) from None
+    return replace(defaults, **overrides)
+
+
+# ---- messages --------------------------------------------------------------------------------------
+
+
+def template_tools(req: ChatRequest) -> list[dict] | None:
+    """The tools the template renders, as tool_choice selects them.
+
+    tool_choice "none" renders no tools at all, so the model is never told it has any (the model cannot
+    call what it was not shown, and nothing has to be dropped afterwards); a named function renders only
+    that tool ("required" is taken as "auto": nothing constrains the sampler)."""
+    choice, tools = req.tool_choice, req.tools or None  # [] as no tools: some clients always send the key
+    if tools is not None:
+        try:
+            check_tools(tools)
+        except InputError as e:
+            raise bad_request(e.message, "tools") from None
+    if choice in (None, "auto", "required"):
+        return tools
+    if choice == "none":
+        return None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise bad_request('tool_choice must be "auto", "none" or {"type": "function", ...}', "tool_choice")
+    named = [t for t in tools or [] if t["function"].get("name") == name]
+    if not named:
+        raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return named
+
+
+def template_messages(messages: list[dict], image_dir: Path) -> tuple[list[dict], list[str]]:
+    """OpenAI messages → what the chat template takes, and the image files in placeholder order.
+
+    Image parts become {"type": "image", "image": path} (a data URL is written under image_dir; a path or
+    file:// URL is used as is; nothing is ever fetched); assistant tool calls whose arguments are a JSON
+    string are parsed to objects, as vLLM does, since Qwen's template iterates over them."""
+    out, images = [], []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(
+                f"messages[{i}] has an unknown role {role!r} (use one of {', '.join(ROLES)})", "messages"
+            )
+        m = dict(message)
+        if role == "developer":
+            m["role"] = "system"
+        content = m.get("content")
+        if isinstance(content, list):
+            m["content"] = [_content_part(part, f"messages[{i}]", image_dir, images) for part in content]
+        elif content is not None and not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
+        if m.get("tool_calls"):
+            m["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls") for c in m["tool_calls"]]
+        out.append(m)
+    return out, images
+
+
+def _content_part(part: Any, where: str, image_dir: Path, images: list[str]) -> dict:
+    if not isinstance(part, dict):
+        raise bad_request(f"{where}: a content part must be an object", "messages")
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": str(part.get("text", ""))}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        path = _image_file(url, image_dir, len(images))
+        images.append(path)
+        return {"type": "image", "image": path}
+    raise bad_request(f"{where}: content part type {kind!r} is not supported (text, image_url)", "messages")
+
+
+def _image_file(url: Any, image_dir: Path, n: int) -> str:
+    """A local path for an image_url: a data URL decoded to a file, a local path or file:// URL as is."""
+    if not isinstance(url, str) or not url:
+        raise bad_request("an image_url part has no url", "messages")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            raise bad_request("an image data URL must be base64 (data:image/png;base64,...)", "messages")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("an image data URL is not valid base64", "messages") from None
+        subtype = header.removeprefix("data:").removesuffix(";base64").partition("/")[2]
+        path = image_dir / f"image{n}{IMAGE_SUFFIX.get(subtype, '.img')}"
+        path.write_bytes(data)
+        return str(path)
+    if url.startswith(("http://", "https://")):
+        raise bad_request(
+            "image URLs are never fetched from the network: send a data URL or a local file path", "messages"
+        )
+    return str(Path(url.removeprefix("file://")).expanduser())
+
+
+def _tool_call(call: Any, where: str) -> dict:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise bad_request(f"{where}: each tool call needs a function", "messages")
+    function = dict(call["function"])
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise bad_request(f"{where}: arguments is not valid JSON", "messages") from None
+    return {**call, "function": function}
+
+
+def image_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="qwen35-lite-images-")
+
+
+Finish = Literal["stop", "length", "tool_calls"]
+
+
+def finish_reason(reason: str, stopped_by_string: bool, tool_calls: bool) -> Finish:
+    """Generation's reasons in OpenAI's words: the context running out is `length`, like the cap."""
+    if tool_calls:
+        return "tool_calls"
+    if stopped_by_string or reason in ("stop", "cancelled"):
+        return "stop"
+    return "length"
