@@ -173,3 +173,17 @@ def test_plan_from_a_checkpoint_equals_the_plan_from_its_config(tmp_path):
     assert a.cpu_slots == spec.num_experts  # everything fits: every expert gets a slot
     f32 = MemoryPlan.build(cfg, device="cpu", dtype=torch.float32, ckpt=ckpt, cpu_mem=2)
     assert f32.slot_bytes == 2 * a.slot_bytes and f32.staging_bytes == 2 * a.expert_disk_bytes
+
+
+def test_serve_state_cache_is_part_of_the_plan(cfg397):
+    """`serve --state-cache`: the kept model states come out of the expert cache's share and show in a
+    refusal's parts, which add up to its total."""
+    base = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=64, context=8192)
+    kept = MemoryPlan.build(
+        cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=64, context=8192, kept_states=8 << 30
+    )
+    assert kept.cpu_fixed == base.cpu_fixed + (8 << 30) and kept.cpu_slots < base.cpu_slots
+    assert kept.cpu_total <= kept.cpu_budget
+    with pytest.raises(BudgetError) as err:
+        MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, kept_states=20 << 30).check()
+    assert "kept model states 20.00 GiB" in err.value.message

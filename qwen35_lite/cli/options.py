@@ -164,6 +164,7 @@ class LoadFlags:
     cpu_mem: float | None = None
     gpu_experts: int | None = None
     cpu_experts: int | None = None
+    state_cache: float = 0.0  # serve only
 
 
 @dataclass

@@ -64,7 +64,7 @@ def serve(
             "--state-cache",
             min=0,
             help="GiB kept for model states of recent prompts and replies, on the model's device (reused by"
-            " later requests).",
+            " later requests); part of the memory plan, so the expert cache gets that much less.",
             rich_help_panel=SERVER,
         ),
     ] = 2.0,
@@ -91,7 +91,7 @@ def serve(
     ui = UI()
     engine, load_s = timed_load(ui, load)
     model_id = engine.model_dir.name if Path(model).expanduser().is_dir() else model
-    app = create_app(engine, model_id, api_key, capacity=queue, state_bytes=int(state_cache * (1 << 30)))
+    app = create_app(engine, model_id, api_key, capacity=queue, state_bytes=engine.plan.kept_states)
     if not api_key and not _loopback(host):
         ui.note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
     ui.info(f"serving {model_id} on http://{host}:{port}/v1 (loaded in {load_s:.1f} s; Ctrl+C stops)")

@@ -29,6 +29,9 @@ class EngineOptions:
     cpu_mem: float | None = None
     gpu_experts: int | None = None  # slots per layer instead of what the budget fits
     cpu_experts: int | None = None
+    state_cache: float = (
+        0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
+    )
 
 
 @dataclass
@@ -75,6 +78,7 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
         cpu_experts=opts.cpu_experts,
         context=ctx,
         vision=cfg.vision,
+        kept_states=int(opts.state_cache * (1 << 30)),
     )
     if opts.ctx is None and opts.context is not None:
         plan.context_from = "the workload"

@@ -69,6 +69,7 @@ class MemoryPlan:
     overhead_cpu: int = 0
     overhead_gpu: int = 0
     staging_bytes: int = 0
+    kept_states: int = 0  # `serve --state-cache`: model states of recent requests, on the compute device
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
     prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
@@ -100,6 +101,7 @@ class MemoryPlan:
         context: int | None = None,
         tokenizer: bool = True,
         vision: VisionConfig | None = None,
+        kept_states: int = 0,
     ) -> MemoryPlan:
         """gpu_mem / cpu_mem in GiB (None: free memory minus a margin); *_experts in slots per layer.
 
@@ -110,6 +112,7 @@ class MemoryPlan:
         dev = torch.device(device).type
         ctx = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
         plan = cls(dev, dtype, ctx, cfg, cpu_slots_asked=cpu_experts, gpu_slots_asked=gpu_experts)
+        plan.kept_states = kept_states
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
             ckpt.check_resident(shapes)  # the weights must be what config.json describes
@@ -228,7 +231,7 @@ class MemoryPlan:
         n = self.weights_cpu + self.overhead_cpu + self.staging_bytes
         if self.on_gpu:
             return n + self.load_transient
-        n += self.vision_bytes
+        n += self.vision_bytes + self.kept_states
         return n + self.kv_bytes + self.state_bytes + max(self.activations, self.load_transient)
 
     @property
@@ -236,7 +239,7 @@ class MemoryPlan:
         if not self.on_gpu:
             return 0
         n = self.weights_gpu + self.vision_bytes + self.kv_bytes + self.state_bytes + self.activations
-        return n + self.overhead_gpu + self.spill_buffers
+        return n + self.overhead_gpu + self.spill_buffers + self.kept_states
 
     @property
     def cpu_total(self) -> int:
@@ -359,6 +362,8 @@ class MemoryPlan:
             ]
             if self.vision_bytes:
                 parts.append(f"vision tower {fmt_gib(self.vision_bytes)}")
+            if self.kept_states:
+                parts.append(f"kept model states {fmt_gib(self.kept_states)}")
         else:
             parts.append(f"load buffer {fmt_gib(self.load_transient)}")
         parts.append(f"runtime {fmt_gib(self.overhead_cpu + self.staging_bytes)}")
@@ -376,6 +381,7 @@ class MemoryPlan:
                 f"buffers {fmt_gib(self.activations)}",
                 f"CUDA runtime {fmt_gib(self.overhead_gpu)}",
                 *([f"spilled-layer buffers {fmt_gib(self.spill_buffers)}"] if self.spill_buffers else []),
+                *([f"kept model states {fmt_gib(self.kept_states)}"] if self.kept_states else []),
                 f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}",
             ]
         )
