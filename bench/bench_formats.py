@@ -39,28 +39,12 @@ from qwen35_lite.engine import Engine, EngineOptions  # noqa: E402
 from qwen35_lite.experts import int4  # noqa: E402
 from qwen35_lite.experts.formats import expert_format  # noqa: E402
 from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
-from qwen35_lite.quantize import quantize_checkpoint  # noqa: E402
+from qwen35_lite.quantize import quantization_config, quantize_checkpoint  # noqa: E402
 from qwen35_lite.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402
 
 NVME_GBS, PCIE_GBS, GPU_GBS = 6.5, 25.0, 1008.0  # reference box: NVMe read, PCIe 4.0 x16 copies, 4090 memory
 D397, I397 = 4096, 1024
-W4_G128 = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {
-        "group_0": {
-            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": 128,
-            },
-        }
-    },
-}
+W4_G128 = quantization_config(int4.QuantScheme(group_size=128, symmetric=True))  # as `quantize` writes it
 FORMATS = {  # name -> (quantization_config, device the format is chosen for)
     "bf16": (None, "cpu"),
     "fp8 block-128": (FP8_CONFIG, "cpu"),

@@ -20,7 +20,9 @@ from qwen35_lite.experts.formats import (
     expert_format,
     ffn,
 )
+from qwen35_lite.experts.int4 import QuantScheme
 from qwen35_lite.experts.store import ExpertStore
+from qwen35_lite.quantize import quantization_config
 
 CPU = torch.device("cpu")
 
@@ -54,25 +56,7 @@ def test_int4_kernel_matmul_equals_dequantised_weights(symmetric, group):
 
 # ---- formats from config.json alone ----------------------------------------------------------------
 
-CT_W4 = {
-    "quant_method": "compressed-tensors",
-    "format": "pack-quantized",
-    "quantization_status": "compressed",
-    "config_groups": {
-        "group_0": {
-            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
-            "weights": {
-                "num_bits": 4,
-                "type": "int",
-                "symmetric": True,
-                "strategy": "group",
-                "group_size": 128,
-            },
-            "input_activations": None,
-        }
-    },
-    "ignore": ["lm_head"],
-}
+CT_W4 = quantization_config(QuantScheme(group_size=128, symmetric=True))  # what `quantize` writes
 FP8 = FP8_CONFIG
 
 

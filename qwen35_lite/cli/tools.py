@@ -189,6 +189,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "prefill_block": plan.prefill_block,
         "expert_slot_bytes": plan.slot_bytes,
         "experts": plan.cfg.num_experts if plan.moe_layers else 0,
+        "moe_layers": plan.moe_layers,
         "cpu_slots": plan.cpu_slots,
         "gpu_slots": plan.gpu_slots,
         "disk_bytes_per_token": disk,

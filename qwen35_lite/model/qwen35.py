@@ -198,9 +198,8 @@ class Qwen35Model:
 
         positions [3, T] are M-RoPE rows (t, h, w); by default every row is offset + rope_delta + arange(T).
         """
-        h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
+        h, cos, sin = self._inputs(cache, ids, embeds, positions)
         T = h.shape[0]
-        cos, sin = self.rope.cos_sin(self._positions(cache, T, positions), self.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             if self.spilled is not None and i in self.spilled:
                 self.spilled.before(i)
@@ -222,9 +221,8 @@ class Qwen35Model:
         (attention and DeltaNet chunked inside the layer at PREFILL_CHUNK, where `forward` would cut the
         block), so each MoE layer fetches its experts once for the block. Same inputs and result as
         `forward` (logits of the last position [1, V]); on_layer(done, layers) after each layer."""
-        h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
+        h, cos, sin = self._inputs(cache, ids, embeds, positions)
         T = h.shape[0]
-        cos, sin = self.rope.cos_sin(self._positions(cache, T, positions), self.dtype)
         for i, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
             if self.spilled is not None and i in self.spilled:
                 self.spilled.before(i)
@@ -234,9 +232,15 @@ class Qwen35Model:
         cache.offset += T
         return F.linear(rms_norm_1p(h[-1:], self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
-    def _positions(self, cache: ModelCache, T: int, positions: torch.Tensor | None) -> torch.Tensor:
-        """M-RoPE rows [3, T]: the given ones, else offset + rope_delta + arange(T) in every row."""
+    def _inputs(
+        self, cache: ModelCache, ids, embeds, positions
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h [T, D], cos, sin): the ids' embedding rows (or the given embeddings) and the M-RoPE tables of
+        their positions [3, T] (the given ones, else offset + rope_delta + arange(T) in every row)."""
+        h = self.embed_ids(ids) if embeds is None else embeds.to(self.device, self.dtype)
+        T = h.shape[0]
         if positions is None:
             start = cache.offset + cache.rope_delta
-            return torch.arange(start, start + T, device=self.device).expand(3, T)
-        return positions.to(self.device)
+            positions = torch.arange(start, start + T, device=self.device).expand(3, T)
+        cos, sin = self.rope.cos_sin(positions.to(self.device), self.dtype)
+        return h, cos, sin
