@@ -16,7 +16,7 @@ from pathlib import Path
 from .chat_file import read_save, write_atomic
 from .engine import Engine
 from .errors import InputError
-from .generate import Finished, GenerationRequest, TokenEvent, generate
+from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
 from .sampling import SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 from .tokenizer import StreamDecoder
@@ -104,10 +104,10 @@ class ChatSession:
         text = self.engine.template.render(
             history, add_generation_prompt=True, enable_thinking=think != "off"
         )
-        n = len(self.engine.tokenizer.encode(text))
-        if n >= self.engine.max_context:
+        n = self.engine.tokenizer.tokens_over(text, self.engine.max_context)  # never a huge text whole
+        if n is not None:
             raise InputError(
-                f"the saved chat is {n} tokens, over the context of {self.engine.max_context}",
+                f"the saved chat is at least {n} tokens, over the context of {self.engine.max_context}",
                 "start the chat with a larger --ctx to resume it",
             )
 
@@ -127,15 +127,33 @@ class ChatSession:
         if self.settings.raw:
             if message_images(user):
                 raise InputError("images need the chat template", "drop --raw to send images")
-            return [*self.unfed, *tok.encode(user["content"])], []
+            return [*self.unfed, *self._encode(user["content"])], []
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
             history = [*system, *self.messages, user]
-            return tok.encode(self._render(history)), [p for m in history for p in message_images(m)]
+            return self._encode(self._render(history)), [p for m in history for p in message_images(m)]
         closing = (
             [] if self.cache.token_ids[-1:] == [tok.token_id("<|im_end|>")] else tok.encode("<|im_end|>\n")
         )
-        return [*self.unfed, *closing, *tok.encode(self._render([user]))], message_images(user)
+        return [*self.unfed, *closing, *self._encode(self._render([user]))], message_images(user)
+
+    def _encode(self, text: str) -> list[int]:
+        """Tokenise this turn's text, refusing first (counted in pieces) a text the context cannot hold:
+        tokenising megabytes whole would take more memory than the plan gives it."""
+        eng = self.engine
+        room = eng.max_context - self.cache.offset - len(self.unfed)
+        if (n := eng.tokenizer.tokens_over(text, room)) is not None:
+            raise InputError(
+                f"the prompt is at least {n} tokens ({len(text.encode('utf-8', 'surrogatepass'))} bytes with "
+                f"the chat template), over the {room} tokens of context left",
+                context_hint(
+                    "shorten the prompt",
+                    self.cache.offset,
+                    eng.max_context,
+                    eng.cfg.text.max_position_embeddings,
+                ),
+            )
+        return eng.tokenizer.encode(text)
 
     # --- a turn --------------------------------------------------------------------------------------
     def send(

@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.plan.memory import GiB, MemoryPlan
 from qwen35_lite.quantize import quantize_checkpoint
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.tokenizer import Tokenizer
 
 RUNNER = Path(__file__).with_name("budget_runner.py")
 # 8 layers x 128 experts x 1.5 MiB = 1.5 GiB of bf16 experts (1.6 GB on disk); resident path ~20 MB
@@ -180,3 +182,68 @@ def test_deltanet_state_does_not_grow_with_context(tmp_path):
     plan = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, cpu_mem=4)
     assert state_4k == state_512 and len(state_4k) == 3
     assert cache.nbytes - total_512 == sum(kv_4k) - sum(kv_512) == plan.kv_per_token * (4096 - 512)
+
+
+# ---- prompts and images the budget cannot hold: refused before the memory is spent -------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ck", SyntheticSpec(), dtype=torch.bfloat16)
+
+
+def cli_sampled(*args: str, stdin: bytes = b"") -> tuple[subprocess.CompletedProcess, int]:
+    """The CLI in a subprocess (stdin written from a thread), with its peak RssAnon sampled from outside."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen35_lite.cli", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    feeder = threading.Thread(target=lambda: (proc.stdin.write(stdin), proc.stdin.close()))
+    feeder.start()
+    status, peak = Path(f"/proc/{proc.pid}/status"), 0
+    while proc.poll() is None:
+        try:
+            m = re.search(r"RssAnon:\s+(\d+) kB", status.read_text())
+        except OSError:
+            break
+        if m:
+            peak = max(peak, int(m.group(1)) * 1024)
+        time.sleep(0.002)
+    feeder.join()
+    proc.stdin = None  # closed by the feeder: communicate() must not flush it
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode()), peak
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), lines
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_tokens_over_counts_a_long_text_in_pieces_as_the_whole_text_counts():
+    tok = Tokenizer.from_dir(Path("/nonexistent"))  # the packaged Qwen3.5 tokenizer
+    words = ["alpha", "beta,", "γάμμα", "delta\n", "  epsilon", "日本語", "zeta."]
+    text = " ".join(words[i * 7 % len(words)] for i in range(60_000))  # ~5 pieces
+    whole = len(tok.encode(text))
+    assert tok.tokens_over(text, whole) == whole  # cuts at whitespace: the same count
+    assert tok.tokens_over(text, whole + 1) is None
+    assert tok.tokens_over(text, 1000) >= 1000  # counted only as far as the limit
+    blob = "x9Q/" * 100_000  # no whitespace: cut inside words, the slack keeps the count below the truth
+    n = tok.tokens_over(blob, 10)
+    assert n is not None and 10 <= n <= len(tok.encode(blob))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+def test_a_10mb_prompt_is_refused_before_it_is_tokenised_whole(tiny_checkpoint):
+    """Tokenising 10 MB whole reached 1.7 GiB; counted in pieces, it is refused within the tiny run's memory."""
+    prompt = ("All work and no play makes Jack a dull boy. " * 240_000).encode()  # 10.6 MB
+    args = ["run", "-m", str(tiny_checkpoint), "--ctx", "4096", "--cpu-mem", "1.5", "--device", "cpu", "-"]
+    r, peak = cli_sampled(*args, stdin=prompt)
+    assert_one_line_error(r, "at least", f"{len(prompt) // 100_000}", "bytes", "4096 tokens")
+    assert "shorten the prompt" in r.stderr
+    assert peak < 1.0 * GiB, f"peak RssAnon {peak / GiB:.2f} GiB"
