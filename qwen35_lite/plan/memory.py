@@ -252,9 +252,12 @@ class MemoryPlan:
         experts fewer times a prompt; the tenth keeps most of the budget for the expert cache."""
         budget = self.gpu_budget if self.device == "cuda" else self.cpu_budget
         block = PREFILL_BLOCK
-        while block > PREFILL_CHUNK and activation_bytes(self.cfg, self.dtype, block, ctx) > budget / 10:
+        while block > PREFILL_CHUNK and self._activations(block, ctx) > budget / 10:
             block //= 2
         return block
+
+    def _activations(self, tokens: int, ctx: int) -> int:
+        return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=not self.on_gpu)
 
     def _context_bytes(self, ctx: int) -> tuple[int, int]:
         """(KV cache, activation buffers) at a context of `ctx` tokens."""
@@ -262,8 +265,8 @@ class MemoryPlan:
         steps = -(-ctx // KV_STEP) * KV_STEP
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
-            activation_bytes(self.cfg, self.dtype, min(self.prefill_block, ctx), ctx),
-            activation_bytes(self.cfg, self.dtype, 1, ctx),
+            self._activations(min(self.prefill_block, ctx), ctx),
+            self._activations(1, ctx),
         )
         return kv, act
 
