@@ -294,3 +294,50 @@ def test_an_8k_prompt_under_a_tight_budget_stays_inside_it(tmp_path):
     )
     assert result["plan"]["cpu_total"] <= budget_gib * GiB
     assert peak <= budget_gib * GiB, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {budget_gib} GiB"
+
+
+def test_an_image_the_budget_cannot_decode_is_refused_from_its_header(tmp_path):
+    """4096x4096 at the release max_pixels takes ~1.8 GiB to decode and preprocess (1.3 GiB measured for
+    a whole run): refused, undecoded, with the bytes and a hint, when the room is smaller; decoded when not."""
+    from PIL import Image
+
+    from qwen35_lite.errors import InputError
+    from qwen35_lite.multimodal import load_images
+    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+
+    cfg = ImageProcessorConfig()
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (4096, 4096), (9, 99, 199)).save(big)
+    Image.new("RGB", (640, 480)).save(small)
+    need = image_nbytes(4096, 4096, "RGB", False, cfg)
+    assert 1.5 * GiB < need < 2.5 * GiB
+    with pytest.raises(InputError) as e:
+        load_images([big], cfg, room=1 * GiB)
+    assert str(big) in e.value.args[0] and f"{need >> 20} MiB" in e.value.args[0]
+    assert "smaller image" in e.value.hint and "--cpu-mem" in e.value.hint
+    # several images share the room: the second is refused where it alone would fit
+    one = image_nbytes(640, 480, "RGB", False, cfg)
+    assert len(load_images([small], cfg, room=one)) == 1
+    with pytest.raises(InputError):
+        load_images([small, small], cfg, room=one)
+    # a 1-bit image decodes small but converts to 4 bytes a pixel: counted from its mode
+    assert image_nbytes(8000, 8000, "1", False, cfg) > 8000 * 8000 * (1 + 4 + 4)
+
+
+def test_the_plan_keeps_an_image_allowance_for_a_vision_checkpoint(tmp_path):
+    """The allowance is counted in the CPU total (an `info` row), so expert slots never take it."""
+    from test_info_bench import CONFIG_397B
+
+    from qwen35_lite.plan.table import plan_rows
+
+    vision = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304}
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIG_397B, "vision_config": vision}))
+    cfg = load_config(tmp_path)
+    kw = dict(device="cpu", dtype=torch.bfloat16, cpu_mem=1000, tokenizer=False)
+    text_only = MemoryPlan.build(cfg.text, **kw)
+    with_vision = MemoryPlan.build(cfg.text, vision=cfg.vision, **kw)
+    assert text_only.image_bytes == 0 and with_vision.image_bytes > GiB  # 4096x4096 at release max_pixels
+    assert with_vision.cpu_fixed - text_only.cpu_fixed == with_vision.image_bytes + with_vision.vision_bytes
+    assert with_vision.cpu_total <= with_vision.cpu_budget
+    assert "image preprocessing (allowance)" in dict(plan_rows(with_vision))
+    assert "image preprocessing (allowance)" not in dict(plan_rows(text_only))

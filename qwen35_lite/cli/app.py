@@ -186,9 +186,9 @@ def run(
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
     if images:
-        from ..multimodal import load_images
+        from ..multimodal import check_images
 
-        load_images(images)  # a wrong path fails now, not after loading the model
+        check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
     engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags))
     show = session.settings.think == "on"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -70,6 +71,7 @@ class MemoryPlan:
     overhead_gpu: int = 0
     staging_bytes: int = 0
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
+    image_bytes: int = 0  # decoding + preprocessing an image at the preprocessor's max_pixels (CPU)
     prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     expert_disk_bytes: int = 0
@@ -117,6 +119,8 @@ class MemoryPlan:
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
         plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
+        if plan.vision_bytes:
+            plan.image_bytes = image_allowance(ckpt.dir if ckpt is not None else None)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan._set_budgets(gpu_mem, cpu_mem)
         plan.prefill_block = plan._prefill_block(ctx)
@@ -225,7 +229,7 @@ class MemoryPlan:
     @property
     def cpu_fixed(self) -> int:
         """Everything on the CPU but the expert slots."""
-        n = self.weights_cpu + self.overhead_cpu + self.staging_bytes
+        n = self.weights_cpu + self.overhead_cpu + self.staging_bytes + self.image_bytes
         if self.on_gpu:
             return n + self.load_transient
         n += self.vision_bytes
@@ -364,6 +368,8 @@ class MemoryPlan:
                 parts.append(f"vision tower {fmt_gib(self.vision_bytes)}")
         else:
             parts.append(f"load buffer {fmt_gib(self.load_transient)}")
+        if self.image_bytes:
+            parts.append(f"image preprocessing {fmt_gib(self.image_bytes)}")
         parts.append(f"runtime {fmt_gib(self.overhead_cpu + self.staging_bytes)}")
         if self.moe_layers:
             parts.append(f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}")
@@ -399,6 +405,17 @@ class MemoryPlan:
     def provider_kwargs(self) -> dict[str, int]:
         """Keyword arguments for TieredExperts(store, device, dtype, **plan.provider_kwargs())."""
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}
+
+
+def image_allowance(model_dir: Path | None) -> int:
+    """Bytes to decode and preprocess one opaque RGB image the size of the preprocessor's max_pixels (its
+    preprocessor_config.json, else the Qwen3.5 release values): what the plan keeps free for images. A
+    larger image, or several, must fit this plus what the budget holds beyond the plan (multimodal)."""
+    from ..vision.preprocess import ImageProcessorConfig, image_nbytes  # PIL: vision checkpoints only
+
+    cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir is not None else ImageProcessorConfig()
+    side = max(cfg.factor, math.isqrt(cfg.max_pixels) // cfg.factor * cfg.factor)
+    return image_nbytes(side, side, "RGB", False, cfg)
 
 
 def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:
