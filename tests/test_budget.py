@@ -341,3 +341,21 @@ def test_the_plan_keeps_an_image_allowance_for_a_vision_checkpoint(tmp_path):
     assert with_vision.cpu_total <= with_vision.cpu_budget
     assert "image preprocessing (allowance)" in dict(plan_rows(with_vision))
     assert "image preprocessing (allowance)" not in dict(plan_rows(text_only))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+def test_run_refuses_an_image_its_budget_cannot_decode_in_one_line(tmp_path):
+    """Through the CLI on a tiny vision checkpoint: a 7000x7000 PNG (~0.9 GiB to decode and convert)
+    under --cpu-mem 1.2 is refused from its header, in one line with a hint, without decoding it."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from vision_helpers import build_tiny_vlm
+
+    vlm = build_tiny_vlm(tmp_path / "vlm")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (7000, 7000), (200, 10, 10)).save(big)
+    flags = ["--cpu-mem", "1.2", "--device", "cpu", "--no-think", "-n", "2", "--image", str(big), "hi"]
+    r, peak = cli_sampled("run", "-m", str(vlm), *flags)
+    assert_one_line_error(r, str(big), "MiB", "the memory budget leaves")
+    assert "smaller image" in r.stderr and "--cpu-mem" in r.stderr
+    assert peak < 1.2 * GiB - 7000 * 7000 * 4  # never decoded: not even its RGB copy fits under the peak
