@@ -144,8 +144,9 @@ class ChatSession:
         room = eng.max_context - self.cache.offset - len(self.unfed)
         if (n := eng.tokenizer.tokens_over(text, room)) is not None:
             raise InputError(
-                f"the prompt is at least {n} tokens ({len(text.encode('utf-8', 'surrogatepass'))} bytes with "
-                f"the chat template), over the {room} tokens of context left",
+                f"the prompt needs at least {self.cache.offset + len(self.unfed) + n} tokens of context "
+                f"({len(text.encode('utf-8', 'surrogatepass'))} bytes of text) "
+                f"but the limit is {eng.max_context}",
                 context_hint(
                     "shorten the prompt",
                     self.cache.offset,

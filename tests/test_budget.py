@@ -247,7 +247,7 @@ def test_a_10mb_prompt_is_refused_before_it_is_tokenised_whole(tiny_checkpoint):
     prompt = ("All work and no play makes Jack a dull boy. " * 240_000).encode()  # 10.6 MB
     args = ["run", "-m", str(tiny_checkpoint), "--ctx", "4096", "--cpu-mem", "1.5", "--device", "cpu", "-"]
     r, peak = cli_sampled(*args, stdin=prompt)
-    assert_one_line_error(r, "at least", f"{len(prompt) // 100_000}", "bytes", "4096 tokens")
+    assert_one_line_error(r, "at least", f"{len(prompt) // 100_000}", "bytes", "the limit is 4096")
     assert "shorten the prompt" in r.stderr
     assert peak < 1.0 * GiB, f"peak RssAnon {peak / GiB:.2f} GiB"
 
