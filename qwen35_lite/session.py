@@ -86,9 +86,9 @@ class ChatSession:
             # Else every later turn would fail on them: the model must see, and each image must decode
             # (through the same restricted open as --image; the next turn re-encodes them anyway).
             self.engine.check_vision()
-            from .multimodal import load_images  # PIL only for chats with images
+            from .multimodal import image_room, load_images  # PIL only for chats with images
 
-            load_images(images)
+            load_images(images, self.engine.image_config(), image_room(self.engine))
         think = saved.settings.get("think", self.settings.think)
         system = saved.settings.get("system", self.settings.system)
         self._check_fits(saved.messages, system, think)

@@ -287,7 +287,7 @@ def test_an_8k_prompt_under_a_tight_budget_stays_inside_it(tmp_path):
     """Prefill of 8192 tokens on a checkpoint larger than the budget: the plan's activation estimate (which
     sizes the blocks) holds, sampled from outside; it once missed the matmuls' retained memory by 0.2 GiB."""
     path = write_checkpoint(tmp_path / "ck", LONG, dtype=torch.bfloat16)
-    budget_gib = 0.6
+    budget_gib = 0.7
     assert _ckpt_bytes(path) > budget_gib * GiB
     result, peak = run_sampled(
         str(path), "--cpu-mem", str(budget_gib), "--prompt-len", "8192", "--new-tokens", "2"

@@ -256,7 +256,9 @@ class MemoryPlan:
         experts fewer times a prompt; the tenth keeps most of the budget for the expert cache."""
         budget = self.gpu_budget if self.device == "cuda" else self.cpu_budget
         block = PREFILL_BLOCK
-        while block > PREFILL_CHUNK and self._activations(block, ctx) > budget / 10:
+        # the tensors alone: what the CPU matmuls leave held stops growing past ~1024 rows, so a smaller
+        # block would save little of it and read every expert more often (it is counted in activations)
+        while block > PREFILL_CHUNK and activation_bytes(self.cfg, self.dtype, block, ctx) > budget / 10:
             block //= 2
         return block
 
