@@ -73,6 +73,9 @@ class MemoryPlan:
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
     image_bytes: int = 0  # decoding + preprocessing an image at the preprocessor's max_pixels (CPU)
     prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
+    experts_by_linear: bool = (
+        True  # routed experts run as F.linear (not torch's int4 kernel): cpu_matmul_retained
+    )
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
@@ -123,15 +126,6 @@ class MemoryPlan:
             plan.image_bytes = image_allowance(ckpt.dir if ckpt is not None else None)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan._set_budgets(gpu_mem, cpu_mem)
-        plan.prefill_block = plan._prefill_block(ctx)
-        plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
-        plan.state_bytes = deltanet_state_bytes(cfg, dtype)
-        n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
-        plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
-        plan.overhead_cpu = (
-            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
-        )
-        plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if cfg.is_moe:
             fmt = expert_format(
                 raw_config or {},
@@ -148,6 +142,16 @@ class MemoryPlan:
             plan.slot_bytes = -(-fmt.slot_nbytes // ALIGN) * ALIGN  # slots start aligned (experts.slots)
             # a format that prepares slots reads through staging: foreground + prefetch thread
             plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
+            plan.experts_by_linear = not getattr(fmt, "kernel", False)
+        plan.prefill_block = plan._prefill_block(ctx)
+        plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
+        plan.state_bytes = deltanet_state_bytes(cfg, dtype)
+        n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
+        plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
+        plan.overhead_cpu = (
+            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
+        )
+        plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if dev == "cuda":
             plan._spill_layers_to_cpu()
         plan._size_slots()
@@ -263,7 +267,8 @@ class MemoryPlan:
         return block
 
     def _activations(self, tokens: int, ctx: int) -> int:
-        return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=not self.on_gpu)
+        on_cpu = not self.on_gpu and self.experts_by_linear
+        return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=on_cpu)
 
     def _context_bytes(self, ctx: int) -> tuple[int, int]:
         """(KV cache, activation buffers) at a context of `ctx` tokens."""

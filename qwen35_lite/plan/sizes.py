@@ -136,6 +136,8 @@ def cpu_matmul_retained(cfg: TextConfig, tokens: int) -> int:
     blocks of 512 / 1024 / 2048 tokens: +199 / +335 / +374 MiB, where the sum above gave 20-60 MiB; it
     stops growing past ~1024 rows. This fit (8-layer and 16-layer checkpoints; larger shapes not measured)
     covers those with 5-20% to spare. ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 halves it but costs 17% of time.
+    Experts run by torch's int4 kernel do not leave it (an int4 run peaked 0.23 GiB below it): the plan
+    counts it only for experts run as F.linear (MemoryPlan.experts_by_linear).
     """
     return min(tokens, 1024) * (cfg.hidden_size + cfg.moe_intermediate_size) * 4 * CPU_MATMUL_ROWS
 
