@@ -28,7 +28,7 @@ from .vision import (
     preprocess,
     scatter_image_features,
 )
-from .vision.preprocess import ImageProcessorConfig
+from .vision.preprocess import ImageProcessorConfig, held_nbytes
 
 
 @dataclass
@@ -39,9 +39,35 @@ class ImagePrompt:
     rope_delta: int  # add to cache.rope_delta after the prompt is fed
 
 
-def load_images(paths: Sequence[Path | str]) -> list[Image.Image]:
-    """Open and fully decode every image (RGB); a missing, non-image or truncated file is an InputError."""
-    return [load_image(Path(p).expanduser()) for p in paths]
+def load_images(
+    paths: Sequence[Path | str], cfg: ImageProcessorConfig | None = None, room: int | None = None
+) -> list[Image.Image]:
+    """Open and fully decode every image (RGB); a missing, non-image or truncated file is an InputError.
+
+    room: bytes the memory budget leaves for the images (image_room); an image whose decoding and
+    preprocessing would not fit what the ones before it leave is refused from its header, undecoded."""
+    images = []
+    for p in paths:
+        images.append(load_image(Path(p).expanduser(), cfg, room))
+        if room is not None:
+            room -= held_nbytes(images[-1], cfg or ImageProcessorConfig())
+    return images
+
+
+def check_images(paths: Sequence[Path | str]) -> None:
+    """The header checks of load_images alone (the file exists, is an image we read, within the pixel
+    limit): before a load, when the budget is not yet known, nothing is decoded."""
+    for p in paths:
+        load_image(Path(p).expanduser(), decode=False)
+
+
+def image_room(engine: Engine) -> int | None:
+    """Bytes the memory plan leaves for decoding and preprocessing images: its image allowance plus what
+    the budget holds beyond the plan's total (None when loaded without a plan)."""
+    plan = engine.plan
+    if plan is None:
+        return None
+    return plan.image_bytes + max(0, plan.cpu_budget - plan.cpu_total)
 
 
 def image_prompt(
@@ -60,7 +86,7 @@ def image_prompt(
     cfg, model = engine.cfg, engine.model
     engine.check_vision()  # before decoding anything: the likeliest mistake is a text-only checkpoint
     image_cfg = engine.image_config()
-    pixel_values, grid = preprocess(load_images(images), image_cfg)
+    pixel_values, grid = preprocess(load_images(images, image_cfg, image_room(engine)), image_cfg)
     merge = cfg.vision.spatial_merge_size
     expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
     model_max = engine.cfg.text.max_position_embeddings

@@ -16,7 +16,7 @@ from pathlib import Path
 from .chat_file import read_save, write_atomic
 from .engine import Engine
 from .errors import InputError
-from .generate import Finished, GenerationRequest, TokenEvent, generate
+from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
 from .sampling import SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 from .tokenizer import StreamDecoder
@@ -89,9 +89,9 @@ class ChatSession:
             # Else every later turn would fail on them: the model must see, and each image must decode
             # (through the same restricted open as --image; the next turn re-encodes them anyway).
             self.engine.check_vision()
-            from .multimodal import load_images  # PIL only for chats with images
+            from .multimodal import image_room, load_images  # PIL only for chats with images
 
-            load_images(images)
+            load_images(images, self.engine.image_config(), image_room(self.engine))
         think = saved.settings.get("think", self.settings.think)
         system = saved.settings.get("system", self.settings.system)
         self._check_fits(saved.messages, system, think)
@@ -107,10 +107,10 @@ class ChatSession:
         text = self.engine.template.render(
             history, add_generation_prompt=True, enable_thinking=think != "off", tools=self.tools
         )
-        n = len(self.engine.tokenizer.encode(text))
-        if n >= self.engine.max_context:
+        n = self.engine.tokenizer.tokens_over(text, self.engine.max_context)  # never a huge text whole
+        if n is not None:
             raise InputError(
-                f"the saved chat is {n} tokens, over the context of {self.engine.max_context}",
+                f"the saved chat is at least {n} tokens, over the context of {self.engine.max_context}",
                 "start the chat with a larger --ctx to resume it",
             )
 
@@ -134,17 +134,36 @@ class ChatSession:
         if self.settings.raw:
             if message_images(user):
                 raise InputError("images need the chat template", "drop --raw to send images")
-            return [*self.unfed, *tok.encode(user["content"])], []
+            return [*self.unfed, *self._encode(user["content"])], []
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
             history = [*system, *self.messages, user]
-            return tok.encode(self._render(history, whole=True)), [
+            return self._encode(self._render(history, whole=True)), [
                 p for m in history for p in message_images(m)
             ]
         closing = (
             [] if self.cache.token_ids[-1:] == [tok.token_id("<|im_end|>")] else tok.encode("<|im_end|>\n")
         )
-        return [*self.unfed, *closing, *tok.encode(self._render([user], whole=False))], message_images(user)
+        return [*self.unfed, *closing, *self._encode(self._render([user], whole=False))], message_images(user)
+
+    def _encode(self, text: str) -> list[int]:
+        """Tokenise this turn's text, refusing first (counted in pieces) a text the context cannot hold:
+        tokenising megabytes whole would take more memory than the plan gives it."""
+        eng = self.engine
+        room = eng.max_context - self.cache.offset - len(self.unfed)
+        if (n := eng.tokenizer.tokens_over(text, room)) is not None:
+            raise InputError(
+                f"the prompt needs at least {self.cache.offset + len(self.unfed) + n} tokens of context "
+                f"({len(text.encode('utf-8', 'surrogatepass'))} bytes of text) "
+                f"but the limit is {eng.max_context}",
+                context_hint(
+                    "shorten the prompt",
+                    self.cache.offset,
+                    eng.max_context,
+                    eng.cfg.text.max_position_embeddings,
+                ),
+            )
+        return eng.tokenizer.encode(text)
 
     # --- a turn --------------------------------------------------------------------------------------
     def send(

@@ -190,9 +190,9 @@ def run(
     text = read_prompt(ui, prompt)
     tool_list = read_tools(tools)
     if images:
-        from ..multimodal import load_images
+        from ..multimodal import check_images
 
-        load_images(images)  # a wrong path fails now, not after loading the model
+        check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
     engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
     show = session.settings.think == "on"

@@ -177,6 +177,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "weights_gpu": plan.weights_gpu,
         "cpu_layers": plan.cpu_layers,
         "vision_bytes": plan.vision_bytes,
+        "image_bytes": plan.image_bytes,
         "kv_bytes_per_token": plan.kv_per_token,
         "context": plan.context,
         "context_from": plan.context_from,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 import torch
@@ -71,7 +72,11 @@ class MemoryPlan:
     staging_bytes: int = 0
     kept_states: int = 0  # `serve --state-cache`: model states of recent requests, on the compute device
     vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
+    image_bytes: int = 0  # decoding + preprocessing an image at the preprocessor's max_pixels (CPU)
     prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
+    experts_by_linear: bool = (
+        True  # routed experts run as F.linear (not torch's int4 kernel): cpu_matmul_retained
+    )
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
@@ -120,17 +125,10 @@ class MemoryPlan:
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
         plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
+        if plan.vision_bytes:
+            plan.image_bytes = image_allowance(ckpt.dir if ckpt is not None else None)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan._set_budgets(gpu_mem, cpu_mem)
-        plan.prefill_block = plan._prefill_block(ctx)
-        plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
-        plan.state_bytes = deltanet_state_bytes(cfg, dtype)
-        n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
-        plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
-        plan.overhead_cpu = (
-            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
-        )
-        plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if cfg.is_moe:
             fmt = expert_format(
                 raw_config or {},
@@ -147,6 +145,16 @@ class MemoryPlan:
             plan.slot_bytes = -(-fmt.slot_nbytes // ALIGN) * ALIGN  # slots start aligned (experts.slots)
             # a format that prepares slots reads through staging: foreground + prefetch thread
             plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
+            plan.experts_by_linear = not getattr(fmt, "kernel", False)
+        plan.prefill_block = plan._prefill_block(ctx)
+        plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
+        plan.state_bytes = deltanet_state_bytes(cfg, dtype)
+        n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
+        plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
+        plan.overhead_cpu = (
+            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
+        )
+        plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if dev == "cuda":
             plan._spill_layers_to_cpu()
         plan._size_slots()
@@ -228,7 +236,7 @@ class MemoryPlan:
     @property
     def cpu_fixed(self) -> int:
         """Everything on the CPU but the expert slots."""
-        n = self.weights_cpu + self.overhead_cpu + self.staging_bytes
+        n = self.weights_cpu + self.overhead_cpu + self.staging_bytes + self.image_bytes
         if self.on_gpu:
             return n + self.load_transient
         n += self.vision_bytes + self.kept_states
@@ -255,9 +263,15 @@ class MemoryPlan:
         experts fewer times a prompt; the tenth keeps most of the budget for the expert cache."""
         budget = self.gpu_budget if self.device == "cuda" else self.cpu_budget
         block = PREFILL_BLOCK
+        # the tensors alone: what the CPU matmuls leave held stops growing past ~1024 rows, so a smaller
+        # block would save little of it and read every expert more often (it is counted in activations)
         while block > PREFILL_CHUNK and activation_bytes(self.cfg, self.dtype, block, ctx) > budget / 10:
             block //= 2
         return block
+
+    def _activations(self, tokens: int, ctx: int) -> int:
+        on_cpu = not self.on_gpu and self.experts_by_linear
+        return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=on_cpu)
 
     def _context_bytes(self, ctx: int) -> tuple[int, int]:
         """(KV cache, activation buffers) at a context of `ctx` tokens."""
@@ -265,8 +279,8 @@ class MemoryPlan:
         steps = -(-ctx // KV_STEP) * KV_STEP
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
-            activation_bytes(self.cfg, self.dtype, min(self.prefill_block, ctx), ctx),
-            activation_bytes(self.cfg, self.dtype, 1, ctx),
+            self._activations(min(self.prefill_block, ctx), ctx),
+            self._activations(1, ctx),
         )
         return kv, act
 
@@ -366,6 +380,8 @@ class MemoryPlan:
                 parts.append(f"kept model states {fmt_gib(self.kept_states)}")
         else:
             parts.append(f"load buffer {fmt_gib(self.load_transient)}")
+        if self.image_bytes:
+            parts.append(f"image preprocessing {fmt_gib(self.image_bytes)}")
         parts.append(f"runtime {fmt_gib(self.overhead_cpu + self.staging_bytes)}")
         if self.moe_layers:
             parts.append(f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}")
@@ -402,6 +418,17 @@ class MemoryPlan:
     def provider_kwargs(self) -> dict[str, int]:
         """Keyword arguments for TieredExperts(store, device, dtype, **plan.provider_kwargs())."""
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}
+
+
+def image_allowance(model_dir: Path | None) -> int:
+    """Bytes to decode and preprocess one opaque RGB image the size of the preprocessor's max_pixels (its
+    preprocessor_config.json, else the Qwen3.5 release values): what the plan keeps free for images. A
+    larger image, or several, must fit this plus what the budget holds beyond the plan (multimodal)."""
+    from ..vision.preprocess import ImageProcessorConfig, image_nbytes  # PIL: vision checkpoints only
+
+    cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir is not None else ImageProcessorConfig()
+    side = max(cfg.factor, math.isqrt(cfg.max_pixels) // cfg.factor * cfg.factor)
+    return image_nbytes(side, side, "RGB", False, cfg)
 
 
 def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:

@@ -21,8 +21,12 @@ KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many po
 DEFAULT_CONTEXT = 32768  # KV reserved when no --ctx is given (capped at the model's maximum)
 
 # Process overheads, measured as RssAnon on torch 2.13 (CPU build), Python 3, with margin:
-PROCESS_BASE = 256 * MiB  # `import torch` + qwen35_lite: 143 MiB measured
-TOKENIZER = 320 * MiB  # the 248K-entry tokenizer.json loaded in `tokenizers`: 265 MiB measured
+# RssAnon of a process that imported torch and every module of a run (cli, engine, session): 156 MiB.
+PROCESS_BASE = 160 * MiB
+# The 248K-entry tokenizer.json (or the packaged copy) in `tokenizers`: 280 MiB held once parsed (342 MiB
+# at the top of the parse, which ends before any weight is read). A whole run (tests/test_budget.py:
+# test_a_run_at_the_smallest_budget_the_plan_accepts_stays_inside_it) held ~0.1 GiB less than the plan.
+TOKENIZER = 288 * MiB
 CUDA_HOST = 1 * GiB  # CUDA runtime, cuBLAS and kernels' host-side state
 CUDA_CONTEXT = 1 * GiB  # device memory taken by the CUDA context, cuBLAS workspace, allocator slack
 ACTIVATION_MARGIN = 1.25
@@ -89,7 +93,9 @@ def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
     return per * (cfg.num_hidden_layers - len(cfg.full_attention_layers))
 
 
-def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int) -> int:
+def activation_bytes(
+    cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int, on_cpu: bool = False
+) -> int:
     """Peak temporaries of one prefill block (or decode step) of `tokens` new tokens at `context`.
 
     An upper estimate from the ops in model/moe/deltanet/attention: the widest layer's temporaries. A
@@ -98,6 +104,7 @@ def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: 
     SDPA with `enable_gqa` reads the shared K/V heads in place (measured on the CPU: +2 MB peak for a
     decode step at H=32, Hkv=2, S=8192, hd=256, where expanding K/V would take 268 MB); in fp32 on CUDA
     its math backend still expands them, so that case keeps the expansion term.
+    On the CPU, what a block's matmuls leave held after they return counts too (cpu_matmul_retained).
     """
     T, D, b = tokens, cfg.hidden_size, dtype.itemsize
     A, I, Is = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
@@ -116,7 +123,26 @@ def activation_bytes(cfg: TextConfig, dtype: torch.dtype, tokens: int, context: 
     attn = T * H * hd * 8 * b + (2 * H * context * hd * b if expands else 0)
     attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
     head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
-    return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head)))
+    retained = cpu_matmul_retained(cfg, tokens) if on_cpu else 0
+    return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head))) + retained
+
+
+def cpu_matmul_retained(cfg: TextConfig, tokens: int) -> int:
+    """RssAnon a CPU prefill keeps after its matmuls return: oneDNN caches a primitive (with its scratch
+    buffers) per matmul shape, and a block's experts see many row counts; the allocator keeps some of the
+    rest. Not live tensors (those summed 0.7 GiB where RssAnon was 0.9), so the sum above misses it.
+
+    Measured (RssAnon peak over the loaded model, bf16, D = I = 512, 8 layers, 16 experts, torch 2.13):
+    blocks of 512 / 1024 / 2048 tokens: +199 / +335 / +374 MiB, where the sum above gave 20-60 MiB; it
+    stops growing past ~1024 rows. This fit (8-layer and 16-layer checkpoints; larger shapes not measured)
+    covers those with 5-20% to spare. ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 halves it but costs 17% of time.
+    Experts run by torch's int4 kernel do not leave it (an int4 run peaked 0.23 GiB below it): the plan
+    counts it only for experts run as F.linear (MemoryPlan.experts_by_linear).
+    """
+    return min(tokens, 1024) * (cfg.hidden_size + cfg.moe_intermediate_size) * 4 * CPU_MATMUL_ROWS
+
+
+CPU_MATMUL_ROWS = 96  # cpu_matmul_retained: fp32 bytes per row of (D + I) per block token, fitted
 
 
 def vision_tower_nbytes(

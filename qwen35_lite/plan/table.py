@@ -54,6 +54,16 @@ def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
             if plan.vision_bytes
             else []
         ),
+        *(
+            [
+                (
+                    "image preprocessing (allowance)",
+                    f"{fmt_gib(plan.image_bytes)} (CPU): one image at max_pixels",
+                )
+            ]
+            if plan.image_bytes
+            else []
+        ),
         (
             "activation buffers",
             f"{fmt_gib(plan.activations)} (prefill in blocks of {plan.prefill_block} tokens)",

@@ -99,11 +99,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path | str) -> Image.Image:
+def load_image(
+    path: Path | str, cfg: ImageProcessorConfig | None = None, room: int | None = None, decode: bool = True
+) -> Image.Image:
     """Open, fully decode and convert an image file to RGB; any failure is an InputError with a hint.
 
     Only the formats we document are tried (Pillow would otherwise hand an EPS file, whatever its name,
-    to Ghostscript), and the size in the header is checked before any pixel is decoded.
+    to Ghostscript), and the size in the header is checked before any pixel is decoded: against the
+    pixel limit, and, given `room` (bytes the memory budget leaves for images), against what decoding
+    and preprocessing it would take (image_nbytes). decode=False stops after those header checks.
     """
     path = Path(path)
     if "\0" in str(path):
@@ -119,6 +123,12 @@ def load_image(path: Path | str) -> Image.Image:
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as im:
             _check_pixels(path, im.width, im.height)
+            if room is not None:
+                transparent = "A" in im.getbands() or im.info.get("transparency") is not None
+                need = image_nbytes(im.width, im.height, im.mode, transparent, cfg or ImageProcessorConfig())
+                _check_room(path, need, room)
+            if not decode:
+                return im
             im.load()
             return to_rgb(im)
     except UnidentifiedImageError as e:
@@ -141,6 +151,43 @@ def _check_pixels(path: Path, width: int, height: int) -> None:
             f" {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit for an image",
             "downscale it first (the model sees at most a few megapixels of it anyway)",
         )
+
+
+def image_nbytes(width: int, height: int, mode: str, transparent: bool, cfg: ImageProcessorConfig) -> int:
+    """Bytes to decode an image and preprocess it, from its header (size, mode, transparency): an upper
+    estimate that adds the steps' buffers although some are freed before others are made.
+
+    Decoded at Pillow's bytes per pixel for its mode, converted to RGB (4 bytes a pixel in Pillow; through
+    two more RGBA images when there is transparency) and kept so until preprocessing ends; preprocess
+    copies it to RGB once more and resizes it (a horizontal pass first: target width x source height);
+    then, per target pixel: the uint8 array (3), float64 (24), three float32 arrays (12 each) and the
+    patches repeated over the temporal axis, twice (2 x 24, the last one concatenated).
+    """
+    w, h = width, height
+    th, tw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    per_pixel = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    decode = w * h * (per_pixel + 4 * (3 if transparent else 1))
+    resize = w * h * 4 + tw * h * 4
+    return w * h * 4 + decode + resize + th * tw * (3 + 24 + 3 * 12 + 2 * 24)
+
+
+def held_nbytes(image: Image.Image, cfg: ImageProcessorConfig) -> int:
+    """What of image_nbytes stays held while the next image is decoded: the RGB image and its patches."""
+    w, h = image.size
+    th, tw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    return w * h * 4 + th * tw * 2 * 24
+
+
+def _check_room(path: Path, need: int, room: int) -> None:
+    if need > room:
+        raise InputError(
+            f"{path} needs about {need / MiB:.0f} MiB to decode and preprocess, but the memory budget "
+            f"leaves {max(room, 0) / MiB:.0f} MiB for images",
+            "use a smaller image, or a larger --cpu-mem",
+        )
+
+
+MiB = 1 << 20
 
 
 def smart_resize(
