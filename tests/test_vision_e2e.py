@@ -162,7 +162,7 @@ def test_cli_two_images_greedy_equals_transformers(vlm, ref, processor, pics, en
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(out) == {"text", "thinking", "tokens", "prompt_ids", "finish_reason", "stats"}
+    assert set(out) == {"text", "thinking", "tokens", "prompt_ids", "finish_reason", "stats", "tool_calls"}
     theirs = hf_inputs(processor, [user([pics["a"], pics["b"]], "Compare.")])
     assert out["prompt_ids"] == theirs["input_ids"][0].tolist()  # placeholders expanded, in --image order
     same_tokens(out["tokens"], hf_greedy(ref, theirs), engine.defaults.stop_ids)
