@@ -161,11 +161,7 @@ class DenseFormat(ExpertFormat):
         self.raw, self.raw_nbytes = pack_layout([(stored, s) for s in shapes])
         self.slot, self.slot_nbytes = pack_layout([(dtype, (2 * I, D)), (dtype, (D, I))])
         self.direct = stored == dtype
-        self.name = str(stored).removeprefix("torch.") + ("" if self.direct else f" -> {self.dtype_name}")
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        self.name = str(stored).removeprefix("torch.") + ("" if self.direct else f" -> {_name(dtype)}")
 
     def locate(self, ckpt: Checkpoint, layer: int, e: int) -> list[TensorInfo]:
         p = f"layers.{layer}.mlp.experts."
@@ -335,9 +331,10 @@ class Int4Format(ExpertFormat):
         # gate and up share the input dim: one [2I, D] matrix, rows of gate then up
         gu_w.copy_(int4_cpu.to_kernel_layout(torch.cat([gp, up_], dim=0)))
         down_w.copy_(int4_cpu.to_kernel_layout(dp))
-        gu_zp = None if gz is None else torch.cat([_zp(gz, i_out), _zp(uz, i_out)])
+        gu_zp = None if gz is None else torch.cat([int4.unpack_zero_point(z, i_out) for z in (gz, uz)])
         gu_sz.copy_(int4_cpu.scales_zeros(torch.cat([gs, us]), gu_zp, self.dtype))
-        down_sz.copy_(int4_cpu.scales_zeros(ds, None if dz is None else _zp(dz, d_out), self.dtype))
+        down_zp = None if dz is None else int4.unpack_zero_point(dz, d_out)
+        down_sz.copy_(int4_cpu.scales_zeros(ds, down_zp, self.dtype))
 
     def bind(self, slot: torch.Tensor) -> Expert:
         if not self.kernel:
@@ -352,11 +349,6 @@ class Int4Format(ExpertFormat):
             return mm((F.silu(g) * u).contiguous(), down_w, g_down, down_sz)
 
         return run
-
-
-def _zp(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    """Packed zero points [ceil(out/8), G] -> the stored nibbles zp + 8, [out, G]."""
-    return int4_cpu.unpack_zero_points(packed, rows)
 
 
 # ---- choosing the format -------------------------------------------------------------------------

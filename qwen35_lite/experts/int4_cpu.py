@@ -17,13 +17,9 @@ import functools
 
 import torch
 
+from .int4 import OFFSET, unpack_int4
+
 BLOCK_N = 64
-
-
-def unpack_u4(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K/8] (compressed-tensors) -> uint8 [N, K] of the stored nibbles u = q + 8."""
-    b = packed.contiguous().view(torch.uint8)  # [N, K/2]: byte j = element 2j (low) | 2j+1 (high)
-    return torch.stack([b & 0xF, b >> 4], dim=-1).view(b.shape[0], -1)  # [N, K]
 
 
 def _direct_layout(packed: torch.Tensor) -> torch.Tensor:
@@ -40,7 +36,8 @@ def _direct_layout(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_layout(packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_u4(packed).int(), 1)
+    u = unpack_int4(packed, 8 * packed.shape[1]).int() + OFFSET  # the stored nibbles q + 8
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
 
 
 @functools.cache
@@ -61,18 +58,12 @@ def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     return _torch_layout(packed)
 
 
-def scales_zeros(scale: torch.Tensor, zero_point_u: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """scale [N, G] and unpacked stored zero points u_z = zp + 8 ([N, G], or None) -> [G, N, 2] (scale,
-    zero) in `dtype`, so that (u - 8) * scale + zero = (q - zp) * scale."""
+def scales_zeros(scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """scale [N, G] and unpacked zero points zp [N, G] in [-8, 7] (or None) -> [G, N, 2] (scale, zero) in
+    `dtype`, so that (u - 8) * scale + zero = (q - zp) * scale."""
     s = scale.to(dtype)
-    zero = torch.zeros_like(s) if zero_point_u is None else -((zero_point_u.to(dtype) - 8) * s)
+    zero = torch.zeros_like(s) if zero_point is None else -(zero_point.to(dtype) * s)
     return torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-
-
-def unpack_zero_points(packed: torch.Tensor, rows: int) -> torch.Tensor:
-    """int32 [ceil(N/8), G] packed along the output dim -> uint8 [N, G] of stored values zp + 8."""
-    u = unpack_u4(packed.t().contiguous())  # [G, 8 * ceil(N/8)]
-    return u[:, :rows].t().contiguous()
 
 
 def kernel_fits(hidden: int, inter: int, group_size: int) -> bool:
