@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen35_lite.experts.formats import DenseExpert
+from qwen35_lite.experts.formats import DenseExpert, DenseFormat, stack_parts
+from qwen35_lite.experts.slots import SlotTier
 from qwen35_lite.model.attention import _attend, _attend_reference
 from qwen35_lite.model.deltanet import causal_conv, causal_conv_reference
-from qwen35_lite.model.moe import dispatch_decode, dispatch_grouped, dispatch_reference
+from qwen35_lite.model.moe import (
+    dispatch_decode,
+    dispatch_grouped,
+    dispatch_reference,
+    dispatch_stacked,
+    route,
+    route_reference,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,3 +57,52 @@ def test_decode_dispatch_equals_grouped(dtype, E, A, D, I):
         if step == 0:
             ref = dispatch_reference(x, weights, ids, experts)
             torch.testing.assert_close(want, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,A,D,I", [(16, 4, 64, 32), (512, 10, 256, 64)])
+def test_stacked_slots_dispatch_equals_one_by_one(dtype, E, A, D, I):
+    """The decode path over a layer's slot buffer (one gather + one batched matmul per projection, slots
+    picked by index) against the experts bound to the same slots, run one by one (dispatch_decode).
+    Batched and single matmuls may sum in another order on some CPUs: a tolerance, not bit equality."""
+    fmt = DenseFormat(D, I, dtype, dtype, fused=True)
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(E + A)
+    gate_up, down = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g) / 4
+    slot_of_expert = torch.randperm(E, generator=g)  # experts sit in slots in no particular order
+    for e in range(E):
+        fmt.prepare([gate_up[e].to(dtype), down[e].to(dtype)], tier.pools[0].slots[int(slot_of_expert[e])])
+    experts = {e: tier.experts[0][int(slot_of_expert[e])] for e in range(E)}
+    stack = tier.stacks[0]
+    eps = 1e-5 if dtype == torch.float32 else 1e-2  # relative to the output's scale (sums cancel)
+    for _ in range(10):
+        x = torch.randn(1, D, generator=g).to(dtype)
+        ids = torch.randperm(E, generator=g)[:A][None]
+        weights = torch.softmax(torch.randn(1, A, generator=g), -1).to(dtype)
+        want = dispatch_decode(x, weights, ids, experts)
+        got = dispatch_stacked(x, weights, slot_of_expert[ids[0]], stack)
+        torch.testing.assert_close(got, want, atol=eps * float(want.abs().max()), rtol=eps)
+
+
+def test_stacked_views_are_the_bound_slots():
+    fmt = DenseFormat(64, 32, torch.bfloat16, torch.bfloat16, fused=True)
+    tier = SlotTier(
+        "ram", fmt, 1, 5, lambda: None, lambda n: torch.randn(n // 2, dtype=torch.bfloat16).view(torch.uint8)
+    )
+    gate_up, down = stack_parts(fmt.slot, tier.buffers[0], 5, tier.buffers[0].numel() // 5)
+    for s in range(5):
+        assert torch.equal(gate_up[s], tier.experts[0][s].gate_up)
+        assert torch.equal(down[s], tier.experts[0][s].down)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_by_top_logits_equals_the_reference_order(dtype):
+    """Softmax over the top-k logits = top-k of the softmax, renormalised: same experts, same weights up
+    to fp32 rounding (then the cast)."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(300, 256, generator=g).to(dtype), torch.randn(512, 256, generator=g).to(dtype)
+    weights, ids = route(x, w, 10)
+    ref_weights, ref_ids = route_reference(x, w, 10)
+    assert torch.equal(ids, ref_ids)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2**-8)
+    torch.testing.assert_close(weights, ref_weights, **tol)

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from qwen35_lite.cli import app
+from qwen35_lite.experts.cache import TieredExperts
 from qwen35_lite.op_profile import count_host_reads, profile_decode
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
@@ -21,6 +22,12 @@ def test_host_reads_are_counted_and_the_methods_restored():
     assert torch.Tensor.tolist is before
 
 
+def _preloaded(store, device, dtype) -> TieredExperts:
+    provider = TieredExperts(store, device, dtype, cpu_slots=store.cfg.num_experts)
+    provider.preload()
+    return provider
+
+
 def test_bench_profile_counts_ops_and_host_reads_per_token(tmp_path):
     from conftest import load_ours
 
@@ -28,8 +35,12 @@ def test_bench_profile_counts_ops_and_host_reads_per_token(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ck", spec)
     model = load_ours(ckpt, torch.float32)
     prof = profile_decode(model, list(range(100, 140)), tokens=4)
-    # every layer's matmuls launch something; each MoE layer reads its routing back (.tolist) at least once
+    # every layer's matmuls launch something; experts looked up through `get` need the routing on the host
     assert prof["ops_per_layer"] > 10 and prof["host_reads_per_layer"] >= 1 and "aten::mm" in prof["top_ops"]
+    resident = load_ours(ckpt, torch.float32, _preloaded)
+    prof = profile_decode(resident, list(range(100, 140)), tokens=4)
+    # every expert resident: slots are picked on the device, only the sampled id is read back
+    assert prof["host_reads_per_token"] == 1
     r = CliRunner().invoke(
         app, ["bench", "-m", str(ckpt), "--prompt-tokens", "16", "--new-tokens", "2", "--profile", "--json"]
     )

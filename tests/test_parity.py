@@ -67,6 +67,22 @@ def test_every_cache_size_matches_transformers(hf_checkpoint, reference, shape, 
     assert stats["ram_misses"] > 0 and (stats["ram_hits"] > 0 or slots == 1)
 
 
+def _preloaded(*args, **kwargs) -> TieredExperts:
+    provider = TieredExperts(*args, cpu_slots=10**6, **kwargs)
+    provider.preload()
+    return provider
+
+
+@pytest.mark.parametrize("shape", MOE_SHAPES)
+def test_resident_stacked_decode_matches_transformers(hf_checkpoint, reference, shape):
+    """Every expert preloaded: decode picks slots on the device and runs the layer's experts as one
+    stack (no host read of the routing), and still gives transformers' tokens and logits."""
+    ours = load_ours(hf_checkpoint(shape), torch.float32, _preloaded)
+    assert all(ours.provider.static_slots(i) is not None for i in range(len(ours.layers)))
+    _assert_matches(ours, reference(shape))
+    assert ours.provider.stats()["ram_misses"] == 0
+
+
 @pytest.mark.parametrize("shape", ["moe_ratio2_gqa2", "dense"])
 def test_bf16_top1_agrees_with_transformers(hf_checkpoint, shape):
     path = hf_checkpoint(shape)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import BudgetError
-from .formats import Expert
+from .formats import Expert, StackedExperts
 from .gpu_tier import GpuTier
 from .policy import POLICIES, FreqLRUPolicy, LRUPolicy
 from .prefetch import Prefetcher
@@ -33,6 +33,24 @@ from .slots import SlotTier
 from .store import ExpertStore
 
 __all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedExperts"]
+
+
+class Acquired(dict):
+    """{expert: callable} of one `get`, plus what runs them grouped: the layer's StackedExperts (None when
+    the format runs experts one by one) and each expert's slot in it."""
+
+    def __init__(self, experts: dict[int, Expert], stack: StackedExperts | None, slot: dict[int, int]):
+        super().__init__(experts)
+        self.stack, self.slot = stack, slot
+
+
+class StaticSlots:
+    """A layer whose compute tier holds every expert: the stack and the expert -> slot map [E] as a tensor
+    on the compute device, so a decode step picks its slots there, with no host read."""
+
+    def __init__(self, stack: StackedExperts, slot_of: torch.Tensor) -> None:
+        self.stack, self.slot_of = stack, slot_of
+
 
 # ---- the reference provider ------------------------------------------------------------------
 
@@ -55,6 +73,9 @@ class UncachedExperts:
 
     def hint(self, layer: int, experts: list[int]) -> None:
         pass
+
+    def static_slots(self, layer: int) -> StaticSlots | None:
+        return None
 
     def stats(self) -> dict:
         return {"bytes_read": self.bytes_read}
@@ -160,6 +181,8 @@ class TieredExperts:
         self._prefetcher = Prefetcher(self) if prefetch else None
         self._hints: dict[int, set[int]] = {}
         self._recall = [[0, 0] for _ in range(self.n_layers)]  # per layer: [hinted and asked, asked]
+        self._static: list[StaticSlots | None] = [None] * self.n_layers
+        self.top_k = cfg.num_experts_per_tok
         self.reset_stats()
 
     def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
@@ -178,6 +201,24 @@ class TieredExperts:
             self._recall[layer][1] += len(need)
         with self._locks[layer]:
             return self._acquire(self.gpu or self.ram, layer, need)
+
+    def static_slots(self, layer: int) -> StaticSlots | None:
+        """The layer's slots as a StaticSlots when its compute tier holds every expert (nothing can be
+        evicted then, so the map is fixed); None otherwise. A decode step's lookup through it counts as
+        top-k hits."""
+        st = self._static[layer]
+        if st is None:
+            tier = self.gpu or self.ram
+            pool, stack = tier.pools[layer], tier.stacks[layer]
+            if stack is None or len(pool.where) < self.n_experts:
+                return None
+            with self._locks[layer]:
+                for s in pool.where.values():
+                    self._view(tier, layer, s)  # the compute stream waits for the copies into the slots
+            slot_of = torch.tensor([pool.where[e] for e in range(self.n_experts)], device=self.device)
+            st = self._static[layer] = StaticSlots(stack, slot_of)
+        (self.gpu or self.ram).hits += self.top_k
+        return st
 
     @property
     def lookahead(self) -> bool:
@@ -294,7 +335,8 @@ class TieredExperts:
                 pool.policy.touch(e)
         slots = [pool.take(pool.in_use) for _ in misses]  # never None: capacity >= len(need)
         self._fill(tier, layer, misses, slots)
-        return {e: self._view(tier, layer, pool.where[e]) for e in need}
+        where = {e: pool.where[e] for e in need}
+        return Acquired({e: self._view(tier, layer, s) for e, s in where.items()}, tier.stacks[layer], where)
 
     def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> Expert:
         """One lookup of an over-capacity call: read e plus the call's next missing experts into the

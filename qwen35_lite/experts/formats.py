@@ -53,6 +53,38 @@ class DenseExpert:
         return ffn(x, self.gate_up, self.down)
 
 
+class StackedExperts:
+    """All slots of one layer's buffer as stacked dense weights, views without a copy: gate_up [S, 2I, D],
+    down [S, D, I]. Runs one token through the experts in given slots with one gather and one batched
+    matmul per projection: a decode step's routed experts in a fixed handful of ops, whatever A, and with
+    the slot indices on the device (no host read needed to pick them)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        self.gate_up, self.down = gate_up, down
+
+    def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x [1, D], slots [A] (long, on x's device) -> the A experts' outputs [A, D], in `slots` order."""
+        A = slots.shape[0]
+        xs = x.expand(A, -1).unsqueeze(-1)  # [A, D, 1]
+        h = torch.bmm(self.gate_up.index_select(0, slots), xs).squeeze(-1)  # [A, 2I]
+        g, u = h.chunk(2, dim=-1)
+        # the gathered gate_up [A, 2I, D] is freed before down's is made: one of them at a time
+        return torch.bmm(self.down.index_select(0, slots), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+
+
+def stack_parts(parts: Sequence[Part], buffer: torch.Tensor, n_slots: int, stride: int) -> list[torch.Tensor]:
+    """Each part of every slot of a flat buffer (slot s at byte s * stride) as one [n_slots, *shape] view."""
+    views = []
+    for p in parts:
+        size = p.dtype.itemsize
+        if stride % size or p.offset % size:
+            raise ValueError(f"slot stride {stride} / offset {p.offset} not aligned to {p.dtype}")
+        inner = [math.prod(p.shape[i + 1 :]) for i in range(len(p.shape))]  # contiguous strides
+        base = buffer[: n_slots * stride].view(p.dtype)
+        views.append(base.as_strided((n_slots, *p.shape), (stride // size, *inner), p.offset // size))
+    return views
+
+
 # ---- buffer layouts ----------------------------------------------------------------------------
 
 
@@ -123,6 +155,11 @@ class ExpertFormat:
         """The expert held in `slot` (a flat uint8 buffer on the compute device) as a callable."""
         raise NotImplementedError
 
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        """Every slot of a layer's buffer as one StackedExperts, for formats whose slots hold dense weights;
+        None otherwise (their experts run one by one through `bind`)."""
+        return None
+
     def raw_views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [p.view(buf) for p in self.raw]
 
@@ -185,6 +222,9 @@ class DenseFormat(ExpertFormat):
     def bind(self, slot: torch.Tensor) -> Expert:
         return DenseExpert(*(p.view(slot) for p in self.slot))
 
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
+
 
 class Fp8BlockFormat(ExpertFormat):
     """float8_e4m3fn weights + fp32 weight_scale_inv [ceil(out/128), ceil(in/128)], per expert.
@@ -230,6 +270,10 @@ class Fp8BlockFormat(ExpertFormat):
             return DenseExpert(*(p.view(slot) for p in self.slot))
         raw = self.raw_views(slot)
         return lambda x: ffn(x, *self.dense(raw, x.dtype))
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        # dequantised on entry: dense slots; the FP8 bytes themselves run one by one
+        return None if self.direct else StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -62,4 +62,5 @@ class SlotTier:
             for buf in self.buffers
         ]
         self.experts = [[fmt.bind(s) for s in pool.slots] for pool in self.pools]
+        self.stacks = [fmt.stack(buf, n_slots, stride) for buf in self.buffers]  # None: one by one
         self.hits = self.misses = 0

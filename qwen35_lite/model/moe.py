@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
-from ..experts.formats import Expert, ffn
+from ..experts.cache import StaticSlots
+from ..experts.formats import Expert, StackedExperts, ffn
 from .layers import swiglu
 
 
@@ -34,9 +35,23 @@ class ExpertProvider(Protocol):
         """Counters since load (bytes read, hits and misses per tier...)."""
         ...
 
+    def static_slots(self, layer: int) -> StaticSlots | None:
+        """The layer's experts as one stack with a device-side slot map, when all of them stay resident
+        (a decode step then needs no host read); None when experts must be looked up through `get`."""
+        ...
+
 
 def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, D] -> (weights [T, A] in x's dtype, expert ids [T, A]); softmax in fp32, always renormalised."""
+    """x [T, D] -> (weights [T, A] in x's dtype, expert ids [T, A]): the top-k of the fp32 softmax over
+    all experts, renormalised, which is the softmax (fp32) over the top-k logits: the same ids (softmax
+    keeps the order) and weights equal up to fp32 rounding, in three ops instead of six (`route_reference`
+    is the reference's order)."""
+    top, ids = torch.topk(F.linear(x, router_w), top_k, dim=-1)  # [T, A]
+    return F.softmax(top, dim=-1, dtype=torch.float).to(x.dtype), ids
+
+
+def route_reference(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' order: softmax over all E in fp32, top-k, divide by the top-k sum."""
     probs = F.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float)  # [T, E]
     top, ids = torch.topk(probs, top_k, dim=-1)
     top = top / top.sum(dim=-1, keepdim=True)
@@ -90,6 +105,15 @@ def _by_span(pairs: torch.Tensor, span: int) -> list[torch.Tensor]:
     return list(torch.split(pairs, torch.unique_consecutive(spans, return_counts=True)[1].tolist()))
 
 
+def dispatch_stacked(x, weights, slots: torch.Tensor, stack: StackedExperts) -> torch.Tensor:
+    """One token (decode) through the experts in `slots` [A] of a layer's stack: one gather and one
+    batched matmul per projection, then `dispatch_decode`'s weighting and reduction (same shapes, so the
+    same reduction order); the slots may come from a device-side map (no host read)."""
+    A = slots.shape[0]
+    out = stack(x, slots) * weights.reshape(-1)[:, None]  # [A, D]
+    return out.view(1, A, -1).sum(dim=1)
+
+
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """One token (decode): `dispatch_grouped` without the sort, gather and scatter; same ops per row and
     the same final reduction, so the same bits (tests/test_kernels.py). Experts are looked up in
@@ -115,9 +139,13 @@ class MoE:
     def _local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What needs no routed expert: (routing weights [T, A], expert ids [T, A], gated shared expert)."""
         w = self.w
-        shared = swiglu(
-            x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], w["shared_expert.down_proj"]
-        )
+        if "shared_expert.gate_up_proj" in w:  # fused at load (model/fuse.py): one matmul for both
+            g, u = F.linear(x, w["shared_expert.gate_up_proj"]).chunk(2, dim=-1)
+            shared = F.linear(F.silu(g) * u, w["shared_expert.down_proj"])
+        else:
+            shared = swiglu(
+                x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], w["shared_expert.down_proj"]
+            )
         weights, ids = route(x, w["gate"], self.top_k)
         return weights, ids, torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
 
@@ -133,14 +161,33 @@ class MoE:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids, gated = self._local(x)
         self.last_ids = ids
-        if x.shape[0] == 1 and self.next_gate is not None and self.provider.lookahead:
-            # Decode: the next layer's router applied to this layer's input names the experts it will
-            # probably pick; hinted now, they load while this layer and the next one's mixer compute.
+        if x.shape[0] != 1:
+            experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
+            return dispatch_grouped(x, weights, ids, experts) + gated
+        return self._decode(x, weights, ids) + gated
+
+    def _decode(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token's routed experts: picked on the device when they all stay resident (no host read),
+        else with one host read of the routing (and of the lookahead's, in the same read)."""
+        static = self.provider.static_slots(self.layer)
+        if static is not None:
+            return dispatch_stacked(x, weights, static.slot_of[ids[0]], static.stack)
+        hinting = self.next_gate is not None and self.provider.lookahead
+        if hinting:
+            # the next layer's router applied to this layer's input names the experts it will probably
+            # pick; hinted now, they load while this layer and the next one's mixer compute
             _, next_ids = route(x, self.next_gate, self.top_k)
-            self.provider.hint(self.layer + 1, next_ids[0].tolist())
-        experts = self.provider.get(self.layer, sorted(set(ids.reshape(-1).tolist())))
-        routed = (dispatch_decode if x.shape[0] == 1 else dispatch_grouped)(x, weights, ids, experts)
-        return routed + gated
+            picked = torch.cat([ids[0], next_ids[0]]).tolist()
+            self.provider.hint(self.layer + 1, picked[self.top_k :])
+        else:
+            picked = ids[0].tolist()
+        picked = picked[: self.top_k]
+        experts = self.provider.get(self.layer, sorted(picked))
+        stack = getattr(experts, "stack", None)
+        if stack is None:
+            return dispatch_decode(x, weights, ids, experts)
+        slots = torch.tensor([experts.slot[e] for e in picked], device=x.device)
+        return dispatch_stacked(x, weights, slots, stack)
 
 
 class DenseMLP:
