@@ -10,7 +10,7 @@ seeded run repeats itself on the same device, but a GPU and a CPU draw different
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +136,7 @@ class Sampler:
         return torch.argmax(probs / noise)
 
 
-def make_sampler(p: SamplingParams, history: Sequence[int] = ()) -> Callable[[torch.Tensor], int]:
+def make_sampler(p: SamplingParams, history: Sequence[int] = ()) -> Sampler:
     """Return fn(logits [V] fp32) -> token id. history: the ids already in the context (the repetition
     penalty's start); each sampled id is added to the penalties' sets by the sampler itself."""
     return Sampler(p, history)

@@ -151,3 +151,20 @@ def test_one_host_read_per_sampled_token_in_a_decode(small_model, monkeypatch, p
     assert isinstance(done, Finished) and done.reason == "length"
     assert [e.id for e in events if isinstance(e, TokenEvent)] == done.tokens
     assert reads_per_call == [1] * 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_sampler_stays_there_and_a_seed_repeats():
+    p = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=5, repetition_penalty=1.2)
+    logits = [x.cuda() for x in fixed_logits(20)]
+    first, second = make_sampler(p, [1, 2, 3]), make_sampler(p, [1, 2, 3])
+    with count_host_reads() as reads:
+        got = [first(x) for x in logits]
+    assert sum(reads.values()) == len(logits) and first.penalties.seen.is_cuda
+    assert [second(x) for x in logits] == got
+    assert make_sampler(SamplingParams())(logits[0]) == int(logits[0].argmax())
+    bad = logits[0].clone()
+    bad[3] = math.nan
+    with pytest.raises(CheckpointError, match="NaN"):  # caught from the read, no device-side assert
+        make_sampler(p)(bad)
+    assert make_sampler(p)(logits[1]) >= 0  # the CUDA context is still usable
