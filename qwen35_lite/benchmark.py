@@ -92,6 +92,7 @@ def run_benchmark(
         "dtype": str(m.dtype).removeprefix("torch."),
         "cpu": cpu_model_name(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_threads": torch.get_num_threads(),  # --cpu-threads, else torch's default
         "seed": seed,
         **done.stats,
         "tokens": done.tokens,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .chat_template import ChatTemplate
 from .checkpoint import Checkpoint
 from .config import ModelConfig
@@ -163,6 +165,8 @@ class Engine:
         progress, when the compute tier holds them all), unless provider_factory(store, device, dtype)
         builds another provider. on_progress(stage, done_bytes, total_bytes)."""
         opts = opts or EngineOptions()
+        if opts.cpu_threads is not None:
+            torch.set_num_threads(opts.cpu_threads)  # the CPU compute from here on, the load's included
         planned = plan_load(model, opts)
         plan, cfg, ckpt, device, dtype = (
             planned.plan,

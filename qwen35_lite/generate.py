@@ -16,7 +16,7 @@ import torch
 from .errors import CheckpointError, InputError
 from .model.cache import ModelCache
 from .model.qwen35 import PREFILL_CHUNK, Qwen35Model
-from .sampling import SamplingParams, apply_penalties, make_sampler
+from .sampling import SamplingParams, make_sampler
 from .stats import expert_counters, peak_memory, reply_expert_stats
 
 
@@ -123,14 +123,14 @@ def generate(
     """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
     check_context(cache, len(req.prompt_ids), req.max_context, model.cfg.max_position_embeddings)
     check_vocab(req.prompt_ids, model.cfg.vocab_size)
-    sample = make_sampler(req.params)
-    penalised = req.params.repetition_penalty != 1.0 or req.params.presence_penalty != 0.0
     experts = model.provider
     counters = [expert_counters(experts)]
     t0 = time.perf_counter()
     logits = prefill(model, cache, req, on_prefill)
     t_prefill = time.perf_counter() - t0
     counters.append(expert_counters(experts))
+    # logits stay on the model's device; the sampler reads back the id alone (one sync a token on a GPU)
+    sample = make_sampler(req.params, history=cache.token_ids)
     prefilled_offset = cache.offset
     thinking = req.start_in_thinking
     generated: list[int] = []
@@ -139,10 +139,6 @@ def generate(
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
-        if penalised:
-            logits = apply_penalties(
-                logits, torch.tensor(cache.token_ids), torch.tensor(generated), req.params
-            )
         token = sample(logits)
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         generated.append(token)

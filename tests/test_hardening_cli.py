@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -99,6 +100,9 @@ BAD_FLAGS = [
     (("--ctx", "1"), 2, "--ctx"),
     (("--dtype", "int4"), 2, "int4"),
     (("--modle", "x"), 2, "--modle"),
+    (("--cpu-threads", "0"), 2, "--cpu-threads"),
+    (("--cpu-threads", "two"), 2, "--cpu-threads"),
+    (("--cpu-threads", str((os.cpu_count() or 1) + 1)), 2, f"the {os.cpu_count()} CPUs"),
 ]
 
 

@@ -21,6 +21,7 @@ from .help import install as install_help
 from .options import (
     CpuExperts,
     CpuMem,
+    CpuThreads,
     Ctx,
     Device,
     Dtype,
@@ -164,6 +165,7 @@ def run(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    cpu_threads: CpuThreads = None,
     image: Annotated[
         list[Path] | None,
         typer.Option(
@@ -247,6 +249,7 @@ def chat(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    cpu_threads: CpuThreads = None,
     tools: Tools = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""

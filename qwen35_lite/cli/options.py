@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -76,7 +77,12 @@ Repetition = Annotated[
     ),
 ]
 Seed = Annotated[
-    int | None, typer.Option("--seed", help="Seed for reproducible sampling.", rich_help_panel=SAMPLING)
+    int | None,
+    typer.Option(
+        "--seed",
+        help="Seed for reproducible sampling (on one device: a GPU and a CPU draw differently).",
+        rich_help_panel=SAMPLING,
+    ),
 ]
 Tools = Annotated[
     Path | None,
@@ -151,6 +157,15 @@ CpuExperts = Annotated[
     int | None,
     typer.Option("--cpu-experts", min=1, help="RAM expert slots per layer.", rich_help_panel=HARDWARE),
 ]
+CpuThreads = Annotated[
+    int | None,
+    typer.Option(
+        "--cpu-threads",
+        min=1,
+        help="Threads torch uses for CPU compute (default: torch's own, usually one per physical core).",
+        rich_help_panel=HARDWARE,
+    ),
+]
 
 
 @dataclass
@@ -164,6 +179,7 @@ class LoadFlags:
     cpu_mem: float | None = None
     gpu_experts: int | None = None
     cpu_experts: int | None = None
+    cpu_threads: int | None = None
     state_cache: float = 0.0  # serve only
 
 
@@ -243,6 +259,7 @@ def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
             raise typer.BadParameter(
                 f"{value:g} is not a size; give GiB above 0 (e.g. {name} 8)", param_hint=name
             )
+    check_cpu_threads(flags.cpu_threads)
     gpu_flags = [n for n, v in (("--gpu-mem", flags.gpu_mem), ("--gpu-experts", flags.gpu_experts)) if v]
     if gpu_flags and not _runs_on_gpu(flags.device):
         raise InputError(
@@ -250,6 +267,16 @@ def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
             f" {_why_cpu(flags.device)}",
             "drop it, or use --device cuda on a machine with a GPU"
             + (" (info --device cuda plans for one anywhere)" if planning else ""),
+        )
+
+
+def check_cpu_threads(threads: int | None) -> None:
+    """More threads than CPUs only makes them wait for each other: refuse it, naming the count."""
+    cpus = os.cpu_count()
+    if threads is not None and cpus is not None and threads > cpus:
+        raise typer.BadParameter(
+            f"{threads} is more than the {cpus} CPUs this machine has; give 1 to {cpus}",
+            param_hint="--cpu-threads",
         )
 
 

@@ -16,6 +16,7 @@ from .errors import friendly_errors
 from .options import (
     CpuExperts,
     CpuMem,
+    CpuThreads,
     Ctx,
     Device,
     Dtype,
@@ -76,6 +77,7 @@ def serve(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    cpu_threads: CpuThreads = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 

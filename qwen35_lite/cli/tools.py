@@ -13,6 +13,7 @@ from .errors import friendly_errors
 from .options import (
     CpuExperts,
     CpuMem,
+    CpuThreads,
     Ctx,
     Device,
     Dtype,
@@ -26,7 +27,7 @@ from .options import (
     plan_memory,
     timed_load,
 )
-from .ui import UI, reply_rows
+from .ui import UI, plural, reply_rows
 
 if TYPE_CHECKING:
     from ..plan.load import Planned
@@ -58,6 +59,7 @@ def info(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    cpu_threads: CpuThreads = None,
     json_out: JsonOut = False,
 ) -> None:
     """Print the memory plan without loading the weights.
@@ -68,17 +70,22 @@ def info(
     """
     flags = pick(LoadFlags, locals())
     check_load_flags(flags, planning=True)
+    import torch
+
     planned = plan_memory(flags, config_only=True)
     plan = planned.plan
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
     ui = UI()
     note = dtype_note(flags.dtype, planned)
+    threads = cpu_threads or torch.get_num_threads()  # what a run with these flags computes with
     if json_out:
-        ui.json_line({"model": planned.model_dir.name, **plan_json(plan), "dtype_note": note})
+        out = {"model": planned.model_dir.name, **plan_json(plan), "cpu_threads": threads, "dtype_note": note}
+        ui.json_line(out)
     else:
         from ..plan.table import plan_rows
 
-        ui.table(plan_rows(plan), title=f"memory plan for {planned.model_dir.name}", stdout=True)
+        rows = plan_rows(plan, threads, "--cpu-threads" if cpu_threads else "torch's default")
+        ui.table(rows, title=f"memory plan for {planned.model_dir.name}", stdout=True)
     if note:
         ui.note("note: " + note)
 
@@ -111,6 +118,7 @@ def bench(
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
     cpu_experts: CpuExperts = None,
+    cpu_threads: CpuThreads = None,
     profile: Annotated[
         bool,
         typer.Option(
@@ -146,7 +154,10 @@ def bench(
     bf16 = {True: "native bf16", False: "no native bf16", None: "bf16 support unknown"}
     rows = [
         ("model", f"{result['model']} ({result['device']}, {result['dtype']})"),
-        ("CPU", f"{result['cpu']} ({bf16[result['cpu_native_bf16']]})"),
+        (
+            "CPU",
+            f"{result['cpu']} ({bf16[result['cpu_native_bf16']]}, {plural(result['cpu_threads'], 'thread')})",
+        ),
     ]
     if plan := result.get("plan"):
         slots = f"{plan['cpu_slots']} RAM" + (

@@ -29,6 +29,7 @@ class EngineOptions:
     cpu_mem: float | None = None
     gpu_experts: int | None = None  # slots per layer instead of what the budget fits
     cpu_experts: int | None = None
+    cpu_threads: int | None = None  # torch.set_num_threads at load; None: torch's default
     state_cache: float = (
         0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
     )

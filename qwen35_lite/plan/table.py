@@ -10,13 +10,17 @@ if TYPE_CHECKING:
     from .memory import MemoryPlan
 
 
-def plan_rows(plan: MemoryPlan) -> list[tuple[str, str]]:
-    """(label, value) pairs for the CLI's `info` table."""
+def plan_rows(
+    plan: MemoryPlan, cpu_threads: int | None = None, threads_from: str = "torch's default"
+) -> list[tuple[str, str]]:
+    """(label, value) pairs for the CLI's `info` table; cpu_threads: the CPU compute threads a run uses."""
     cfg = plan.cfg
     rows = [("device", f"{plan.device}, {str(plan.dtype).removeprefix('torch.')}")]
     if plan.on_gpu:
         rows.append(("GPU budget", f"{fmt_gib(plan.gpu_budget)} ({plan.gpu_budget_from})"))
     rows.append(("CPU budget", f"{fmt_gib(plan.cpu_budget)} ({plan.cpu_budget_from})"))
+    if cpu_threads is not None:
+        rows.append(("CPU threads", f"{cpu_threads} ({threads_from})"))
     if plan.on_gpu:
         rows.append(("resident weights (GPU)", fmt_gib(plan.weights_gpu)))
     embed = "embedding table" + (f" + {len(plan.cpu_layers)} layers" if plan.cpu_layers else "")

@@ -1,0 +1,61 @@
+"""--cpu-threads (issue 11): torch's CPU compute threads, set once at Engine.load, shown by info and bench."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qwen35_lite.cli import app
+from qwen35_lite.engine import Engine, EngineOptions
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("threads") / "tiny", SMALL, dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """set_num_threads is process-wide: give the other tests back the count they started with."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    assert r.exit_code == 0, r.stderr
+    return r
+
+
+def test_engine_load_sets_the_threads_and_leaves_the_default_alone(ckpt):
+    torch.set_num_threads(2)
+    Engine.load(str(ckpt), EngineOptions(device="cpu"))
+    assert torch.get_num_threads() == 2
+    Engine.load(str(ckpt), EngineOptions(device="cpu", cpu_threads=1))
+    assert torch.get_num_threads() == 1
+
+
+def test_info_shows_the_threads_a_run_would_use(ckpt):
+    torch.set_num_threads(2)
+    table = cli("info", "-m", ckpt, "--device", "cpu", "--cpu-threads", "1").stdout
+    assert "CPU threads" in table and "1 (--cpu-threads)" in table
+    assert "2 (torch's default)" in cli("info", "-m", ckpt, "--device", "cpu").stdout
+    plan = json.loads(cli("info", "-m", ckpt, "--device", "cpu", "--cpu-threads", "1", "--json").stdout)
+    assert plan["cpu_threads"] == 1
+
+
+def test_bench_names_the_chosen_thread_count(ckpt):
+    torch.set_num_threads(2)
+    args = ("bench", "-m", ckpt, "--device", "cpu", "--prompt-tokens", "4", "--new-tokens", "2")
+    assert json.loads(cli(*args, "--cpu-threads", "1", "--json").stdout)["cpu_threads"] == 1
+    cpu_row = next(line for line in cli(*args, "--cpu-threads", "1").stdout.splitlines() if "CPU" in line)
+    assert "1 thread)" in cpu_row
