@@ -239,9 +239,9 @@ class _Recorder(TieredExperts):
         super().__init__(*a, **kw)
         self.trace: list[tuple[int, list[int]]] = []
 
-    def get(self, layer, experts):
+    def get(self, layer, experts, **kw):
         self.trace.append((layer, list(experts)))
-        return super().get(layer, experts)
+        return super().get(layer, experts, **kw)
 
 
 def simulate(trace: list[tuple[int, list[int]]], slots: int, policy: str) -> float:

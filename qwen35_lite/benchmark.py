@@ -111,4 +111,6 @@ def run_benchmark(
             "gpu_budget": plan.gpu_budget,
             "context": plan.context,
         }
+    if engine.expert_rates is not None:
+        out["expert_rates"] = engine.expert_rates.as_dict()
     return out

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .experts.cache import TieredExperts
 from .experts.formats import expert_format
+from .experts.rates import ExpertRates, measure_rates
 from .experts.store import ExpertStore
 from .model.qwen35 import Qwen35Model
 from .plan.load import EngineOptions, plan_load
@@ -128,6 +129,18 @@ def _generation_value(g: dict, key: str, check: Callable[[object], str | None]) 
     return value
 
 
+def _choose_cpu_compute(provider, mode: str) -> ExpertRates | None:
+    """On a CUDA run whose GPU tier cannot hold every expert: measure the CPU's and the bus's rates on an
+    expert and let the faster one take a decode step's GPU misses (mode "auto"), or as forced."""
+    if not isinstance(provider, TieredExperts) or provider.gpu is None:
+        return None
+    if provider.gpu.pools[0].capacity >= provider.n_experts:
+        return None  # every expert on the GPU: no misses to place
+    rates = measure_rates(provider)
+    provider.compute_in_place = rates.compute_in_place if mode == "auto" else mode == "on"
+    return rates
+
+
 class Engine:
     """Everything loaded for one model: the CLI, chat sessions and benchmarks drive it."""
 
@@ -147,6 +160,7 @@ class Engine:
         self.provider, self.tokenizer, self.template = provider, tokenizer, template
         self.defaults, self.max_context = defaults, max_context
         self.plan: MemoryPlan | None = None  # the plan it was loaded under
+        self.expert_rates: ExpertRates | None = None  # measured at load on a CUDA run with GPU misses
         # Loaded on the first image only: a text-only run never reads the tower (0.9 GB in bf16 for 397B).
         self._vision: VisionTower | None = None
         self._image_config: ImageProcessorConfig | None = None
@@ -194,6 +208,7 @@ class Engine:
             # the model fits: read every expert now (as llama.cpp or ollama would), not on first use
             expert_progress = (lambda d, t: on_progress("loading experts", d, t)) if on_progress else None
             provider.preload(on_progress=expert_progress)
+        rates = _choose_cpu_compute(provider, opts.cpu_compute)
         engine = cls(
             planned.model_dir,
             cfg,
@@ -205,7 +220,7 @@ class Engine:
             generation_defaults(planned.model_dir, tokenizer),
             plan.context,
         )
-        engine.plan = plan
+        engine.plan, engine.expert_rates = plan, rates
         return engine
 
     @property

@@ -267,12 +267,12 @@ class _WrongHints(TieredExperts):
         super().__init__(*a, **kw)
         self.rng = random.Random(seed)
 
-    def get(self, layer, experts):
+    def get(self, layer, experts, **kw):
         E = self.n_experts
         self.hint(layer + 1, self.rng.sample(range(E), 3))
         if self.rng.random() < 0.5:
             self.hint(layer, self.rng.sample(range(E), 3))
-        return super().get(layer, experts)
+        return super().get(layer, experts, **kw)
 
 
 class _RightHints(TieredExperts):
@@ -282,11 +282,11 @@ class _RightHints(TieredExperts):
         super().__init__(*a, **kw)
         self.trace, self.i = trace, 0
 
-    def get(self, layer, experts):
+    def get(self, layer, experts, **kw):
         if self.i + 1 < len(self.trace):
             self.hint(*self.trace[self.i + 1])
         self.i += 1
-        return super().get(layer, experts)
+        return super().get(layer, experts, **kw)
 
 
 class _Recorder(UncachedExperts):
@@ -294,9 +294,9 @@ class _Recorder(UncachedExperts):
         super().__init__(*a)
         self.trace = []
 
-    def get(self, layer, experts):
+    def get(self, layer, experts, **kw):
         self.trace.append((layer, list(experts)))
-        return super().get(layer, experts)
+        return super().get(layer, experts, **kw)
 
 
 def _greedy(path, provider, n_prompt=70, n_new=8):

@@ -164,6 +164,15 @@ def bench(
             f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""
         )
         rows.append(("expert slots per layer", f"{slots} of {plan['experts']}"))
+    if rates := result.get("expert_rates"):
+        rows.append(
+            (
+                "GPU misses",
+                f"computed by the {'CPU' if rates['gpu_misses_computed_by'] == 'cpu' else 'GPU after a copy'}"
+                f" (measured: CPU {rates['cpu_ms_per_expert']:g} ms, copy {rates['copy_ms_per_expert']:g} ms"
+                " an expert)",
+            )
+        )
     if prof := result.get("profile"):
         rows.append(
             (
@@ -177,6 +186,8 @@ def bench(
 
 def plan_json(plan: MemoryPlan) -> dict:
     """The plan's figures in bytes and counts (the `info --json` object)."""
+    from ..plan.table import expert_split
+
     disk, to_gpu = plan.bytes_per_token()
     return {
         "device": plan.device,
@@ -206,6 +217,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "gpu_slots": plan.gpu_slots,
         "disk_bytes_per_token": disk,
         "gpu_bytes_per_token": to_gpu,
+        "expert_split": expert_split(plan) if plan.on_gpu and plan.moe_layers else None,
         "cpu_total": plan.cpu_total,
         "gpu_total": plan.gpu_total,
     }

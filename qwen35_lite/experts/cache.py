@@ -37,11 +37,31 @@ __all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedE
 
 class Acquired(dict):
     """{expert: callable} of one `get`, plus what runs them grouped: the layer's StackedExperts (None when
-    the format runs experts one by one) and each expert's slot in it."""
+    the format runs experts one by one) and each expert's slot in it. A decode step on a CUDA run that
+    computes RAM-resident experts in place also names those (`cpu_slot`: expert -> RAM slot, run by the
+    CPU from `cpu_stack`); their callables take and return tensors on the compute device."""
 
-    def __init__(self, experts: dict[int, Expert], stack: StackedExperts | None, slot: dict[int, int]):
+    def __init__(
+        self,
+        experts: dict[int, Expert],
+        stack: StackedExperts | None,
+        slot: dict[int, int],
+        cpu_slot: dict[int, int] | None = None,
+        cpu_stack: StackedExperts | None = None,
+    ):
         super().__init__(experts)
         self.stack, self.slot = stack, slot
+        self.cpu_slot, self.cpu_stack = cpu_slot or {}, cpu_stack
+
+
+class OnCpu:
+    """An expert in a RAM slot run by the CPU for a caller on another device: x there -> CPU -> back."""
+
+    def __init__(self, expert: Expert) -> None:
+        self.expert = expert
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expert(x.to("cpu")).to(x.device)
 
 
 class StaticSlots:
@@ -64,7 +84,7 @@ class UncachedExperts:
         self.store, self.device, self.dtype = store.retarget(device, dtype), device, dtype
         self.bytes_read = 0
 
-    def get(self, layer: int, experts: list[int]) -> dict[int, Expert]:
+    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> dict[int, Expert]:
         out = {}
         for e in experts:
             out[e] = self.store.read_expert(layer, e, self.device)
@@ -182,6 +202,10 @@ class TieredExperts:
         self._hints: dict[int, set[int]] = {}
         self._recall = [[0, 0] for _ in range(self.n_layers)]  # per layer: [hinted and asked, asked]
         self._static: list[StaticSlots | None] = [None] * self.n_layers
+        # CUDA runs: a decode step's GPU misses are computed by the CPU from their RAM slots (and copied
+        # to the GPU in the background for later tokens) instead of waiting for the copy; the engine sets
+        # it from rates measured at load (experts/rates.py)
+        self.compute_in_place = False
         self.top_k = cfg.num_experts_per_tok
         self.reset_stats()
 
@@ -191,7 +215,8 @@ class TieredExperts:
 
     # ---- the provider protocol -----------------------------------------------------------------
 
-    def get(self, layer: int, experts: list[int]) -> Mapping[int, Expert]:
+    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> Mapping[int, Expert]:
+        """one_token: a decode step's lookup (GPU misses may then be computed in place by the CPU)."""
         if self._prefetcher:
             self._prefetcher.cancel(layer)
         need = sorted(set(experts))
@@ -200,7 +225,38 @@ class TieredExperts:
             self._recall[layer][0] += len(hinted.intersection(need))
             self._recall[layer][1] += len(need)
         with self._locks[layer]:
+            if one_token and self._splits(layer, need):
+                return self._acquire_split(layer, need)
             return self._acquire(self.gpu or self.ram, layer, need)
+
+    def _splits(self, layer: int, need: list[int]) -> bool:
+        if self.gpu is None or not self.compute_in_place:
+            return False
+        gpu, ram = self.gpu.pools[layer], self.ram.pools[layer]
+        return len(need) <= min(gpu.capacity, ram.capacity) and any(e not in gpu.where for e in need)
+
+    def _acquire_split(self, layer: int, need: list[int]) -> Acquired:
+        """GPU hits from their GPU slots; the misses in RAM slots (read from disk first where missing),
+        computed by the CPU now and copied to the GPU in the background for the tokens after."""
+        gpu_pool = self.gpu.pools[layer]
+        hits = [e for e in need if e in gpu_pool.where]
+        misses = [e for e in need if e not in gpu_pool.where]
+        self._count(self.gpu, layer, hits, misses)
+        for e in hits:
+            gpu_pool.policy.touch(e)
+        gpu_pool.in_use = set(hits)
+        ram = self._acquire(self.ram, layer, misses)
+        self._gpu.promote(layer, misses, need)
+        self.experts_on_cpu += len(misses)
+        experts = {e: self._view(self.gpu, layer, gpu_pool.where[e]) for e in hits}
+        experts |= {e: OnCpu(ram[e]) for e in misses}
+        return Acquired(
+            experts,
+            self.gpu.stacks[layer],
+            {e: gpu_pool.where[e] for e in hits},
+            cpu_slot={e: ram.slot[e] for e in misses},
+            cpu_stack=self.ram.stacks[layer],
+        )
 
     def static_slots(self, layer: int) -> StaticSlots | None:
         """The layer's slots as a StaticSlots when its compute tier holds every expert (nothing can be
@@ -265,6 +321,7 @@ class TieredExperts:
                 "gpu_misses": self.gpu.misses,
                 "gpu_hit_rate": _rate(self.gpu.hits, self.gpu.misses),
                 "bytes_to_gpu": self._gpu.bytes_to_gpu,
+                "experts_on_cpu": self.experts_on_cpu,
             }
         return out
 
@@ -276,6 +333,7 @@ class TieredExperts:
             self._gpu.bytes_to_gpu = 0
         self.bytes_read = self.bytes_read_prefetch = 0
         self.experts_read = self.prefetch_read = self.prefetch_used = self.prefetch_hinted = 0
+        self.experts_on_cpu = 0  # decode-step experts the CPU computed in place (compute_in_place)
         self._recall = [[0, 0] for _ in range(self.n_layers)]
         self._runs0 = (self.store.runs_cached, self.store.runs_from_disk)  # the store is shared: a baseline
 
@@ -402,6 +460,11 @@ class TieredExperts:
         else:
             self.bytes_read += n
             self.experts_read += len(experts)
+
+    def get_ram(self, layer: int, experts: list[int]) -> None:
+        """Put experts in the RAM tier's slots of `layer` (reading them from disk where missing)."""
+        with self._locks[layer]:
+            self._acquire_ram(layer, experts)
 
     def _acquire_ram(self, layer: int, experts: list[int]) -> None:
         """Put experts in the RAM tier's slots of `layer` (the GPU tier fills from there)."""

@@ -84,6 +84,21 @@ class GpuTier:
         self.tier.pools[layer].put(e, s)
         self.bytes_to_gpu += self.slot_nbytes
 
+    def promote(self, layer: int, experts: list[int], keep: list[int]) -> None:
+        """Start copies of experts already in RAM slots into GPU slots, evicting none of `keep` (the
+        step's experts); nothing waits for them here (a later lookup's views do). Stops when every
+        GPU slot holds an expert to keep."""
+        pool = self.tier.pools[layer]
+        started = False
+        for e in experts:
+            s = pool.take(set(keep))
+            if s is None:
+                return
+            if not started:  # queued kernels may still read the slot being overwritten
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                started = True
+            self.copy(layer, e, s)
+
     def prefetch(self, layer: int, experts: list[int]) -> list[int]:
         """Start copies of hinted experts already in RAM (caller holds the layer lock); return those that
         must come from disk first."""

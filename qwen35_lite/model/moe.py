@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
-from ..experts.cache import StaticSlots
+from ..experts.cache import Acquired, StaticSlots
 from ..experts.formats import Expert, StackedExperts, ffn
 from .layers import swiglu
 
@@ -23,8 +23,10 @@ from .layers import swiglu
 class ExpertProvider(Protocol):
     lookahead: bool  # True when the provider wants hints (the model computes them only then)
 
-    def get(self, layer: int, experts: list[int]) -> Mapping[int, Expert]:
-        """The given experts of one layer, ready to run on the compute device."""
+    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> Mapping[int, Expert]:
+        """The given experts of one layer, ready to run on the compute device (one_token: for a decode
+        step, whose experts a provider may also run elsewhere: callables still take and give tensors on
+        the compute device)."""
         ...
 
     def hint(self, layer: int, experts: list[int]) -> None:
@@ -114,6 +116,25 @@ def dispatch_stacked(x, weights, slots: torch.Tensor, stack: StackedExperts) -> 
     return out.view(1, A, -1).sum(dim=1)
 
 
+def dispatch_split(x, weights, picked: list[int], experts: Acquired) -> torch.Tensor:
+    """One token whose experts are partly in GPU slots and partly computed by the CPU from RAM slots
+    (experts.cpu_slot): the GPU's share is queued first, the CPU computes its share meanwhile, and the rows
+    meet in slot order for `dispatch_stacked`'s weighting and reduction, so the sum's order never depends on
+    which side finished first."""
+    A = len(picked)
+    on_cpu = [a for a, e in enumerate(picked) if e in experts.cpu_slot]
+    on_gpu = [a for a, e in enumerate(picked) if e not in experts.cpu_slot]
+    x_host = x.to("cpu")  # the routing was just read back: x is ready, a small copy
+    out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order
+    if on_gpu:
+        slots = torch.tensor([experts.slot[picked[a]] for a in on_gpu], device=x.device)
+        out[on_gpu] = experts.stack(x, slots)  # queued: runs while the CPU computes below
+    ram_slots = torch.tensor([experts.cpu_slot[picked[a]] for a in on_cpu])
+    out[on_cpu] = experts.cpu_stack(x_host, ram_slots).to(x.device)
+    out = out * weights.reshape(-1)[:, None]
+    return out.view(1, A, -1).sum(dim=1)
+
+
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """One token (decode): `dispatch_grouped` without the sort, gather and scatter; same ops per row and
     the same final reduction, so the same bits (tests/test_kernels.py). Experts are looked up in
@@ -182,10 +203,12 @@ class MoE:
         else:
             picked = ids[0].tolist()
         picked = picked[: self.top_k]
-        experts = self.provider.get(self.layer, sorted(picked))
+        experts = self.provider.get(self.layer, sorted(picked), one_token=True)
         stack = getattr(experts, "stack", None)
-        if stack is None:
+        if stack is None or (experts.cpu_slot and experts.cpu_stack is None):
             return dispatch_decode(x, weights, ids, experts)
+        if experts.cpu_slot:
+            return dispatch_split(x, weights, picked, experts)
         slots = torch.tensor([experts.slot[e] for e in picked], device=x.device)
         return dispatch_stacked(x, weights, slots, stack)
 

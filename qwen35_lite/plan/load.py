@@ -30,6 +30,9 @@ class EngineOptions:
     gpu_experts: int | None = None  # slots per layer instead of what the budget fits
     cpu_experts: int | None = None
     cpu_threads: int | None = None  # torch.set_num_threads at load; None: torch's default
+    # CUDA runs: a decode step's GPU misses computed by the CPU from RAM ("on"), copied to the GPU ("off"),
+    # or whichever the rates measured at load favour ("auto": experts/rates.py)
+    cpu_compute: str = "auto"
     state_cache: float = (
         0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
     )

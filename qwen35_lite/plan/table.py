@@ -95,10 +95,30 @@ def plan_rows(
         disk, to_gpu = plan.bytes_per_token()
         text = f"{fmt_gib(disk)} from disk" + (f", {fmt_gib(to_gpu)} to the GPU" if plan.on_gpu else "")
         rows.append(("expected reads per token", text + " (uniform routing: hit = slots / experts)"))
+        if plan.on_gpu and plan.gpu_slots < E:
+            rows.append(("expected expert split", expert_split_text(plan)))
     rows.append(("total (CPU)", f"{fmt_gib(plan.cpu_total)} of {fmt_gib(plan.cpu_budget)}"))
     if plan.on_gpu:
         rows.append(("total (GPU)", f"{fmt_gib(plan.gpu_total)} of {fmt_gib(plan.gpu_budget)}"))
     return rows
+
+
+def expert_split(plan: MemoryPlan) -> dict[str, float]:
+    """Where a decode step's routed experts are expected to be, under uniform routing: the GPU's slots,
+    the RAM tier's (the CPU computes those in place or copies them, as the rates measured at load favour),
+    or disk (read into RAM first)."""
+    E = plan.cfg.num_experts
+    gpu = min(1.0, plan.gpu_slots / E)
+    ram = min(1.0, max(plan.cpu_slots, plan.gpu_slots) / E) - gpu
+    return {"gpu": round(gpu, 4), "ram": round(max(ram, 0.0), 4), "disk": round(1 - gpu - max(ram, 0.0), 4)}
+
+
+def expert_split_text(plan: MemoryPlan) -> str:
+    s = expert_split(plan)
+    return (
+        f"{100 * s['gpu']:.0f}% on the GPU, {100 * s['ram']:.0f}% in RAM (computed by the CPU or copied to"
+        f" the GPU: measured at load), {100 * s['disk']:.0f}% from disk"
+    )
 
 
 def _slots_text(plan: MemoryPlan, slots: int, E: int) -> str:

@@ -1,0 +1,161 @@
+"""CPU and GPU together: a decode step's GPU misses computed by the CPU from their RAM slots.
+
+Without a GPU the GPU tier's bookkeeping runs on CPU buffers with stand-in streams and events (as in
+test_expert_cache.py), so the split, the background promotion, the fixed-order sum and the cost model are
+checked here; the real overlap needs CUDA (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import greedy, load_ours
+
+from qwen35_lite.checkpoint import Checkpoint
+from qwen35_lite.config import load_config
+from qwen35_lite.experts.cache import Acquired, OnCpu, TieredExperts
+from qwen35_lite.experts.formats import expert_format
+from qwen35_lite.experts.rates import ExpertRates, measure_rates
+from qwen35_lite.experts.store import ExpertStore
+from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+
+SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_tok=4, vocab_size=4096)
+CPU = torch.device("cpu")
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, ev) -> None:
+        pass
+
+
+class _Event:
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+class _StandIn(TieredExperts):
+    """device "cuda" for the tiers' logic, every buffer on the CPU (the model runs on the CPU)."""
+
+    def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPEC, dtype=torch.float32)
+
+
+def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _StandIn:
+    ck, cfg = Checkpoint(path), load_config(path)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
+    p = _StandIn(
+        ExpertStore(ck, cfg.text, fmt),
+        torch.device("cuda"),
+        torch.float32,
+        cpu_slots=cpu_slots,
+        gpu_slots=gpu_slots,
+        pin=False,
+        prefetch=False,
+    )
+    p.device = CPU  # tensors the provider makes (slot maps) go where the stand-in "GPU" buffers are
+    p.compute_in_place = in_place
+    return p
+
+
+def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt, fake_cuda):
+    p = _standin(ckpt, in_place=True)
+    store = p.store
+    p.get(0, [0, 1, 2, 3])  # a prefill-like lookup: copied to the GPU as usual
+    assert sorted(p.gpu.pools[0].where) == [0, 1, 2, 3] and p.experts_on_cpu == 0
+    got = p.get(0, [2, 3, 7, 9], one_token=True)
+    assert isinstance(got, Acquired) and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
+    assert isinstance(got[7], OnCpu) and p.experts_on_cpu == 2
+    for e in (2, 3, 7, 9):
+        gate_up, down = store.read(0, e, torch.float32)
+        x = torch.randn(1, SPEC.hidden_size)
+        torch.testing.assert_close(got[e](x), torch.nn.functional.linear(_swiglu(x, gate_up), down))
+    ram = p.ram.pools[0]
+    for e, s in got.cpu_slot.items():
+        assert ram.where[e] == s
+    # promoted in the background for the next tokens, none of the step's own experts evicted
+    assert {2, 3, 7}.issubset(p.gpu.pools[0].where) or {2, 3, 9}.issubset(p.gpu.pools[0].where)
+    s = p.stats()
+    assert s["gpu_misses"] == 4 + 2 and s["experts_on_cpu"] == 2
+
+
+def _swiglu(x, gate_up):
+    g, u = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def test_prefill_lookups_never_split(ckpt, fake_cuda):
+    p = _standin(ckpt, in_place=True)
+    got = p.get(1, [4, 5, 6])
+    assert not got.cpu_slot and p.experts_on_cpu == 0
+
+
+@pytest.mark.parametrize("gpu_slots,cpu_slots", [(5, 12), (4, 4), (16, 16)])
+def test_cpu_computed_experts_give_the_gpu_computed_tokens_in_fp32(ckpt, fake_cuda, gpu_slots, cpu_slots):
+    """Greedy tokens and logits with GPU misses computed by the CPU equal those with every miss copied
+    to the GPU, and the reference provider's."""
+    ids = torch.randint(0, SPEC.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    ref_tokens, ref_logits = greedy(load_ours(ckpt, torch.float32), ids, 10)
+    runs = {}
+    for in_place in (False, True):
+        model = load_ours(
+            ckpt, torch.float32, lambda *a, ip=in_place: _standin(ckpt, ip, gpu_slots, cpu_slots)
+        )
+        runs[in_place] = greedy(model, ids, 10), model.provider.stats()
+    for (tokens, logits), _ in runs.values():
+        assert tokens == ref_tokens
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    on_cpu = runs[True][1]["experts_on_cpu"]
+    assert (on_cpu > 0) == (gpu_slots < SPEC.num_experts) and runs[False][1]["experts_on_cpu"] == 0
+
+
+def test_rates_pick_the_faster_side(ckpt, fake_cuda):
+    p = _standin(ckpt, in_place=False)
+    p.preload()
+    rates = measure_rates(p, sync=lambda: None, gpu_scratch=torch.empty(p.slot_nbytes, dtype=torch.uint8))
+    assert rates.cpu_s > 0 and rates.copy_s > 0 and rates.slot_nbytes == p.slot_nbytes
+    assert ExpertRates(1e-4, 2e-4, 1 << 20).compute_in_place
+    assert not ExpertRates(3e-4, 2e-4, 1 << 20).compute_in_place
+    shown = ExpertRates(1e-3, 2e-3, 10**6).as_dict()
+    assert shown["cpu_expert_gb_s"] == 1.0 and shown["pcie_gb_s"] == 0.5
+    assert shown["gpu_misses_computed_by"] == "cpu"
+
+
+def test_info_shows_the_expected_split_on_a_gpu_budget(tmp_path):
+    import json
+
+    from test_plan import CONFIG_397B
+
+    from qwen35_lite.plan.memory import MemoryPlan
+    from qwen35_lite.plan.table import expert_split, plan_rows
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_397B))
+    cfg = load_config(tmp_path).text
+    plan = MemoryPlan.build(cfg, device="cuda", dtype=torch.bfloat16, gpu_mem=22.5, cpu_mem=110, context=8192)
+    split = expert_split(plan)
+    E = cfg.num_experts
+    assert split["gpu"] == round(plan.gpu_slots / E, 4) and 0 < split["ram"] < 1
+    assert abs(sum(split.values()) - 1) < 1e-3
+    row = dict(plan_rows(plan))["expected expert split"]
+    assert "on the GPU" in row and "computed by the CPU or copied" in row and "from disk" in row
+    cpu_plan = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, cpu_mem=110, context=8192)
+    assert "expected expert split" not in dict(plan_rows(cpu_plan))
