@@ -159,3 +159,18 @@ def test_info_shows_the_expected_split_on_a_gpu_budget(tmp_path):
     assert "on the GPU" in row and "computed by the CPU or copied" in row and "from disk" in row
     cpu_plan = MemoryPlan.build(cfg, device="cpu", dtype=torch.bfloat16, cpu_mem=110, context=8192)
     assert "expected expert split" not in dict(plan_rows(cpu_plan))
+
+
+def test_pinned_host_memory_stays_under_its_cap(ckpt, fake_cuda):
+    """Slots past the cap are pageable (copies from them are staged by the driver): with a cap of 0
+    nothing is page-locked, and the tiers work as before."""
+    ck, cfg = Checkpoint(ckpt), load_config(ckpt)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
+    p = _StandIn(
+        ExpertStore(ck, cfg.text, fmt), torch.device("cuda"), torch.float32, cpu_slots=4, gpu_slots=2,
+        pin=True, pinned_bytes=0, prefetch=False,
+    )  # fmt: skip
+    assert p.pinned_bytes == 0 and not any(b.is_pinned() for b in p.ram.buffers)
+    got = p.get(0, [1, 2])
+    gate_up, _ = p.store.read(0, 2, torch.float32)
+    assert torch.equal(got[2].gate_up, gate_up) and p.stats()["pinned_bytes"] == 0

@@ -154,6 +154,7 @@ class TieredExperts:
         prefetch: bool | None = None,
         min_recall: float = 0.5,
         pin: bool | None = None,
+        pinned_bytes: int | None = None,
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
         self.store = store = store.retarget(self.device, dtype)
@@ -172,13 +173,17 @@ class TieredExperts:
         fmt = store.format
         self.slot_nbytes = fmt.slot_nbytes
         pin = on_gpu if pin is None else pin
+        self.pinned_bytes, cap = 0, pinned_bytes if pinned_bytes is not None else PINNED_CAP
+
+        def ram_buffer(n: int) -> torch.Tensor:
+            # page-locked while under the cap (the OS cannot page it out: too much starves the machine);
+            # a layer past it copies to the GPU from pageable memory, staged by the driver: slower, same bytes
+            pinned = pin and self.pinned_bytes + n <= cap
+            self.pinned_bytes += n if pinned else 0
+            return _host_buffer(n, pinned)
+
         self.ram = SlotTier(
-            "ram",
-            fmt,
-            self.n_layers,
-            min(cpu_slots, self.n_experts),
-            make_policy,
-            lambda n: _host_buffer(n, pin),
+            "ram", fmt, self.n_layers, min(cpu_slots, self.n_experts), make_policy, ram_buffer
         )
         self.gpu: SlotTier | None = None
         if on_gpu:
@@ -316,6 +321,7 @@ class TieredExperts:
         }
         if self.gpu is not None:
             out |= {
+                "pinned_bytes": self.pinned_bytes,
                 "gpu_slots_per_layer": self.gpu.pools[0].capacity,
                 "gpu_hits": self.gpu.hits,
                 "gpu_misses": self.gpu.misses,
@@ -497,6 +503,16 @@ class TieredExperts:
                 self._fill_ram(layer, [e], [s], background=True)
                 if self.gpu is None:
                     self._prefetched[layer].add(e)
+
+
+def _default_pinned_cap() -> int:
+    """Half the machine's physical memory: page-locked memory cannot be swapped or reclaimed."""
+    import psutil
+
+    return psutil.virtual_memory().total // 2
+
+
+PINNED_CAP = _default_pinned_cap()
 
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
