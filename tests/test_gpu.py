@@ -75,6 +75,42 @@ def test_every_cache_size_and_prefetch_give_the_uncached_tokens(
     assert stats["gpu_misses"] > 0 and stats["bytes_to_gpu"] > 0
 
 
+@pytest.mark.parametrize("gpu_slots,cpu_slots", [(2, 8), (5, 12)])
+def test_cpu_computed_misses_give_the_copied_tokens(hf_checkpoint, gpu_slots, cpu_slots):
+    """CPU and GPU together: GPU misses computed by the CPU from RAM slots (compute_in_place) give the
+    tokens of every miss copied to the GPU, in fp32; and no slot-map or routing read beyond one per layer."""
+    path = hf_checkpoint("moe_ratio2_gqa2")
+    ids = _prompt(4, 150)
+    want = greedy(_load(path, torch.float32), ids, 12)[0]
+    model = _load(
+        path, torch.float32, TieredExperts, gpu_slots=gpu_slots, cpu_slots=cpu_slots, prefetch=False
+    )
+    model.provider.compute_in_place = True
+    assert greedy(model, ids, 12)[0] == want
+    assert model.provider.stats()["experts_on_cpu"] > 0
+
+
+def test_rates_are_measured_on_the_gpu(hf_checkpoint):
+    from qwen35_lite.experts.rates import measure_rates
+
+    path = hf_checkpoint("moe_ratio2_gqa2")
+    model = _load(path, torch.bfloat16, TieredExperts, gpu_slots=2, cpu_slots=8)
+    model.provider.preload()
+    rates = measure_rates(model.provider)
+    assert rates.cpu_s > 0 and rates.copy_s > 0
+
+
+def test_resident_decode_reads_only_the_token(hf_checkpoint):
+    """Every expert on the GPU: slots picked on the device, one host read per token (the id)."""
+    from qwen35_lite.op_profile import profile_decode
+
+    path = hf_checkpoint("moe_ratio2_gqa2")
+    model = _load(path, torch.bfloat16, TieredExperts, gpu_slots=10**6, cpu_slots=1)
+    model.provider.preload()
+    prof = profile_decode(model, list(range(100, 140)), tokens=4)
+    assert prof["host_reads_per_token"] == 1
+
+
 # ---- the GPU budget, sampled from outside -------------------------------------------------------------
 
 
