@@ -95,6 +95,8 @@ BAD_FLAGS = [
     (("--device", "cpu", "--gpu-mem", "4"), 1, "--gpu-mem"),
     (("--device", "cpu", "--gpu-experts", "2"), 1, "--gpu-experts"),
     (("--device", "cpu", "--gpu-mem", "4", "--gpu-experts", "2"), 1, "--gpu-mem and --gpu-experts"),
+    (("--device", "cpu", "--cpu-compute", "on"), 1, "--cpu-compute"),
+    (("--cpu-compute", "sometimes"), 2, "--cpu-compute"),
     (("--raw", "--system", "be brief"), 2, "--system"),
     (("--top-p", "2"), 2, "top_p"),
     (("--ctx", "1"), 2, "--ctx"),

@@ -19,6 +19,7 @@ from ..errors import InputError
 from .errors import EXIT_INTERRUPTED, friendly_errors
 from .help import install as install_help
 from .options import (
+    CpuCompute,
     CpuExperts,
     CpuMem,
     CpuThreads,
@@ -164,6 +165,7 @@ def run(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
+    cpu_compute: CpuCompute = "auto",
     cpu_experts: CpuExperts = None,
     cpu_threads: CpuThreads = None,
     image: Annotated[
@@ -248,6 +250,7 @@ def chat(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
+    cpu_compute: CpuCompute = "auto",
     cpu_experts: CpuExperts = None,
     cpu_threads: CpuThreads = None,
     tools: Tools = None,

@@ -157,6 +157,16 @@ CpuExperts = Annotated[
     int | None,
     typer.Option("--cpu-experts", min=1, help="RAM expert slots per layer.", rich_help_panel=HARDWARE),
 ]
+CpuCompute = Annotated[
+    Literal["auto", "on", "off"],
+    typer.Option(
+        "--cpu-compute",
+        help="GPU runs: a decode step's experts missing on the GPU are computed by the CPU from RAM while"
+        " the GPU computes its own (on), or copied to the GPU first (off); auto: whichever the CPU and PCIe"
+        " rates measured at load favour.",
+        rich_help_panel=HARDWARE,
+    ),
+]
 CpuThreads = Annotated[
     int | None,
     typer.Option(
@@ -180,6 +190,7 @@ class LoadFlags:
     gpu_experts: int | None = None
     cpu_experts: int | None = None
     cpu_threads: int | None = None
+    cpu_compute: str = "auto"
     state_cache: float = 0.0  # serve only
 
 
@@ -260,7 +271,15 @@ def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
                 f"{value:g} is not a size; give GiB above 0 (e.g. {name} 8)", param_hint=name
             )
     check_cpu_threads(flags.cpu_threads)
-    gpu_flags = [n for n, v in (("--gpu-mem", flags.gpu_mem), ("--gpu-experts", flags.gpu_experts)) if v]
+    gpu_flags = [
+        n
+        for n, v in (
+            ("--gpu-mem", flags.gpu_mem),
+            ("--gpu-experts", flags.gpu_experts),
+            ("--cpu-compute", flags.cpu_compute != "auto"),
+        )
+        if v
+    ]
     if gpu_flags and not _runs_on_gpu(flags.device):
         raise InputError(
             f"{' and '.join(gpu_flags)} {'apply' if len(gpu_flags) > 1 else 'applies'} to a GPU, but"

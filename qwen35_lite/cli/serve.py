@@ -14,6 +14,7 @@ import typer
 from ..errors import InputError
 from .errors import friendly_errors
 from .options import (
+    CpuCompute,
     CpuExperts,
     CpuMem,
     CpuThreads,
@@ -76,6 +77,7 @@ def serve(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
+    cpu_compute: CpuCompute = "auto",
     cpu_experts: CpuExperts = None,
     cpu_threads: CpuThreads = None,
 ) -> None:

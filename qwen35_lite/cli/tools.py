@@ -11,6 +11,7 @@ import typer
 
 from .errors import friendly_errors
 from .options import (
+    CpuCompute,
     CpuExperts,
     CpuMem,
     CpuThreads,
@@ -58,6 +59,7 @@ def info(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
+    cpu_compute: CpuCompute = "auto",
     cpu_experts: CpuExperts = None,
     cpu_threads: CpuThreads = None,
     json_out: JsonOut = False,
@@ -117,6 +119,7 @@ def bench(
     gpu_mem: GpuMem = None,
     cpu_mem: CpuMem = None,
     gpu_experts: GpuExperts = None,
+    cpu_compute: CpuCompute = "auto",
     cpu_experts: CpuExperts = None,
     cpu_threads: CpuThreads = None,
     profile: Annotated[
