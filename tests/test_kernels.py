@@ -106,3 +106,29 @@ def test_route_by_top_logits_equals_the_reference_order(dtype):
     assert torch.equal(ids, ref_ids)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=2**-8)
     torch.testing.assert_close(weights, ref_weights, **tol)
+
+
+@pytest.mark.parametrize("D,I", [(256, 128), (200, 72)])  # blocks that tile, and ragged last blocks
+def test_stacked_fp8_slots_equal_the_fp8_experts_one_by_one(D, I):
+    """FP8 slots as on a GPU (raw bytes + block scales, dequantised per use): the stacked gather +
+    batched dequantisation against each bound expert."""
+    from qwen35_lite.experts.formats import Fp8BlockFormat
+
+    E, A = 12, 4
+    fmt = Fp8BlockFormat(D, I, torch.float32, torch.float8_e4m3fn, dequantise_on_use=True)
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.zeros(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(D)
+    for s in range(E):
+        for part, view in zip(fmt.raw, fmt.raw_views(tier.pools[0].slots[s])):
+            if part.dtype == torch.float8_e4m3fn:
+                view.copy_((torch.randn(part.shape, generator=g) * 8).to(torch.float8_e4m3fn))
+            else:
+                view.copy_(torch.rand(part.shape, generator=g) / 64 + 1e-3)
+    experts = {s: tier.experts[0][s] for s in range(E)}
+    for _ in range(5):
+        x = torch.randn(1, D, generator=g)
+        ids = torch.randperm(E, generator=g)[:A][None]
+        weights = torch.softmax(torch.randn(1, A, generator=g), -1)
+        want = dispatch_decode(x, weights, ids, experts)
+        got = dispatch_stacked(x, weights, ids[0], tier.stacks[0])
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)

@@ -60,16 +60,44 @@ class StackedExperts:
     the slot indices on the device (no host read needed to pick them)."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        self.gate_up, self.down = gate_up, down
+        self._gate_up, self._down = gate_up, down
+
+    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._gate_up.index_select(0, slots)  # [A, 2I, D]
+
+    def down(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._down.index_select(0, slots)  # [A, D, I]
 
     def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [1, D], slots [A] (long, on x's device) -> the A experts' outputs [A, D], in `slots` order."""
         A = slots.shape[0]
         xs = x.expand(A, -1).unsqueeze(-1)  # [A, D, 1]
-        h = torch.bmm(self.gate_up.index_select(0, slots), xs).squeeze(-1)  # [A, 2I]
+        h = torch.bmm(self.gate_up(slots).to(x.dtype), xs).squeeze(-1)  # [A, 2I]
         g, u = h.chunk(2, dim=-1)
-        # the gathered gate_up [A, 2I, D] is freed before down's is made: one of them at a time
-        return torch.bmm(self.down.index_select(0, slots), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        # the gathered gate_up is freed before down's is made: one of them at a time
+        return torch.bmm(self.down(slots).to(x.dtype), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+
+
+class StackedFp8(StackedExperts):
+    """FP8 slots (weights + block scales) stacked: the A experts' FP8 bytes are gathered (a byte an
+    element) and dequantised together, as `Fp8BlockFormat.dense` does one by one (w.float() * scale per
+    block, fp32), then cast by the caller."""
+
+    def __init__(self, parts: list[torch.Tensor], block: int) -> None:
+        self.parts, self.block = parts, block  # gate, up, down weights; then their scales
+
+    def _dense(self, i: int, slots: torch.Tensor) -> torch.Tensor:
+        w, scale = self.parts[i].index_select(0, slots), self.parts[3 + i].index_select(0, slots)
+        _, o, n = w.shape
+        b = self.block
+        full = scale.float().repeat_interleave(b, 1)[:, :o].repeat_interleave(b, 2)[:, :, :n]
+        return w.float() * full  # [A, o, n]
+
+    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._dense(0, slots), self._dense(1, slots)], dim=1)
+
+    def down(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._dense(2, slots)
 
 
 def stack_parts(parts: Sequence[Part], buffer: torch.Tensor, n_slots: int, stride: int) -> list[torch.Tensor]:
@@ -272,8 +300,9 @@ class Fp8BlockFormat(ExpertFormat):
         return lambda x: ffn(x, *self.dense(raw, x.dtype))
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
-        # dequantised on entry: dense slots; the FP8 bytes themselves run one by one
-        return None if self.direct else StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
+        if self.direct:  # the FP8 bytes and scales: gathered, then dequantised together
+            return StackedFp8(stack_parts(self.raw, buffer, n_slots, stride), FP8_BLOCK)
+        return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
 
 
 def _name(dtype: torch.dtype) -> str:
