@@ -83,7 +83,9 @@ def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt, fa
     p.get(0, [0, 1, 2, 3])  # a prefill-like lookup: copied to the GPU as usual
     assert sorted(p.gpu.pools[0].where) == [0, 1, 2, 3] and p.experts_on_cpu == 0
     got = p.get(0, [2, 3, 7, 9], one_token=True)
-    assert isinstance(got, Acquired) and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
+    assert isinstance(got, Acquired) and got.late == [7, 9] and set(got.slot) == {2, 3} and not got.cpu_slot
+    got.finish()  # after the hits' compute is queued: the misses are read into RAM for the CPU
+    assert not got.late and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
     assert isinstance(got[7], OnCpu) and p.experts_on_cpu == 2
     for e in (2, 3, 7, 9):
         gate_up, down = store.read(0, e, torch.float32)
@@ -96,6 +98,19 @@ def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt, fa
     assert {2, 3, 7}.issubset(p.gpu.pools[0].where) or {2, 3, 9}.issubset(p.gpu.pools[0].where)
     s = p.stats()
     assert s["gpu_misses"] == 4 + 2 and s["experts_on_cpu"] == 2
+
+
+def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(ckpt, fake_cuda):
+    p = _standin(ckpt, in_place=False)
+    p.get(0, [0, 1, 2, 3])
+    got = p.get(0, [0, 1, 8, 9], one_token=True)
+    assert got.late == [8, 9] and set(got.slot) == {0, 1}
+    got.finish()
+    assert set(got.slot) == {0, 1, 8, 9} and not got.cpu_slot and p.experts_on_cpu == 0
+    gpu = p.gpu.pools[0]
+    assert all(gpu.where[e] == got.slot[e] for e in got.slot)  # the hits kept their slots
+    gate_up, _ = p.store.read(0, 9, torch.float32)
+    assert torch.equal(got[9].gate_up, gate_up)
 
 
 def _swiglu(x, gate_up):

@@ -37,9 +37,10 @@ __all__ = ["POLICIES", "FreqLRUPolicy", "LRUPolicy", "TieredExperts", "UncachedE
 
 class Acquired(dict):
     """{expert: callable} of one `get`, plus what runs them grouped: the layer's StackedExperts (None when
-    the format runs experts one by one) and each expert's slot in it. A decode step on a CUDA run that
-    computes RAM-resident experts in place also names those (`cpu_slot`: expert -> RAM slot, run by the
-    CPU from `cpu_stack`); their callables take and return tensors on the compute device."""
+    the format runs experts one by one) and each expert's slot in it. A decode step on a CUDA run gets
+    its GPU misses `late`: placed by `finish()` (called once the hits' compute is queued), in GPU slots or,
+    when the CPU computes them in place, in RAM slots (`cpu_slot`: expert -> RAM slot, run by the CPU
+    from `cpu_stack`); their callables take and return tensors on the compute device."""
 
     def __init__(
         self,
@@ -48,10 +49,12 @@ class Acquired(dict):
         slot: dict[int, int],
         cpu_slot: dict[int, int] | None = None,
         cpu_stack: StackedExperts | None = None,
-    ):
+    ) -> None:
         super().__init__(experts)
         self.stack, self.slot = stack, slot
         self.cpu_slot, self.cpu_stack = cpu_slot or {}, cpu_stack
+        self.late: list[int] = []  # experts not placed yet: `finish()` places them (in `slot` or `cpu_slot`)
+        self.finish: Callable[[], None] = lambda: None
 
 
 class OnCpu:
@@ -230,38 +233,55 @@ class TieredExperts:
             self._recall[layer][0] += len(hinted.intersection(need))
             self._recall[layer][1] += len(need)
         with self._locks[layer]:
-            if one_token and self._splits(layer, need):
-                return self._acquire_split(layer, need)
+            if one_token and self._late(layer, need):
+                return self._acquire_late(layer, need)
             return self._acquire(self.gpu or self.ram, layer, need)
 
-    def _splits(self, layer: int, need: list[int]) -> bool:
-        if self.gpu is None or not self.compute_in_place:
+    def _late(self, layer: int, need: list[int]) -> bool:
+        """A decode step on a CUDA run with GPU misses that fit both tiers: hand out the hits now, the
+        misses once the hits' compute is queued (Acquired.finish)."""
+        if self.gpu is None:
             return False
         gpu, ram = self.gpu.pools[layer], self.ram.pools[layer]
         return len(need) <= min(gpu.capacity, ram.capacity) and any(e not in gpu.where for e in need)
 
-    def _acquire_split(self, layer: int, need: list[int]) -> Acquired:
-        """GPU hits from their GPU slots; the misses in RAM slots (read from disk first where missing),
-        computed by the CPU now and copied to the GPU in the background for the tokens after."""
+    def _acquire_late(self, layer: int, need: list[int]) -> Acquired:
+        """The GPU hits now; the misses when the caller has queued the hits' compute and calls `finish`:
+        their disk reads and copies then overlap that compute. With compute_in_place the misses stay in
+        RAM slots for the CPU (and are copied to the GPU in the background for the tokens after), else
+        they are copied into GPU slots first."""
         gpu_pool = self.gpu.pools[layer]
         hits = [e for e in need if e in gpu_pool.where]
         misses = [e for e in need if e not in gpu_pool.where]
         self._count(self.gpu, layer, hits, misses)
         for e in hits:
             gpu_pool.policy.touch(e)
-        gpu_pool.in_use = set(hits)
-        ram = self._acquire(self.ram, layer, misses)
-        self._gpu.promote(layer, misses, need)
-        self.experts_on_cpu += len(misses)
-        experts = {e: self._view(self.gpu, layer, gpu_pool.where[e]) for e in hits}
-        experts |= {e: OnCpu(ram[e]) for e in misses}
-        return Acquired(
-            experts,
-            self.gpu.stacks[layer],
-            {e: gpu_pool.where[e] for e in hits},
-            cpu_slot={e: ram.slot[e] for e in misses},
-            cpu_stack=self.ram.stacks[layer],
-        )
+        gpu_pool.in_use = set(need)  # the misses' GPU slots never evict a hit
+        queued = torch.cuda.Event()  # what the side stream must wait for: everything before the hits
+        queued.record(torch.cuda.current_stream(self.device))
+        where = {e: gpu_pool.where[e] for e in hits}
+        views = {e: self._view(self.gpu, layer, s) for e, s in where.items()}
+        out = Acquired(views, self.gpu.stacks[layer], where)
+        out.late = misses
+        out.finish = lambda: self._finish_late(layer, out, need, queued)
+        return out
+
+    def _finish_late(self, layer: int, out: Acquired, need: list[int], queued) -> None:
+        with self._locks[layer]:
+            misses, out.late = out.late, []
+            if self.compute_in_place:
+                ram = self._acquire(self.ram, layer, misses)
+                self._gpu.promote(layer, misses, need, after=queued)
+                self.experts_on_cpu += len(misses)
+                out.cpu_slot, out.cpu_stack = {e: ram.slot[e] for e in misses}, self.ram.stacks[layer]
+                out.update({e: OnCpu(ram[e]) for e in misses})
+                return
+            gpu_pool = self.gpu.pools[layer]
+            slots = [gpu_pool.take(gpu_pool.in_use - set(misses)) for _ in misses]
+            self._gpu.fill(layer, misses, slots, after=queued)
+            for e in misses:
+                out.slot[e] = gpu_pool.where[e]
+                out[e] = self._view(self.gpu, layer, gpu_pool.where[e])
 
     def static_slots(self, layer: int) -> StaticSlots | None:
         """The layer's slots as a StaticSlots when its compute tier holds every expert (nothing can be

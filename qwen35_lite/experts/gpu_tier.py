@@ -58,12 +58,14 @@ class GpuTier:
                 ev.synchronize()
                 self._ram_busy[layer][s] = None
 
-    def fill(self, layer: int, experts: list[int], slots: list[int]) -> None:
+    def fill(self, layer: int, experts: list[int], slots: list[int], after=None) -> None:
         """Copy experts into GPU slots from the RAM tier (reading them from disk first where missing),
-        in chunks the RAM tier can hold at once."""
+        in chunks the RAM tier can hold at once. after: an event recorded on the compute stream before
+        kernels that never read these slots (a decode step's hits): the copies wait for it only, not for
+        those kernels."""
         ram_pool = self.ram.pools[layer]
         # kernels already queued on the compute stream may still read the slots being overwritten
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._wait_compute(after)
         step = ram_pool.capacity
         for i in range(0, len(experts), step):
             chunk, chunk_slots = experts[i : i + step], slots[i : i + step]
@@ -84,7 +86,13 @@ class GpuTier:
         self.tier.pools[layer].put(e, s)
         self.bytes_to_gpu += self.slot_nbytes
 
-    def promote(self, layer: int, experts: list[int], keep: list[int]) -> None:
+    def _wait_compute(self, after=None) -> None:
+        if after is not None:
+            self.stream.wait_event(after)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def promote(self, layer: int, experts: list[int], keep: list[int], after=None) -> None:
         """Start copies of experts already in RAM slots into GPU slots, evicting none of `keep` (the
         step's experts); nothing waits for them here (a later lookup's views do). Stops when every
         GPU slot holds an expert to keep."""
@@ -95,7 +103,7 @@ class GpuTier:
             if s is None:
                 return
             if not started:  # queued kernels may still read the slot being overwritten
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                self._wait_compute(after)
                 started = True
             self.copy(layer, e, s)
 

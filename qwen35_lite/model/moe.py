@@ -117,22 +117,32 @@ def dispatch_stacked(x, weights, slots: torch.Tensor, stack: StackedExperts) -> 
 
 
 def dispatch_split(x, weights, picked: list[int], experts: Acquired) -> torch.Tensor:
-    """One token whose experts are partly in GPU slots and partly computed by the CPU from RAM slots
-    (experts.cpu_slot): the GPU's share is queued first, the CPU computes its share meanwhile, and the rows
-    meet in slot order for `dispatch_stacked`'s weighting and reduction, so the sum's order never depends on
-    which side finished first."""
+    """One token whose experts are partly still to be placed (experts.late: GPU misses): the GPU's hits
+    are queued first; `experts.finish()` then reads and copies the misses (overlapping that compute), or
+    leaves them in RAM slots for the CPU to compute meanwhile (experts.cpu_slot). The rows meet in slot
+    order for `dispatch_stacked`'s weighting and reduction, so the sum's order never depends on which
+    side finished first."""
     A = len(picked)
-    on_cpu = [a for a, e in enumerate(picked) if e in experts.cpu_slot]
-    on_gpu = [a for a, e in enumerate(picked) if e not in experts.cpu_slot]
-    x_host = x.to("cpu")  # the routing was just read back: x is ready, a small copy
     out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order
-    if on_gpu:
-        slots = torch.tensor([experts.slot[picked[a]] for a in on_gpu], device=x.device)
-        out[on_gpu] = experts.stack(x, slots)  # queued: runs while the CPU computes below
-    ram_slots = torch.tensor([experts.cpu_slot[picked[a]] for a in on_cpu])
-    out[on_cpu] = experts.cpu_stack(x_host, ram_slots).to(x.device)
+    _stacked_rows(out, x, picked, experts.slot, experts.stack)  # queued: runs while the rest is placed
+    done = set(experts.slot)
+    experts.finish()
+    late_on_gpu = {e: s for e, s in experts.slot.items() if e not in done}
+    _stacked_rows(out, x, picked, late_on_gpu, experts.stack)
+    if experts.cpu_slot:
+        rows = [a for a, e in enumerate(picked) if e in experts.cpu_slot]
+        ram_slots = torch.tensor([experts.cpu_slot[picked[a]] for a in rows])
+        out[rows] = experts.cpu_stack(x.to("cpu"), ram_slots).to(x.device)
     out = out * weights.reshape(-1)[:, None]
     return out.view(1, A, -1).sum(dim=1)
+
+
+def _stacked_rows(out, x, picked: list[int], slot: dict[int, int], stack: StackedExperts) -> None:
+    """out[a] = expert picked[a](x) for the picked experts in `slot`, as one stacked call."""
+    rows = [a for a, e in enumerate(picked) if e in slot]
+    if rows:
+        slots = torch.tensor([slot[picked[a]] for a in rows], device=x.device)
+        out[rows] = stack(x, slots)
 
 
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
@@ -204,13 +214,13 @@ class MoE:
             picked = ids[0].tolist()
         picked = picked[: self.top_k]
         experts = self.provider.get(self.layer, sorted(picked), one_token=True)
-        stack = getattr(experts, "stack", None)
-        if stack is None or (experts.cpu_slot and experts.cpu_stack is None):
+        if getattr(experts, "stack", None) is None:  # a format run one by one: place everything first
+            getattr(experts, "finish", lambda: None)()
             return dispatch_decode(x, weights, ids, experts)
-        if experts.cpu_slot:
+        if experts.late:
             return dispatch_split(x, weights, picked, experts)
         slots = torch.tensor([experts.slot[e] for e in picked], device=x.device)
-        return dispatch_stacked(x, weights, slots, stack)
+        return dispatch_stacked(x, weights, slots, experts.stack)
 
 
 class DenseMLP:
