@@ -62,9 +62,12 @@ SPEC = dict(
 def configs(gpu_mem: float, cpu_mem: float) -> dict[str, dict]:
     budget = ["--gpu-mem", str(gpu_mem), "--cpu-mem", str(cpu_mem)]
     return {
-        "ours-resident": dict(kind="ours", flags=["--cpu-experts", "32"], cache="warm"),
+        "ours-resident": dict(kind="ours", flags=["--cpu-experts", "32", "--profile"], cache="warm"),
         "hf-resident": dict(kind="hf", budget=None, cache="warm"),
-        "ours-budget-warm": dict(kind="ours", flags=budget, cache="warm"),
+        "ours-budget-warm": dict(kind="ours", flags=budget + ["--profile"], cache="warm"),
+        # CPU and GPU together against copy-only, same budget: RAM holds most experts
+        "ours-budget-cpu-compute": dict(kind="ours", flags=budget + ["--cpu-compute", "on"], cache="warm"),
+        "ours-budget-copy-only": dict(kind="ours", flags=budget + ["--cpu-compute", "off"], cache="warm"),
         "hf-accelerate-warm": dict(kind="hf", budget=(gpu_mem, cpu_mem), cache="warm"),
         "ours-budget-cold": dict(kind="ours", flags=budget, cache="cold"),
         "ours-nvme-cold": dict(
