@@ -132,3 +132,32 @@ def test_stacked_fp8_slots_equal_the_fp8_experts_one_by_one(D, I):
         want = dispatch_decode(x, weights, ids, experts)
         got = dispatch_stacked(x, weights, ids[0], tier.stacks[0])
         torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, None])
+def test_stacked_int4_slots_equal_the_int4_experts_one_by_one(symmetric, group):
+    """Packed int4 slots (exact mode: CUDA, or fp32): the stacked gather + batched dequantisation against
+    each bound expert (the compressed-tensors dequantisation, one by one)."""
+    from qwen35_lite.experts import int4
+    from qwen35_lite.experts.formats import Int4Format
+
+    D, I, E, A = 128, 64, 10, 4
+    scheme = int4.QuantScheme(group_size=group, symmetric=symmetric)
+    fmt = Int4Format(D, I, torch.float32, scheme, torch.bfloat16, kernel=False)
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.zeros(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(3 + symmetric)
+    for s in range(E):
+        for part, view in zip(fmt.raw, fmt.raw_views(tier.pools[0].slots[s])):
+            if part.dtype == torch.int32:
+                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
+            else:
+                view.copy_(torch.rand(part.shape, generator=g) / 16 + 1e-3)
+    experts = {s: tier.experts[0][s] for s in range(E)}
+    for _ in range(5):
+        x = torch.randn(1, D, generator=g)
+        ids = torch.randperm(E, generator=g)[:A][None]
+        weights = torch.softmax(torch.randn(1, A, generator=g), -1)
+        want = dispatch_decode(x, weights, ids, experts)
+        got = dispatch_stacked(x, weights, ids[0], tier.stacks[0])
+        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)

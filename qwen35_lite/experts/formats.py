@@ -100,6 +100,27 @@ class StackedFp8(StackedExperts):
         return self._dense(2, slots)
 
 
+class StackedInt4(StackedExperts):
+    """Packed int4 slots (exact mode) stacked: the A experts' packed words, scales (and zero points)
+    gathered and dequantised together by the same steps as one by one (experts.int4.dequantize_int4)."""
+
+    def __init__(self, fmt: Int4Format, parts: list[torch.Tensor]) -> None:
+        self.fmt, self.parts = fmt, parts  # packed gate, up, down; scales; zero points when asymmetric
+
+    def _dense(self, i: int, slots: torch.Tensor) -> torch.Tensor:
+        fmt = self.fmt
+        pick = [p.index_select(0, slots) for p in self.parts[i::3]]  # packed, scale[, zero point]
+        shape = fmt.mats[i]
+        zp = pick[2] if len(pick) > 2 else None
+        return int4.dequantize_int4(pick[0], pick[1], zp, fmt.scheme.group_size or shape[1], fmt.dtype, shape)
+
+    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._dense(0, slots), self._dense(1, slots)], dim=1)
+
+    def down(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._dense(2, slots)
+
+
 def stack_parts(parts: Sequence[Part], buffer: torch.Tensor, n_slots: int, stride: int) -> list[torch.Tensor]:
     """Each part of every slot of a flat buffer (slot s at byte s * stride) as one [n_slots, *shape] view."""
     views = []
@@ -422,6 +443,10 @@ class Int4Format(ExpertFormat):
             return mm((F.silu(g) * u).contiguous(), down_w, g_down, down_sz)
 
         return run
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        # the CPU int4 kernel takes one matrix at a time: its experts run one by one
+        return None if self.kernel else StackedInt4(self, stack_parts(self.raw, buffer, n_slots, stride))
 
 
 # ---- choosing the format -------------------------------------------------------------------------

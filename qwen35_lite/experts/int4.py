@@ -42,11 +42,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int32 [rows, words] -> int8 q [rows, in_features] in [-8, 7]."""
-    rows = packed.shape[0]
-    byte = packed.contiguous().view(torch.uint8)  # [rows, 4*words]
-    nibbles = torch.stack((byte & 0xF, byte >> 4), dim=-1).view(rows, -1)  # [rows, 8*words]
-    return nibbles[:, :in_features].to(torch.int8) - OFFSET
+    """int32 [..., rows, words] -> int8 q [..., rows, in_features] in [-8, 7] (leading dims: a stack)."""
+    lead = packed.shape[:-1]
+    byte = packed.contiguous().view(torch.uint8)  # [..., rows, 4*words]
+    nibbles = torch.stack((byte & 0xF, byte >> 4), dim=-1).view(*lead, -1)  # [..., rows, 8*words]
+    return nibbles[..., :in_features].to(torch.int8) - OFFSET
 
 
 def pack_zero_point(zp: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ def pack_zero_point(zp: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_zero_point(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """int32 [ceil(out/8), groups] -> int8 zero-points [out, groups] in [-8, 7]."""
-    return unpack_int4(packed.t(), out_features).t()
+    """int32 [..., ceil(out/8), groups] -> int8 zero-points [..., out, groups] in [-8, 7]."""
+    return unpack_int4(packed.transpose(-1, -2), out_features).transpose(-1, -2)
 
 
 def dequantize_int4(
@@ -67,7 +67,8 @@ def dequantize_int4(
     dtype: torch.dtype,
     shape: tuple[int, int],
 ) -> torch.Tensor:
-    """W [out, in] in `dtype` from weight_packed, weight_scale [out, groups], packed weight_zero_point or None.
+    """W [out, in] in `dtype` from weight_packed, weight_scale [out, groups], packed weight_zero_point or None
+    (any leading dims: a stack of experts' matrices).
 
     Equals compressed-tensors' `decompress(...)["weight"].to(dtype)` bit for bit: every step runs in the
     scale's dtype, as its `_dequantize` does, and only the result is cast.
