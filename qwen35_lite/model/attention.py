@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import KVCache
-from .layers import apply_rope_, inv_rms
+from .layers import apply_rope_, rms_normalize
 
 
 class Attention:
@@ -33,10 +33,8 @@ class Attention:
         kqgv = F.linear(x, w["kqv_proj"])  # slices below, not a split: a split is an op of its own
         kq, gate, v = kqgv[:, :nkq], kqgv[:, nkq : nkq + nq], kqgv[:, nkq + nq :]
         # keys and queries normalised (each head with its own norm's factors) and rotated as one tensor
-        kqf = kq.reshape(T, self.hkv + self.h, self.hd).float()
-        kq = (
-            (kqf * inv_rms(kqf, self.eps)).mul_(w["kq_norm.scale"]).to(x.dtype).transpose(0, 1)
-        )  # [Hkv+H, T, hd]
+        kq = kq.reshape(T, self.hkv + self.h, self.hd)
+        kq = rms_normalize(kq.float(), self.eps).mul_(w["kq_norm.scale"]).to(x.dtype).transpose(0, 1)
         apply_rope_(kq, cos, sin)
         k, q = kq[: self.hkv], kq[self.hkv :]
         past = cache.length

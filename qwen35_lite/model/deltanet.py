@@ -14,15 +14,14 @@ import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import DeltaNetState
-from .layers import gated_rms_norm, scalar
+from .layers import gated_rms_norm, rms_normalize
 
 CHUNK = 64
+L2_EPS = 1e-6  # of the q/k l2norm
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x · rsqrt(‖x‖² + eps) over the last dim, fp32 x."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x * torch.addcmul(scalar(eps, norm), norm, norm).rsqrt_()
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 def recurrent_gated_delta_rule(
@@ -115,8 +114,8 @@ def decode_gated_delta_rule(
     The sums over dk run as matmuls, in another order than `recurrent_gated_delta_rule`'s: equal to it
     within fp32 rounding (tests/test_kernels.py)."""
     state.mul_(decay)
-    delta = (v - torch.bmm(k, state)).mul_(beta)  # [Hv, 1, dv]
-    state.baddbmm_(k.transpose(1, 2), delta)  # S + k ⊗ delta
+    delta = torch.baddbmm(v, k, state, alpha=-1).mul_(beta)  # (v − Sᵀk)·beta [Hv, 1, dv]
+    state.addcmul_(k.transpose(1, 2), delta)  # S + k ⊗ delta, each product rounded as the reference's
     return torch.bmm(q, state)
 
 
@@ -128,12 +127,13 @@ class GatedDeltaNet:
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.kernel = cfg.linear_conv_kernel_dim
         self.eps = cfg.rms_norm_eps
-        # in_proj_qkvzba (fuse.py: rows [qkv | z | b | a]), conv1d [C, 1, K] fp32, dt_bias fp32,
+        # in_proj_qkvzba (fuse.py: rows [qkv | z | b | a]), conv1d [C, 1, K], dt_bias fp32,
         # neg_A = -exp(A_log) fp32, norm, out_proj
         self.w = w
         kd = self.hk * self.dk
-        # q rows scaled by dk^-1/2 after the l2norm, k rows by 1 (exact): one multiply for both
-        scale = [self.dk**-0.5] * self.hk + [1.0] * self.hk
+        # l2norm(x) = rms_normalize(x, eps / dk) / √dk, and q is scaled by 1/√dk after it: one multiply
+        # takes q rows by 1/dk, k rows by 1/√dk
+        scale = [1.0 / self.dk] * self.hk + [self.dk**-0.5] * self.hk
         self.qk_scale = torch.tensor(scale, device=w["out_proj"].device)[:, None]  # [2·Hk, 1]
         self.splits = [self.conv_dim, self.hv * self.dv, self.hv, self.hv]
         self.qkv_splits = [kd, kd, self.hv * self.dv]
@@ -148,10 +148,12 @@ class GatedDeltaNet:
     def __call__(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         T = x.shape[0]
         w = self.w
-        qkv, z, b, a = _cut(F.linear(x, w["in_proj_qkvzba"]), self.splits)
+        proj = F.linear(x, w["in_proj_qkvzba"])
+        qkv, _, b, _ = _cut(proj, self.splits)
+        _, z, _, a = _cut(proj.float(), self.splits)  # one cast for the parts used in fp32
         beta = b.sigmoid().float()  # [T, Hv]: the sigmoid in the model dtype, as the reference
-        g = w["neg_A"] * F.softplus(a.float() + w["dt_bias"])  # [T, Hv] log decay
-        z = z.float().view(T, self.hv, self.dv)
+        g = w["neg_A"] * F.softplus(a + w["dt_bias"])  # [T, Hv] log decay
+        z = z.view(T, self.hv, self.dv)
         if T == 1 and state.started:
             o = self._decode(qkv, beta, g, state)
         else:
@@ -164,11 +166,12 @@ class GatedDeltaNet:
         """One token: the conv as one dot product per channel, the recurrence in place. -> o [1, Hv, dv]."""
         hk, hv, dk, dv = self.hk, self.hv, self.dk, self.dv
         state.conv = torch.cat([state.conv[:, 1:], qkv.T], dim=-1)  # [C, K]: the window slides by one
-        # CPU bf16 conv1d is ~100x slower than this; accumulating in fp32 and rounding once is what the
-        # conv kernel does too
-        mixed = F.silu((state.conv.float() * w_conv(self.w)).sum(-1).to(qkv.dtype)).float()  # [C]
-        qk = mixed[: 2 * hk * dk].view(2 * hk, dk)
-        qk = l2norm(qk).mul_(self.qk_scale)
+        # one dot product per channel, as a batch of [1, K] @ [K, 1] matmuls: like the conv kernel (and
+        # ~100x faster than CPU bf16 conv1d) it accumulates in fp32 and rounds once
+        C = state.conv.shape[0]
+        conv = torch.bmm(state.conv.view(C, 1, self.kernel), self.w["conv1d"].view(C, self.kernel, 1))
+        mixed = F.silu(conv.view(C)).float()  # [C]
+        qk = rms_normalize(mixed[: 2 * hk * dk].view(2 * hk, dk), L2_EPS / dk).mul_(self.qk_scale)
         # v heads r·j … r·j+r−1 share q/k head j: expand, not tile
         r = hv // hk
         q, k = qk.view(2, hk, 1, dk).expand(2, hk, r, dk).reshape(2, hv, 1, dk)
@@ -193,11 +196,6 @@ class GatedDeltaNet:
         beta, g = beta.T.contiguous(), g.T.contiguous()  # [Hv, T]
         o, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent)
         return o.transpose(0, 1)
-
-
-def w_conv(w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 conv weight [C, 1, K] as [C, K]."""
-    return w["conv1d"][:, 0]
 
 
 def _cut(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

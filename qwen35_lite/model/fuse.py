@@ -32,8 +32,8 @@ FUSED: list[tuple[str, list[str]]] = [
 
 
 def norm_scale(w: torch.Tensor) -> torch.Tensor:
-    """The factor a zero-centred RMSNorm applies, (1 + w) in fp32 (layers.rms_norm_1p)."""
-    return 1.0 + w.float()
+    """The factor a zero-centred RMSNorm applies, (1 + w) in fp32, twice over (layers.rms_norm_1p)."""
+    return (1.0 + w.float()).repeat(2)
 
 
 def prepare_layer(prefix: str, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,7 +54,6 @@ def prepare_layer(prefix: str, w: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def _prepare_deltanet(p: str, w: dict[str, torch.Tensor]) -> None:
     w[p + "neg_A"] = -w.pop(p + "A_log").float().exp()  # the decay rate: g = neg_A · softplus(a + dt_bias)
     w[p + "dt_bias"] = w[p + "dt_bias"].float()  # added to an fp32 value: promoted there anyway
-    w[p + "conv1d.weight"] = w[p + "conv1d.weight"].float()  # the conv runs in fp32 (deltanet.causal_conv)
 
 
 def _prepare_attention(p: str, w: dict[str, torch.Tensor]) -> None:
@@ -64,7 +63,7 @@ def _prepare_attention(p: str, w: dict[str, torch.Tensor]) -> None:
     heads_q, heads_kv = w[p + "q_proj.weight"].shape[0] // (2 * hd), w[p + "k_proj.weight"].shape[0] // hd
     # one row of norm factors per head of the fused [keys | queries] output
     w[p + "kq_norm.scale"] = torch.cat(
-        [norm_scale(k_norm).expand(heads_kv, hd), norm_scale(q_norm).expand(heads_q, hd)]
+        [(1.0 + k_norm.float()).expand(heads_kv, hd), (1.0 + q_norm.float()).expand(heads_q, hd)]
     )
 
 

@@ -1,8 +1,7 @@
 """Small numeric building blocks shared by the layers, each matching the reference's operation order.
 
-Decode on the CPU pays per op launched, so these are written in as few ops as exactness allows: Python
-scalars are avoided where a tensor operand does (a scalar operand costs a copy of its own), and the norm
-weights arrive precomputed (model/fuse.py).
+Decode on the CPU pays per op launched, so these are written in as few ops as exactness allows (the
+`_reference` forms are kept to test against); the norm weights arrive precomputed (model/fuse.py).
 """
 
 from __future__ import annotations
@@ -10,29 +9,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def inv_rms(xf: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(mean(xf², -1) + eps) of fp32 xf, keepdim: mean(x²) taken as ‖x‖²/n (3 ops, not 5)."""
-    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
-    return torch.addcmul(scalar(eps, norm), norm, norm, value=1.0 / xf.shape[-1]).rsqrt_()
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
 
 
-_SCALARS: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+def constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """A small constant tensor in like's dtype and device, made once: an operand that costs no op per use
+    (a Python scalar operand costs a copy of its own)."""
+    key = (values, like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device)
+    return _CONSTANTS[key]
 
 
-def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor of `value`, made once per dtype and device: an operand that costs no op per use."""
-    key = (value, like.dtype, like.device)
-    if key not in _SCALARS:
-        _SCALARS[key] = torch.full((), value, dtype=like.dtype, device=like.device)
-    return _SCALARS[key]
+def plus_minus(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., 2D]: [x, −x] in one op (negating is exact)."""
+    return (x.unsqueeze(-2) * constant((1.0, -1.0), x)[:, None]).flatten(-2)
+
+
+def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x · rsqrt(mean(x², -1) + eps) (times weight [D] if given), computed in fp32 and rounded once to the
+    dtype of x: one op where the written-out form takes five or more.
+
+    It is the LayerNorm of [x, −x]: that has mean 0, so its variance is mean(x²). (The mean comes out as
+    ~1e-7·rms rather than exactly 0, an error of fp32's order: tests/test_kernels.py.) `weight` must be
+    fp32 of length 2D (its first half applies); with one, the CPU kernel takes bf16 x as it is and rounds
+    once, as the written-out form does."""
+    D = x.shape[-1]
+    if weight is not None and weight.dtype != x.dtype and x.device.type != "cpu":
+        # layer_norm's mixed input/weight dtypes are a CPU feature: elsewhere normalise in fp32, round once
+        return rms_normalize(x.float(), eps, weight).to(x.dtype)
+    return F.layer_norm(plus_minus(x), (2 * D,), weight, None, eps)[..., :D]
 
 
 def rms_norm_1p(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zero-centred RMSNorm. `scale` is the applied factor (1 + w) in fp32 (fuse.norm_scale): normalised
-    and scaled in fp32, cast once at the end."""
-    xf = x.float()
-    return (xf * inv_rms(xf, eps)).mul_(scale).to(x.dtype)
+    """Zero-centred RMSNorm. `scale` is the applied factor (1 + w) in fp32, twice over ([2D]:
+    fuse.norm_scale): normalised and scaled in fp32, cast once at the end."""
+    return rms_normalize(x, eps, scale)
 
 
 def rms_norm_1p_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,9 +57,7 @@ def rms_norm_1p_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """DeltaNet's output norm: plain weight (not 1 + w), normalised value cast back before the weight.
     gate is fp32 (silu taken in fp32, as the reference does after casting it)."""
-    xf = x.float()
-    y = w * (xf * inv_rms(xf, eps)).to(x.dtype)
-    return (F.silu(gate) * y).to(x.dtype)
+    return (F.silu(gate) * (w * rms_normalize(x, eps))).to(x.dtype)
 
 
 def gated_rms_norm_reference(
