@@ -131,10 +131,11 @@ class GatedDeltaNet:
         # neg_A = -exp(A_log) fp32, norm, out_proj
         self.w = w
         kd = self.hk * self.dk
-        # l2norm(x) = rms_normalize(x, eps / dk) / √dk, and q is scaled by 1/√dk after it: one multiply
-        # takes q rows by 1/dk, k rows by 1/√dk
-        scale = [1.0 / self.dk] * self.hk + [self.dk**-0.5] * self.hk
-        self.qk_scale = torch.tensor(scale, device=w["out_proj"].device)[:, None]  # [2·Hk, 1]
+        # l2norm(x) = rms_normalize(x, eps / dk) / √dk, and q is scaled by 1/√dk after it: q rows are
+        # multiplied by 1/dk, k rows by 1/√dk, in the multiply that expands them to the value heads
+        r = self.hv // self.hk
+        scale = torch.tensor([1.0 / self.dk, self.dk**-0.5], device=w["out_proj"].device)
+        self.qk_scale = scale.view(2, 1, 1, 1).expand(2, self.hk, r, 1)  # [2, Hk, r, 1]
         self.splits = [self.conv_dim, self.hv * self.dv, self.hv, self.hv]
         self.qkv_splits = [kd, kd, self.hv * self.dv]
 
@@ -171,10 +172,9 @@ class GatedDeltaNet:
         C = state.conv.shape[0]
         conv = torch.bmm(state.conv.view(C, 1, self.kernel), self.w["conv1d"].view(C, self.kernel, 1))
         mixed = F.silu(conv.view(C)).float()  # [C]
-        qk = rms_normalize(mixed[: 2 * hk * dk].view(2 * hk, dk), L2_EPS / dk).mul_(self.qk_scale)
-        # v heads r·j … r·j+r−1 share q/k head j: expand, not tile
-        r = hv // hk
-        q, k = qk.view(2, hk, 1, dk).expand(2, hk, r, dk).reshape(2, hv, 1, dk)
+        qk = rms_normalize(mixed[: 2 * hk * dk].view(2, hk, 1, dk), L2_EPS / dk)
+        # v heads r·j … r·j+r−1 share q/k head j: the scaling multiply broadcasts each over its r heads
+        q, k = (qk * self.qk_scale).view(2, hv, 1, dk)
         v = mixed[2 * hk * dk :].view(hv, 1, dv)
         o = decode_gated_delta_rule(q, k, v, g.exp().view(hv, 1, 1), beta.view(hv, 1, 1), state.recurrent)
         return o.view(1, hv, dv)
