@@ -4,7 +4,8 @@ precomputed.
 
 It runs on the host tensors, before they move to the device or into a spilled layer's packed buffer
 (spill.py), so the layers never build a tensor out of their weights. The plan counts bytes by the
-checkpoint's names; a fused matrix holds exactly its parts' bytes.
+checkpoint's names; a fused matrix holds exactly its parts' bytes, and the fp32 factors (norms, decay
+rate, dt_bias) take a few KiB a layer more than their sources.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def prepare_layer(prefix: str, w: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for fused, parts in FUSED:
         if all(prefix + p in w for p in parts):
             w[prefix + fused] = torch.cat([w.pop(prefix + p) for p in parts])
+    return w
+
+
+def prepare_top(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the layers: the final norm's factor precomputed like the layers' norms."""
+    w = dict(w)
+    if "norm.weight" in w:
+        w["norm.scale"] = norm_scale(w.pop("norm.weight"))
     return w
 
 

@@ -17,7 +17,7 @@ from ..config import TextConfig
 from .attention import Attention
 from .cache import ModelCache
 from .deltanet import GatedDeltaNet
-from .fuse import norm_scale, prepare_layer
+from .fuse import prepare_layer, prepare_top
 from .layers import MRoPE, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
@@ -115,12 +115,6 @@ def _by_layer(names: list[str]) -> Iterator[tuple[int | None, list[str]]]:
         yield layer, list(group)
 
 
-def _prepare_top(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if "norm.weight" in w:
-        w["norm.scale"] = norm_scale(w.pop("norm.weight"))
-    return w
-
-
 def _sub(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Sub-dict of the weights under `prefix`, with the prefix and the trailing `.weight` dropped."""
     return {k[len(prefix) :].removesuffix(".weight"): v for k, v in w.items() if k.startswith(prefix)}
@@ -180,7 +174,7 @@ class Qwen35Model:
                 if on_progress:
                     on_progress(done, total)
             # fused and precomputed on the host, before the device or a spilled layer's packing
-            read = prepare_layer(f"layers.{layer}.", read) if layer is not None else _prepare_top(read)
+            read = prepare_layer(f"layers.{layer}.", read) if layer is not None else prepare_top(read)
             for name, t in read.items():
                 if layer in cpu_layers and not stays_resident(name):
                     host.setdefault(layer, {})[name] = t
