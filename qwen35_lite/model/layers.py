@@ -43,8 +43,9 @@ def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = Non
 
 def rms_norm_1p(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm. `scale` is the applied factor (1 + w) in fp32, twice over ([2D]:
-    fuse.norm_scale): normalised and scaled in fp32, cast once at the end."""
-    return rms_normalize(x, eps, scale)
+    fuse.norm_scale): normalised and scaled in fp32, cast once at the end. Contiguous, as the MLP may view
+    it (a no-op for one token, whose row is contiguous already)."""
+    return rms_normalize(x, eps, scale).contiguous()
 
 
 def rms_norm_1p_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
