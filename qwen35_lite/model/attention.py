@@ -1,5 +1,7 @@
 """Gated full attention: q/k RMSNorm (1 + w), partial M-RoPE, GQA over a KV cache, sigmoid output gate.
 
+One fused projection (fuse.py) gives keys, queries, gates and values.
+
 Legend: T = new tokens, S = cached + new tokens, H = query heads, Hkv = key/value heads, hd = head dim.
 """
 
@@ -10,35 +12,35 @@ import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import KVCache
-from .layers import apply_rope, rms_norm_1p
+from .layers import apply_rope_, rms_normalize
 
 
 class Attention:
     def __init__(self, cfg: TextConfig, w: dict[str, torch.Tensor]) -> None:
         self.h, self.hkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        self.w = w  # q_proj, k_proj, v_proj, o_proj, q_norm, k_norm
+        # kqv_proj (fuse.py: rows [keys | queries | gates | values]), o_proj, kq_norm.scale [Hkv + H, hd]
+        self.w = w
 
     def make_cache(self, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(self.hkv, self.hd, dtype, device)
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x [T, D]; cos and the signed sin [T, rotary_dim] (layers.MRoPE.cos_sin)."""
         T = x.shape[0]
         w = self.w
-        # q_proj rows interleave per head: [query_h (hd) | gate_h (hd)] for h = 0..H-1
-        qg = F.linear(x, w["q_proj"]).view(T, self.h, 2 * self.hd)
-        q, gate = qg.chunk(2, dim=-1)  # [T, H, hd] each
-        gate = gate.reshape(T, self.h * self.hd)
-        q = rms_norm_1p(q, w["q_norm"], self.eps).transpose(0, 1)  # [H, T, hd]
-        k = rms_norm_1p(F.linear(x, w["k_proj"]).view(T, self.hkv, self.hd), w["k_norm"], self.eps).transpose(
-            0, 1
-        )
-        v = F.linear(x, w["v_proj"]).view(T, self.hkv, self.hd).transpose(0, 1)  # [Hkv, T, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        nkq, nq = (self.hkv + self.h) * self.hd, self.h * self.hd
+        kqgv = F.linear(x, w["kqv_proj"])  # slices below, not a split: a split is an op of its own
+        kq, gate, v = kqgv[:, :nkq], kqgv[:, nkq : nkq + nq], kqgv[:, nkq + nq :]
+        # keys and queries normalised (each head with its own norm's factors) and rotated as one tensor
+        kq = kq.reshape(T, self.hkv + self.h, self.hd)
+        kq = rms_normalize(kq.float(), self.eps).mul_(w["kq_norm.scale"]).to(x.dtype).transpose(0, 1)
+        apply_rope_(kq, cos, sin)
+        k, q = kq[: self.hkv], kq[self.hkv :]
         past = cache.length
-        k, v = cache.append(k, v)  # [Hkv, S, hd]
+        k, v = cache.append(k, v.view(T, self.hkv, self.hd).transpose(0, 1))  # [Hkv, S, hd]
         o = _attend(q, k, v, past)  # [H, T, hd]
-        o = o.transpose(0, 1).reshape(T, self.h * self.hd) * torch.sigmoid(gate)
+        o = o.transpose(0, 1).reshape(T, nq) * torch.sigmoid(gate)
         return F.linear(o, w["o_proj"])
 
 

@@ -7,17 +7,20 @@ Per step, for each value head:  S <- exp(g)·S;  S <- S + k ⊗ beta·(v − S�
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import DeltaNetState
-from .layers import gated_rms_norm
+from .layers import gated_rms_norm, rms_normalize
 
 CHUNK = 64
+L2_EPS = 1e-6  # of the q/k l2norm
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
@@ -97,6 +100,25 @@ def causal_conv_reference(window: torch.Tensor, weight: torch.Tensor) -> torch.T
     return F.conv1d(window[None], weight, groups=window.shape[0])[0]
 
 
+def decode_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One token of the recurrence with batched matmuls, updating `state` [Hv, dk, dv] in place.
+
+    q, k [Hv, 1, dk], v [Hv, 1, dv], decay = exp(g) and beta [Hv, 1, 1], all fp32. Returns o [Hv, 1, dv].
+    The sums over dk run as matmuls, in another order than `recurrent_gated_delta_rule`'s: equal to it
+    within fp32 rounding (tests/test_kernels.py)."""
+    state.mul_(decay)
+    delta = torch.baddbmm(v, k, state, alpha=-1).mul_(beta)  # (v − Sᵀk)·beta [Hv, 1, dv]
+    state.addcmul_(k.transpose(1, 2), delta)  # S + k ⊗ delta, each product rounded as the reference's
+    return torch.bmm(q, state)
+
+
 class GatedDeltaNet:
     """Weights of one linear-attention layer and its forward over T tokens with an explicit state."""
 
@@ -105,9 +127,17 @@ class GatedDeltaNet:
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.kernel = cfg.linear_conv_kernel_dim
         self.eps = cfg.rms_norm_eps
-        self.w = (
-            w  # in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, conv1d [C,1,K], dt_bias, A_log, norm, out_proj
-        )
+        # in_proj_qkvzba (fuse.py: rows [qkv | z | b | a]), conv1d [C, 1, K], dt_bias fp32,
+        # neg_A = -exp(A_log) fp32, norm, out_proj
+        self.w = w
+        kd = self.hk * self.dk
+        # l2norm(x) = rms_normalize(x, eps / dk) / √dk, and q is scaled by 1/√dk after it: q rows are
+        # multiplied by 1/dk, k rows by 1/√dk, in the multiply that expands them to the value heads
+        r = self.hv // self.hk
+        scale = torch.tensor([1.0 / self.dk, self.dk**-0.5], device=w["out_proj"].device)
+        self.qk_scale = scale.view(2, 1, 1, 1).expand(2, self.hk, r, 1)  # [2, Hk, r, 1]
+        self.splits = [self.conv_dim, self.hv * self.dv, self.hv, self.hv]
+        self.qkv_splits = [kd, kd, self.hv * self.dv]
 
     @property
     def conv_dim(self) -> int:
@@ -116,28 +146,46 @@ class GatedDeltaNet:
     def make_state(self, dtype: torch.dtype, device: torch.device) -> DeltaNetState:
         return DeltaNetState(self.conv_dim, self.kernel, self.hv, self.dk, self.dv, dtype, device)
 
-    def _conv(self, mixed: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
-        """Causal depthwise conv over time with the cached window in front; updates the window."""
-        T = mixed.shape[0]
-        window = torch.cat([state.conv, mixed.T], dim=-1)  # [C, K + T]
-        state.conv = window[:, -self.kernel :].clone()
-        if T == 1:
-            # Decode: one dot product per channel. CPU bf16 conv1d is ~100x slower than this; accumulating
-            # in fp32 and rounding once is what the conv kernel does too.
-            out = (state.conv.float() * self.w["conv1d"][:, 0].float()).sum(-1, keepdim=True).to(mixed.dtype)
-        else:
-            out = causal_conv(window[:, 1:], self.w["conv1d"])  # [C, T]
-        return F.silu(out).T  # [T, C]
-
     def __call__(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         T = x.shape[0]
         w = self.w
-        mixed = self._conv(F.linear(x, w["in_proj_qkv"]), state)  # [T, C]
-        z = F.linear(x, w["in_proj_z"]).view(T, self.hv, self.dv)
-        beta = F.linear(x, w["in_proj_b"]).sigmoid()  # [T, Hv]
-        g = -w["A_log"].float().exp() * F.softplus(F.linear(x, w["in_proj_a"]).float() + w["dt_bias"])
-        kd = self.hk * self.dk
-        q, k, v = mixed.split([kd, kd, self.hv * self.dv], dim=-1)
+        proj = F.linear(x, w["in_proj_qkvzba"])
+        qkv, _, b, _ = _cut(proj, self.splits)
+        _, z, _, a = _cut(proj.float(), self.splits)  # one cast for the parts used in fp32
+        beta = b.sigmoid().float()  # [T, Hv]: the sigmoid in the model dtype, as the reference
+        g = w["neg_A"] * F.softplus(a + w["dt_bias"])  # [T, Hv] log decay
+        z = z.view(T, self.hv, self.dv)
+        if T == 1 and state.started:
+            o = self._decode(qkv, beta, g, state)
+        else:
+            o = self._chunk(qkv, beta, g, state)
+        state.started = True
+        o = gated_rms_norm(o.to(x.dtype), z, w["norm"], self.eps).reshape(T, -1)  # [T, Hv·dv]
+        return F.linear(o, w["out_proj"])
+
+    def _decode(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, state: DeltaNetState):
+        """One token: the conv as one dot product per channel, the recurrence in place. -> o [1, Hv, dv]."""
+        hk, hv, dk, dv = self.hk, self.hv, self.dk, self.dv
+        state.conv = torch.cat([state.conv[:, 1:], qkv.T], dim=-1)  # [C, K]: the window slides by one
+        # one dot product per channel, as a batch of [1, K] @ [K, 1] matmuls: like the conv kernel (and
+        # ~100x faster than CPU bf16 conv1d) it accumulates in fp32 and rounds once
+        C = state.conv.shape[0]
+        conv = torch.bmm(state.conv.view(C, 1, self.kernel), self.w["conv1d"].view(C, self.kernel, 1))
+        mixed = F.silu(conv.view(C)).float()  # [C]
+        qk = rms_normalize(mixed[: 2 * hk * dk].view(2, hk, 1, dk), L2_EPS / dk)
+        # v heads r·j … r·j+r−1 share q/k head j: the scaling multiply broadcasts each over its r heads
+        q, k = (qk * self.qk_scale).view(2, hv, 1, dk)
+        v = mixed[2 * hk * dk :].view(hv, 1, dv)
+        o = decode_gated_delta_rule(q, k, v, g.exp().view(hv, 1, 1), beta.view(hv, 1, 1), state.recurrent)
+        return o.view(1, hv, dv)
+
+    def _chunk(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, state: DeltaNetState):
+        """T tokens (a prefill chunk, or the first token): the chunked rule. -> o [T, Hv, dv]."""
+        T = qkv.shape[0]
+        window = torch.cat([state.conv, qkv.T], dim=-1)  # [C, K - 1 + T + 1]
+        state.conv = window[:, -self.kernel :].clone()
+        mixed = F.silu(causal_conv(window[:, 1:], self.w["conv1d"])).T  # [T, C]
+        q, k, v = _cut(mixed, self.qkv_splits)
         r = self.hv // self.hk
         # v heads r·j … r·j+r−1 share q/k head j: expand with repeat_interleave, not tile
         q = q.reshape(T, self.hk, self.dk).repeat_interleave(r, dim=1).transpose(0, 1).float()  # [Hv, T, dk]
@@ -145,12 +193,12 @@ class GatedDeltaNet:
         v = v.reshape(T, self.hv, self.dv).transpose(0, 1).float()  # [Hv, T, dv]
         q = l2norm(q) * self.dk**-0.5
         k = l2norm(k)
-        beta, g = beta.T.float(), g.T.contiguous()  # [Hv, T]
-        if T == 1 and state.started:
-            o, state.recurrent = recurrent_gated_delta_rule(q, k, v, g, beta, state.recurrent)
-        else:
-            o, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent)
-        state.started = True
-        o = o.to(x.dtype).transpose(0, 1)  # [T, Hv, dv]
-        o = gated_rms_norm(o, z, w["norm"], self.eps).reshape(T, -1)
-        return F.linear(o, w["out_proj"])
+        beta, g = beta.T.contiguous(), g.T.contiguous()  # [Hv, T]
+        o, state.recurrent = chunk_gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        return o.transpose(0, 1)
+
+
+def _cut(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """x split along its last dim into views of `sizes`: slices, which launch nothing (a split does)."""
+    ends = list(accumulate(sizes))
+    return [x[..., e - n : e] for n, e in zip(sizes, ends)]

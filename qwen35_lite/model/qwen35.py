@@ -6,7 +6,8 @@ experts, norms, head); routed experts come from the ExpertProvider on demand.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from itertools import groupby
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from ..config import TextConfig
 from .attention import Attention
 from .cache import ModelCache
 from .deltanet import GatedDeltaNet
+from .fuse import prepare_layer, prepare_top
 from .layers import MRoPE, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
@@ -74,7 +76,7 @@ class DecoderLayer:
     ):
         self.kind = cfg.layer_types[index]
         self.eps = cfg.rms_norm_eps
-        self.input_norm, self.post_norm = w["input_layernorm"], w["post_attention_layernorm"]
+        self.input_norm, self.post_norm = w["input_layernorm.scale"], w["post_attention_layernorm.scale"]
         if self.kind == "linear_attention":
             self.mixer = GatedDeltaNet(cfg, _sub(w, "linear_attn."))
         else:
@@ -105,6 +107,14 @@ class DecoderLayer:
         return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
 
 
+def _by_layer(names: list[str]) -> Iterator[tuple[int | None, list[str]]]:
+    """Consecutive names grouped by layer index (None for the tensors outside the layers)."""
+    for layer, group in groupby(
+        names, key=lambda n: int(n.split(".")[1]) if n.startswith("layers.") else None
+    ):
+        yield layer, list(group)
+
+
 def _sub(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Sub-dict of the weights under `prefix`, with the prefix and the trailing `.weight` dropped."""
     return {k[len(prefix) :].removesuffix(".weight"): v for k, v in w.items() if k.startswith(prefix)}
@@ -129,7 +139,7 @@ class Qwen35Model:
         )
         self.provider = provider  # the expert provider: generate reads its counters for the reply stats
         self.embed = weights.pop("embed_tokens.weight")  # stays on the CPU: it is only indexed
-        self.norm = weights.pop("norm.weight")
+        self.norm = weights.pop("norm.scale")
         self.lm_head = weights.pop("lm_head.weight", None)
         self.layers = [
             DecoderLayer(cfg, i, _sub(weights, f"layers.{i}."), provider)
@@ -156,16 +166,20 @@ class Qwen35Model:
         names = resident_names(cfg)
         total = sum(ckpt.info(n).nbytes for n in names)
         weights, host, done = {}, {}, 0
-        for name in names:
-            t = ckpt.read(name, dtype)
-            layer = int(name.split(".")[1]) if name.startswith("layers.") else None
-            if layer in cpu_layers and not stays_resident(name):
-                host.setdefault(layer, {})[name] = t
-            else:
-                weights[name] = t if name == "embed_tokens.weight" else t.to(device)
-            done += ckpt.info(name).nbytes
-            if on_progress:
-                on_progress(done, total)
+        for layer, group in _by_layer(names):
+            read = {}
+            for name in group:
+                read[name] = ckpt.read(name, dtype)
+                done += ckpt.info(name).nbytes
+                if on_progress:
+                    on_progress(done, total)
+            # fused and precomputed on the host, before the device or a spilled layer's packing
+            read = prepare_layer(f"layers.{layer}.", read) if layer is not None else prepare_top(read)
+            for name, t in read.items():
+                if layer in cpu_layers and not stays_resident(name):
+                    host.setdefault(layer, {})[name] = t
+                else:
+                    weights[name] = t if name == "embed_tokens.weight" else t.to(device)
         if cfg.tie_word_embeddings:
             weights["lm_head.weight"] = weights["embed_tokens.weight"].to(device)
         spilled = SpilledLayers(host, device) if host else None
