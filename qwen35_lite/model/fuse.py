@@ -29,6 +29,17 @@ FUSED: list[tuple[str, list[str]]] = [
         "self_attn.kqv_proj.weight",
         ["self_attn.k_proj.weight", "self_attn.q_proj.weight", "self_attn.v_proj.weight"],
     ),
+    # the MoE block's shared expert and its sigmoid gate read the block's input: [gate | up | gate row]
+    # (not the router, mlp.gate: it stays resident in spilled layers and feeds the lookahead)
+    (
+        "mlp.shared_in_proj.weight",
+        [
+            "mlp.shared_expert.gate_proj.weight",
+            "mlp.shared_expert.up_proj.weight",
+            "mlp.shared_expert_gate.weight",
+        ],
+    ),
+    ("mlp.gate_up_proj.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"]),  # the dense family's MLP
 ]
 
 

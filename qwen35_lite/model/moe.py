@@ -170,15 +170,17 @@ class MoE:
     def _local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What needs no routed expert: (routing weights [T, A], expert ids [T, A], gated shared expert)."""
         w = self.w
-        if "shared_expert.gate_up_proj" in w:  # fused at load (model/fuse.py): one matmul for both
-            g, u = F.linear(x, w["shared_expert.gate_up_proj"]).chunk(2, dim=-1)
-            shared = F.linear(F.silu(g) * u, w["shared_expert.down_proj"])
+        down = w["shared_expert.down_proj"]  # [D, Is]
+        Is = down.shape[1]
+        if "shared_in_proj" in w:  # fused at load (model/fuse.py): [gate | up | gate row], one matmul
+            h = F.linear(x, w["shared_in_proj"])  # [T, 2·Is + 1]
+            shared = F.linear(F.silu(h[:, :Is]) * h[:, Is : 2 * Is], down)
+            gate = h[:, 2 * Is :]
         else:
-            shared = swiglu(
-                x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], w["shared_expert.down_proj"]
-            )
+            shared = swiglu(x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], down)
+            gate = F.linear(x, w["shared_expert_gate"])
         weights, ids = route(x, w["gate"], self.top_k)
-        return weights, ids, torch.sigmoid(F.linear(x, w["shared_expert_gate"])) * shared
+        return weights, ids, torch.sigmoid(gate) * shared
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         """A prefill block x [T, D]: its experts asked for once, each computed chunk by chunk
@@ -224,13 +226,17 @@ class MoE:
 
 
 class DenseMLP:
-    """The dense Qwen3.5 family's plain SwiGLU MLP."""
+    """The dense Qwen3.5 family's plain SwiGLU MLP (gate and up fused at load: model/fuse.py)."""
 
     def __init__(self, w: dict[str, torch.Tensor]) -> None:
         self.w = w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w["gate_proj"], self.w["up_proj"], self.w["down_proj"])
+        w = self.w
+        if "gate_up_proj" not in w:
+            return swiglu(x, w["gate_proj"], w["up_proj"], w["down_proj"])
+        g, u = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, w["down_proj"])
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([self(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
