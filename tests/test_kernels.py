@@ -242,3 +242,18 @@ def test_decode_step_equals_recurrence():
         got = decode_gated_delta_rule(q, k, v, log_decay.exp()[..., None], beta[..., None], state)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(3088, 1024), (8, 64), (32768, 256)])
+def test_one_row_linear_equals_the_matmul(dtype, N, K):
+    """layers.linear runs one row through torch.mv (faster on the CPU): the same sums as F.linear up to
+    their order (bit-identical on the machines measured; a tolerance, CPUs differ)."""
+    from qwen35_lite.model.layers import linear
+
+    g = torch.Generator().manual_seed(N)
+    w, x = torch.randn(N, K, generator=g).to(dtype), torch.randn(3, K, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x, w)
+    assert torch.equal(linear(x, w), want)  # several rows: the matmul itself
+    eps = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(linear(x[1:2], w), want[1:2], atol=eps * float(want.abs().max()), rtol=eps)

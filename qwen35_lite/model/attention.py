@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import KVCache
-from .layers import apply_rope_, rms_normalize
+from .layers import apply_rope_, linear, rms_normalize
 
 
 class Attention:
@@ -30,7 +30,7 @@ class Attention:
         T = x.shape[0]
         w = self.w
         nkq, nq = (self.hkv + self.h) * self.hd, self.h * self.hd
-        kqgv = F.linear(x, w["kqv_proj"])  # slices below, not a split: a split is an op of its own
+        kqgv = linear(x, w["kqv_proj"])  # slices below, not a split: a split is an op of its own
         kq, gate, v = kqgv[:, :nkq], kqgv[:, nkq : nkq + nq], kqgv[:, nkq + nq :]
         # keys and queries normalised (each head with its own norm's factors) and rotated as one tensor
         kq = kq.reshape(T, self.hkv + self.h, self.hd)
@@ -41,7 +41,7 @@ class Attention:
         k, v = cache.append(k, v.view(T, self.hkv, self.hd).transpose(0, 1))  # [Hkv, S, hd]
         o = _attend(q, k, v, past)  # [H, T, hd]
         o = o.transpose(0, 1).reshape(T, nq) * torch.sigmoid(gate)
-        return F.linear(o, w["o_proj"])
+        return linear(o, w["o_proj"])
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:

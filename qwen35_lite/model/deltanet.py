@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import TextConfig
 from .cache import DeltaNetState
-from .layers import gated_rms_norm, rms_normalize
+from .layers import gated_rms_norm, linear, rms_normalize
 
 CHUNK = 64
 L2_EPS = 1e-6  # of the q/k l2norm
@@ -149,7 +149,7 @@ class GatedDeltaNet:
     def __call__(self, x: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
         T = x.shape[0]
         w = self.w
-        proj = F.linear(x, w["in_proj_qkvzba"])
+        proj = linear(x, w["in_proj_qkvzba"])
         qkv, _, b, _ = _cut(proj, self.splits)
         _, z, _, a = _cut(proj.float(), self.splits)  # one cast for the parts used in fp32
         beta = b.sigmoid().float()  # [T, Hv]: the sigmoid in the model dtype, as the reference
@@ -161,7 +161,7 @@ class GatedDeltaNet:
             o = self._chunk(qkv, beta, g, state)
         state.started = True
         o = gated_rms_norm(o.to(x.dtype), z, w["norm"], self.eps).reshape(T, -1)  # [T, Hv·dv]
-        return F.linear(o, w["out_proj"])
+        return linear(o, w["out_proj"])
 
     def _decode(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, state: DeltaNetState):
         """One token: the conv as one dot product per channel, the recurrence in place. -> o [1, Hv, dv]."""

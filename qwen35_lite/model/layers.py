@@ -70,8 +70,17 @@ def gated_rms_norm_reference(
     return (y * F.silu(gate.float())).to(x.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ w [N, K]ᵀ. One row (a decode step) goes through torch.mv: on the CPU 10-50% faster a call
+    than F.linear's matmul path for the same sums (bit-identical on an AMX Xeon, bf16 and fp32), 10% of a
+    whole e512 decode step; more rows through F.linear."""
+    if x.shape[0] == 1 and x.dim() == 2:
+        return torch.mv(w, x[0]).unsqueeze(0)
+    return F.linear(x, w)
+
+
 def swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+    return linear(F.silu(linear(x, gate_w)) * linear(x, up_w), down_w)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import TextConfig
 from ..experts.cache import Acquired, StaticSlots
 from ..experts.formats import Expert, StackedExperts, ffn
-from .layers import swiglu
+from .layers import linear, swiglu
 
 
 class ExpertProvider(Protocol):
@@ -48,13 +48,13 @@ def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Te
     all experts, renormalised, which is the softmax (fp32) over the top-k logits: the same ids (softmax
     keeps the order) and weights equal up to fp32 rounding, in three ops instead of six (`route_reference`
     is the reference's order)."""
-    top, ids = torch.topk(F.linear(x, router_w), top_k, dim=-1)  # [T, A]
+    top, ids = torch.topk(linear(x, router_w), top_k, dim=-1)  # [T, A]
     return F.softmax(top, dim=-1, dtype=torch.float).to(x.dtype), ids
 
 
 def route_reference(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' order: softmax over all E in fp32, top-k, divide by the top-k sum."""
-    probs = F.softmax(F.linear(x, router_w), dim=-1, dtype=torch.float)  # [T, E]
+    probs = F.softmax(linear(x, router_w), dim=-1, dtype=torch.float)  # [T, E]
     top, ids = torch.topk(probs, top_k, dim=-1)
     top = top / top.sum(dim=-1, keepdim=True)
     return top.to(x.dtype), ids
@@ -173,12 +173,12 @@ class MoE:
         down = w["shared_expert.down_proj"]  # [D, Is]
         Is = down.shape[1]
         if "shared_in_proj" in w:  # fused at load (model/fuse.py): [gate | up | gate row], one matmul
-            h = F.linear(x, w["shared_in_proj"])  # [T, 2·Is + 1]
-            shared = F.linear(F.silu(h[:, :Is]) * h[:, Is : 2 * Is], down)
+            h = linear(x, w["shared_in_proj"])  # [T, 2·Is + 1]
+            shared = linear(F.silu(h[:, :Is]) * h[:, Is : 2 * Is], down)
             gate = h[:, 2 * Is :]
         else:
             shared = swiglu(x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], down)
-            gate = F.linear(x, w["shared_expert_gate"])
+            gate = linear(x, w["shared_expert_gate"])
         weights, ids = route(x, w["gate"], self.top_k)
         return weights, ids, torch.sigmoid(gate) * shared
 
@@ -235,8 +235,8 @@ class DenseMLP:
         w = self.w
         if "gate_up_proj" not in w:
             return swiglu(x, w["gate_proj"], w["up_proj"], w["down_proj"])
-        g, u = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, w["down_proj"])
+        g, u = linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
+        return linear(F.silu(g) * u, w["down_proj"])
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([self(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])

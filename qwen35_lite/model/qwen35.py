@@ -10,7 +10,6 @@ from collections.abc import Callable, Collection, Iterator
 from itertools import groupby
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import Checkpoint
 from ..config import TextConfig
@@ -18,7 +17,7 @@ from .attention import Attention
 from .cache import ModelCache
 from .deltanet import GatedDeltaNet
 from .fuse import prepare_layer, prepare_top
-from .layers import MRoPE, rms_norm_1p
+from .layers import MRoPE, linear, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
 
@@ -219,8 +218,7 @@ class Qwen35Model:
                 self.spilled.before(i)
             h = layer(h, layer_cache, cos, sin)
         cache.offset += T
-        h = h if all_logits else h[-1:]
-        return F.linear(rms_norm_1p(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        return self.head(h if all_logits else h[-1:])
 
     @torch.inference_mode()
     def prefill(
@@ -244,7 +242,12 @@ class Qwen35Model:
             if on_layer:
                 on_layer(i + 1, len(self.layers))
         cache.offset += T
-        return F.linear(rms_norm_1p(h[-1:], self.norm, self.cfg.rms_norm_eps), self.lm_head)
+        return self.head(h[-1:])
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head: h [T, D] -> logits [T, V] (one row: torch.mv, about twice as fast as
+        F.linear's path for the [V, D] matrix on an AMX Xeon: 2.2 vs 4.3 ms for V = 32768, D = 1024)."""
+        return linear(rms_norm_1p(h, self.norm, self.cfg.rms_norm_eps), self.lm_head)
 
     def _inputs(
         self, cache: ModelCache, ids, embeds, positions
