@@ -6,53 +6,23 @@ checked here; the real overlap needs CUDA (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from conftest import greedy, load_ours
+from test_expert_cache import _CpuStandInGpu, fake_cuda  # noqa: F401  (the fixture, used below)
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.experts.cache import Acquired, OnCpu, TieredExperts
+from qwen35_lite.experts.cache import Acquired, OnCpu
 from qwen35_lite.experts.formats import expert_format
 from qwen35_lite.experts.rates import ExpertRates, measure_rates
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
+pytestmark = pytest.mark.usefixtures("fake_cuda")  # stand-in CUDA streams and events, every test
+
 SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_tok=4, vocab_size=4096)
 CPU = torch.device("cpu")
-
-
-class _Stream:
-    def wait_stream(self, other) -> None:
-        pass
-
-    def wait_event(self, ev) -> None:
-        pass
-
-
-class _Event:
-    def record(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-
-
-class _StandIn(TieredExperts):
-    """device "cuda" for the tiers' logic, every buffer on the CPU (the model runs on the CPU)."""
-
-    def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +30,10 @@ def ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPEC, dtype=torch.float32)
 
 
-def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _StandIn:
+def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _CpuStandInGpu:
     ck, cfg = Checkpoint(path), load_config(path)
     fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
-    p = _StandIn(
+    p = _CpuStandInGpu(
         ExpertStore(ck, cfg.text, fmt),
         torch.device("cuda"),
         torch.float32,
@@ -77,7 +47,7 @@ def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _
     return p
 
 
-def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt, fake_cuda):
+def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt):
     p = _standin(ckpt, in_place=True)
     store = p.store
     p.get(0, [0, 1, 2, 3])  # a prefill-like lookup: copied to the GPU as usual
@@ -100,7 +70,7 @@ def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt, fa
     assert s["gpu_misses"] == 4 + 2 and s["experts_on_cpu"] == 2
 
 
-def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(ckpt, fake_cuda):
+def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(ckpt):
     p = _standin(ckpt, in_place=False)
     p.get(0, [0, 1, 2, 3])
     got = p.get(0, [0, 1, 8, 9], one_token=True)
@@ -118,14 +88,14 @@ def _swiglu(x, gate_up):
     return torch.nn.functional.silu(g) * u
 
 
-def test_prefill_lookups_never_split(ckpt, fake_cuda):
+def test_prefill_lookups_never_split(ckpt):
     p = _standin(ckpt, in_place=True)
     got = p.get(1, [4, 5, 6])
     assert not got.cpu_slot and p.experts_on_cpu == 0
 
 
 @pytest.mark.parametrize("gpu_slots,cpu_slots", [(5, 12), (4, 4), (16, 16)])
-def test_cpu_computed_experts_give_the_gpu_computed_tokens_in_fp32(ckpt, fake_cuda, gpu_slots, cpu_slots):
+def test_cpu_computed_experts_give_the_gpu_computed_tokens_in_fp32(ckpt, gpu_slots, cpu_slots):
     """Greedy tokens and logits with GPU misses computed by the CPU equal those with every miss copied
     to the GPU, and the reference provider's."""
     ids = torch.randint(0, SPEC.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
@@ -143,7 +113,7 @@ def test_cpu_computed_experts_give_the_gpu_computed_tokens_in_fp32(ckpt, fake_cu
     assert (on_cpu > 0) == (gpu_slots < SPEC.num_experts) and runs[False][1]["experts_on_cpu"] == 0
 
 
-def test_rates_pick_the_faster_side(ckpt, fake_cuda):
+def test_rates_pick_the_faster_side(ckpt):
     p = _standin(ckpt, in_place=False)
     p.preload()
     rates = measure_rates(p, sync=lambda: None, gpu_scratch=torch.empty(p.slot_nbytes, dtype=torch.uint8))
@@ -176,12 +146,12 @@ def test_info_shows_the_expected_split_on_a_gpu_budget(tmp_path):
     assert "expected expert split" not in dict(plan_rows(cpu_plan))
 
 
-def test_pinned_host_memory_stays_under_its_cap(ckpt, fake_cuda):
+def test_pinned_host_memory_stays_under_its_cap(ckpt):
     """Slots past the cap are pageable (copies from them are staged by the driver): with a cap of 0
     nothing is page-locked, and the tiers work as before."""
     ck, cfg = Checkpoint(ckpt), load_config(ckpt)
     fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
-    p = _StandIn(
+    p = _CpuStandInGpu(
         ExpertStore(ck, cfg.text, fmt), torch.device("cuda"), torch.float32, cpu_slots=4, gpu_slots=2,
         pin=True, pinned_bytes=0, prefetch=False,
     )  # fmt: skip

@@ -132,24 +132,14 @@ def test_stacked_fp8_slots_equal_the_fp8_experts_one_by_one(D, I):
     batched dequantisation against each bound expert."""
     from qwen35_lite.experts.formats import Fp8BlockFormat
 
-    E, A = 12, 4
     fmt = Fp8BlockFormat(D, I, torch.float32, torch.float8_e4m3fn, dequantise_on_use=True)
-    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.zeros(n, dtype=torch.uint8))
-    g = torch.Generator().manual_seed(D)
-    for s in range(E):
-        for part, view in zip(fmt.raw, fmt.raw_views(tier.pools[0].slots[s])):
-            if part.dtype == torch.float8_e4m3fn:
-                view.copy_((torch.randn(part.shape, generator=g) * 8).to(torch.float8_e4m3fn))
-            else:
-                view.copy_(torch.rand(part.shape, generator=g) / 64 + 1e-3)
-    experts = {s: tier.experts[0][s] for s in range(E)}
-    for _ in range(5):
-        x = torch.randn(1, D, generator=g)
-        ids = torch.randperm(E, generator=g)[:A][None]
-        weights = torch.softmax(torch.randn(1, A, generator=g), -1)
-        want = dispatch_decode(x, weights, ids, experts)
-        got = dispatch_stacked(x, weights, ids[0], tier.stacks[0])
-        torch.testing.assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5)
+
+    def fill(part, g):
+        if part.dtype == torch.float8_e4m3fn:
+            return (torch.randn(part.shape, generator=g) * 8).to(torch.float8_e4m3fn)
+        return torch.rand(part.shape, generator=g) / 64 + 1e-3
+
+    _check_stacked_raw_slots(fmt, fill, seed=D)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -160,20 +150,29 @@ def test_stacked_int4_slots_equal_the_int4_experts_one_by_one(symmetric, group):
     from qwen35_lite.experts import int4
     from qwen35_lite.experts.formats import Int4Format
 
-    D, I, E, A = 128, 64, 10, 4
     scheme = int4.QuantScheme(group_size=group, symmetric=symmetric)
-    fmt = Int4Format(D, I, torch.float32, scheme, torch.bfloat16, kernel=False)
+    fmt = Int4Format(128, 64, torch.float32, scheme, torch.bfloat16, kernel=False)
+
+    def fill(part, g):
+        if part.dtype == torch.int32:
+            return torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64)
+        return torch.rand(part.shape, generator=g) / 16 + 1e-3
+
+    _check_stacked_raw_slots(fmt, fill, seed=3 + symmetric)
+
+
+def _check_stacked_raw_slots(fmt, fill, seed: int, E: int = 12, A: int = 4) -> None:
+    """Slots holding a format's raw bytes (filled part by part by `fill(part, generator)`): the layer's
+    stack against the experts bound to the same slots, run one by one (fp32: a tolerance, sums differ
+    in order)."""
     tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.zeros(n, dtype=torch.uint8))
-    g = torch.Generator().manual_seed(3 + symmetric)
+    g = torch.Generator().manual_seed(seed)
     for s in range(E):
         for part, view in zip(fmt.raw, fmt.raw_views(tier.pools[0].slots[s])):
-            if part.dtype == torch.int32:
-                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
-            else:
-                view.copy_(torch.rand(part.shape, generator=g) / 16 + 1e-3)
+            view.copy_(fill(part, g))
     experts = {s: tier.experts[0][s] for s in range(E)}
     for _ in range(5):
-        x = torch.randn(1, D, generator=g)
+        x = torch.randn(1, fmt.D, generator=g)
         ids = torch.randperm(E, generator=g)[:A][None]
         weights = torch.softmax(torch.randn(1, A, generator=g), -1)
         want = dispatch_decode(x, weights, ids, experts)
