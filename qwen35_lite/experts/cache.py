@@ -54,6 +54,7 @@ class Acquired(dict):
         self.stack, self.slot = stack, slot
         self.cpu_slot, self.cpu_stack = cpu_slot or {}, cpu_stack
         self.late: list[int] = []  # experts not placed yet: `finish()` places them (in `slot` or `cpu_slot`)
+        self.late_on_cpu = False  # `finish()` leaves the late ones to the CPU (compute_in_place)
         self.finish: Callable[[], None] = lambda: None
 
 
@@ -262,7 +263,7 @@ class TieredExperts:
         where = {e: gpu_pool.where[e] for e in hits}
         views = {e: self._view(self.gpu, layer, s) for e, s in where.items()}
         out = Acquired(views, self.gpu.stacks[layer], where)
-        out.late = misses
+        out.late, out.late_on_cpu = misses, self.compute_in_place
         out.finish = lambda: self._finish_late(layer, out, need, queued)
         return out
 

@@ -123,6 +123,9 @@ def dispatch_split(x, weights, picked: list[int], experts: Acquired) -> torch.Te
     order for `dispatch_stacked`'s weighting and reduction, so the sum's order never depends on which
     side finished first."""
     A = len(picked)
+    # before the hits are queued: the routing was just read back, so x is ready and this copy waits for
+    # nothing; after them it would wait for their compute, which the CPU's share is meant to overlap
+    x_host = x.to("cpu") if experts.late_on_cpu else None
     out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order
     _stacked_rows(out, x, picked, experts.slot, experts.stack)  # queued: runs while the rest is placed
     done = set(experts.slot)
@@ -132,7 +135,7 @@ def dispatch_split(x, weights, picked: list[int], experts: Acquired) -> torch.Te
     if experts.cpu_slot:
         rows = [a for a, e in enumerate(picked) if e in experts.cpu_slot]
         ram_slots = torch.tensor([experts.cpu_slot[picked[a]] for a in rows])
-        out[rows] = experts.cpu_stack(x.to("cpu"), ram_slots).to(x.device)
+        out[rows] = experts.cpu_stack(x_host, ram_slots).to(x.device)
     out = out * weights.reshape(-1)[:, None]
     return out.view(1, A, -1).sum(dim=1)
 
