@@ -246,6 +246,14 @@ def report(results: dict, path: Path, gbs: float, where: str, bf16: bool | None,
             f"{runs[0]['host_reads_per_token']} | {g:.1f} | {100 * g / gbs:.0f}% |"
         )
     hf = "transformers"
+    if args.before:
+        rev = subprocess.run(
+            ["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        lines += [
+            "",
+            f"ours-before: the checkout at {args.before} ({rev.stdout.strip() or 'not a git tree'}).",
+        ]
     lines += [
         "",
         f"A token reads {per_tok / 2**20:.0f} MiB of weights; the machine streams a bf16 matrix-vector "
