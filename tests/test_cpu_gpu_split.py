@@ -159,3 +159,31 @@ def test_pinned_host_memory_stays_under_its_cap(ckpt):
     got = p.get(0, [1, 2])
     gate_up, _ = p.store.read(0, 2, torch.float32)
     assert torch.equal(got[2].gate_up, gate_up) and p.stats()["pinned_bytes"] == 0
+
+
+def test_the_plan_holds_a_decode_steps_gathered_experts(tmp_path):
+    """StackedExperts gathers the top-k experts (and, for FP8 on a GPU, dequantises them in fp32): the
+    plan's buffers hold that at a decode step, whatever the prefill block."""
+    import json
+
+    from test_plan import CONFIG_397B
+
+    from qwen35_lite.plan.memory import MemoryPlan
+    from qwen35_lite.plan.sizes import activation_bytes
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG_397B))
+    cfg = load_config(tmp_path).text
+    fp8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    for stored, raw, per_expert in (
+        (torch.bfloat16, {}, 2 * 1024 * 4096 * 2),
+        (torch.float8_e4m3fn, fp8, None),
+    ):
+        plan = MemoryPlan.build(
+            cfg, device="cuda", dtype=torch.bfloat16, stored_dtype=stored, raw_config=raw,
+            gpu_mem=22.5, cpu_mem=110, context=8192,
+        )  # fmt: skip
+        if per_expert is not None:
+            assert plan.decode_gather == 10 * per_expert  # ten bf16 gate_up matrices
+        else:
+            assert plan.decode_gather > 10 * 2 * 1024 * 4096 * 4  # fp32 dequantisation besides
+        assert plan.activations >= activation_bytes(cfg, torch.bfloat16, 1, 8192) + plan.decode_gather

@@ -209,6 +209,11 @@ class ExpertFormat:
         None otherwise (their experts run one by one through `bind`)."""
         return None
 
+    def gather_nbytes(self, top_k: int) -> int:
+        """What a decode step's stacked experts hold at once (StackedExperts: the top-k gate_up
+        matrices gathered; formats dequantised per use also their raw bytes and fp32 intermediates)."""
+        return 0
+
     def raw_views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [p.view(buf) for p in self.raw]
 
@@ -274,6 +279,14 @@ class DenseFormat(ExpertFormat):
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
 
+    def gather_nbytes(self, top_k: int) -> int:
+        return top_k * 2 * self.I * self.D * self.dtype.itemsize
+
+
+def _dequantised_gather(fmt: ExpertFormat, top_k: int) -> int:
+    """Raw bytes of top-k experts, gate and up in fp32 and concatenated, and the cast to the compute dtype."""
+    return top_k * (fmt.raw_nbytes + 2 * fmt.I * fmt.D * (8 + fmt.dtype.itemsize))
+
 
 class Fp8BlockFormat(ExpertFormat):
     """float8_e4m3fn weights + fp32 weight_scale_inv [ceil(out/128), ceil(in/128)], per expert.
@@ -324,6 +337,11 @@ class Fp8BlockFormat(ExpertFormat):
         if self.direct:  # the FP8 bytes and scales: gathered, then dequantised together
             return StackedFp8(stack_parts(self.raw, buffer, n_slots, stride), FP8_BLOCK)
         return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
+
+    def gather_nbytes(self, top_k: int) -> int:
+        if self.direct:
+            return _dequantised_gather(self, top_k)
+        return top_k * 2 * self.I * self.D * self.dtype.itemsize
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -447,6 +465,9 @@ class Int4Format(ExpertFormat):
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         # the CPU int4 kernel takes one matrix at a time: its experts run one by one
         return None if self.kernel else StackedInt4(self, stack_parts(self.raw, buffer, n_slots, stride))
+
+    def gather_nbytes(self, top_k: int) -> int:
+        return 0 if self.kernel else _dequantised_gather(self, top_k)
 
 
 # ---- choosing the format -------------------------------------------------------------------------

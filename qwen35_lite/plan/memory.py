@@ -78,6 +78,7 @@ class MemoryPlan:
         True  # routed experts run as F.linear (not torch's int4 kernel): cpu_matmul_retained
     )
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
+    decode_gather: int = 0  # a decode step's stacked experts (ExpertFormat.gather_nbytes)
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
     moe_layers: int = 0
@@ -146,6 +147,7 @@ class MemoryPlan:
             # a format that prepares slots reads through staging: foreground + prefetch thread
             plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
             plan.experts_by_linear = not getattr(fmt, "kernel", False)
+            plan.decode_gather = fmt.gather_nbytes(cfg.num_experts_per_tok)
         plan.prefill_block = plan._prefill_block(ctx)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
@@ -280,7 +282,7 @@ class MemoryPlan:
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
             self._activations(min(self.prefill_block, ctx), ctx),
-            self._activations(1, ctx),
+            self._activations(1, ctx) + self.decode_gather,
         )
         return kv, act
 
