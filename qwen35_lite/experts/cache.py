@@ -72,8 +72,12 @@ class StaticSlots:
     """A layer whose compute tier holds every expert: the stack and the expert -> slot map [E] as a tensor
     on the compute device, so a decode step picks its slots there, with no host read."""
 
-    def __init__(self, stack: StackedExperts, slot_of: torch.Tensor) -> None:
-        self.stack, self.slot_of = stack, slot_of
+    def __init__(self, stack: StackedExperts, slot_of: torch.Tensor | None) -> None:
+        self.stack, self.slot_of = stack, slot_of  # None: expert e sits in slot e (a preload's order)
+
+    def slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """The slots of expert ids [A] (on the compute device)."""
+        return ids if self.slot_of is None else self.slot_of[ids]
 
 
 # ---- the reference provider ------------------------------------------------------------------
@@ -297,7 +301,9 @@ class TieredExperts:
             with self._locks[layer]:
                 for s in pool.where.values():
                     self._view(tier, layer, s)  # the compute stream waits for the copies into the slots
-            slot_of = torch.tensor([pool.where[e] for e in range(self.n_experts)], device=self.device)
+            where = [pool.where[e] for e in range(self.n_experts)]
+            identity = where == list(range(self.n_experts))
+            slot_of = None if identity else torch.tensor(where, device=self.device)
             st = self._static[layer] = StaticSlots(stack, slot_of)
         (self.gpu or self.ram).hits += self.top_k
         return st

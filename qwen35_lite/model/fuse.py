@@ -74,6 +74,8 @@ def prepare_top(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _prepare_deltanet(p: str, w: dict[str, torch.Tensor]) -> None:
     w[p + "neg_A"] = -w.pop(p + "A_log").float().exp()  # the decay rate: g = neg_A · softplus(a + dt_bias)
     w[p + "dt_bias"] = w[p + "dt_bias"].float()  # added to an fp32 value: promoted there anyway
+    conv = w[p + "conv1d.weight"]  # [C, 1, K]
+    w[p + "conv1d_f32"] = conv.float().reshape(conv.shape[0], conv.shape[-1], 1)  # decode: [C, K, 1] fp32
 
 
 def _prepare_attention(p: str, w: dict[str, torch.Tensor]) -> None:

@@ -207,7 +207,7 @@ class MoE:
         else with one host read of the routing (and of the lookahead's, in the same read)."""
         static = self.provider.static_slots(self.layer)
         if static is not None:
-            return dispatch_stacked(x, weights, static.slot_of[ids[0]], static.stack)
+            return dispatch_stacked(x, weights, static.slots(ids[0]), static.stack)
         hinting = self.next_gate is not None and self.provider.lookahead
         if hinting:
             # the next layer's router applied to this layer's input names the experts it will probably
