@@ -14,7 +14,7 @@ from test_expert_cache import _CpuStandInGpu, fake_cuda  # noqa: F401  (the fixt
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import Acquired, OnCpu
-from qwen35_lite.experts.formats import expert_format
+from qwen35_lite.experts.formats import expert_format, ffn
 from qwen35_lite.experts.rates import ExpertRates, measure_rates
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -60,7 +60,7 @@ def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt):
     for e in (2, 3, 7, 9):
         gate_up, down = store.read(0, e, torch.float32)
         x = torch.randn(1, SPEC.hidden_size)
-        torch.testing.assert_close(got[e](x), torch.nn.functional.linear(_swiglu(x, gate_up), down))
+        torch.testing.assert_close(got[e](x), ffn(x, gate_up, down))
     ram = p.ram.pools[0]
     for e, s in got.cpu_slot.items():
         assert ram.where[e] == s
@@ -81,11 +81,6 @@ def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(ckpt):
     assert all(gpu.where[e] == got.slot[e] for e in got.slot)  # the hits kept their slots
     gate_up, _ = p.store.read(0, 9, torch.float32)
     assert torch.equal(got[9].gate_up, gate_up)
-
-
-def _swiglu(x, gate_up):
-    g, u = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
-    return torch.nn.functional.silu(g) * u
 
 
 def test_prefill_lookups_never_split(ckpt):

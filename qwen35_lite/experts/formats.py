@@ -37,10 +37,12 @@ PROJ = ("gate", "up", "down")
 Expert = Callable[[torch.Tensor], torch.Tensor]  # x [T, D] -> y [T, D]
 
 
-def ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """The SwiGLU expert on dense weights: gate_up [2I, D], down [D, I]."""
-    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+def ffn(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, matmul: Callable = F.linear
+) -> torch.Tensor:
+    """The SwiGLU FFN on dense weights: gate_up [2I, D], down [D, I]; `matmul(x, w)` = x @ wᵀ."""
+    g, u = matmul(x, gate_up).chunk(2, dim=-1)
+    return matmul(F.silu(g) * u, down)
 
 
 class DenseExpert:
@@ -78,7 +80,21 @@ class StackedExperts:
         return torch.bmm(self.down(slots).to(x.dtype), (F.silu(g) * u).unsqueeze(-1)).squeeze(-1)
 
 
-class StackedFp8(StackedExperts):
+class _StackedDequantised(StackedExperts):
+    """Slots holding a quantised format's raw parts, stacked: `_dense(i, slots)` gathers and dequantises
+    matrix i (gate, up, down) of the given slots together; gate and up meet as one [A, 2I, D]."""
+
+    def _dense(self, i: int, slots: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._dense(0, slots), self._dense(1, slots)], dim=1)
+
+    def down(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._dense(2, slots)
+
+
+class StackedFp8(_StackedDequantised):
     """FP8 slots (weights + block scales) stacked: the A experts' FP8 bytes are gathered (a byte an
     element) and dequantised together, as `Fp8BlockFormat.dense` does one by one (w.float() * scale per
     block, fp32), then cast by the caller."""
@@ -93,14 +109,8 @@ class StackedFp8(StackedExperts):
         full = scale.float().repeat_interleave(b, 1)[:, :o].repeat_interleave(b, 2)[:, :, :n]
         return w.float() * full  # [A, o, n]
 
-    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._dense(0, slots), self._dense(1, slots)], dim=1)
 
-    def down(self, slots: torch.Tensor) -> torch.Tensor:
-        return self._dense(2, slots)
-
-
-class StackedInt4(StackedExperts):
+class StackedInt4(_StackedDequantised):
     """Packed int4 slots (exact mode) stacked: the A experts' packed words, scales (and zero points)
     gathered and dequantised together by the same steps as one by one (experts.int4.dequantize_int4)."""
 
@@ -113,12 +123,6 @@ class StackedInt4(StackedExperts):
         shape = fmt.mats[i]
         zp = pick[2] if len(pick) > 2 else None
         return int4.dequantize_int4(pick[0], pick[1], zp, fmt.scheme.group_size or shape[1], fmt.dtype, shape)
-
-    def gate_up(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._dense(0, slots), self._dense(1, slots)], dim=1)
-
-    def down(self, slots: torch.Tensor) -> torch.Tensor:
-        return self._dense(2, slots)
 
 
 def stack_parts(parts: Sequence[Part], buffer: torch.Tensor, n_slots: int, stride: int) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import TextConfig
 from ..experts.cache import Acquired, StaticSlots
 from ..experts.formats import Expert, StackedExperts, ffn
-from .layers import linear, swiglu
+from .layers import linear
 
 
 class ExpertProvider(Protocol):
@@ -58,9 +58,6 @@ def route_reference(x: torch.Tensor, router_w: torch.Tensor, top_k: int) -> tupl
     top, ids = torch.topk(probs, top_k, dim=-1)
     top = top / top.sum(dim=-1, keepdim=True)
     return top.to(x.dtype), ids
-
-
-expert_ffn = ffn  # the dense SwiGLU expert (gate_up [2I, D], down [D, I])
 
 
 def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
@@ -175,15 +172,11 @@ class MoE:
         w = self.w
         down = w["shared_expert.down_proj"]  # [D, Is]
         Is = down.shape[1]
-        if "shared_in_proj" in w:  # fused at load (model/fuse.py): [gate | up | gate row], one matmul
-            h = linear(x, w["shared_in_proj"])  # [T, 2·Is + 1]
-            shared = linear(F.silu(h[:, :Is]) * h[:, Is : 2 * Is], down)
-            gate = h[:, 2 * Is :]
-        else:
-            shared = swiglu(x, w["shared_expert.gate_proj"], w["shared_expert.up_proj"], down)
-            gate = linear(x, w["shared_expert_gate"])
+        # fused at load (model/fuse.py): [gate | up | gate row], one matmul
+        h = linear(x, w["shared_in_proj"])  # [T, 2·Is + 1]
+        shared = linear(F.silu(h[:, :Is]) * h[:, Is : 2 * Is], down)
         weights, ids = route(x, w["gate"], self.top_k)
-        return weights, ids, torch.sigmoid(gate) * shared
+        return weights, ids, torch.sigmoid(h[:, 2 * Is :]) * shared
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         """A prefill block x [T, D]: its experts asked for once, each computed chunk by chunk
@@ -235,11 +228,7 @@ class DenseMLP:
         self.w = w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        if "gate_up_proj" not in w:
-            return swiglu(x, w["gate_proj"], w["up_proj"], w["down_proj"])
-        g, u = linear(x, w["gate_up_proj"]).chunk(2, dim=-1)
-        return linear(F.silu(g) * u, w["down_proj"])
+        return ffn(x, self.w["gate_up_proj"], self.w["down_proj"], linear)
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([self(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
