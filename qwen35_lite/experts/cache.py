@@ -181,12 +181,14 @@ class TieredExperts:
         fmt = store.format
         self.slot_nbytes = fmt.slot_nbytes
         pin = on_gpu if pin is None else pin
-        self.pinned_bytes, cap = 0, pinned_bytes if pinned_bytes is not None else PINNED_CAP
+        self.pinned_bytes = 0
+        if pinned_bytes is None:  # half the machine's memory, asked only when something is pinned
+            pinned_bytes = _default_pinned_cap() if pin else 0
 
         def ram_buffer(n: int) -> torch.Tensor:
             # page-locked while under the cap (the OS cannot page it out: too much starves the machine);
             # a layer past it copies to the GPU from pageable memory, staged by the driver: slower, same bytes
-            pinned = pin and self.pinned_bytes + n <= cap
+            pinned = pin and self.pinned_bytes + n <= pinned_bytes
             self.pinned_bytes += n if pinned else 0
             return _host_buffer(n, pinned)
 
@@ -255,18 +257,11 @@ class TieredExperts:
         their disk reads and copies then overlap that compute. With compute_in_place the misses stay in
         RAM slots for the CPU (and are copied to the GPU in the background for the tokens after), else
         they are copied into GPU slots first."""
-        gpu_pool = self.gpu.pools[layer]
-        hits = [e for e in need if e in gpu_pool.where]
-        misses = [e for e in need if e not in gpu_pool.where]
-        self._count(self.gpu, layer, hits, misses)
-        for e in hits:
-            gpu_pool.policy.touch(e)
-        gpu_pool.in_use = set(need)  # the misses' GPU slots never evict a hit
+        self.gpu.pools[layer].in_use = set(need)  # the misses' GPU slots never evict a hit
+        hits, misses = self._look_up(self.gpu, layer, need)
         queued = torch.cuda.Event()  # what the side stream must wait for: everything before the hits
         queued.record(torch.cuda.current_stream(self.device))
-        where = {e: gpu_pool.where[e] for e in hits}
-        views = {e: self._view(self.gpu, layer, s) for e, s in where.items()}
-        out = Acquired(views, self.gpu.stacks[layer], where)
+        out = self._handed_out(self.gpu, layer, hits)
         out.late, out.late_on_cpu = misses, self.compute_in_place
         out.finish = lambda: self._finish_late(layer, out, need, queued)
         return out
@@ -282,11 +277,11 @@ class TieredExperts:
                 out.update({e: OnCpu(ram[e]) for e in misses})
                 return
             gpu_pool = self.gpu.pools[layer]
-            slots = [gpu_pool.take(gpu_pool.in_use - set(misses)) for _ in misses]
+            slots = [gpu_pool.take(gpu_pool.in_use) for _ in misses]  # in_use: this step's experts
             self._gpu.fill(layer, misses, slots, after=queued)
-            for e in misses:
-                out.slot[e] = gpu_pool.where[e]
-                out[e] = self._view(self.gpu, layer, gpu_pool.where[e])
+            placed = self._handed_out(self.gpu, layer, misses)
+            out.update(placed)
+            out.slot.update(placed.slot)
 
     def static_slots(self, layer: int) -> StaticSlots | None:
         """The layer's slots as a StaticSlots when its compute tier holds every expert (nothing can be
@@ -419,14 +414,24 @@ class TieredExperts:
         pool.in_use = set(need)
         if len(need) > pool.capacity:
             return _Streamed(self, tier, layer, need)
-        misses = [e for e in need if e not in pool.where]
-        self._count(tier, layer, [e for e in need if e in pool.where], misses)
-        for e in need:
-            if e in pool.where:
-                pool.policy.touch(e)
+        hits, misses = self._look_up(tier, layer, need)
         slots = [pool.take(pool.in_use) for _ in misses]  # never None: capacity >= len(need)
         self._fill(tier, layer, misses, slots)
-        where = {e: pool.where[e] for e in need}
+        return self._handed_out(tier, layer, need)
+
+    def _look_up(self, tier: SlotTier, layer: int, need: list[int]) -> tuple[list[int], list[int]]:
+        """(hits, misses) of `need` in the tier's pool of `layer`: counted, the hits touched."""
+        pool = tier.pools[layer]
+        hits = [e for e in need if e in pool.where]
+        misses = [e for e in need if e not in pool.where]
+        self._count(tier, layer, hits, misses)
+        for e in hits:
+            pool.policy.touch(e)
+        return hits, misses
+
+    def _handed_out(self, tier: SlotTier, layer: int, experts: list[int]) -> Acquired:
+        """Experts resident in the tier's slots of `layer` as callables, with the layer's stack."""
+        where = {e: tier.pools[layer].where[e] for e in experts}
         return Acquired({e: self._view(tier, layer, s) for e, s in where.items()}, tier.stacks[layer], where)
 
     def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> Expert:
@@ -537,9 +542,6 @@ def _default_pinned_cap() -> int:
     import psutil
 
     return psutil.virtual_memory().total // 2
-
-
-PINNED_CAP = _default_pinned_cap()
 
 
 def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:

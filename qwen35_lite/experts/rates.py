@@ -65,7 +65,7 @@ def measure_rates(
     pool = ram.pools[layer]
     if not pool.where:  # nothing read into this layer's RAM tier yet (the GPU tier was filled through it)
         provider.get_ram(layer, [0])
-    e, s = next(iter(pool.where.items()))
+    s = next(iter(pool.where.values()))  # any resident expert: they all cost the same
     x = torch.randn(1, provider.store.cfg.hidden_size).to(provider.dtype)
     stack = ram.stacks[layer]
     if stack is not None:
