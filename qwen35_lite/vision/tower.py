@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..checkpoint import Checkpoint
 from ..config import VisionConfig
 from ..errors import CheckpointError
+from ..model.layers import rotate_half
 
 LN_EPS = 1e-6
 ROPE_THETA = 10000.0  # vision_config.rope_parameters.rope_theta default (VisionConfig does not carry it)
@@ -69,11 +70,6 @@ def vision_tensor_shapes(cfg: VisionConfig) -> dict[str, tuple[int, ...]]:
     for b in range(c.depth):
         out.update({f"blocks.{b}.{k}": block[k] for k in BLOCK_KEYS})
     return out
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _patch_rows_cols(t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +165,8 @@ class VisionTower:
         q, k, v = qkv.reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # each [N, H, hd]
         c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [N, 1, hd]
         qf, kf = q.float(), k.float()
-        q = (qf * c + _rotate_half(qf) * s).to(x.dtype)
-        k = (kf * c + _rotate_half(kf) * s).to(x.dtype)
+        q = (qf * c + rotate_half(qf) * s).to(x.dtype)
+        k = (kf * c + rotate_half(kf) * s).to(x.dtype)
         q, k, v = (y.transpose(0, 1).unsqueeze(0) for y in (q, k, v))  # [1, H, N, hd]
         # Bidirectional attention inside each frame of each image only.
         outs = [
