@@ -29,23 +29,24 @@ TINY_VISION = dict(
 )
 
 # Shapes that exercise different code paths: v/k head ratio ≠ 1, GQA, several full-attention layers, dk ≠ dv.
+_RATIO2_GQA2 = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=3,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},
+)
 SHAPES = {
-    "moe_ratio2_gqa2": dict(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=3,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},
-    ),
+    "moe_ratio2_gqa2": _RATIO2_GQA2,
     "moe_2attn_gqa4_dkdv": dict(
         hidden_size=48,
         num_hidden_layers=8,
@@ -63,21 +64,13 @@ SHAPES = {
         shared_expert_intermediate_size=20,
         rope_parameters={**ROPE, "mrope_section": [1, 1, 1]},
     ),
-    "moe_int4": dict(  # expert widths divisible by the int4 group sizes 32 and 64
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
+    # expert widths divisible by the int4 group sizes 32 and 64; otherwise the first shape
+    "moe_int4": dict(
+        _RATIO2_GQA2,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=64,
         shared_expert_intermediate_size=32,
-        rope_parameters={**ROPE, "mrope_section": [2, 1, 1]},
     ),
     "dense": dict(
         hidden_size=64,
