@@ -13,8 +13,8 @@ from test_expert_cache import _CpuStandInGpu, fake_cuda  # noqa: F401  (the fixt
 
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
-from qwen35_lite.experts.cache import Acquired, OnCpu
 from qwen35_lite.experts.formats import expert_format, ffn
+from qwen35_lite.experts.lookup import Acquired, OnCpu
 from qwen35_lite.experts.rates import ExpertRates, measure_rates
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint

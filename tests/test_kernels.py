@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen35_lite.experts.formats import DenseExpert, DenseFormat, stack_parts
+from qwen35_lite.experts.formats import DenseExpert, DenseFormat
 from qwen35_lite.experts.slots import SlotTier
+from qwen35_lite.experts.stacks import stack_parts
 from qwen35_lite.model.attention import _attend, _attend_reference
 from qwen35_lite.model.deltanet import (
     causal_conv,

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
-from ..experts.cache import Acquired, StaticSlots
-from ..experts.formats import Expert, StackedExperts, ffn
+from ..experts.formats import Expert, ffn
+from ..experts.lookup import Acquired, StaticSlots
+from ..experts.stacks import StackedExperts
 from .layers import linear
 
 
