@@ -393,7 +393,7 @@ def make_checkpoint(
     shards = sorted(out.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     ui.out.print(f"wrote {out} ({human_bytes(total)} in {plural(len(shards), 'shard')})", markup=False)
-    ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
+    ui.out.print(f"try:  qwen35-lite chat --model {out} --no-think --max-new-tokens 40", markup=False)
 
 
 def check_room(out: Path, spec, dtype_size: int, shard_bytes: int) -> None:
