@@ -1,35 +1,41 @@
 """The command line: the Typer app and its commands, the chat REPL and every piece of rich rendering.
 Nothing below this package prints.
 
-Importing this package is light: `main` imports the app (typer, rich, torch: about a second) inside its
-own Ctrl+C guard, so an interrupt during those imports is a quiet exit 130, as it is later.
+Importing it takes about a second (typer, rich, torch): a Ctrl+C in that second exits 130 quietly, as it
+does later, instead of a KeyboardInterrupt traceback from inside an import.
 """
 
-from __future__ import annotations
-
+import signal
 import sys
+import threading
 
 EXIT_INTERRUPTED = 130
 
 
+def _exit_interrupted(signum, frame):
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+# Only where Ctrl+C still has Python's default meaning (not in a host that set its own handler).
+_guard = threading.current_thread() is threading.main_thread() and (
+    signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
+if _guard:
+    signal.signal(signal.SIGINT, _exit_interrupted)
+try:
+    from .app import app
+    from .app import main as _run_app
+finally:
+    if _guard:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
-    """The `qwen35-lite` entry point."""
+    """The `qwen35-lite` entry point; a Ctrl+C before a command's own handling is in place exits 130."""
     try:
-        from .app import main as run_app
-
-        run_app()
-    except KeyboardInterrupt:  # before a command's own handling is in place (imports, option parsing)
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")  # past the ^C the terminal echoed
+        _run_app()
+    except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
-
-
-def __getattr__(name: str):
-    if name == "app":  # `from qwen35_lite.cli import app` (tests, embedding) loads it on first use
-        from .app import app
-
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["app", "main"]
