@@ -28,7 +28,9 @@ def pick_device(name: str) -> torch.device:
         return torch.device(name)
     index = _cuda_index(name)
     if not torch.cuda.is_available():
-        raise InputError(f"--device {name} was asked for but no CUDA GPU is visible", "use --device cpu or auto")
+        raise InputError(
+            f"--device {name} was asked for but no CUDA GPU is visible", "use --device cpu or auto"
+        )
     count = torch.cuda.device_count()
     if index is not None and index >= count:
         raise InputError(

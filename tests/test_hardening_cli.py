@@ -335,7 +335,9 @@ def test_make_checkpoint_that_fails_midway_removes_the_directory_it_made(tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_a_cuda_index_without_a_gpu_is_one_line(ckpt):
-    assert_one_line_error(cli("run", "-m", ckpt, "--device", "cuda:99", "hi"), "cuda:99", "no CUDA GPU", code=1)
+    assert_one_line_error(
+        cli("run", "-m", ckpt, "--device", "cuda:99", "hi"), "cuda:99", "no CUDA GPU", code=1
+    )
 
 
 def test_a_cuda_index_past_the_gpus_is_refused(monkeypatch):

@@ -283,7 +283,9 @@ def test_a_read_only_out_is_one_line(fused_bf16, tmp_path, monkeypatch):
         return real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    one_error_line(quantize_cli(fused_bf16, out, "--group-size", "64"), "Read-only file system", "nothing was written")
+    one_error_line(
+        quantize_cli(fused_bf16, out, "--group-size", "64"), "Read-only file system", "nothing was written"
+    )
 
 
 def test_too_little_free_space_is_refused_before_writing(fused_bf16, tmp_path, monkeypatch):

@@ -77,7 +77,9 @@ def quantize(
     if group_size is None:
         group_size = default_group_size(src_dir)
         if group_size != GROUP_SIZES[-1]:
-            ui.info(f"--group-size {group_size}: the largest of 128, 64, 32 that divides every expert's inputs")
+            ui.info(
+                f"--group-size {group_size}: the largest of 128, 64, 32 that divides every expert's inputs"
+            )
     scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
     bar = Progress(
         TextColumn("quantizing"),
