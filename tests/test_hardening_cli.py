@@ -326,8 +326,9 @@ def test_make_checkpoint_that_fails_midway_removes_the_directory_it_made(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(synthetic, "save_file", full_disk)
-    r = CliRunner().invoke(app, ["make-checkpoint", str(tmp_path / "ckpt"), *TINY_ARGS])
-    assert r.exit_code != 0 and not (tmp_path / "ckpt").exists()
+    r = cli("make-checkpoint", tmp_path / "ckpt", *TINY_ARGS)
+    assert_one_line_error(r, "No space left on device", code=1)
+    assert not (tmp_path / "ckpt").exists()
 
 
 # ---- devices, files a flag names, Ctrl+C during the imports ----------------------------------------------
