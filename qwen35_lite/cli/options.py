@@ -92,7 +92,7 @@ Tools = Annotated[
         "--tools",
         metavar="FILE",
         help='Tools the model may call: a JSON list of {"type": "function", "function": {...}} (OpenAI'
-        " style); the calls in the reply are printed after it.",
+        " style), a regular file of at most 8 MiB; the calls in the reply are printed after it.",
         show_default=False,
     ),
 ]
