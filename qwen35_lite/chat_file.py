@@ -19,8 +19,9 @@ from pathlib import Path
 from .errors import InputError
 from .sampling import SamplingParams
 from .settings import THINK_MODES, check_setting
+from .user_files import MiB, check_write_target, default_file_mode, read_user_file
 
-MAX_SAVE_BYTES = 8_000_000  # the text of a full 262k-token context is ~1 MB: this leaves room for thinking
+MAX_SAVE_BYTES = 8 * MiB  # the text of a full 262k-token context is ~1 MB: this leaves room for thinking
 ROLES = ("user", "assistant")
 SETTING_KEYS = ("params", "max_new_tokens", "think", "system", "raw")  # ChatSettings' fields
 
@@ -32,6 +33,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, fsync it, then rename it over `path`: a reader (or a
     crash, or a full disk) sees the old file or the new one, never a truncated mix."""
     target = path.resolve()  # through a symlink: replace the file it names, not the link
+    check_write_target(target)  # never a device, FIFO, socket or directory (nor a link to one)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -39,6 +41,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode_for(target))
+        check_write_target(target)  # again: it may have appeared while the text was written
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -52,9 +55,7 @@ def _mode_for(target: Path) -> int:
     try:
         return stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return default_file_mode()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -92,27 +93,7 @@ def read_save(path: Path) -> SavedChat:
 
 
 def _read_json(path: Path) -> object:
-    try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path} is not a regular file", "pass a file written by /save")
-        if info.st_size > MAX_SAVE_BYTES:
-            raise InputError(
-                f"not a chat save: {path} is {info.st_size / 1e6:.0f} MB, over the"
-                f" {MAX_SAVE_BYTES / 1e6:.0f} MB limit",
-                "/save writes far smaller files; /clear and start a new conversation",
-            )
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SAVE_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}", "check the name; /save FILE writes one") from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        reason = getattr(e, "strerror", None) or str(e)
-        raise InputError(f"cannot read {path}: {reason}", "check the path and its permissions") from None
-    if len(raw) > MAX_SAVE_BYTES:  # it grew since stat()
-        raise InputError(
-            f"not a chat save: {path} is over {MAX_SAVE_BYTES / 1e6:.0f} MB", "pass a /save file"
-        )
+    raw = read_user_file(path, "not a chat save:", MAX_SAVE_BYTES, "pass a file written by /save")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, a 5000-digit number, nesting too deep

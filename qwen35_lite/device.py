@@ -21,13 +21,33 @@ DTYPES = {
 
 
 def pick_device(name: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N; InputError for a GPU this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InputError(f"unknown device {name!r}", "use auto, cpu or cuda")
+    if name == "cpu":
+        return torch.device(name)
+    index = _cuda_index(name)
+    if not torch.cuda.is_available():
+        raise InputError(
+            f"--device {name} was asked for but no CUDA GPU is visible", "use --device cpu or auto"
+        )
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        raise InputError(
+            f"--device {name}: this machine has {count} CUDA GPU{'s' if count != 1 else ''}",
+            f"use cuda:0 to cuda:{count - 1}" if count > 1 else "use --device cuda",
+        )
     return torch.device(name)
+
+
+def _cuda_index(name: str) -> int | None:
+    """N of cuda:N (None for plain cuda); InputError for anything else."""
+    if name == "cuda":
+        return None
+    prefix, _, number = name.partition(":")
+    if prefix != "cuda" or not number.isdigit() or len(number) > 4:
+        raise InputError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N")
+    return int(number)
 
 
 def pick_dtype(name: str, ckpt: Checkpoint, device: torch.device | str | None = None) -> torch.dtype:

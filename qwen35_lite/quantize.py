@@ -15,6 +15,8 @@ tokenizer files are in place: `check_not_partial` refuses a directory that still
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
@@ -30,6 +32,7 @@ import torch
 from .checkpoint import FP8_BLOCK, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, dequantize_fp8, read_range
 from .errors import CheckpointError, ConfigError, InputError
 from .experts.int4 import Int4Quantization, QuantScheme, parse_quantization_config, quantize_int4
+from .user_files import size_text
 
 PARTIAL_MARKER = ".qwen35-quantize-partial.json"
 MANIFEST_VERSION = 1
@@ -134,7 +137,7 @@ def _int4_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, schem
     if in_f % group:
         raise InputError(
             f"{module} has {in_f} input features, not a multiple of --group-size {group}",
-            f"pick a group size that divides {in_f}",
+            _group_hint([in_f]),
         )
     parts = [
         (f"{module}.weight_packed", torch.int32, (out_f, -(-in_f // 8))),
@@ -144,6 +147,49 @@ def _int4_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, schem
     if not scheme.symmetric:
         parts.append((f"{module}.weight_zero_point", torch.int32, (-(-out_f // 8), in_f // group)))
     return tuple(parts)
+
+
+def expert_input_features(ckpt: Checkpoint) -> list[int]:
+    """The input features of every routed expert matrix (the last dim, fused or per expert), sorted."""
+    return sorted({info.shape[-1] for info in ckpt.tensors.values() if EXPERT_NAME.match(info.name)})
+
+
+def fitting_group_sizes(features: list[int]) -> list[int]:
+    """The group sizes quantize writes that divide every one of `features`, largest first."""
+    return [g for g in sorted(GROUP_SIZES, reverse=True) if all(f % g == 0 for f in features)]
+
+
+def default_group_size(src: Path) -> int:
+    """The largest of 128, 64, 32 that divides every routed expert's input features (headers only)."""
+    features = expert_input_features(Checkpoint(Path(src)))
+    if not features:
+        raise CheckpointError(f"no routed experts in {src}", "quantize takes a Qwen3.5 MoE checkpoint")
+    fits = fitting_group_sizes(features)
+    if not fits:
+        raise InputError(
+            f"the experts' input features ({', '.join(map(str, features))}) are not a multiple of"
+            f" {', '.join(map(str, GROUP_SIZES))}",
+            "quantize writes groups of 32, 64 or 128 weights; this checkpoint's experts cannot be split so",
+        )
+    return fits[0]
+
+
+def _group_hint(features: list[int]) -> str:
+    fits = fitting_group_sizes(features)
+    if not fits:
+        return f"no group size quantize writes ({', '.join(map(str, GROUP_SIZES))}) divides {features[0]}"
+    return f"use --group-size {' or '.join(map(str, fits))}, or leave it out to pick the largest that fits"
+
+
+def _check_group_size(ckpt: Checkpoint, scheme: QuantScheme) -> None:
+    """An explicit group size that does not divide every expert: one error naming the sizes that do."""
+    features = expert_input_features(ckpt)
+    bad = [f for f in features if scheme.group_size and f % scheme.group_size]
+    if bad:
+        raise InputError(
+            f"--group-size {scheme.group_size} does not divide the experts' {bad[0]} input features",
+            _group_hint(features),
+        )
 
 
 def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantScheme) -> Iterator[Job]:
@@ -269,13 +315,18 @@ def _write_shard(
     shard: Shard, out: Path, scheme: QuantScheme, mse_clip: bool, on_job: Callable[[int], None]
 ) -> None:
     tmp = out / (shard.file + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(shard.header)
-        for job in shard.jobs:
-            _write_job(job, scheme, mse_clip, f)
-            on_job(job.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(shard.header)
+            for job in shard.jobs:
+                _write_job(job, scheme, mse_clip, f)
+                on_job(job.nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full disk gets its space back; the finished shards stay
+        raise
     if tmp.stat().st_size != shard.nbytes:
         raise CheckpointError(f"{shard.file} came out {tmp.stat().st_size} bytes, planned {shard.nbytes}", "")
     tmp.replace(out / shard.file)
@@ -414,6 +465,47 @@ def _write_metadata(src: Path, out: Path, config: dict, scheme: QuantScheme, sha
 # ---- the command's work ------------------------------------------------------------------------------
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """Refuse at once an OUT whose disk cannot hold what is left to write (it may still fill up meanwhile:
+    the write errors are reported as one line too)."""
+    where = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), None)
+    try:
+        free = shutil.disk_usage(where).free if where is not None else None
+    except OSError:
+        free = None
+    if free is not None and needed > free:
+        raise InputError(
+            f"{out} needs {size_text(needed)} more, and its disk has {size_text(free)} free",
+            "free some space, or pick an OUT on another disk",
+        )
+
+
+def _is_source_error(e: OSError, src: Path, out: Path) -> bool:
+    """An error reading SRC (it names a file there) is not OUT's: it keeps its own words."""
+    if e.filename is None:
+        return False
+    path = Path(e.filename).absolute()
+    return path.is_relative_to(src.absolute()) and not path.is_relative_to(out.absolute())
+
+
+def _write_error(e: OSError, out: Path, done: int, shards: int, left: int) -> InputError:
+    """A full disk or a place we may not write: one line; what is finished stays, and a rerun resumes."""
+    kept = (
+        f"the {done} finished shard(s) are kept: the same command resumes"
+        if (out / PARTIAL_MARKER).exists()
+        else "nothing was written"
+    )
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InputError(
+            f"cannot write {out}: {e.strerror} ({done} of {shards} shards written, {size_text(left)} to go)",
+            f"free {size_text(left)} on that disk, or pick another OUT; {kept}",
+        )
+    return InputError(f"cannot write {out}: {e.strerror}", f"pick a directory you can write to; {kept}")
+
+
 def _check_scheme(scheme: QuantScheme) -> None:
     if scheme.bits != 4:
         raise InputError(f"--bits {scheme.bits} is not supported", "only 4-bit (W4A16) experts are written")
@@ -440,31 +532,39 @@ def quantize_checkpoint(
     if out.resolve() == src.resolve():
         raise InputError("OUT is the source directory", "write the quantised checkpoint to a new directory")
     config = _source_config(src)
-    shards = plan_shards(plan_jobs(Checkpoint(src), scheme), shard_bytes)
+    ckpt = Checkpoint(src)
+    _check_group_size(ckpt, scheme)
+    shards = plan_shards(plan_jobs(ckpt, scheme), shard_bytes)
     manifest = _manifest(src, scheme, mse_clip, shard_bytes, shards)
     done = _finished_shards(out, _read_marker(out), manifest, force)
     resumed = len(done)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out, done)
-    _save_marker(out, manifest, done)
     total = sum(s.nbytes for s in shards)
     written = sum(s.nbytes for s in shards if s.file in done)
+    _check_free_space(out, total - written)
     report = on_progress or (lambda p: None)
-    report(QuantizeProgress(written, total, len(done), len(shards)))
-    for shard in shards:
-        if shard.file in done:
-            continue
-
-        def on_job(n: int) -> None:
-            nonlocal written
-            written += n
-            report(QuantizeProgress(written, total, len(done), len(shards)))
-
-        _write_shard(shard, out, scheme, mse_clip, on_job)
-        written += len(shard.header)
-        done.append(shard.file)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_stale(out, done)
         _save_marker(out, manifest, done)
         report(QuantizeProgress(written, total, len(done), len(shards)))
-    _write_metadata(src, out, config, scheme, shards)
-    (out / PARTIAL_MARKER).unlink()
+        for shard in shards:
+            if shard.file in done:
+                continue
+
+            def on_job(n: int) -> None:
+                nonlocal written
+                written += n
+                report(QuantizeProgress(written, total, len(done), len(shards)))
+
+            _write_shard(shard, out, scheme, mse_clip, on_job)
+            written += len(shard.header)
+            done.append(shard.file)
+            _save_marker(out, manifest, done)
+            report(QuantizeProgress(written, total, len(done), len(shards)))
+        _write_metadata(src, out, config, scheme, shards)
+        (out / PARTIAL_MARKER).unlink()
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS or _is_source_error(e, src, out):
+            raise
+        raise _write_error(e, out, len(done), len(shards), total - written) from None
     return QuantizeResult(out, len(shards), total, resumed)

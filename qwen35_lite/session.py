@@ -34,8 +34,8 @@ class ChatSettings:
 
 @dataclass
 class Reply:
-    text: str = ""  # the answer; with tools, without the tool-call markup (tool_calls holds the calls)
-    thinking: str = ""
+    text: str = ""  # the answer as generated (untrimmed); with tools, without the tool-call markup (trimmed)
+    thinking: str = ""  # as generated
     tokens: list[int] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
@@ -220,14 +220,13 @@ class ChatSession:
 
     def _finish_turn(self, user: dict, reply: Reply, done: Finished) -> None:
         self.unfed, self.fresh = list(done.unfed), False
-        reply.thinking, reply.text = reply.thinking.strip(), reply.text.strip()
+        # The history takes the reply trimmed, as the chat template renders a turn; reply.text stays the
+        # answer exactly as generated (a leading space included), as the server's content is.
         self.messages.append(user)
-        assistant = {"role": "assistant", "content": reply.text}
-        if reply.thinking:
-            assistant["reasoning_content"] = reply.thinking
-        self.messages.append(
-            assistant
-        )  # the reply as generated, markup and all: a re-render gives its tokens
+        assistant = {"role": "assistant", "content": reply.text.strip()}
+        if thinking := reply.thinking.strip():
+            assistant["reasoning_content"] = thinking
+        self.messages.append(assistant)  # markup and all: a re-render gives its tokens
         if self.tools is not None:
             reply.text, reply.tool_calls = parse_tool_calls(reply.text, self.tools)
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import FP8_BLOCK
+from .user_files import default_file_mode
 
 ASSETS = Path(__file__).parent / "assets"
 PREFIX = "model.language_model."
@@ -77,6 +78,28 @@ class SyntheticSpec:
 
     def expert_bytes(self, dtype_size: int = 2) -> int:
         return 3 * self.hidden_size * self.moe_intermediate_size * dtype_size
+
+
+def checkpoint_bytes(spec: SyntheticSpec, dtype_size: int = 2) -> int:
+    """About what write_checkpoint puts on disk (headers aside): every weight at `dtype_size` bytes."""
+    D, V, L = spec.hidden_size, spec.vocab_size, spec.num_hidden_layers
+    H, Hkv, hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+    hk, hv = spec.linear_num_key_heads, spec.linear_num_value_heads
+    conv = 2 * hk * spec.linear_key_head_dim + hv * spec.linear_value_head_dim
+    attention = (H * hd * 3 + 2 * Hkv * hd) * D + 2 * hd
+    linear = (conv + 2 * hv * spec.linear_value_head_dim + 2 * hv) * D + conv * spec.linear_conv_kernel_dim
+    shared = 3 * spec.shared_expert_intermediate_size * D + (spec.num_experts + 3) * D
+    full = L // spec.full_attention_interval
+    per_layer = shared + spec.num_experts * spec.expert_bytes(1)
+    return (2 * V * D + D + L * per_layer + full * attention + (L - full) * linear) * dtype_size
+
+
+def peak_ram_bytes(spec: SyntheticSpec, dtype_size: int, shard_bytes: int) -> int:
+    """About the RAM write_checkpoint peaks at: the largest tensor drawn in fp32 and converted, or one layer's
+    experts and their copy, plus a shard held for writing and its serialised copy."""
+    embedding = spec.vocab_size * spec.hidden_size * (4 + dtype_size)
+    experts = 2 * spec.num_experts * spec.expert_bytes(dtype_size)
+    return max(embedding, experts) + 2 * min(shard_bytes, checkpoint_bytes(spec, dtype_size))
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -254,7 +277,9 @@ class _ShardWriter:
     def _flush(self) -> None:
         self.count += 1
         fname = f"model-{self.count:05d}.safetensors"
-        save_file(self.pending, str(self.out / fname), metadata={"format": "pt"})
+        path = self.out / fname
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        os.chmod(path, default_file_mode())  # safetensors creates 0600; the other files get 0644
         self.weight_map.update({n: fname for n in self.pending})
         self.pending, self.size = {}, 0
 

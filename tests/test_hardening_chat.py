@@ -14,6 +14,7 @@ import pty
 import re
 import select
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -201,6 +202,13 @@ def _saves(d: Path) -> dict[str, Path]:
         out[name].write_text(body if isinstance(body, str) else json.dumps(body))
     out["huge"] = d / "huge.json"
     out["huge"].write_text(json.dumps({"messages": [{"role": "user", "content": "x" * (9 << 20)}]}))
+    out["fifo"] = d / "pipe.json"
+    os.mkfifo(out["fifo"])
+    out["device"] = d / "full.json"  # a character device of our own (/dev/full's numbers), in tmp
+    try:
+        os.mknod(out["device"], stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except PermissionError:  # no CAP_MKNOD: a second FIFO stands in
+        os.mkfifo(out["device"])
     return out
 
 
@@ -215,7 +223,10 @@ BAD_COMMANDS = [
     ("/save a\0b.json", ["NUL"]),
     ("/load a\0b.json", ["NUL"]),
     ("/image a\0b.png", ["NUL"]),
-    ("/save {d}", ["cannot write"]),
+    ("/save {d}", ["cannot write", "a directory"]),
+    ("/save {fifo}", ["cannot write", "not a regular file"]),
+    ("/save {device}", ["cannot write", "not a regular file"]),
+    ("/load {fifo}", ["a FIFO", "not a regular file"]),
     ("/load {d}/missing.json", ["no such file"]),
     ("/load {d}", ["not a regular file"]),
     ("/load /dev/zero", ["not a regular file"]),
@@ -232,7 +243,7 @@ BAD_COMMANDS = [
     ("/load {bad_think}", ["not a chat save", "'maybe'"]),
     ("/load {extra_key}", ["not a chat save", "'colour'"]),
     ("/load {no_messages}", ["not a chat save", '"messages"']),
-    ("/load {huge}", ["not a chat save", "over the 8 MB limit"]),
+    ("/load {huge}", ["not a chat save", "over the 8 MiB limit"]),
     ("/load {too_deep}", ["not a chat save", "not JSON"]),
     ("/load {valid_image}", ["no vision tower"]),
     ("/set temperature nan", ["finite"]),
@@ -255,6 +266,44 @@ def test_bad_commands_are_one_line_and_keep_the_chat(repl, tmp_path, capsys):
         assert not repl.done
     repl.handle("next message")  # the next turn answers, on top of the kept history
     assert [m["content"] for m in repl.session.messages[::2]] == ["first message", "next message"]
+
+
+def test_save_never_replaces_what_is_not_a_regular_file(repl, tmp_path, monkeypatch, capsys):
+    """A FIFO, a device and a link to /dev/null stay what they were (as root, a rename over /dev/null
+    would replace the system's): the temporary file is never renamed over them, nor left behind."""
+    files = _saves(tmp_path)
+    link = tmp_path / "null.json"
+    link.symlink_to("/dev/null")
+    real_replace = os.replace
+
+    def only_in_tmp(src, dst, *a, **k):  # a safety net should the check ever regress
+        assert Path(dst).resolve().is_relative_to(tmp_path.resolve()), dst
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(chat_file.os, "replace", only_in_tmp)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    repl.handle("hello")
+    capsys.readouterr()
+    for target, kind in ((files["fifo"], "a FIFO"), (link, "a character device"), (tmp_path, "a directory")):
+        repl.handle(f"/save {target}")
+        one_error(capsys.readouterr().err, "cannot write", kind)
+    assert stat.S_ISFIFO(files["fifo"].stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert link.is_symlink() and os.readlink(link) == "/dev/null"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary file left
+    repl.handle(f"/save {tmp_path / 'fine.json'}")  # a regular path still saves
+    assert json.loads((tmp_path / "fine.json").read_text())["messages"][0]["content"] == "hello"
+
+
+def test_a_space_after_the_slash_is_no_command(repl, tmp_path, monkeypatch, capsys):
+    """As in ollama, "/ save x" is an unknown command "/": never /save x, and not sent to the model."""
+    monkeypatch.chdir(tmp_path)
+    repl.handle("/ save x.json")
+    repl.handle("/\tsave x.json")
+    err = capsys.readouterr().err
+    assert err.count("Unknown command '/'.") == 2 and "error" not in err
+    assert not (tmp_path / "x.json").exists() and repl.session.messages == []
+    repl.handle("/save  x.json")  # extra spaces after the name are fine
+    assert (tmp_path / "x.json").is_file()
 
 
 def test_load_decodes_the_images_of_a_save_before_taking_it(repl, tmp_path, monkeypatch, capsys):

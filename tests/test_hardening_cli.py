@@ -92,6 +92,8 @@ BAD_FLAGS = [
     (("--cpu-mem", "0"), 2, "--cpu-mem"),
     (("--gpu-mem", "-1"), 2, "--gpu-mem"),
     (("--gpu-mem", "nan"), 2, "--gpu-mem"),
+    (("--cpu-mem", "1e300"), 2, "1 PiB"),  # finite, but an overflow in the plan
+    (("--gpu-mem", "2e6"), 2, "1 PiB"),
     (("--device", "cpu", "--gpu-mem", "4"), 1, "--gpu-mem"),
     (("--device", "cpu", "--gpu-experts", "2"), 1, "--gpu-experts"),
     (("--device", "cpu", "--gpu-mem", "4", "--gpu-experts", "2"), 1, "--gpu-mem and --gpu-experts"),
@@ -289,6 +291,146 @@ def test_make_checkpoint_force_replaces_the_old_shards(tmp_path):
     assert (out / "notes.txt").read_text() == "mine"  # only the checkpoint's own files are removed
     assert "1 shard)" in again.stdout and "MiB" in again.stdout
     Checkpoint(out)  # loads: no shard is missing or left over
+
+
+def test_make_checkpoint_shards_get_the_mode_of_the_other_files(tmp_path):
+    out = tmp_path / "ckpt"
+    assert cli("make-checkpoint", out, *TINY_ARGS).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone would make the shard 0600
+
+
+def test_make_checkpoint_too_large_is_refused_before_anything_is_made(tmp_path):
+    out = tmp_path / "new" / "ckpt"
+    r = cli("make-checkpoint", out, "--experts", "99999999999", "--hidden", "99999999")
+    assert_one_line_error(r, "would be", "PiB", "free", code=1)
+    assert not (tmp_path / "new").exists()  # no directory left behind
+
+
+def test_make_checkpoint_over_the_available_ram_is_refused(tmp_path, monkeypatch):
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=64 << 20))
+    r = cli("make-checkpoint", tmp_path / "ckpt", "--size", "small")
+    assert_one_line_error(r, "RAM", "64.0 MiB is available", code=1)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_make_checkpoint_that_fails_midway_removes_the_directory_it_made(tmp_path, monkeypatch):
+    from qwen35_lite import synthetic
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "save_file", full_disk)
+    r = cli("make-checkpoint", tmp_path / "ckpt", *TINY_ARGS)
+    assert_one_line_error(r, "No space left on device", code=1)
+    assert not (tmp_path / "ckpt").exists()
+
+
+# ---- devices, files a flag names, Ctrl+C during the imports ----------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_cuda_index_without_a_gpu_is_one_line(ckpt):
+    assert_one_line_error(
+        cli("run", "-m", ckpt, "--device", "cuda:99", "hi"), "cuda:99", "no CUDA GPU", code=1
+    )
+
+
+def test_a_cuda_index_past_the_gpus_is_refused(monkeypatch):
+    from qwen35_lite.device import pick_device
+    from qwen35_lite.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InputError, match="has 2 CUDA GPUs") as e:
+        pick_device("cuda:99")
+    assert "cuda:0 to cuda:1" in e.value.hint
+    with pytest.raises(InputError, match="unknown device"):
+        pick_device("cuda:x")
+
+
+def _fifo(tmp_path: Path) -> Path:
+    fifo = tmp_path / "tools.fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize(
+    "make,words",
+    [
+        (_fifo, ["a FIFO", "not a regular file"]),
+        (lambda d: Path("/dev/zero"), ["a character device"]),
+        (lambda d: d, ["a directory"]),
+    ],
+    ids=["fifo", "dev-zero", "directory"],
+)
+def test_tools_must_be_a_regular_file(ckpt, tmp_path, make, words):
+    """Never blocks on a FIFO, never reads /dev/zero until memory runs out."""
+    assert_one_line_error(cli("run", "-m", ckpt, "--tools", make(tmp_path), "hi"), *words, code=1)
+
+
+def test_tools_file_over_the_cap_is_refused_while_reading(ckpt, tmp_path, monkeypatch):
+    from qwen35_lite import user_files
+    from qwen35_lite.cli import options
+
+    big = tmp_path / "tools.json"
+    big.write_text("[" + " " * 3000 + "]")
+    monkeypatch.setattr(options, "MAX_TOOLS_BYTES", 2048)
+    reads = []
+    monkeypatch.setattr(user_files, "READ_CHUNK", 1024)
+    real = user_files._read_capped
+
+    def counted(f, cap):
+        out = real(f, cap)
+        reads.append(f.tell())
+        return out
+
+    monkeypatch.setattr(user_files, "_read_capped", counted)
+    assert_one_line_error(cli("run", "-m", ckpt, "--tools", big, "hi"), "over the 2 KiB limit", code=1)
+    assert reads == [2049]  # stopped one byte past the cap, not read whole
+
+
+def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(tmp_path):
+    """The interrupt lands inside `import torch`, the slow part of the first second of `chat`."""
+    code = (
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def hooked(name, *a, **k):\n"
+        "    if name == 'torch':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = hooked\n"
+        "sys.argv = ['qwen35-lite', 'chat', '-m', sys.argv[1]]\n"
+        "from qwen35_lite.cli import main\n"
+        "main()\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and "KeyboardInterrupt" not in p.stderr
+
+
+def test_run_json_text_is_the_answer_as_generated(ckpt):
+    """On this checkpoint the greedy reply to "hi" opens with a space: kept, as the server's content keeps
+    it (the stream of token texts, joined)."""
+    from qwen35_lite.engine import Engine, EngineOptions
+    from qwen35_lite.generate import TokenEvent
+    from qwen35_lite.session import ChatSession, ChatSettings
+
+    out = json.loads(cli("run", "-m", ckpt, "--json", "--no-think", "-t", "0", "-n", "4", "hi").stdout)
+    engine = Engine.load(str(ckpt), EngineOptions())
+    session = ChatSession(
+        engine, ChatSettings(params=SamplingParams(temperature=0.0), max_new_tokens=4, think="off")
+    )
+    streamed = "".join(e.text for e in session.send("hi") if isinstance(e, TokenEvent) and not e.thinking)
+    assert streamed[0].isspace() and out["text"] == streamed
+    assert session.messages[-1]["content"] == streamed.strip()  # the history holds the trimmed turn
 
 
 # ---- bench: a workload over the context is refused ----------------------------------------------------

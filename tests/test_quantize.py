@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -211,3 +212,88 @@ def test_mse_clip_is_part_of_the_run(fused_bf16, tmp_path):
     assert json.loads((clipped / "config.json").read_text()) == json.loads(
         (plain / "config.json").read_text()
     )
+
+
+# ---- a new user's defaults, a full disk, a read-only place (issue 16) -------------------------------------
+
+
+def quantize_cli(*args):
+    return CliRunner().invoke(app, ["quantize", *map(str, args)])
+
+
+def one_error_line(result, *words: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), result.stderr
+    assert all(w in result.stderr for w in words), result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_default_group_size_is_the_largest_that_divides_the_experts(fused_bf16, tmp_path):
+    """SPEC's experts take 64 input features (hidden 64, intermediate 64): 128 cannot split them."""
+    result = quantize_cli(fused_bf16, tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    assert "--group-size 64" in result.stderr  # said in a line
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    assert "MiB in" in result.stdout and " MB" not in result.stdout  # one unit system
+    refused = quantize_cli(fused_bf16, tmp_path / "q128", "--group-size", "128")
+    one_error_line(refused, "--group-size 128", "64 input features", "--group-size 64 or 32")
+    assert not (tmp_path / "q128").exists()
+
+
+def test_readme_make_checkpoint_model_quantizes_with_the_defaults(tmp_path):
+    tiny = write_checkpoint(tmp_path / "tiny", SyntheticSpec(num_hidden_layers=1, num_experts=2))
+    result = quantize_cli(tiny, tmp_path / "q")  # its experts are 32 wide
+    assert result.exit_code == 0, result.output
+    assert "--group-size 32" in result.stderr
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(fused_bf16, tmp_path, monkeypatch):
+    from qwen35_lite import quantize as q
+
+    real = q._write_job
+
+    def disk_fills_in_shard_2(job, scheme, mse_clip, f):
+        if "-00002-of-" in f.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(job, scheme, mse_clip, f)
+
+    out = tmp_path / "q"
+    args = (fused_bf16, out, "--group-size", "32", "--shard-size-mb", "24")
+    monkeypatch.setattr(q, "_write_job", disk_fills_in_shard_2)
+    one_error_line(quantize_cli(*args), "No space left on device", "1 of", "the same command resumes")
+    assert not list(out.glob("*.partial"))  # the unfinished shard gave its space back
+    with pytest.raises(CheckpointError, match="unfinished"):
+        check_not_partial(out)
+    monkeypatch.undo()
+    resumed = quantize_cli(*args)
+    assert resumed.exit_code == 0 and "1 kept from the interrupted run" in resumed.stdout, resumed.output
+    check_not_partial(out)
+
+
+def test_a_read_only_out_is_one_line(fused_bf16, tmp_path, monkeypatch):
+    """As root a chmod does not stop writes: the read-only file system is simulated at the mkdir."""
+    out = tmp_path / "ro" / "q"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self == out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    one_error_line(
+        quantize_cli(fused_bf16, out, "--group-size", "64"), "Read-only file system", "nothing was written"
+    )
+
+
+def test_too_little_free_space_is_refused_before_writing(fused_bf16, tmp_path, monkeypatch):
+    import shutil
+
+    from qwen35_lite import quantize as q
+
+    real = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(q.shutil, "disk_usage", lambda p: real._replace(free=1 << 20))
+    one_error_line(quantize_cli(fused_bf16, tmp_path / "q", "--group-size", "64"), "needs", "1 MiB free")
+    assert not (tmp_path / "q").exists()

@@ -1,5 +1,5 @@
 """`python -m qwen35_lite.cli ...`."""
 
-from .app import main
+from . import main
 
 main()

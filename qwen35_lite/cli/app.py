@@ -8,6 +8,7 @@ Anything else is our bug and keeps its traceback.
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -335,7 +336,7 @@ def make_checkpoint(
         ),
     ] = False,
     dtype: Annotated[Literal["bfloat16", "float32"], typer.Option(help="Stored dtype.")] = "bfloat16",
-    shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MB.")] = 2048,
+    shard_size_mb: Annotated[int, typer.Option(min=1, help="Shard size limit, MiB.")] = 2048,
     seed: Annotated[int, typer.Option(help="Weights seed.")] = 0,
     force: Annotated[
         bool,
@@ -370,22 +371,60 @@ def make_checkpoint(
             f"{out} already exists and is not empty",
             "pick a new directory, or pass --force to replace the checkpoint in it",
         )
+    check_room(out, spec, getattr(torch, dtype).itemsize, shard_size_mb << 20)
     ui = UI()
-    with ui.count_progress("writing layers") as on_progress:
-        write_checkpoint(
-            out,
-            spec,
-            dtype=getattr(torch, dtype),
-            fused=layout == "fused",
-            fp8_experts=fp8,
-            shard_bytes=shard_size_mb << 20,
-            seed=seed,
-            on_progress=on_progress,
-        )
+    created = not out.exists()
+    try:
+        with ui.count_progress("writing layers") as on_progress:
+            write_checkpoint(
+                out,
+                spec,
+                dtype=getattr(torch, dtype),
+                fused=layout == "fused",
+                fp8_experts=fp8,
+                shard_bytes=shard_size_mb << 20,
+                seed=seed,
+                on_progress=on_progress,
+            )
+    except BaseException:
+        if created:  # random weights, all of them ours: leave no half checkpoint (nor an empty directory)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     shards = sorted(out.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     ui.out.print(f"wrote {out} ({human_bytes(total)} in {plural(len(shards), 'shard')})", markup=False)
-    ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
+    ui.out.print(f"try:  qwen35-lite chat --model {out} --no-think --max-new-tokens 40", markup=False)
+
+
+def check_room(out: Path, spec, dtype_size: int, shard_bytes: int) -> None:
+    """Refuse, before anything is allocated or created, a checkpoint larger than the free disk space or one
+    whose writing needs more RAM than is available, naming both figures."""
+    import psutil
+
+    from ..synthetic import checkpoint_bytes, peak_ram_bytes
+
+    disk = checkpoint_bytes(spec, dtype_size)
+    where = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    free = _free_bytes(where)
+    if free is not None and disk > free:
+        raise InputError(
+            f"this checkpoint would be {human_bytes(disk)}; {where} has {human_bytes(free)} free",
+            "pick smaller --experts, --hidden, --layers or --moe-intermediate, or another directory",
+        )
+    ram, available = peak_ram_bytes(spec, dtype_size, shard_bytes), psutil.virtual_memory().available
+    if ram > available:
+        raise InputError(
+            f"writing this checkpoint ({human_bytes(disk)}) needs about {human_bytes(ram)} of RAM;"
+            f" {human_bytes(available)} is available",
+            "pick smaller --experts, --hidden or --moe-intermediate (and --shard-size-mb)",
+        )
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None  # unknown: the write itself reports a full disk
 
 
 # ---- info, bench (cli_tools.py) --------------------------------------------------------------------

@@ -270,10 +270,12 @@ class Repl:
             self.ui.error(e.message, e.hint)
 
     def command(self, text: str) -> None:
-        name, _, arg = text[1:].strip().partition(" ")
+        # The name starts right at the slash: "/ save x" is no command (as in ollama), never /save.
+        name, _, arg = text[1:].rstrip().partition(" ")
         cmd = COMMANDS.get(ALIASES.get(name, name))
         if cmd is None:
-            self.ui.note(f"Unknown command '/{name}'. Type /help for help")
+            shown = name.split()[0] if name[:1].strip() else ""  # "/ save": the command is "/"
+            self.ui.note(f"Unknown command '/{shown}'. Type /help for help")
             return
         try:
             cmd.handler(self, arg.strip())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from ..errors import Qwen35Error
 from .ui import UI
 
 EXIT_INTERRUPTED = 130
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a write the user's disk refused
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -27,6 +29,12 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(e.exit_code) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
             ui.error(f"{e.filename or 'a file'}: {e.strerror}", "check the path and its permissions")
+            raise typer.Exit(1) from None
+        except OSError as e:
+            if e.errno not in FULL_OR_READ_ONLY:
+                raise
+            where = f"cannot write {e.filename}" if e.filename else "cannot write"
+            ui.error(f"{where}: {e.strerror}", "free some space, or write somewhere else")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if ui.err.is_terminal:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 # ---- the options ---------------------------------------------------------------------------------
 
 SAMPLING, HARDWARE = "Sampling", "Device and memory"
+MAX_TOOLS_BYTES = 8 << 20  # a few hundred tool schemas take well under 1 MiB
+MAX_BUDGET_GIB = float(1 << 20)  # 1 PiB: past any machine, and far from float overflow in the plan
 
 Model = Annotated[
     str,
@@ -90,7 +92,7 @@ Tools = Annotated[
         "--tools",
         metavar="FILE",
         help='Tools the model may call: a JSON list of {"type": "function", "function": {...}} (OpenAI'
-        " style); the calls in the reply are printed after it.",
+        " style), a regular file of at most 8 MiB; the calls in the reply are printed after it.",
         show_default=False,
     ),
 ]
@@ -270,6 +272,12 @@ def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
             raise typer.BadParameter(
                 f"{value:g} is not a size; give GiB above 0 (e.g. {name} 8)", param_hint=name
             )
+        if value is not None and value > MAX_BUDGET_GIB:
+            raise typer.BadParameter(
+                f"{value:g} GiB is more than any machine has (at most {MAX_BUDGET_GIB:.0f} GiB, 1 PiB);"
+                f" give the GiB to use (e.g. {name} 8), or leave it out for what is available",
+                param_hint=name,
+            )
     check_cpu_threads(flags.cpu_threads)
     gpu_flags = [
         n
@@ -335,16 +343,11 @@ def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
 def read_tools(path: Path | None) -> list[dict] | None:
     """The --tools file, read and checked before the (slow) load: one error line says what is wrong."""
     from ..tool_calls import TOOLS_HINT, check_tools
+    from ..user_files import read_user_file
 
     if path is None:
         return None
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"no such file: {path}", "pass the JSON file that lists the tools") from None
-    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        reason = getattr(e, "strerror", None) or str(e)
-        raise InputError(f"cannot read {path}: {reason}", "check the path and its permissions") from None
+    raw = read_user_file(path, "the tools file", MAX_TOOLS_BYTES, "pass the JSON file that lists the tools")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply

@@ -21,10 +21,16 @@ from rich.progress import (
 
 from ..experts.int4 import QuantScheme
 from ..hub import resolve_model
-from ..quantize import DEFAULT_SHARD_BYTES, QuantizeProgress, quantize_checkpoint
+from ..quantize import (
+    DEFAULT_SHARD_BYTES,
+    GROUP_SIZES,
+    QuantizeProgress,
+    default_group_size,
+    quantize_checkpoint,
+)
 from .errors import friendly_errors
 from .options import Offline
-from .ui import UI
+from .ui import UI, human_bytes, plural
 
 
 def register(app: typer.Typer) -> None:
@@ -41,8 +47,14 @@ def quantize(
     ],
     bits: Annotated[int, typer.Option("--bits", help="Bits per expert weight (4 only).")] = 4,
     group_size: Annotated[
-        int, typer.Option("--group-size", help="Weights per scale: 32, 64 or 128 (smaller: more accurate).")
-    ] = 128,
+        int | None,
+        typer.Option(
+            "--group-size",
+            help="Weights per scale: 32, 64 or 128 (smaller: more accurate). Default: the largest of them"
+            " that divides every expert's input features (128 on the Qwen3.5 releases).",
+            show_default=False,
+        ),
+    ] = None,
     symmetric: Annotated[
         bool,
         typer.Option("--symmetric/--asymmetric", help="Zero-point-free scales, or a zero-point per group."),
@@ -53,16 +65,22 @@ def quantize(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT.")] = False,
     shard_size_mb: Annotated[
-        int, typer.Option("--shard-size-mb", min=1, help="Cap on each output shard.")
+        int, typer.Option("--shard-size-mb", min=1, help="Cap on each output shard, MiB.")
     ] = DEFAULT_SHARD_BYTES >> 20,
     offline: Offline = False,
 ) -> None:
     """Quantise the routed experts to int4 (round-to-nearest, compressed-tensors pack-quantized W4A16);
     everything else is kept (an FP8 source's other weights become bf16). An interrupted run resumes when
     the same command is run again."""
-    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
     ui = UI()
     src_dir = resolve_model(src, offline)
+    if group_size is None:
+        group_size = default_group_size(src_dir)
+        if group_size != GROUP_SIZES[-1]:
+            ui.info(
+                f"--group-size {group_size}: the largest of 128, 64, 32 that divides every expert's inputs"
+            )
+    scheme = QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
     bar = Progress(
         TextColumn("quantizing"),
         BarColumn(),
@@ -97,7 +115,7 @@ def quantize(
         raise
     kept = f", {result.resumed_shards} kept from the interrupted run" if result.resumed_shards else ""
     ui.out.print(
-        f"wrote {result.out} ({result.total_bytes / 1e6:.0f} MB in {result.shards} shard(s){kept})",
+        f"wrote {result.out} ({human_bytes(result.total_bytes)} in {plural(result.shards, 'shard')}{kept})",
         markup=False,
     )
     ui.out.print(f"try:  qwen35-lite chat --model {result.out}", markup=False)

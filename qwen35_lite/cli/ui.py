@@ -324,6 +324,9 @@ def human_bytes(n: int | None) -> str:
     """Binary units, as the budgets are given (GiB): small figures in KiB or B, never a rounded 0.0."""
     if n is None:
         return "?"
+    for unit, size in (("PiB", 1 << 50), ("TiB", 1 << 40)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}" if n < 10_000 * size else f"{n / size:.3e} {unit}"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
