@@ -19,6 +19,7 @@ from ..model.cache import ModelCache
 from ..sampling import SamplingParams
 from ..state_cache import PrefixCache
 from ..tokenizer import StreamDecoder
+from .media import hide_paths
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
+    client_left: bool = False  # set with cancel when its client disconnected
 
     def emit(self, event: object) -> None:
         try:
@@ -49,6 +51,10 @@ class QueueFull(Exception):
     """Every place in the queue is taken: the request is answered 503 at once."""
 
 
+class Skipped(Exception):
+    """Emitted for a job cancelled while it waited: it never ran."""
+
+
 class Worker:
     """Runs jobs one after another on a daemon thread. `capacity` counts waiting and running jobs."""
 
@@ -57,12 +63,14 @@ class Worker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
+        self.closing = False  # set by cancel_all: the server is stopping
+        self._running: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen35-lite-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._pending >= self.capacity:
+            if self._pending >= self.capacity or self.closing:
                 raise QueueFull
             self._pending += 1
         job.loop = asyncio.get_running_loop()
@@ -71,16 +79,28 @@ class Worker:
     def stop(self) -> None:
         self._jobs.put(None)
 
+    def cancel_all(self) -> None:
+        """Cancel the running job and every waiting one (the server is stopping). Safe in a signal
+        handler: it takes no lock (the interrupted thread may hold one)."""
+        self.closing = True
+        for job in [self._running, *list(self._jobs.queue)]:
+            if job is not None:
+                job.cancel.set()
+
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            self._running = job
             try:
-                if not job.cancel.is_set():  # its client left while it waited
+                if job.cancel.is_set():  # its client left while it waited, or the server stops
+                    job.emit(Skipped())
+                else:
                     self._run(job)
             except Qwen35Error as e:
                 job.emit(e)
             except Exception as e:  # our bug: the request fails, the server keeps serving
                 job.emit(e)
             finally:
+                self._running = None
                 with self._lock:
                     self._pending -= 1
 
@@ -92,7 +112,10 @@ class Worker:
             from ..multimodal import image_prompt  # PIL and the tower only for prompts with images
 
             # The whole prompt from position 0 (a fresh cache): a kept state resumes it part way.
-            mm = image_prompt(eng, job.prompt_ids, job.images, model.make_cache())
+            try:
+                mm = image_prompt(eng, job.prompt_ids, job.images, model.make_cache())
+            except Qwen35Error as e:  # named by their place in the request, not by the server's paths
+                raise hide_paths(e, job.images) from None
             prompt = Prompt(mm.ids, image_key(job.images), mm.embeds, mm.positions, mm.rope_delta)
         # Checked whole here: the head is fed by prefill alone, which checks neither.
         check_context(model.make_cache(), len(prompt.ids), eng.max_context, model.cfg.max_position_embeddings)
