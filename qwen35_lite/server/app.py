@@ -133,6 +133,18 @@ def create_app(
             )
         return engine.tokenizer.encode(text)
 
+    def render(messages: list[dict], tools: list[dict] | None, thinking: bool, variables: dict) -> str:
+        """The prompt text; a template's refusal is the client's 400, its file named without the server's
+        path."""
+        try:
+            return engine.template.render(
+                messages, tools=tools, enable_thinking=thinking, add_generation_prompt=True, **variables
+            )
+        except Qwen35Error as e:
+            origin = str(engine.template.origin)
+            message = f"{e.message} ({e.hint})" if e.hint else e.message
+            raise bad_request(message.replace(origin, Path(origin).name), "messages") from None
+
     def make_job(req: SamplingFields, ids: list[int], images: list[str], thinking_open: bool) -> Job:
         if not ids:
             raise bad_request("the prompt is empty", "prompt")
@@ -164,14 +176,7 @@ def create_app(
                     await run_in_threadpool(load_images, images)
                 except Qwen35Error as e:
                     raise hide_paths(e, images) from None
-            text = await run_in_threadpool(
-                engine.template.render,
-                messages,
-                tools=tools,
-                enable_thinking=thinking,
-                add_generation_prompt=True,
-                **req.template_variables(),
-            )
+            text = await run_in_threadpool(render, messages, tools, thinking, req.template_variables())
             ids = await run_in_threadpool(encode, text, "messages")
             job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
             reply = ReplyText(req.stop_strings(), tools)

@@ -89,8 +89,15 @@ class ChatRequest(SamplingFields):
     def template_variables(self) -> dict[str, Any]:
         """The other chat_template_kwargs, passed to the template as vLLM passes them (the arguments
         the server sets itself cannot be overridden this way)."""
-        reserved = {"enable_thinking", "messages", "tools", "add_generation_prompt", "documents", "self"}
-        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in reserved}
+        reserved = {"enable_thinking", "messages", "tools", "add_generation_prompt", "documents"}
+        kwargs = self.chat_template_kwargs or {}
+        for key in kwargs:
+            if key in UNSETTABLE:
+                raise bad_request(
+                    f"chat_template_kwargs.{key} cannot be set: it names the template's own {key!r}",
+                    "chat_template_kwargs",
+                )
+        return {k: v for k, v in kwargs.items() if k not in reserved}
 
 
 class CompletionRequest(SamplingFields):
@@ -107,6 +114,10 @@ class CompletionRequest(SamplingFields):
         return self.prompt[0]
 
 
+# Names a request cannot pass to the template: render's own parameter, and the template's functions.
+UNSETTABLE = frozenset(
+    {"self", "namespace", "raise_exception", "strftime_now", "dict", "range", "lipsum", "cycler", "joiner"}
+)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
 
 
@@ -178,7 +189,7 @@ def template_messages(
         if calls is not None and not isinstance(calls, list):
             raise bad_request(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
         if calls:
-            m["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls") for c in calls]
+            m["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
         out.append(m)
     return out, images
 
@@ -205,10 +216,12 @@ def _tool_call(call: Any, where: str) -> dict:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+            arguments = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
-            raise bad_request(f"{where}: arguments is not valid JSON", "messages") from None
-    return {**call, "function": function}
+            raise bad_request(f"{where}.function.arguments is not valid JSON", "messages") from None
+    if not isinstance(arguments, dict):  # the template iterates over its items
+        raise bad_request(f"{where}.function.arguments must be a JSON object", "messages")
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def image_dir() -> tempfile.TemporaryDirectory:
