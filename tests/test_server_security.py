@@ -407,3 +407,18 @@ def test_the_process_caps_bodies_counts_prompts_and_stops_on_sigterm_mid_generat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_refuses_a_media_path_that_is_not_a_directory_before_loading(ckpt, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qwen35_lite.cli import app as cli_app
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    monkeypatch.setattr("qwen35_lite.cli.serve.check_address", lambda host, port: None)
+    for path in (tmp_path / "missing", ckpt / "config.json"):
+        r = CliRunner().invoke(
+            cli_app, ["serve", "--model", str(ckpt), "--allowed-local-media-path", str(path)]
+        )
+        assert r.exit_code == 1 and r.stderr.startswith("error: --allowed-local-media-path"), r.stderr
+        assert "hint:" in r.stderr and "Traceback" not in r.stderr
