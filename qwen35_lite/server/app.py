@@ -275,11 +275,9 @@ def create_app(
             failed = True
             yield data(error_body(e))
             yield "data: [DONE]\n\n"
-        finally:  # also when the client left and the response was cancelled
+        finally:  # also when the client left and Starlette cancelled the response
             done()
-            left = job.client_left or (
-                outcome.finished is None and not failed
-            )  # else: cancelled by Starlette
+            left = job.client_left or (outcome.finished is None and not failed)
             log_request(request, outcome, started, left=left)
 
     async def deltas(job: Job, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:

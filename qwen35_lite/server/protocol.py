@@ -168,8 +168,9 @@ def template_messages(
     """OpenAI messages → what the chat template takes, and the image files in placeholder order.
 
     Image parts become {"type": "image", "image": path}, the path being what to_file(url, n) makes of the
-    n-th image's url (media.image_file: a data URL decoded, an allowed local file resolved); assistant tool calls whose arguments are a JSON
-    string are parsed to objects, as vLLM does, since Qwen's template iterates over them."""
+    n-th image's url (media.image_file: a data URL decoded, an allowed local file resolved); assistant
+    tool calls whose arguments are a JSON string are parsed to objects, as vLLM does, since Qwen's
+    template iterates over them (anything but an object is refused)."""
     out, images = [], []
     for i, message in enumerate(messages):
         role = message.get("role")
