@@ -422,3 +422,35 @@ def test_serve_refuses_a_media_path_that_is_not_a_directory_before_loading(ckpt,
         )
         assert r.exit_code == 1 and r.stderr.startswith("error: --allowed-local-media-path"), r.stderr
         assert "hint:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_cancel_during_a_long_prefill_stops_it_at_the_next_layer(engine, monkeypatch):
+    """The shutdown's cancel reaches a prefill (here a slow stand-in, 400 layers of 50 ms) at its next
+    layer: the client gets 503 and the rest of the prefill never runs."""
+    started, layers = threading.Event(), []
+
+    def slow_prefill(model, cache, req, on_progress=None):
+        for i in range(400):
+            started.set()
+            time.sleep(0.05)
+            layers.append(i)
+            on_progress(i + 1, 400)
+        pytest.fail("the prefill ran to its end")
+
+    monkeypatch.setattr(worker, "prefill", slow_prefill)
+    s = ThreadServer(create_app(engine, "tiny"))
+    try:
+        answer = {}
+        asker = threading.Thread(
+            target=lambda: answer.update(r=post(s, {"model": "tiny", "messages": MESSAGES}))
+        )
+        asker.start()
+        assert started.wait(30)
+        s.app.state.worker.cancel_all()  # what SIGTERM does
+        asker.join(30)
+        assert answer["r"].status == 503 and "shutting down" in answer["r"].body["error"]["message"]
+        assert len(layers) < 400
+        late = post(s, {"model": "tiny", "messages": MESSAGES})  # no new work either
+        assert late.status == 503 and "shutting down" in late.body["error"]["message"]
+    finally:
+        s.stop()

@@ -200,6 +200,8 @@ def create_app(
         try:
             worker.submit(job)
         except QueueFull:
+            if worker.closing:
+                raise shutting_down() from None
             raise APIError(
                 503, "the server is busy: every place in the queue is taken", code="server_busy"
             ) from None

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,19 @@ class QueueFull(Exception):
 
 
 class Skipped(Exception):
-    """Emitted for a job cancelled while it waited: it never ran."""
+    """Emitted for a job cancelled before its reply began (while it waited, or in its prefill)."""
+
+
+class _Stopped(Exception):
+    """Raised from the prefill's and the vision tower's progress callbacks once the job is cancelled."""
+
+
+def _stop_if(cancel: threading.Event) -> Callable[[int, int], None]:
+    def check(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise _Stopped
+
+    return check
 
 
 class Worker:
@@ -95,6 +108,8 @@ class Worker:
                     job.emit(Skipped())
                 else:
                     self._run(job)
+            except _Stopped:  # nothing was kept: the state it was filling is dropped
+                job.emit(Skipped())
             except Qwen35Error as e:
                 job.emit(e)
             except Exception as e:  # our bug: the request fails, the server keeps serving
@@ -113,14 +128,16 @@ class Worker:
 
             # The whole prompt from position 0 (a fresh cache): a kept state resumes it part way.
             try:
-                mm = image_prompt(eng, job.prompt_ids, job.images, model.make_cache())
+                mm = image_prompt(
+                    eng, job.prompt_ids, job.images, model.make_cache(), on_encode=_stop_if(job.cancel)
+                )
             except Qwen35Error as e:  # named by their place in the request, not by the server's paths
                 raise hide_paths(e, job.images) from None
             prompt = Prompt(mm.ids, image_key(job.images), mm.embeds, mm.positions, mm.rope_delta)
         # Checked whole here: the head is fed by prefill alone, which checks neither.
         check_context(model.make_cache(), len(prompt.ids), eng.max_context, model.cfg.max_position_embeddings)
         check_vocab(prompt.ids, model.cfg.vocab_size)
-        cache, hit = self._resume(prompt)
+        cache, hit = self._resume(prompt, job.cancel)
         job.emit(Started(hit, len(prompt.ids)))
         think_open, think_close = eng.tokenizer.token_id("<think>"), eng.tokenizer.token_id("</think>")
         req = prompt.part(cache, len(prompt.ids))
@@ -132,7 +149,7 @@ class Worker:
                 self.prefix.save(list(cache.token_ids), cache, prompt.key)
             job.emit(event)
 
-    def _resume(self, prompt: Prompt) -> tuple[ModelCache, int]:
+    def _resume(self, prompt: Prompt, cancel: threading.Event) -> tuple[ModelCache, int]:
         """The state to continue from and how many prompt tokens it already holds.
 
         DeltaNet state cannot be rewound, so snapshots are kept at the prompt less its last token (an
@@ -144,7 +161,8 @@ class Worker:
             cache, hit = self.engine.model.make_cache(), 0
         head = len(prompt.ids) - 1  # the template ends the prompt with text: every image is in the head
         if head > hit:
-            prefill(self.engine.model, cache, prompt.part(cache, head))
+            # A long prompt's prefill stops at its next layer once the job is cancelled.
+            prefill(self.engine.model, cache, prompt.part(cache, head), on_progress=_stop_if(cancel))
             self.prefix.save(prompt.ids[:head], cache, prompt.key)
         return cache, hit
 
