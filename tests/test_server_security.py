@@ -454,3 +454,36 @@ def test_a_cancel_during_a_long_prefill_stops_it_at_the_next_layer(engine, monke
         assert late.status == 503 and "shutting down" in late.body["error"]["message"]
     finally:
         s.stop()
+
+
+def test_the_serve_flags_reach_the_app(engine, ckpt, media, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qwen35_lite.cli import app as cli_app
+    from qwen35_lite.server import app as server_app
+
+    apps = []
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
+    monkeypatch.setattr(server_app, "run_server", lambda app, host, port: apps.append(app))
+    monkeypatch.setattr("qwen35_lite.cli.serve.check_address", lambda host, port: None)
+    flags = [
+        "--allowed-hosts",
+        "a.example",
+        "--allowed-local-media-path",
+        str(media),
+        "--max-request-mb",
+        "1",
+    ]
+    r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), *flags])
+    assert r.exit_code == 0, r.stderr
+    s = ThreadServer(apps[-1])
+    try:
+        assert get(s, "/v1/models", "a.example", key=None)[0] == 200
+        assert get(s, "/v1/models", "b.example", key=None)[0] == 400
+        r = post(s, image_message(str(media / "red.png")), key=None)
+        assert r.status == 400 and "vision" in r.body["error"]["message"]  # past the path check
+        big = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+        r = post(s, big, key=None)
+        assert r.status == 413 and "over 1 MiB" in r.body["error"]["message"]
+    finally:
+        s.stop()

@@ -64,6 +64,7 @@ def serve(
         Path | None,
         typer.Option(
             "--allowed-local-media-path",
+            metavar="DIR",
             help="A directory whose image files requests may name by path or file:// URL (checked after"
             " symlinks and .. are resolved). Without it, image_url takes data URLs only.",
             rich_help_panel=SERVER,
@@ -73,9 +74,9 @@ def serve(
         list[str] | None,
         typer.Option(
             "--allowed-hosts",
-            help="Host header names answered besides localhost names and the bound address (comma"
-            " list or repeated; * for any): the names clients reach this server by. Other Hosts get 400,"
-            " which stops DNS rebinding.",
+            metavar="NAMES",
+            help="Host header names answered besides localhost and the bound address (comma list or"
+            " repeated; * for any). Others get 400 (DNS rebinding).",
             rich_help_panel=SERVER,
         ),
     ] = None,
@@ -83,6 +84,7 @@ def serve(
         float,
         typer.Option(
             "--max-request-mb",
+            metavar="MiB",
             min=0.001,
             help="Largest request body in MiB (413 above it); a data-URL image counts in it.",
             rich_help_panel=SERVER,
