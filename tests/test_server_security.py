@@ -402,7 +402,8 @@ def test_the_process_caps_bodies_counts_prompts_and_stops_on_sigterm_mid_generat
         proc.wait(30)  # a hang guard; that it stopped the generation is the 503 below
         asker.join(10)
         log = proc.stderr.read()
-        assert "Traceback" not in log, log
+        assert "Traceback" not in log and "POST /v1/completions" in log, log
+        assert "(cancelled: server stopping)" in log.splitlines()[-1], log
         assert answer.get("status") == 503, answer  # cancelled, not finished: "the server is shutting down"
     finally:
         if proc.poll() is None:

@@ -222,10 +222,12 @@ def create_app(
             outcome.started = first
         except ClientLeft:
             done()
-            log_request(request, outcome, started, left=True)
+            log_request(request, outcome, started, LEFT)
             return Response(status_code=499)  # nobody reads it: the client is gone
         except BaseException:
             done()
+            if worker.closing:
+                log_request(request, outcome, started, STOPPING)
             raise
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if req.stream:
@@ -239,9 +241,13 @@ def create_app(
                 whole.tool_calls += delta.tool_calls
         except ClientLeft:
             pass
+        except APIError:
+            if worker.closing:
+                log_request(request, outcome, started, STOPPING)
+            raise
         finally:
             done()
-        log_request(request, outcome, started, left=job.client_left)
+        log_request(request, outcome, started, LEFT if job.client_left else None)
         if job.client_left:
             return Response(status_code=499)
         reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
@@ -280,7 +286,8 @@ def create_app(
         finally:  # also when the client left and Starlette cancelled the response
             done()
             left = job.client_left or (outcome.finished is None and not failed)
-            log_request(request, outcome, started, left=left)
+            why = LEFT if left else STOPPING if failed and worker.closing else None
+            log_request(request, outcome, started, why)
 
     async def deltas(job: Job, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:
         """The reply's Deltas until the job finishes; a stop string cancels the rest of the generation.
@@ -385,7 +392,11 @@ def usage(outcome: Outcome) -> dict:
     }
 
 
-def log_request(request: Request, outcome: Outcome, started: float, left: bool = False) -> None:
+LEFT, STOPPING = "cancelled: client left", "cancelled: server stopping"
+
+
+def log_request(request: Request, outcome: Outcome, started: float, why: str | None = None) -> None:
+    """One line per request; `why` (LEFT, STOPPING) overrides the generation's own reason."""
     stats = outcome.finished.stats if outcome.finished else {}
     u = usage(outcome)
     log.info(
@@ -395,9 +406,9 @@ def log_request(request: Request, outcome: Outcome, started: float, left: bool =
         u["prompt_tokens"],
         u["prompt_tokens_details"]["cached_tokens"],
         u["completion_tokens"],
-        "cancelled: client left" if left else outcome.finished.reason if outcome.finished else "no reply",
-        stats.get("decode_tok_s"),
-        stats.get("ttft_s"),
+        why or (outcome.finished.reason if outcome.finished else "no reply"),
+        "-" if stats.get("decode_tok_s") is None else stats["decode_tok_s"],
+        "-" if stats.get("ttft_s") is None else stats["ttft_s"],
         time.perf_counter() - started,
     )
 
