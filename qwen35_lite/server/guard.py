@@ -21,8 +21,8 @@ def host_name(header: str) -> str:
     if header.startswith("["):
         return header[1 : header.find("]")] if "]" in header else header
     if header.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
-        return header.partition(":")[0]
-    return header.rstrip(".")
+        header = header.partition(":")[0]
+    return header.rstrip(".")  # "localhost." is localhost
 
 
 def _is_ip(name: str) -> bool:
