@@ -174,7 +174,7 @@ def test_a_foreign_host_header_is_refused_and_localhost_names_are_not(server):
         assert set(body["error"]) == {"message", "type", "param", "code"} and "--allowed-hosts" in str(body)
     for host in (
         "localhost",
-        f"localhost:{port}",
+        f"LocalHost.:{port}",
         "127.0.0.1",
         f"127.0.0.1:{port}",
         "[::1]",
