@@ -347,10 +347,12 @@ class Peak:
         return self.peak - self.base
 
 
-def raw_post(port: int, path: str, body: bytes, timeout: float = 120) -> tuple[int, dict]:
+def raw_post(
+    port: int, path: str, body: bytes, timeout: float = 120, headers: dict | None = None
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        conn.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
         r = conn.getresponse()
         return r.status, json.loads(r.read())
     finally:
@@ -488,3 +490,26 @@ def test_the_serve_flags_reach_the_app(engine, ckpt, media, monkeypatch):
         assert r.status == 413 and "over 1 MiB" in r.body["error"]["message"]
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"hello",
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "tiny", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["not-json", "not-utf8", "nested-100k-deep", "5000-digit-int"],
+)
+def test_a_body_that_does_not_parse_is_an_openai_400(server, body):
+    status, answer = raw_post(
+        server.port, "/v1/chat/completions", body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 400 and "not valid JSON" in answer["error"]["message"], answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_unknown_path_is_an_openai_404(server):
+    status, answer = get(server, "/v1/nothing")
+    assert status == 404 and answer["error"]["type"] == "not_found_error", answer

@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import Qwen35Error
@@ -98,10 +99,20 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return await api_error(request, bad_request("the body is not valid JSON"))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return await api_error(
             request, bad_request(f"{where or 'body'}: {first.get('msg', 'malformed request')}", where or None)
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body that does not parse, an unknown path or method) in OpenAI's
+        shape, like every other error."""
+        message = "the body is not valid JSON (or is nested too deeply)" if e.status_code == 400 else e.detail
+        error = APIError(e.status_code, str(message), code="invalid_value" if e.status_code == 400 else None)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
     async def openapi() -> dict:
