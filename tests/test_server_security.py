@@ -386,6 +386,14 @@ def test_the_process_caps_bodies_counts_prompts_and_stops_on_sigterm_mid_generat
             status, body = raw_post(port, "/v1/completions", big)
         assert status == 400 and "context" in body["error"]["message"] and body["error"]["param"] == "prompt"
         assert under.growth < 256 << 20, under.growth  # tokenised whole: 686 MiB, in 8 s
+        message = {"role": "user", "content": "word " * (1 << 20)}
+        big = json.dumps({"model": "tiny", "messages": [message], "max_tokens": 1}).encode()
+        with Peak(proc.pid) as chat_under:  # the same as a chat message: counted before it is rendered
+            status, body = raw_post(port, "/v1/chat/completions", big)
+        assert (
+            status == 400 and "context" in body["error"]["message"] and body["error"]["param"] == "messages"
+        )
+        assert chat_under.growth < 256 << 20, chat_under.growth
         assert proc.poll() is None
 
         answer: dict = {}
@@ -513,3 +521,13 @@ def test_a_body_that_does_not_parse_is_an_openai_400(server, body):
 def test_an_unknown_path_is_an_openai_404(server):
     status, answer = get(server, "/v1/nothing")
     assert status == 404 and answer["error"]["type"] == "not_found_error", answer
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_megabytes_prompt_is_refused_for_the_context_before_it_is_rendered_or_tokenised(server, path):
+    text = "word " * (1 << 20)  # 5 MB, under the body cap
+    body = {"model": "tiny", "max_tokens": 1}
+    body.update({"messages": [{"role": "user", "content": text}]} if "chat" in path else {"prompt": text})
+    r = post(server, body, path=path)
+    assert r.status == 400 and f"the context is {CTX}" in r.body["error"]["message"], r.body
+    assert r.body["error"]["param"] == ("messages" if "chat" in path else "prompt")

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +144,28 @@ def create_app(
             )
         return engine.tokenizer.encode(text)
 
+    def check_text_fits(messages: list[dict]) -> None:
+        """Refuse, before rendering, messages whose text alone is over the context (the template only
+        adds to it): rendering megabytes would end at the sandbox's size bound, with a vaguer line.
+        Each piece is counted on its own; a piece's edges may merge with the template's text, so
+        EDGE_SLACK tokens a piece are taken off. Below max_context characters nothing is counted here."""
+        pieces = list(_texts(messages))
+        limit, slack = engine.max_context, EDGE_SLACK * len(pieces)
+        if sum(map(len, pieces)) <= limit:
+            return
+        total = 0
+        for piece in pieces:
+            if (n := engine.tokenizer.tokens_over(piece, limit + slack - total)) is not None:
+                total += n
+                break
+            total += len(engine.tokenizer.encode(piece))
+        if total - slack >= limit:
+            raise bad_request(
+                f"the messages hold at least {total - slack} tokens of text but the context is {limit}:"
+                " shorten them, or start the server with a larger --ctx",
+                "messages",
+            )
+
     def render(messages: list[dict], tools: list[dict] | None, thinking: bool, variables: dict) -> str:
         """The prompt text; a template's refusal is the client's 400, its file named without the server's
         path."""
@@ -187,6 +209,7 @@ def create_app(
                     await run_in_threadpool(load_images, images)
                 except Qwen35Error as e:
                     raise hide_paths(e, images) from None
+            await run_in_threadpool(check_text_fits, messages)
             text = await run_in_threadpool(render, messages, tools, thinking, req.template_variables())
             ids = await run_in_threadpool(encode, text, "messages")
             job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
@@ -422,6 +445,21 @@ def log_request(request: Request, outcome: Outcome, started: float, why: str | N
         "-" if stats.get("ttft_s") is None else stats["ttft_s"],
         time.perf_counter() - started,
     )
+
+
+EDGE_SLACK = 2  # tokens a message's text may lose where it meets the template's text
+
+
+def _texts(messages: list[dict]) -> Iterator[str]:
+    """The text of every message: string contents, text parts, reasoning."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (p["text"] for p in content if p.get("type") == "text")
+        if isinstance(m.get("reasoning_content"), str):
+            yield m["reasoning_content"]
 
 
 def _ends_in_thinking(ids: list[int], engine: Engine) -> bool:
