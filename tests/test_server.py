@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 from qwen35_lite.cli import app as cli_app
 from qwen35_lite.engine import Engine, EngineOptions
 from qwen35_lite.generate import Finished, TokenEvent
+from qwen35_lite.server import app as server_app
 from qwen35_lite.server import worker
 from qwen35_lite.server.app import create_app
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -487,7 +488,8 @@ def test_a_good_image_on_a_text_only_checkpoint_is_400(server, tmp_path):
 
     path = tmp_path / "red.png"
     Image.new("RGB", (64, 64), "red").save(path)
-    part = {"type": "image_url", "image_url": {"url": str(path)}}
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    part = {"type": "image_url", "image_url": {"url": url}}
     r = post(server, {"model": "tiny", "messages": [{"role": "user", "content": [part]}]})
     assert r.status == 400 and "vision" in r.body["error"]["message"]
     assert chat(server.client(), n=2).choices[0].finish_reason == "length"
@@ -499,7 +501,7 @@ def test_a_good_image_on_a_text_only_checkpoint_is_400(server, tmp_path):
 def test_serve_command_binds_loopback_by_default_and_warns_elsewhere_without_a_key(engine, ckpt, monkeypatch):
     calls = []
     monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: engine))
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: calls.append((app, host, port)))
+    monkeypatch.setattr(server_app, "run_server", lambda app, host, port: calls.append((app, host, port)))
     monkeypatch.setattr("qwen35_lite.cli.serve.check_address", lambda host, port: None)  # 8000 may be taken
     r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt)])
     assert r.exit_code == 0, r.stderr
@@ -538,7 +540,7 @@ def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatc
     answer = run_cli(vlm, monkeypatch, "--no-think", "-n", "6", "--image", str(picture), PROMPT)
     assert answer["text"] and answer["prompt_ids"].count(248056) > 1  # <|image_pad|> expanded
     data_url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
-    s = ThreadServer(create_app(vlm, "vlm"))
+    s = ThreadServer(create_app(vlm, "vlm", media_dir=tmp_path.resolve()))  # --allowed-local-media-path
     try:
         for url in (data_url, str(picture), f"file://{picture}"):
             parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": PROMPT}]

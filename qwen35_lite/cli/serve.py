@@ -60,6 +60,36 @@ def serve(
             min=1, help="Requests waiting or running before 503 Retry-After.", rich_help_panel=SERVER
         ),
     ] = 8,
+    allowed_local_media_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--allowed-local-media-path",
+            metavar="DIR",
+            help="A directory whose image files requests may name by path or file:// URL (checked after"
+            " symlinks and .. are resolved). Without it, image_url takes data URLs only.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    allowed_hosts: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-hosts",
+            metavar="NAMES",
+            help="Host header names answered besides localhost and the bound address (comma list or"
+            " repeated; * for any). Others get 400 (DNS rebinding).",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    max_request_mb: Annotated[
+        float,
+        typer.Option(
+            "--max-request-mb",
+            metavar="MiB",
+            min=0.001,
+            help="Largest request body in MiB (413 above it); a data-URL image counts in it.",
+            rich_help_panel=SERVER,
+        ),
+    ] = 20.0,
     state_cache: Annotated[
         float,
         typer.Option(
@@ -85,22 +115,32 @@ def serve(
 
     One generation runs at a time; other requests wait in order. Ctrl+C stops the server.
     """
-    import uvicorn
-
-    from ..server.app import create_app
+    from ..server.app import create_app, run_server
+    from ..server.guard import HostPolicy
+    from ..server.media import allowed_dir
 
     load = pick(LoadFlags, locals())
     check_load_flags(load)
     check_address(host, port)  # before the load, which can take minutes
+    media_dir = allowed_dir(allowed_local_media_path)
     ui = UI()
     engine, load_s = timed_load(ui, load)
     model_id = engine.model_dir.name if Path(model).expanduser().is_dir() else model
-    app = create_app(engine, model_id, api_key, capacity=queue, state_bytes=engine.plan.kept_states)
+    app = create_app(
+        engine,
+        model_id,
+        api_key,
+        capacity=queue,
+        state_bytes=engine.plan.kept_states,
+        hosts=HostPolicy(host, allowed_hosts or ()),
+        media_dir=media_dir,
+        max_body=int(max_request_mb * 2**20),
+    )
     if not api_key and not _loopback(host):
         ui.note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
     ui.info(f"serving {model_id} on http://{host}:{port}/v1 (loaded in {load_s:.1f} s; Ctrl+C stops)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    run_server(app, host, port)
 
 
 def check_address(host: str, port: int) -> None:

@@ -12,19 +12,22 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..errors import Qwen35Error
 from ..generate import Finished, TokenEvent
 from ..state_cache import PrefixCache
+from .guard import Guard, HostPolicy
+from .media import hide_paths, image_file
 from .protocol import (
     APIError,
     ChatRequest,
@@ -38,11 +41,12 @@ from .protocol import (
     template_tools,
 )
 from .reply import Delta, ReplyText, join_tool_calls
-from .worker import Job, QueueFull, Started, Worker
+from .worker import Job, QueueFull, Skipped, Started, Worker
 
 log = logging.getLogger("qwen35_lite.server")
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
 RETRY_AFTER_S = 5
+MAX_BODY = 20 << 20  # request bytes: a data-URL image of ~15 MB, and far more text than a context holds
 
 
 @dataclass
@@ -55,9 +59,19 @@ class Outcome:
 
 
 def create_app(
-    engine: Engine, model_id: str, api_key: str | None = None, capacity: int = 8, state_bytes: int = 2 << 30
+    engine: Engine,
+    model_id: str,
+    api_key: str | None = None,
+    capacity: int = 8,
+    state_bytes: int = 2 << 30,
+    hosts: HostPolicy | None = None,
+    media_dir: Path | None = None,
+    max_body: int = MAX_BODY,
 ) -> FastAPI:
-    """The server app for a loaded engine; `capacity`: requests waiting or running before 503."""
+    """The server app for a loaded engine; `capacity`: requests waiting or running before 503.
+
+    hosts: the Host headers answered (default: localhost names only); media_dir: the resolved directory
+    whose files image_url may name (media.allowed_dir; None: no local file is read); max_body: bytes."""
     worker = Worker(engine, PrefixCache(state_bytes), capacity)
 
     @contextlib.asynccontextmanager
@@ -65,8 +79,10 @@ def create_app(
         yield
         worker.stop()  # the thread ends after the job it is running, which the shutdown cancels
 
-    app = FastAPI(title="qwen35-lite", docs_url=None, redoc_url=None, lifespan=lifespan)
+    # No /docs; the schema only behind the key (it is added below, as a route that checks it).
+    app = FastAPI(title="qwen35-lite", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(Guard, hosts=hosts or HostPolicy("127.0.0.1"), max_body=max_body)
     library_errors_as_json(app)
 
     async def authorize(request: Request) -> None:
@@ -83,10 +99,24 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return await api_error(request, bad_request("the body is not valid JSON"))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return await api_error(
             request, bad_request(f"{where or 'body'}: {first.get('msg', 'malformed request')}", where or None)
         )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body that does not parse, an unknown path or method) in OpenAI's
+        shape, like every other error."""
+        message = "the body is not valid JSON (or is nested too deeply)" if e.status_code == 400 else e.detail
+        error = APIError(e.status_code, str(message), code="invalid_value" if e.status_code == 400 else None)
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+
+    @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def openapi() -> dict:
+        return app.openapi()
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
@@ -101,6 +131,52 @@ def create_app(
                 "model",
                 "model_not_found",
             )
+
+    def encode(text: str, field: str) -> list[int]:
+        """The prompt's ids, refused first (counted in pieces) when the context cannot hold it: a huge
+        text is never tokenised whole."""
+        if (n := engine.tokenizer.tokens_over(text, engine.max_context)) is not None:
+            raise bad_request(
+                f"the prompt is at least {n} tokens ({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
+                f" but the context is {engine.max_context}: shorten it, or start the server with a larger"
+                " --ctx",
+                field,
+            )
+        return engine.tokenizer.encode(text)
+
+    def check_text_fits(messages: list[dict]) -> None:
+        """Refuse, before rendering, messages whose text alone is over the context (the template only
+        adds to it): rendering megabytes would end at the sandbox's size bound, with a vaguer line.
+        Each piece is counted on its own; a piece's edges may merge with the template's text, so
+        EDGE_SLACK tokens a piece are taken off. Below max_context characters nothing is counted here."""
+        pieces = list(_texts(messages))
+        limit, slack = engine.max_context, EDGE_SLACK * len(pieces)
+        if sum(map(len, pieces)) <= limit:
+            return
+        total = 0
+        for piece in pieces:
+            if (n := engine.tokenizer.tokens_over(piece, limit + slack - total)) is not None:
+                total += n
+                break
+            total += len(engine.tokenizer.encode(piece))
+        if total - slack >= limit:
+            raise bad_request(
+                f"the messages hold at least {total - slack} tokens of text but the context is {limit}:"
+                " shorten them, or start the server with a larger --ctx",
+                "messages",
+            )
+
+    def render(messages: list[dict], tools: list[dict] | None, thinking: bool, variables: dict) -> str:
+        """The prompt text; a template's refusal is the client's 400, its file named without the server's
+        path."""
+        try:
+            return engine.template.render(
+                messages, tools=tools, enable_thinking=thinking, add_generation_prompt=True, **variables
+            )
+        except Qwen35Error as e:
+            origin = str(engine.template.origin)
+            message = f"{e.message} ({e.hint})" if e.hint else e.message
+            raise bad_request(message.replace(origin, Path(origin).name), "messages") from None
 
     def make_job(req: SamplingFields, ids: list[int], images: list[str], thinking_open: bool) -> Job:
         if not ids:
@@ -122,20 +198,20 @@ def create_app(
         thinking = req.enable_thinking()
         images_dir = image_dir()
         try:
-            messages, images = template_messages(req.messages, Path(images_dir.name))
+            folder = Path(images_dir.name)
+            messages, images = template_messages(
+                req.messages, lambda url, n: image_file(url, folder, n, media_dir)
+            )
             if images:  # an unreadable image is the client's 400, found before the request waits in line
                 from ..multimodal import load_images
 
-                await run_in_threadpool(load_images, images)
-            text = await run_in_threadpool(
-                engine.template.render,
-                messages,
-                tools=tools,
-                enable_thinking=thinking,
-                add_generation_prompt=True,
-                **req.template_variables(),
-            )
-            ids = await run_in_threadpool(engine.tokenizer.encode, text)
+                try:
+                    await run_in_threadpool(load_images, images)
+                except Qwen35Error as e:
+                    raise hide_paths(e, images) from None
+            await run_in_threadpool(check_text_fits, messages)
+            text = await run_in_threadpool(render, messages, tools, thinking, req.template_variables())
+            ids = await run_in_threadpool(encode, text, "messages")
             job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
             reply = ReplyText(req.stop_strings(), tools)
             return await respond(request, req, job, reply, "chat", images_dir)
@@ -146,7 +222,7 @@ def create_app(
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):
         check_model(req)
-        ids = await run_in_threadpool(engine.tokenizer.encode, req.prompt_text())
+        ids = await run_in_threadpool(encode, req.prompt_text(), "prompt")
         job = make_job(req, ids, [], False)
         return await respond(
             request, req, job, ReplyText(req.stop_strings(), None, separate_reasoning=False), "text"
@@ -158,36 +234,56 @@ def create_app(
         try:
             worker.submit(job)
         except QueueFull:
+            if worker.closing:
+                raise shutting_down() from None
             raise APIError(
                 503, "the server is busy: every place in the queue is taken", code="server_busy"
             ) from None
         outcome = Outcome()
         started = time.perf_counter()
+        watcher = asyncio.create_task(watch_client(request, job))
+
+        def done() -> None:
+            job.cancel.set()
+            watcher.cancel()
+            if cleanup:
+                cleanup.cleanup()
+
         try:
-            first = await next_event(job, request)
+            first = await next_event(job)
             if isinstance(first, Exception):
                 raise first
             outcome.started = first
+        except ClientLeft:
+            done()
+            log_request(request, outcome, started, LEFT)
+            return Response(status_code=499)  # nobody reads it: the client is gone
         except BaseException:
-            job.cancel.set()
-            if cleanup:
-                cleanup.cleanup()
+            done()
+            if worker.closing:
+                log_request(request, outcome, started, STOPPING)
             raise
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if req.stream:
-            body = stream(request, req, job, reply, kind, ident, outcome, started, cleanup)
+            body = stream(request, req, job, reply, kind, ident, outcome, started, done)
             return StreamingResponse(body, media_type="text/event-stream")
         try:
             whole = Delta()
-            async for delta in deltas(job, request, reply, outcome):
+            async for delta in deltas(job, reply, outcome):
                 whole.reasoning += delta.reasoning
                 whole.content += delta.content
                 whole.tool_calls += delta.tool_calls
+        except ClientLeft:
+            pass
+        except APIError:
+            if worker.closing:
+                log_request(request, outcome, started, STOPPING)
+            raise
         finally:
-            job.cancel.set()
-            if cleanup:
-                cleanup.cleanup()
-        log_request(request, outcome, started)
+            done()
+        log_request(request, outcome, started, LEFT if job.client_left else None)
+        if job.client_left:
+            return Response(status_code=499)
         reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
         choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
         if kind == "chat":
@@ -201,12 +297,13 @@ def create_app(
             choice["text"] = whole.content
         return {**envelope(ident, kind, False), "choices": [choice], "usage": usage(outcome)}
 
-    async def stream(request, req, job, reply, kind, ident, outcome, started, cleanup) -> AsyncIterator[str]:
+    async def stream(request, req, job, reply, kind, ident, outcome, started, done) -> AsyncIterator[str]:
+        failed = False
         try:
             if kind == "chat":
                 yield sse(ident, kind, {"role": "assistant", "content": ""})
             saw_calls = False
-            async for delta in deltas(job, request, reply, outcome):
+            async for delta in deltas(job, reply, outcome):
                 saw_calls = saw_calls or bool(delta.tool_calls)
                 yield sse(ident, kind, delta_body(delta) if kind == "chat" else {"text": delta.content})
             reason = finish_reason(outcome.finished.reason, reply.stopped, saw_calls)
@@ -214,14 +311,40 @@ def create_app(
             if req.include_usage():
                 yield data({**envelope(ident, kind, True), "choices": [], "usage": usage(outcome)})
             yield "data: [DONE]\n\n"
+        except ClientLeft:
+            pass
         except Exception as e:  # the 200 is sent: the error goes in the stream, as vLLM sends it
+            failed = True
             yield data(error_body(e))
             yield "data: [DONE]\n\n"
-        finally:  # also when the client left and the response was cancelled
-            log_request(request, outcome, started)
-            job.cancel.set()
-            if cleanup:
-                cleanup.cleanup()
+        finally:  # also when the client left and Starlette cancelled the response
+            done()
+            left = job.client_left or (outcome.finished is None and not failed)
+            why = LEFT if left else STOPPING if failed and worker.closing else None
+            log_request(request, outcome, started, why)
+
+    async def deltas(job: Job, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:
+        """The reply's Deltas until the job finishes; a stop string cancels the rest of the generation.
+        A generation cancelled by the server's shutdown is a 503, not a short reply."""
+        while True:
+            event = await next_event(job)
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, Finished):
+                outcome.finished = event
+                if event.reason == "cancelled" and worker.closing and not reply.stopped:
+                    raise shutting_down()
+                if tail := reply.finish():
+                    yield tail
+                return
+            if isinstance(event, TokenEvent):
+                if event.id >= 0:
+                    outcome.completion_ids.append(event.id)
+                delta = reply.feed(event)
+                if reply.stopped:
+                    job.cancel.set()
+                if delta:
+                    yield delta
 
     def envelope(ident: str, kind: str, chunk: bool) -> dict:
         obj = ("chat.completion" if kind == "chat" else "text_completion") + (
@@ -259,50 +382,55 @@ def delta_body(delta: Delta) -> dict:
     return body
 
 
-async def next_event(job: Job, request: Request):
-    """The job's next event; a client that left cancels the job (it stops at its next token)."""
+class ClientLeft(Exception):
+    """The client disconnected and its job was cancelled: nothing is answered."""
+
+
+async def watch_client(request: Request, job: Job) -> None:
+    """Cancel the job (it stops at its next token) once its client has left; checked every POLL_S
+    whether tokens are flowing or not, so a non-streamed request is stopped as soon as a streamed one."""
+    while not job.cancel.is_set():
+        if await request.is_disconnected():
+            job.client_left = True
+            job.cancel.set()
+            return
+        await asyncio.sleep(POLL_S)
+
+
+async def next_event(job: Job):
+    """The job's next event; ClientLeft once its client left and the worker has nothing more for it."""
     while True:
         try:
-            return await asyncio.wait_for(job.events.get(), POLL_S)
+            event = await asyncio.wait_for(job.events.get(), POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                raise asyncio.CancelledError from None
+            if job.client_left:
+                raise ClientLeft from None
+            continue
+        if isinstance(event, Skipped):  # cancelled while it waited: its client left, or the server stops
+            raise ClientLeft if job.client_left else shutting_down()
+        return event
 
 
-async def deltas(job: Job, request: Request, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:
-    """The reply's Deltas until the job finishes; a stop string cancels the rest of the generation."""
-    while True:
-        event = await next_event(job, request)
-        if isinstance(event, Exception):
-            raise event
-        if isinstance(event, Finished):
-            outcome.finished = event
-            if tail := reply.finish():
-                yield tail
-            return
-        if isinstance(event, TokenEvent):
-            if event.id >= 0:
-                outcome.completion_ids.append(event.id)
-            delta = reply.feed(event)
-            if reply.stopped:
-                job.cancel.set()
-            if delta:
-                yield delta
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="server_shutting_down")
 
 
 def usage(outcome: Outcome) -> dict:
-    prompt = outcome.started.prompt_tokens
+    prompt = outcome.started.prompt_tokens if outcome.started else 0
     completion = len(outcome.finished.tokens) if outcome.finished else len(outcome.completion_ids)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": outcome.started.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": outcome.started.cached_tokens if outcome.started else 0},
     }
 
 
-def log_request(request: Request, outcome: Outcome, started: float) -> None:
+LEFT, STOPPING = "cancelled: client left", "cancelled: server stopping"
+
+
+def log_request(request: Request, outcome: Outcome, started: float, why: str | None = None) -> None:
+    """One line per request; `why` (LEFT, STOPPING) overrides the generation's own reason."""
     stats = outcome.finished.stats if outcome.finished else {}
     u = usage(outcome)
     log.info(
@@ -312,11 +440,26 @@ def log_request(request: Request, outcome: Outcome, started: float) -> None:
         u["prompt_tokens"],
         u["prompt_tokens_details"]["cached_tokens"],
         u["completion_tokens"],
-        outcome.finished.reason if outcome.finished else "client left",
-        stats.get("decode_tok_s"),
-        stats.get("ttft_s"),
+        why or (outcome.finished.reason if outcome.finished else "no reply"),
+        "-" if stats.get("decode_tok_s") is None else stats["decode_tok_s"],
+        "-" if stats.get("ttft_s") is None else stats["ttft_s"],
         time.perf_counter() - started,
     )
+
+
+EDGE_SLACK = 2  # tokens a message's text may lose where it meets the template's text
+
+
+def _texts(messages: list[dict]) -> Iterator[str]:
+    """The text of every message: string contents, text parts, reasoning."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (p["text"] for p in content if p.get("type") == "text")
+        if isinstance(m.get("reasoning_content"), str):
+            yield m["reasoning_content"]
 
 
 def _ends_in_thinking(ids: list[int], engine: Engine) -> bool:
@@ -348,3 +491,20 @@ def library_errors_as_json(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception) -> JSONResponse:
         return JSONResponse(error_body(e), status_code=500)
+
+
+GRACE_S = 5  # seconds a stopping server waits for its requests (their generations are cancelled first)
+
+
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """uvicorn over `app` until Ctrl+C or SIGTERM. The signal cancels the running and waiting generations
+    before uvicorn waits for their requests, so the server stops within seconds, not after a reply."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.worker.cancel_all()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE_S)
+    Server(config).run()

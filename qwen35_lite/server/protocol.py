@@ -3,12 +3,10 @@ settings, stop strings. Every problem is an APIError carrying the HTTP status an
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +17,6 @@ from ..settings import check_setting
 from ..tool_calls import check_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-IMAGE_SUFFIX = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "gif": ".gif", "bmp": ".bmp"}
 
 
 class APIError(Exception):
@@ -93,7 +90,14 @@ class ChatRequest(SamplingFields):
         """The other chat_template_kwargs, passed to the template as vLLM passes them (the arguments
         the server sets itself cannot be overridden this way)."""
         reserved = {"enable_thinking", "messages", "tools", "add_generation_prompt", "documents"}
-        return {k: v for k, v in (self.chat_template_kwargs or {}).items() if k not in reserved}
+        kwargs = self.chat_template_kwargs or {}
+        for key in kwargs:
+            if key in UNSETTABLE:
+                raise bad_request(
+                    f"chat_template_kwargs.{key} cannot be set: it names the template's own {key!r}",
+                    "chat_template_kwargs",
+                )
+        return {k: v for k, v in kwargs.items() if k not in reserved}
 
 
 class CompletionRequest(SamplingFields):
@@ -110,6 +114,10 @@ class CompletionRequest(SamplingFields):
         return self.prompt[0]
 
 
+# Names a request cannot pass to the template: render's own parameter, and the template's functions.
+UNSETTABLE = frozenset(
+    {"self", "namespace", "raise_exception", "strftime_now", "dict", "range", "lipsum", "cycler", "joiner"}
+)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
 
 
@@ -144,7 +152,8 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
         return tools
     if choice == "none":
         return None
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise bad_request('tool_choice must be "auto", "none" or {"type": "function", ...}', "tool_choice")
     named = [t for t in tools or [] if t["function"].get("name") == name]
@@ -153,12 +162,15 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
     return named
 
 
-def template_messages(messages: list[dict], image_dir: Path) -> tuple[list[dict], list[str]]:
+def template_messages(
+    messages: list[dict], to_file: Callable[[Any, int], str]
+) -> tuple[list[dict], list[str]]:
     """OpenAI messages → what the chat template takes, and the image files in placeholder order.
 
-    Image parts become {"type": "image", "image": path} (a data URL is written under image_dir; a path or
-    file:// URL is used as is; nothing is ever fetched); assistant tool calls whose arguments are a JSON
-    string are parsed to objects, as vLLM does, since Qwen's template iterates over them."""
+    Image parts become {"type": "image", "image": path}, the path being what to_file(url, n) makes of the
+    n-th image's url (media.image_file: a data URL decoded, an allowed local file resolved); assistant
+    tool calls whose arguments are a JSON string are parsed to objects, as vLLM does, since Qwen's
+    template iterates over them (anything but an object is refused)."""
     out, images = [], []
     for i, message in enumerate(messages):
         role = message.get("role")
@@ -171,16 +183,19 @@ def template_messages(messages: list[dict], image_dir: Path) -> tuple[list[dict]
             m["role"] = "system"
         content = m.get("content")
         if isinstance(content, list):
-            m["content"] = [_content_part(part, f"messages[{i}]", image_dir, images) for part in content]
+            m["content"] = [_content_part(part, f"messages[{i}]", to_file, images) for part in content]
         elif content is not None and not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
-        if m.get("tool_calls"):
-            m["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls") for c in m["tool_calls"]]
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise bad_request(f"messages[{i}].tool_calls must be a list of tool calls", "messages")
+        if calls:
+            m["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
         out.append(m)
     return out, images
 
 
-def _content_part(part: Any, where: str, image_dir: Path, images: list[str]) -> dict:
+def _content_part(part: Any, where: str, to_file: Callable[[Any, int], str], images: list[str]) -> dict:
     if not isinstance(part, dict):
         raise bad_request(f"{where}: a content part must be an object", "messages")
     kind = part.get("type")
@@ -189,33 +204,10 @@ def _content_part(part: Any, where: str, image_dir: Path, images: list[str]) -> 
     if kind == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        path = _image_file(url, image_dir, len(images))
+        path = to_file(url, len(images))
         images.append(path)
         return {"type": "image", "image": path}
     raise bad_request(f"{where}: content part type {kind!r} is not supported (text, image_url)", "messages")
-
-
-def _image_file(url: Any, image_dir: Path, n: int) -> str:
-    """A local path for an image_url: a data URL decoded to a file, a local path or file:// URL as is."""
-    if not isinstance(url, str) or not url:
-        raise bad_request("an image_url part has no url", "messages")
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            raise bad_request("an image data URL must be base64 (data:image/png;base64,...)", "messages")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise bad_request("an image data URL is not valid base64", "messages") from None
-        subtype = header.removeprefix("data:").removesuffix(";base64").partition("/")[2]
-        path = image_dir / f"image{n}{IMAGE_SUFFIX.get(subtype, '.img')}"
-        path.write_bytes(data)
-        return str(path)
-    if url.startswith(("http://", "https://")):
-        raise bad_request(
-            "image URLs are never fetched from the network: send a data URL or a local file path", "messages"
-        )
-    return str(Path(url.removeprefix("file://")).expanduser())
 
 
 def _tool_call(call: Any, where: str) -> dict:
@@ -225,10 +217,12 @@ def _tool_call(call: Any, where: str) -> dict:
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:
-            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+            arguments = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
-            raise bad_request(f"{where}: arguments is not valid JSON", "messages") from None
-    return {**call, "function": function}
+            raise bad_request(f"{where}.function.arguments is not valid JSON", "messages") from None
+    if not isinstance(arguments, dict):  # the template iterates over its items
+        raise bad_request(f"{where}.function.arguments must be a JSON object", "messages")
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def image_dir() -> tempfile.TemporaryDirectory:

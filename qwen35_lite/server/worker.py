@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..model.cache import ModelCache
 from ..sampling import SamplingParams
 from ..state_cache import PrefixCache
 from ..tokenizer import StreamDecoder
+from .media import hide_paths
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
+    client_left: bool = False  # set with cancel when its client disconnected
 
     def emit(self, event: object) -> None:
         try:
@@ -49,6 +52,22 @@ class QueueFull(Exception):
     """Every place in the queue is taken: the request is answered 503 at once."""
 
 
+class Skipped(Exception):
+    """Emitted for a job cancelled before its reply began (while it waited, or in its prefill)."""
+
+
+class _Stopped(Exception):
+    """Raised from the prefill's and the vision tower's progress callbacks once the job is cancelled."""
+
+
+def _stop_if(cancel: threading.Event) -> Callable[[int, int], None]:
+    def check(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise _Stopped
+
+    return check
+
+
 class Worker:
     """Runs jobs one after another on a daemon thread. `capacity` counts waiting and running jobs."""
 
@@ -57,12 +76,14 @@ class Worker:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
+        self.closing = False  # set by cancel_all: the server is stopping
+        self._running: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="qwen35-lite-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if self._pending >= self.capacity:
+            if self._pending >= self.capacity or self.closing:
                 raise QueueFull
             self._pending += 1
         job.loop = asyncio.get_running_loop()
@@ -71,16 +92,30 @@ class Worker:
     def stop(self) -> None:
         self._jobs.put(None)
 
+    def cancel_all(self) -> None:
+        """Cancel the running job and every waiting one (the server is stopping). Safe in a signal
+        handler: it takes no lock (the interrupted thread may hold one)."""
+        self.closing = True
+        for job in [self._running, *list(self._jobs.queue)]:
+            if job is not None:
+                job.cancel.set()
+
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            self._running = job
             try:
-                if not job.cancel.is_set():  # its client left while it waited
+                if job.cancel.is_set():  # its client left while it waited, or the server stops
+                    job.emit(Skipped())
+                else:
                     self._run(job)
+            except _Stopped:  # nothing was kept: the state it was filling is dropped
+                job.emit(Skipped())
             except Qwen35Error as e:
                 job.emit(e)
             except Exception as e:  # our bug: the request fails, the server keeps serving
                 job.emit(e)
             finally:
+                self._running = None
                 with self._lock:
                     self._pending -= 1
 
@@ -92,12 +127,17 @@ class Worker:
             from ..multimodal import image_prompt  # PIL and the tower only for prompts with images
 
             # The whole prompt from position 0 (a fresh cache): a kept state resumes it part way.
-            mm = image_prompt(eng, job.prompt_ids, job.images, model.make_cache())
+            try:
+                mm = image_prompt(
+                    eng, job.prompt_ids, job.images, model.make_cache(), on_encode=_stop_if(job.cancel)
+                )
+            except Qwen35Error as e:  # named by their place in the request, not by the server's paths
+                raise hide_paths(e, job.images) from None
             prompt = Prompt(mm.ids, image_key(job.images), mm.embeds, mm.positions, mm.rope_delta)
         # Checked whole here: the head is fed by prefill alone, which checks neither.
         check_context(model.make_cache(), len(prompt.ids), eng.max_context, model.cfg.max_position_embeddings)
         check_vocab(prompt.ids, model.cfg.vocab_size)
-        cache, hit = self._resume(prompt)
+        cache, hit = self._resume(prompt, job.cancel)
         job.emit(Started(hit, len(prompt.ids)))
         think_open, think_close = eng.tokenizer.token_id("<think>"), eng.tokenizer.token_id("</think>")
         req = prompt.part(cache, len(prompt.ids))
@@ -109,7 +149,7 @@ class Worker:
                 self.prefix.save(list(cache.token_ids), cache, prompt.key)
             job.emit(event)
 
-    def _resume(self, prompt: Prompt) -> tuple[ModelCache, int]:
+    def _resume(self, prompt: Prompt, cancel: threading.Event) -> tuple[ModelCache, int]:
         """The state to continue from and how many prompt tokens it already holds.
 
         DeltaNet state cannot be rewound, so snapshots are kept at the prompt less its last token (an
@@ -121,7 +161,8 @@ class Worker:
             cache, hit = self.engine.model.make_cache(), 0
         head = len(prompt.ids) - 1  # the template ends the prompt with text: every image is in the head
         if head > hit:
-            prefill(self.engine.model, cache, prompt.part(cache, head))
+            # A long prompt's prefill stops at its next layer once the job is cancelled.
+            prefill(self.engine.model, cache, prompt.part(cache, head), on_progress=_stop_if(cancel))
             self.prefix.save(prompt.ids[:head], cache, prompt.key)
         return cache, hit
 
