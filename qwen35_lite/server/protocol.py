@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..sampling import SamplingParams
+from ..sampling import SAMPLING_KEYS, SamplingParams
 from ..settings import check_setting
 from ..tool_calls import check_tools
 
@@ -108,9 +108,6 @@ class CompletionRequest(SamplingFields):
         if len(self.prompt) != 1:
             raise bad_request("one prompt per request (a list of one string at most)", "prompt")
         return self.prompt[0]
-
-
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
 
 
 def sampling_params(req: SamplingFields, defaults: SamplingParams) -> SamplingParams:
