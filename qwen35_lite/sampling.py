@@ -11,7 +11,7 @@ seeded run repeats itself on the same device, but a GPU and a CPU draw different
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,6 +31,9 @@ class SamplingParams:
     @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+
+
+SAMPLING_KEYS = tuple(f.name for f in fields(SamplingParams))  # the flags, /set keys and request fields
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, generated: torch.Tensor, p: SamplingParams):

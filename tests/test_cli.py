@@ -427,3 +427,40 @@ def test_size_presets_are_valid_specs(size):
 def test_launcher_script_exists():
     assert "from qwen35_lite.cli import main" in (ROOT / "cli.py").read_text()
     assert shutil.which(sys.executable)
+
+
+def test_sampling_names_are_declared_once():
+    """Every SamplingParams field has exactly one flag, a /set range and a request field of the server."""
+    from qwen35_lite.cli.options import SAMPLING_OPTIONS
+    from qwen35_lite.sampling import SAMPLING_KEYS
+    from qwen35_lite.server.protocol import SamplingFields
+    from qwen35_lite.settings import SETTINGS
+
+    assert tuple(SAMPLING_OPTIONS) == SAMPLING_KEYS
+    assert set(SAMPLING_KEYS) <= set(SETTINGS)
+    assert set(SAMPLING_KEYS) <= set(SamplingFields.model_fields)
+
+
+def test_flag_groups_build_the_options_from_the_flags():
+    """A command's `load` and `reply` parameters become their flags and come back as the dataclasses."""
+    import typer
+    from typer.testing import CliRunner
+
+    from qwen35_lite.cli.options import ReplyFlags, flag_groups
+    from qwen35_lite.plan.options import EngineOptions
+
+    seen = {}
+
+    @flag_groups
+    def cmd(model: str, load: EngineOptions, reply: ReplyFlags, extra: int = 3) -> None:
+        seen.update(model=model, load=load, reply=reply, extra=extra)
+
+    app = typer.Typer()
+    app.command()(cmd)
+    app.command("other")(lambda: None)  # two commands: typer keeps the command name
+    args = ["cmd", "m", "--cpu-mem", "1.5", "--ctx", "64", "--temperature", "0.5", "--no-think", "--extra", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["load"] == EngineOptions(cpu_mem=1.5, ctx=64)
+    assert seen["reply"] == ReplyFlags(think=False, sampling={"temperature": 0.5})
+    assert (seen["model"], seen["extra"]) == ("m", 4)

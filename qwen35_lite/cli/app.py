@@ -11,53 +11,27 @@ import io
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import typer
 
 from .. import __version__
 from ..errors import InputError
+from ..plan.options import EngineOptions
 from .errors import EXIT_INTERRUPTED, friendly_errors
 from .help import install as install_help
 from .options import (
-    CpuCompute,
-    CpuExperts,
-    CpuMem,
-    CpuThreads,
-    Ctx,
-    Device,
-    Dtype,
-    GpuExperts,
-    GpuMem,
-    HideThinking,
-    LoadFlags,
-    MaxNew,
-    MinP,
     Model,
-    Offline,
-    Presence,
     Quiet,
-    Raw,
-    Repetition,
     ReplyFlags,
-    Seed,
-    System,
-    Temperature,
-    Think,
-    Tools,
-    TopK,
-    TopP,
     chat_settings,
     check_flags,
     check_load_flags,
-    pick,
+    flag_groups,
     read_tools,
     timed_load,
 )
 from .ui import UI, format_stats, human_bytes, plural
-
-if TYPE_CHECKING:
-    pass
 
 install_help()
 
@@ -133,6 +107,7 @@ def read_stdin() -> str:
 
 @app.command()
 @friendly_errors
+@flag_groups
 def run(
     prompt: Annotated[
         list[str],
@@ -143,32 +118,12 @@ def run(
         ),
     ],
     model: Model,
-    system: System = None,
-    raw: Raw = False,
-    max_new_tokens: MaxNew = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    min_p: MinP = None,
-    presence_penalty: Presence = None,
-    repetition_penalty: Repetition = None,
-    seed: Seed = None,
-    think: Think = True,
-    hide_thinking: HideThinking = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    ctx: Ctx = None,
-    offline: Offline = False,
+    load: EngineOptions,
+    reply: ReplyFlags,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on stdout, nothing streamed.")
     ] = False,
     quiet: Quiet = False,
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-    gpu_experts: GpuExperts = None,
-    cpu_compute: CpuCompute = "auto",
-    cpu_experts: CpuExperts = None,
-    cpu_threads: CpuThreads = None,
     image: Annotated[
         list[Path] | None,
         typer.Option(
@@ -179,27 +134,25 @@ def run(
             show_default=False,
         ),
     ] = None,
-    tools: Tools = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
     from ..session import ChatSession
     from .chat_repl import stream_reply
 
-    flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
-    check_flags(flags)
+    check_flags(reply)
     check_load_flags(load)
     images = list(image or [])
-    if images and raw:
+    if images and reply.raw:
         raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
-    tool_list = read_tools(tools)
+    tool_list = read_tools(reply.tools)
     if images:
         from ..multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
-    engine, load_s = timed_load(ui, load)
-    session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
+    engine, load_s = timed_load(ui, model, load)
+    session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     reply = session.last_reply
@@ -229,46 +182,25 @@ def run(
 
 @app.command()
 @friendly_errors
+@flag_groups
 def chat(
     model: Model,
-    system: System = None,
-    raw: Raw = False,
-    max_new_tokens: MaxNew = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    top_k: TopK = None,
-    min_p: MinP = None,
-    presence_penalty: Presence = None,
-    repetition_penalty: Repetition = None,
-    seed: Seed = None,
-    think: Think = True,
-    hide_thinking: HideThinking = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    ctx: Ctx = None,
-    offline: Offline = False,
+    load: EngineOptions,
+    reply: ReplyFlags,
     quiet: Quiet = False,
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-    gpu_experts: GpuExperts = None,
-    cpu_compute: CpuCompute = "auto",
-    cpu_experts: CpuExperts = None,
-    cpu_threads: CpuThreads = None,
-    tools: Tools = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
     from ..session import ChatSession
     from .chat_repl import Repl
 
-    flags, load = pick(ReplyFlags, locals()), pick(LoadFlags, locals())
-    check_flags(flags)
+    check_flags(reply)
     check_load_flags(load)
     if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
-    tool_list = read_tools(tools)
-    engine, load_s = timed_load(ui, load)
-    session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
+    tool_list = read_tools(reply.tools)
+    engine, load_s = timed_load(ui, model, load)
+    session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
     repl = Repl(ui, session)
     if repl.tty:
         m = engine.model

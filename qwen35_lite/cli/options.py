@@ -6,11 +6,14 @@ Heavy modules (torch, the engine) are imported inside the functions, so `--help`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -20,8 +23,9 @@ from ..errors import InputError
 from .ui import UI
 
 if TYPE_CHECKING:
-    from ..engine import Engine, EngineOptions
+    from ..engine import Engine
     from ..plan.load import Planned
+    from ..plan.options import EngineOptions
     from ..session import ChatSettings
 
 # ---- the options ---------------------------------------------------------------------------------
@@ -180,81 +184,139 @@ CpuThreads = Annotated[
 ]
 
 
-@dataclass
-class LoadFlags:
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    ctx: int | None = None
-    offline: bool = False
-    gpu_mem: float | None = None
-    cpu_mem: float | None = None
-    gpu_experts: int | None = None
-    cpu_experts: int | None = None
-    cpu_threads: int | None = None
-    cpu_compute: str = "auto"
-    state_cache: float = 0.0  # serve only
+# ---- option groups ---------------------------------------------------------------------------------
+# A command declares `load: EngineOptions` and/or `reply: ReplyFlags`; `flag_groups` turns each into the
+# flags below (one Typer option per field) and builds the dataclass back from them on every call, so the
+# flags are declared once here and the fields once in their dataclasses.
+
+LOAD_OPTIONS: dict[str, Any] = {
+    "device": Device,
+    "dtype": Dtype,
+    "ctx": Ctx,
+    "offline": Offline,
+    "gpu_mem": GpuMem,
+    "cpu_mem": CpuMem,
+    "gpu_experts": GpuExperts,
+    "cpu_compute": CpuCompute,
+    "cpu_experts": CpuExperts,
+    "cpu_threads": CpuThreads,
+}  # EngineOptions fields without a flag here (context, state_cache) are set by the command itself
+SAMPLING_OPTIONS: dict[str, Any] = {
+    "temperature": Temperature,
+    "top_p": TopP,
+    "top_k": TopK,
+    "min_p": MinP,
+    "presence_penalty": Presence,
+    "repetition_penalty": Repetition,
+    "seed": Seed,
+}  # one flag per SamplingParams field (sampling.SAMPLING_KEYS; a test checks they agree)
 
 
 @dataclass
 class ReplyFlags:
+    """How `run` and `chat` reply: the template's inputs, thinking, and sampling over the checkpoint's
+    defaults (`sampling`: only the flags that were given)."""
+
     system: str | None = None
     raw: bool = False
     max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
     think: bool = True
     hide_thinking: bool = False
     tools: Path | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
 
 
-def pick(cls: type, values: dict[str, Any]) -> Any:
-    """Build a flags dataclass from a command's locals() (its parameters are exactly the options)."""
-    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+REPLY_OPTIONS: dict[str, Any] = {
+    "system": System,
+    "raw": Raw,
+    "max_new_tokens": MaxNew,
+    "think": Think,
+    "hide_thinking": HideThinking,
+    "tools": Tools,
+}
+
+
+def _load_group() -> tuple[list[inspect.Parameter], Callable[[dict[str, Any]], Any]]:
+    from ..plan.options import EngineOptions
+
+    defaults = {f.name: f.default for f in fields(EngineOptions)}
+    params = [_param(name, kind, defaults[name]) for name, kind in LOAD_OPTIONS.items()]
+    return params, lambda values: EngineOptions(**values)
+
+
+def _reply_group() -> tuple[list[inspect.Parameter], Callable[[dict[str, Any]], Any]]:
+    defaults = {f.name: f.default for f in fields(ReplyFlags) if f.name != "sampling"}
+    params = [_param(name, kind, defaults[name]) for name, kind in REPLY_OPTIONS.items()]
+    params += [_param(name, kind, None) for name, kind in SAMPLING_OPTIONS.items()]
+
+    def build(values: dict[str, Any]) -> ReplyFlags:
+        sampling = {k: v for k in SAMPLING_OPTIONS if (v := values.pop(k)) is not None}
+        return ReplyFlags(**values, sampling=sampling)
+
+    return params, build
+
+
+GROUPS = {"load": _load_group, "reply": _reply_group}
+
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def flag_groups(fn: Callable[..., None]) -> Callable[..., None]:
+    """A command whose `load` / `reply` parameters are expanded into their flags for Typer, and rebuilt
+    into `EngineOptions` / `ReplyFlags` when it runs."""
+    sig = inspect.signature(fn)
+    params, builders = [], {}
+    for p in sig.parameters.values():
+        if p.name in GROUPS:  # its annotation names the dataclass; only its fields' flags are read
+            group, builders[p.name] = GROUPS[p.name]()
+            params += group
+        else:
+            kind = eval(p.annotation, fn.__globals__) if isinstance(p.annotation, str) else p.annotation
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=kind))
+    names = {name: [q.name for q in GROUPS[name]()[0]] for name in builders}
+
+    @functools.wraps(fn)
+    def command(**values: Any) -> None:
+        for name, build in builders.items():
+            values[name] = build({k: values.pop(k) for k in names[name]})
+        return fn(**values)
+
+    command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # Typer must read the expanded signature, not fn's
+    return command
 
 
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def engine_options(flags: LoadFlags, context: int | None = None) -> EngineOptions:
-    """The engine's load options for these flags; `context`: the workload's, used when --ctx is not given."""
-    from ..engine import EngineOptions
-
-    return EngineOptions(
-        **{f.name: getattr(flags, f.name) for f in fields(LoadFlags) if f.name != "model"}, context=context
-    )
-
-
-def plan_memory(flags: LoadFlags, context: int | None = None, config_only: bool = False) -> Planned:
+def plan_memory(model: str, load: EngineOptions, config_only: bool = False) -> Planned:
     """Resolve --model and plan memory from config.json and the safetensors headers (nothing heavy)."""
     from ..plan.load import plan_load
 
-    return plan_load(flags.model, engine_options(flags, context), config_only)
+    return plan_load(model, load, config_only)
 
 
-def load_engine(ui: UI, flags: LoadFlags, context: int | None = None) -> Engine:
+def load_engine(ui: UI, model: str, load: EngineOptions) -> Engine:
     """Plan memory, refuse a budget that cannot hold the run, then load under the plan, with progress bars."""
     from ..engine import Engine
 
     with ui.load_progress() as on_progress:
-        return Engine.load(flags.model, engine_options(flags, context), on_progress=on_progress)
+        return Engine.load(model, load, on_progress=on_progress)
 
 
 def check_flags(flags: ReplyFlags) -> None:
     """Reject bad flag values before the (slow) load, as usage errors (exit 2)."""
-    from .chat_repl import SETTINGS, check_setting
+    from ..settings import check_setting
 
     if flags.raw and flags.system:
         raise typer.BadParameter("--system has no effect with --raw", param_hint="--system")
     if flags.raw and flags.tools:
         raise typer.BadParameter("tools need the chat template, which --raw turns off", param_hint="--tools")
-    for key in SETTINGS:
-        value = getattr(flags, key)
+    given = {**flags.sampling, "max_new_tokens": flags.max_new_tokens}
+    for key, value in given.items():
         if value is not None:
             try:
                 check_setting(key, value)
@@ -262,7 +324,7 @@ def check_flags(flags: ReplyFlags) -> None:
                 raise typer.BadParameter(e.message, param_hint="--" + key.replace("_", "-")) from None
 
 
-def check_load_flags(flags: LoadFlags, planning: bool = False) -> None:
+def check_load_flags(flags: EngineOptions, planning: bool = False) -> None:
     """Reject memory budgets that are no size, and GPU flags on a run that has no GPU, before the load.
 
     planning: `info`, which may plan for a GPU this machine lacks when --device cuda names one.
@@ -328,11 +390,9 @@ def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
     """Checkpoint defaults, overridden by every flag that was given."""
     from ..session import ChatSettings
 
-    keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
-    overrides = {k: getattr(flags, k) for k in keys if getattr(flags, k) is not None}
     think = "hide" if flags.think and flags.hide_thinking else "on" if flags.think else "off"
     return ChatSettings(
-        params=replace(engine.defaults.params, **overrides),
+        params=replace(engine.defaults.params, **flags.sampling),
         max_new_tokens=flags.max_new_tokens or engine.defaults.max_new_tokens,
         think=think,
         system=flags.system,
@@ -355,8 +415,8 @@ def read_tools(path: Path | None) -> list[dict] | None:
     return check_tools(data, str(path))
 
 
-def timed_load(ui: UI, load: LoadFlags, context: int | None = None) -> tuple[Engine, float]:
+def timed_load(ui: UI, model: str, load: EngineOptions) -> tuple[Engine, float]:
     """load_engine, and the seconds it took (the progress bars vanish, so the stats carry the figure)."""
     start = time.perf_counter()
-    engine = load_engine(ui, load, context)
+    engine = load_engine(ui, model, load)
     return engine, round(time.perf_counter() - start, 2)

@@ -6,30 +6,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..errors import InputError
+from ..plan.options import EngineOptions
 from .errors import friendly_errors
-from .options import (
-    CpuCompute,
-    CpuExperts,
-    CpuMem,
-    CpuThreads,
-    Ctx,
-    Device,
-    Dtype,
-    GpuExperts,
-    GpuMem,
-    LoadFlags,
-    Model,
-    Offline,
-    check_load_flags,
-    pick,
-    timed_load,
-)
+from .options import Model, check_load_flags, flag_groups, timed_load
 from .tools import flowed_help
 from .ui import UI
 
@@ -41,8 +27,10 @@ def register(app: typer.Typer) -> None:
     app.command(help=flowed_help(serve))(friendly_errors(serve))
 
 
+@flag_groups
 def serve(
     model: Model,
+    load: EngineOptions,
     host: Annotated[str, typer.Option(help="Address to bind.", rich_help_panel=SERVER)] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port.", rich_help_panel=SERVER)] = 8000,
     api_key: Annotated[
@@ -100,16 +88,6 @@ def serve(
             rich_help_panel=SERVER,
         ),
     ] = 2.0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    ctx: Ctx = None,
-    offline: Offline = False,
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-    gpu_experts: GpuExperts = None,
-    cpu_compute: CpuCompute = "auto",
-    cpu_experts: CpuExperts = None,
-    cpu_threads: CpuThreads = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -119,12 +97,12 @@ def serve(
     from ..server.guard import HostPolicy
     from ..server.media import allowed_dir
 
-    load = pick(LoadFlags, locals())
+    load = replace(load, state_cache=state_cache)
     check_load_flags(load)
     check_address(host, port)  # before the load, which can take minutes
     media_dir = allowed_dir(allowed_local_media_path)
     ui = UI()
-    engine, load_s = timed_load(ui, load)
+    engine, load_s = timed_load(ui, model, load)
     model_id = engine.model_dir.name if Path(model).expanduser().is_dir() else model
     app = create_app(
         engine,

@@ -5,29 +5,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..plan.options import EngineOptions
 from .errors import friendly_errors
-from .options import (
-    CpuCompute,
-    CpuExperts,
-    CpuMem,
-    CpuThreads,
-    Ctx,
-    Device,
-    Dtype,
-    GpuExperts,
-    GpuMem,
-    LoadFlags,
-    Model,
-    Offline,
-    check_load_flags,
-    pick,
-    plan_memory,
-    timed_load,
-)
+from .options import Model, check_load_flags, flag_groups, plan_memory, timed_load
 from .ui import UI, plural, reply_rows
 
 if TYPE_CHECKING:
@@ -50,43 +35,30 @@ def flowed_help(fn) -> str:
     return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
-def info(
-    model: Model,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    ctx: Ctx = None,
-    offline: Offline = False,
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-    gpu_experts: GpuExperts = None,
-    cpu_compute: CpuCompute = "auto",
-    cpu_experts: CpuExperts = None,
-    cpu_threads: CpuThreads = None,
-    json_out: JsonOut = False,
-) -> None:
+@flag_groups
+def info(model: Model, load: EngineOptions, json_out: JsonOut = False) -> None:
     """Print the memory plan without loading the weights.
 
     The plan shows the resident bytes per device, the KV cache per token and the context that fits, the
     expert slots per tier and the bytes expected to be read per token. A directory holding only
     config.json is enough.
     """
-    flags = pick(LoadFlags, locals())
-    check_load_flags(flags, planning=True)
+    check_load_flags(load, planning=True)
     import torch
 
-    planned = plan_memory(flags, config_only=True)
+    planned = plan_memory(model, load, config_only=True)
     plan = planned.plan
     plan.check()  # a budget that cannot hold the resident path: one line with the numbers, exit 1
     ui = UI()
-    note = dtype_note(flags.dtype, planned)
-    threads = cpu_threads or torch.get_num_threads()  # what a run with these flags computes with
+    note = dtype_note(load.dtype, planned)
+    threads = load.cpu_threads or torch.get_num_threads()  # what a run with these flags computes with
     if json_out:
         out = {"model": planned.model_dir.name, **plan_json(plan), "cpu_threads": threads, "dtype_note": note}
         ui.json_line(out)
     else:
         from ..plan.table import plan_rows
 
-        rows = plan_rows(plan, threads, "--cpu-threads" if cpu_threads else "torch's default")
+        rows = plan_rows(plan, threads, "--cpu-threads" if load.cpu_threads else "torch's default")
         ui.table(rows, title=f"memory plan for {planned.model_dir.name}", stdout=True)
     if note:
         ui.note("note: " + note)
@@ -107,21 +79,13 @@ def dtype_note(requested: str, planned: Planned) -> str | None:
     return NO_BF16_NOTE
 
 
+@flag_groups
 def bench(
     model: Model,
+    load: EngineOptions,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Prompt length.")] = 512,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Tokens to decode.")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the prompt ids.")] = 0,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    ctx: Ctx = None,
-    offline: Offline = False,
-    gpu_mem: GpuMem = None,
-    cpu_mem: CpuMem = None,
-    gpu_experts: GpuExperts = None,
-    cpu_compute: CpuCompute = "auto",
-    cpu_experts: CpuExperts = None,
-    cpu_threads: CpuThreads = None,
     profile: Annotated[
         bool,
         typer.Option(
@@ -139,13 +103,14 @@ def bench(
     """
     from ..benchmark import check_workload, run_benchmark
 
-    flags = pick(LoadFlags, locals())
-    check_load_flags(flags)
-    if ctx is not None:
-        check_workload(prompt_tokens, new_tokens, ctx)  # before the load; the model's cap is checked after
+    check_load_flags(load)
+    if load.ctx is not None:
+        check_workload(
+            prompt_tokens, new_tokens, load.ctx
+        )  # before the load; the model's cap is checked after
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
-    engine, load_s = timed_load(ui, flags, context=prompt_tokens + new_tokens + 1)
+    engine, load_s = timed_load(ui, model, replace(load, context=prompt_tokens + new_tokens + 1))
     with ui.phase_progress() as on_progress:
         result = run_benchmark(
             engine, prompt_tokens, new_tokens, seed=seed, profile=profile, on_progress=on_progress

@@ -14,28 +14,7 @@ from ..device import config_dtype, pick_device, pick_dtype
 from ..hub import resolve_model
 from ..quantize import check_not_partial
 from .memory import MemoryPlan, plan_for
-
-
-@dataclass
-class EngineOptions:
-    """How to load: device, dtype and the memory budgets the plan fits everything into."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    offline: bool = False
-    ctx: int | None = None  # --ctx: the context the KV cache is reserved for
-    context: int | None = None  # without --ctx: the workload's context (bench), else the plan's rule
-    gpu_mem: float | None = None  # GiB; None: free memory minus a margin
-    cpu_mem: float | None = None
-    gpu_experts: int | None = None  # slots per layer instead of what the budget fits
-    cpu_experts: int | None = None
-    cpu_threads: int | None = None  # torch.set_num_threads at load; None: torch's default
-    # CUDA runs: a decode step's GPU misses computed by the CPU from RAM ("on"), copied to the GPU ("off"),
-    # or whichever the rates measured at load favour ("auto": experts/rates.py)
-    cpu_compute: str = "auto"
-    state_cache: float = (
-        0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
-    )
+from .options import EngineOptions
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..sampling import SamplingParams
+from ..sampling import SAMPLING_KEYS, SamplingParams
 from ..settings import check_setting
 from ..tool_calls import check_tools
 
@@ -118,7 +118,6 @@ class CompletionRequest(SamplingFields):
 UNSETTABLE = frozenset(
     {"self", "namespace", "raise_exception", "strftime_now", "dict", "range", "lipsum", "cycler", "joiner"}
 )
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty", "seed")
 
 
 def sampling_params(req: SamplingFields, defaults: SamplingParams) -> SamplingParams:
