@@ -62,6 +62,39 @@ def big_checkpoint(tmp_path_factory) -> Path:
     )
 
 
+# A small vision tower (the tiny VLM's shape, out_hidden_size = the text model's hidden size) added to a
+# synthetic text checkpoint: its config then has a vision_config and its weights visual.* tensors.
+VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=512)
+PREPROCESSOR = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2}
+
+
+def add_vision_tower(path: Path, **vision) -> Path:
+    """Give the checkpoint at `path` a vision tower: vision_config in config.json, random `visual.*`
+    tensors in a shard of their own (in the index) and a preprocessor_config.json with the release
+    pixel limits."""
+    from safetensors.torch import save_file
+
+    from qwen35_lite.config import VisionConfig
+    from qwen35_lite.vision.tower import vision_tensor_shapes
+
+    vcfg = {**VISION, **vision}
+    config = json.loads((path / "config.json").read_text())
+    config["vision_config"] = vcfg
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"model.visual.{n}": (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16)
+        for n, s in vision_tensor_shapes(VisionConfig(**vcfg)).items()
+    }
+    save_file(tensors, str(path / "model-visual.safetensors"), metadata={"format": "pt"})
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"].update({n: "model-visual.safetensors" for n in tensors})
+    index_path.write_text(json.dumps(index, indent=2))
+    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return path
+
+
 def run_sampled(*args: str) -> tuple[dict, int]:
     """Run budget_runner.py with `args`; return its JSON and the peak RssAnon seen from outside."""
     proc = subprocess.Popen(

@@ -197,6 +197,7 @@ def run(
         from ..multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
+    load.image_paths = tuple(images)  # the plan reserves what these take, and nothing without any
     engine, load_s = timed_load(ui, load)
     session = ChatSession(engine, chat_settings(engine, flags), tools=tool_list)
     show = session.settings.think == "on"

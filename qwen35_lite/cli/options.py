@@ -191,7 +191,8 @@ class LoadFlags:
     cpu_experts: int | None = None
     cpu_threads: int | None = None
     cpu_compute: str = "auto"
-    state_cache: float = 0.0  # serve only
+    state_cache: float | None = 0.0  # serve only (None: a share of what the budget leaves)
+    image_paths: tuple[Path, ...] | None = None  # run: its images, () for none; None: chat, serve, info
 
 
 @dataclass

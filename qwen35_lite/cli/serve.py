@@ -61,15 +61,17 @@ def serve(
         ),
     ] = 8,
     state_cache: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--state-cache",
             min=0,
             help="GiB kept for model states of recent prompts and replies, on the model's device (reused by"
-            " later requests); part of the memory plan, so the expert cache gets that much less.",
+            " later requests); part of the memory plan, so the expert cache gets that much less."
+            " Default: a quarter of what the budget leaves after the smallest expert cache, at most 2.",
             rich_help_panel=SERVER,
+            show_default=False,
         ),
-    ] = 2.0,
+    ] = None,
     device: Device = "auto",
     dtype: Dtype = "auto",
     ctx: Ctx = None,

@@ -140,6 +140,7 @@ def bench(
     from ..benchmark import check_workload, run_benchmark
 
     flags = pick(LoadFlags, locals())
+    flags.image_paths = ()  # a text workload: nothing reserved for images
     check_load_flags(flags)
     if ctx is not None:
         check_workload(prompt_tokens, new_tokens, ctx)  # before the load; the model's cap is checked after

@@ -13,7 +13,7 @@ from ..config import ModelConfig, load_config
 from ..device import config_dtype, pick_device, pick_dtype
 from ..hub import resolve_model
 from ..quantize import check_not_partial
-from .memory import MemoryPlan, plan_for
+from .memory import MemoryPlan, gib_to_bytes, plan_for
 
 
 @dataclass
@@ -33,9 +33,12 @@ class EngineOptions:
     # CUDA runs: a decode step's GPU misses computed by the CPU from RAM ("on"), copied to the GPU ("off"),
     # or whichever the rates measured at load favour ("auto": experts/rates.py)
     cpu_compute: str = "auto"
-    state_cache: float = (
-        0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
-    )
+    # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device; None: a share
+    # of what the budget leaves after the smallest expert cache (MemoryPlan._keep_states_from_what_is_left)
+    state_cache: float | None = 0.0
+    # the images of a `run` (() for a text run: nothing reserved for images, the tower never loaded);
+    # None where images may come at any turn (chat, serve): MemoryPlan.build says what each reserves
+    image_paths: tuple[Path, ...] | None = None
 
 
 @dataclass
@@ -82,7 +85,8 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
         cpu_experts=opts.cpu_experts,
         context=ctx,
         vision=cfg.vision,
-        kept_states=int(opts.state_cache * (1 << 30)),
+        kept_states=None if opts.state_cache is None else gib_to_bytes(opts.state_cache),
+        images=opts.image_paths,
     )
     if opts.ctx is None and opts.context is not None:
         plan.context_from = "the workload"

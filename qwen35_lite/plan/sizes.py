@@ -30,6 +30,11 @@ TOKENIZER = 288 * MiB
 CUDA_HOST = 1 * GiB  # CUDA runtime, cuBLAS and kernels' host-side state
 CUDA_CONTEXT = 1 * GiB  # device memory taken by the CUDA context, cuBLAS workspace, allocator slack
 ACTIVATION_MARGIN = 1.25
+# serve's kept model states without --state-cache: this share of what the budget leaves after the smallest
+# expert cache, at most STATE_CACHE_MAX (the fixed 2 GiB it used to be)
+STATE_CACHE_SHARE = 0.25
+STATE_CACHE_MAX = 2 * GiB
+MAX_BUDGET_GIB = float(1 << 32)  # a --cpu-mem / --gpu-mem past this (4 EiB) is taken as this
 FREE_MARGIN = 0.10  # default budgets leave 10% of the memory (at least 1 GiB) to everything else
 
 
