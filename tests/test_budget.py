@@ -392,3 +392,71 @@ def test_run_refuses_an_image_its_budget_cannot_decode_in_one_line(tmp_path):
     assert_one_line_error(r, str(big), "MiB", "the memory budget leaves")
     assert "smaller image" in r.stderr and "--cpu-mem" in r.stderr
     assert peak < 1.2 * GiB - 7000 * 7000 * 4  # never decoded: not even its RGB copy fits under the peak
+
+
+# ---- an image in chat or serve: room made by releasing expert RAM slots for the time -----------------
+
+# 4 layers x 16 experts x 384 KiB = 24 MiB of expert slots
+ROOMY = SyntheticSpec(
+    num_experts=16, num_experts_per_tok=2, hidden_size=256, moe_intermediate_size=256, vocab_size=4096
+)
+
+
+def rss_anon() -> int:
+    return int(re.search(r"RssAnon:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def greedy(model: Qwen35Model, ids: torch.Tensor, n: int = 6) -> list[int]:
+    cache = model.make_cache()
+    logits, out = model.forward(cache, ids), []
+    for _ in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = model.forward(cache, torch.tensor(out[-1:]))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back with madvise")
+def test_an_image_takes_room_from_the_expert_cache_for_its_time_and_the_tokens_stay(tmp_path):
+    """No standing allowance: with nothing left beyond the plan, an image's decoding gets room from
+    expert RAM slots given back to the OS (RssAnon drops by that much), which come back after it; the
+    tokens are those of a run that never shrank. An image larger than every releasable slot is refused
+    from its header, and the cache grows back all the same."""
+    import types
+
+    from PIL import Image
+
+    from qwen35_lite.errors import InputError
+    from qwen35_lite.multimodal import load_images, room_for_images
+    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+
+    path = write_checkpoint(tmp_path / "ck", ROOMY, dtype=torch.bfloat16)
+    cfg, ckpt = load_config(path).text, Checkpoint(path)
+    provider = TieredExperts(ExpertStore(ckpt, cfg), "cpu", torch.bfloat16, cpu_slots=16)
+    model = Qwen35Model.load(ckpt, cfg, provider, torch.device("cpu"), torch.bfloat16)
+    provider.preload()
+    ids = torch.randint(0, ROOMY.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    want = greedy(model, ids)
+    plan = types.SimpleNamespace(image_bytes=0, cpu_budget=1 << 30, cpu_total=1 << 30)  # nothing left
+    engine = types.SimpleNamespace(plan=plan, provider=provider, model_dir=path)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (256, 160), (1, 2, 3)).save(small)
+    need = image_nbytes(256, 160, "RGB", False, ImageProcessorConfig())
+    slots_bytes = cfg.num_hidden_layers * 16 * provider.ram.stride
+    assert need < slots_bytes / 2
+    before = rss_anon()
+    with room_for_images(engine, [small]) as room:
+        assert room >= need
+        shrunk = provider.stats()["ram_slots_per_layer"]
+        assert 1 <= shrunk < 16
+        assert before - rss_anon() >= 0.9 * room  # given back to the OS, not just marked free
+        assert len(load_images([small], room=room)) == 1
+    assert provider.stats()["ram_slots_per_layer"] == 16
+    assert greedy(model, ids) == want  # the evicted experts are read again: the same tokens
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2048, 2048)).save(big)
+    with pytest.raises(InputError, match="the memory budget leaves"):
+        with room_for_images(engine, [big]) as room:
+            assert room < slots_bytes
+            load_images([big], room=room)
+    assert provider.stats()["ram_slots_per_layer"] == 16
+    assert greedy(model, ids) == want
