@@ -460,3 +460,41 @@ def test_an_image_takes_room_from_the_expert_cache_for_its_time_and_the_tokens_s
             load_images([big], room=room)
     assert provider.stats()["ram_slots_per_layer"] == 16
     assert greedy(model, ids) == want
+
+
+# ---- the issue's case: a 2.1 GB checkpoint whose config has a vision tower, under --cpu-mem 1.2 -------
+
+# make-checkpoint --size medium: 16 layers x 64 experts x 1.5 MiB = 1.5 GiB of experts, the real
+# vocabulary (embedding + head 0.47 GiB); 2.1 GB on disk with the small tower add_vision_tower gives it
+MEDIUM = dataclasses.replace(BIG, num_hidden_layers=16, num_experts=64, vocab_size=SyntheticSpec().vocab_size)
+
+
+@pytest.fixture(scope="session")
+def vision_medium(tmp_path_factory) -> Path:
+    path = write_checkpoint(tmp_path_factory.mktemp("medium") / "ck", MEDIUM, dtype=torch.bfloat16)
+    return add_vision_tower(path)
+
+
+def cli_tokens(model: Path, budget: float, prompt: str) -> tuple[list[int], int]:
+    """A `run` through the CLI (tokenizer and all): its greedy tokens and its peak RssAnon."""
+    flags = f"--cpu-mem {budget} --ctx 2400 --device cpu --dtype bfloat16 --raw -n 2 --json -".split()
+    r, peak = cli_sampled("run", "-m", str(model), *flags, stdin=prompt.encode())
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])["tokens"], peak
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+def test_under_1_2_gib_a_vision_checkpoint_runs_text_and_a_2201_token_prefill(vision_medium):
+    """Nothing reserved for images in a text run, the prefill block lowered to fit: a text run and a
+    2,201-token prompt (--ctx 2400) run under --cpu-mem 1.2 on a 2.1 GB checkpoint with a vision tower,
+    inside the budget, with the tokens of a run that holds every expert."""
+    assert _ckpt_bytes(vision_medium) > 2.0e9
+    tok = Tokenizer.from_dir(vision_medium)
+    long = " ".join("abcdefgh"[i % 8] for i in range(2201))
+    assert len(tok.encode(long)) == 2201
+    for prompt in ("a b c d", long):
+        want, _ = cli_tokens(vision_medium, 4, prompt)
+        got, peak = cli_tokens(vision_medium, 1.2, prompt)
+        assert got == want
+        assert peak <= 1.2 * GiB, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem 1.2"
