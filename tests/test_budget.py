@@ -498,3 +498,36 @@ def test_under_1_2_gib_a_vision_checkpoint_runs_text_and_a_2201_token_prefill(vi
         got, peak = cli_tokens(vision_medium, 1.2, prompt)
         assert got == want
         assert peak <= 1.2 * GiB, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem 1.2"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
+def test_serve_starts_on_a_small_model_under_2_gib(tiny_checkpoint):
+    """No fixed 2 GiB of kept states: `serve` on a 10 MB-class model comes up under --cpu-mem 1.5 and
+    answers, inside the budget (its state cache is a share of what is left)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", "-m", str(tiny_checkpoint), "--cpu-mem", "1.5", "--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen35_lite.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline, peak = time.time() + 120, 0
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the server did not come up"
+            m = re.search(r"RssAnon:\s+(\d+) kB", Path(f"/proc/{proc.pid}/status").read_text())
+            peak = max(peak, int(m.group(1)) * 1024) if m else peak
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        assert peak <= 1.5 * GiB
+    finally:
+        proc.terminate()
+        proc.wait(30)
