@@ -68,6 +68,7 @@ def ckpt(tmp_path_factory) -> Path:
 def no_process_constants(monkeypatch):
     monkeypatch.setattr(qwen35_lite.plan.memory, "PROCESS_BASE", 0)
     monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER", 0)
+    monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER_PARSE", 0)
     monkeypatch.setattr(qwen35_lite.plan.sizes, "CPU_MATMUL_ROWS", 0)  # measured on larger shapes only
 
 

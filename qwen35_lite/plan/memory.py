@@ -35,6 +35,8 @@ from .sizes import (
     STATE_CACHE_MAX,
     STATE_CACHE_SHARE,
     TOKENIZER,
+    TOKENIZER_PARSE,
+    TOKENIZER_REUSED,
     GiB,
     activation_bytes,
     ceil_gib,
@@ -71,6 +73,7 @@ class MemoryPlan:
     activations: int = 0
     load_transient: int = 0  # a tensor read on the CPU on its way to the GPU or to another dtype
     overhead_cpu: int = 0
+    parse_peak: int = 0  # RssAnon at the top of the tokenizer's parse, before any weight is read
     overhead_gpu: int = 0
     staging_bytes: int = 0
     kept_states: int = 0  # `serve --state-cache`: model states of recent requests, on the compute device
@@ -167,9 +170,10 @@ class MemoryPlan:
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
         n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
         plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
-        plan.overhead_cpu = (
-            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
-        )
+        # the tokenizer's parse leaves freed heap the weights loaded after it reuse (sizes.TOKENIZER_REUSED)
+        held = max(0, TOKENIZER - min(TOKENIZER_REUSED, plan.weights_cpu)) if tokenizer else 0
+        plan.overhead_cpu = PROCESS_BASE + held + (CUDA_HOST if dev == "cuda" else 0)
+        plan.parse_peak = PROCESS_BASE + TOKENIZER_PARSE if tokenizer else 0
         plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if dev == "cuda":
             plan._spill_layers_to_cpu()
@@ -383,7 +387,7 @@ class MemoryPlan:
                 self._refuse_slots("gpu")
             if self.gpu_slots < 1 and self.moe_layers:
                 self._refuse_slots("gpu")
-        need = self.cpu_fixed + (one if self.moe_layers else 0)
+        need = max(self.cpu_fixed + (one if self.moe_layers else 0), self.parse_peak)
         if need > self.cpu_budget:
             raise BudgetError(
                 f"the resident path needs {fmt_gib(need)} of RAM ({self._cpu_parts()}) "
