@@ -407,6 +407,8 @@ class MemoryPlan:
         if on_compute and self.kept_states and need - self.kept_states <= budget:
             room = self.kept_states - (need - budget)
             hint += f", or --state-cache {math.floor(room / GiB * 100) / 100:.2f} or less"
+        elif side == "cpu" and self.image_bytes and need - self.image_bytes <= budget:
+            hint += f", or smaller images (decoding these takes {fmt_gib(self.image_bytes)})"
         elif on_compute and self._shorter_context_fits(need, budget):
             hint += f", or a shorter --ctx (KV is {fmt_gib(self.kv_per_token)} per token)"
         return hint
