@@ -477,7 +477,8 @@ def vision_medium(tmp_path_factory) -> Path:
 
 def cli_tokens(model: Path, budget: float, prompt: str) -> tuple[list[int], int]:
     """A `run` through the CLI (tokenizer and all): its greedy tokens and its peak RssAnon."""
-    flags = f"--cpu-mem {budget} --ctx 2400 --device cpu --dtype bfloat16 --raw -n 2 --json -".split()
+    flags = f"--cpu-mem {budget} --ctx 2400 --device cpu --dtype bfloat16 --raw -n 2 --temperature 0 --json -"
+    flags = flags.split()
     r, peak = cli_sampled("run", "-m", str(model), *flags, stdin=prompt.encode())
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])["tokens"], peak
