@@ -10,7 +10,8 @@ prompt is fed (generate.prefill), so later tokens take the right positions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .engine import Engine
 from .errors import InputError
 from .generate import context_hint
 from .model.cache import ModelCache
+from .plan.memory import images_nbytes
 from .vision import (
     expand_image_placeholders,
     load_image,
@@ -62,12 +64,35 @@ def check_images(paths: Sequence[Path | str]) -> None:
 
 
 def image_room(engine: Engine) -> int | None:
-    """Bytes the memory plan leaves for decoding and preprocessing images: its image allowance plus what
-    the budget holds beyond the plan's total (None when loaded without a plan)."""
+    """Bytes the memory plan leaves for decoding and preprocessing images as it stands: what it reserved
+    for `run --image`'s images plus what the budget holds beyond its total (None when loaded without a
+    plan). room_for_images can make more."""
     plan = engine.plan
     if plan is None:
         return None
     return plan.image_bytes + max(0, plan.cpu_budget - plan.cpu_total)
+
+
+@contextmanager
+def room_for_images(engine: Engine, paths: Sequence[Path | str]) -> Iterator[int | None]:
+    """Room to decode and preprocess `paths` for the time of the block: image_room, and where that is
+    short of what the images' headers say they take, expert RAM slots given back to the OS for the time
+    (the expert cache shrinks, and grows back when the block ends; the evicted experts are read again when
+    next wanted, so the tokens are the same). Yields the room load_images checks each image against
+    (an image that still does not fit is refused from its header, undecoded); None without a plan."""
+    room = image_room(engine)
+    if room is None:
+        yield None
+        return
+    need = images_nbytes(paths, engine.model_dir)
+    provider, released = engine.provider, 0
+    if need > room and hasattr(provider, "release_ram"):
+        released = provider.release_ram(need - room)
+    try:
+        yield room + released
+    finally:
+        if released:
+            provider.regrow_ram()
 
 
 def image_prompt(
@@ -86,13 +111,17 @@ def image_prompt(
     cfg, model = engine.cfg, engine.model
     engine.check_vision()  # before decoding anything: the likeliest mistake is a text-only checkpoint
     image_cfg = engine.image_config()
-    pixel_values, grid = preprocess(load_images(images, image_cfg, image_room(engine)), image_cfg)
-    merge = cfg.vision.spatial_merge_size
-    expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
-    model_max = engine.cfg.text.max_position_embeddings
-    _check_context(engine.max_context, model_max, cache, len(ids), expanded, cfg.image_token_id, image_cfg)
-    positions, delta = mrope_positions(expanded, grid, cfg.image_token_id, merge)
-    features = engine.vision().encode(pixel_values, grid, on_encode)  # loads the tower on the first image
+    with room_for_images(engine, images) as room:  # the decoded pixels are gone when the room ends
+        pixel_values, grid = preprocess(load_images(images, image_cfg, room), image_cfg)
+        merge = cfg.vision.spatial_merge_size
+        expanded = expand_image_placeholders(list(ids), grid, cfg.image_token_id, merge)
+        model_max = engine.cfg.text.max_position_embeddings
+        _check_context(
+            engine.max_context, model_max, cache, len(ids), expanded, cfg.image_token_id, image_cfg
+        )
+        positions, delta = mrope_positions(expanded, grid, cfg.image_token_id, merge)
+        features = engine.vision().encode(pixel_values, grid, on_encode)  # the tower loads on first use
+        del pixel_values
     embeds = model.embed_ids(torch.tensor(expanded, dtype=torch.long))
     embeds = scatter_image_features(embeds, expanded, features, cfg.image_token_id)
     return ImagePrompt(expanded, embeds, positions + cache.offset + cache.rope_delta, delta)

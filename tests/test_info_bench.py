@@ -68,6 +68,7 @@ def ckpt(tmp_path_factory) -> Path:
 def no_process_constants(monkeypatch):
     monkeypatch.setattr(qwen35_lite.plan.memory, "PROCESS_BASE", 0)
     monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER", 0)
+    monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER_PARSE", 0)
     monkeypatch.setattr(qwen35_lite.plan.sizes, "CPU_MATMUL_ROWS", 0)  # measured on larger shapes only
 
 
@@ -107,8 +108,10 @@ def test_info_reserves_the_vision_tower(config_397b, tmp_path):
     text_only = ok_json("info", "-m", config_397b, *args)
     with_vision = ok_json("info", "-m", tmp_path, *args)
     assert with_vision["vision_bytes"] == pytest.approx(1.824e9, rel=0.001) and text_only["vision_bytes"] == 0
-    reserved = with_vision["vision_bytes"] + with_vision["image_bytes"]  # + one image's preprocessing
-    assert with_vision["cpu_total"] - text_only["cpu_total"] == reserved and text_only["image_bytes"] == 0
+    # `info` plans for chat and serve, where an image may come at any turn: the tower is reserved, no
+    # image's decoding is (it takes room when the image comes: multimodal.room_for_images)
+    assert with_vision["cpu_total"] - text_only["cpu_total"] == with_vision["vision_bytes"]
+    assert with_vision["image_bytes"] == 0 and text_only["image_bytes"] == 0
     r = cli("info", "-m", tmp_path, "--cpu-mem", 64, "--ctx", 4096)
     assert "vision tower (loaded on first image)" in r.stdout and "reserved" in r.stdout
     gpu = ok_json("info", "-m", tmp_path, "--device", "cuda", "--gpu-mem", 80, "--cpu-mem", 64)
@@ -117,9 +120,13 @@ def test_info_reserves_the_vision_tower(config_397b, tmp_path):
 
 def test_info_refuses_a_budget_below_the_resident_path(config_397b):
     r = cli("info", "-m", config_397b, "--cpu-mem", 16)
-    assert_refused(r, "the resident path needs", "--cpu-mem is 16.00 GiB", "weights 18.25 GiB", "--ctx")
+    assert_refused(r, "the resident path needs", "--cpu-mem is 16.00 GiB", "weights 18.25 GiB")
+    assert "--ctx" not in r.stderr  # the weights alone are over 16 GiB: a shorter context cannot help
     need = float(r.stderr.split("use --cpu-mem ")[1].split()[0])
     assert cli("info", "-m", config_397b, "--cpu-mem", need).exit_code == 0  # the hint's value fits
+    # where the context is what does not fit, the hint names --ctx with the KV a token takes
+    r = cli("info", "-m", config_397b, "--cpu-mem", 25, "--ctx", 250000)
+    assert_refused(r, "--cpu-mem is 25.00 GiB", "a shorter --ctx (KV is 30.0 KiB per token)")
 
 
 # ---- bench ------------------------------------------------------------------------------------------

@@ -187,3 +187,78 @@ def test_serve_state_cache_is_part_of_the_plan(cfg397):
     with pytest.raises(BudgetError) as err:
         MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=30, kept_states=20 << 30).check()
     assert "kept model states 20.00 GiB" in err.value.message
+
+
+def test_serve_sizes_its_state_cache_from_what_is_left_and_a_small_model_fits_under_2_gib(tmp_path):
+    """Without --state-cache, serve keeps a share of what the budget leaves after the smallest expert
+    cache (never a fixed amount): a small model plans under 2 GiB; an explicit --state-cache that puts
+    the plan over is named in the hint, with no "shorter --ctx" where KV is not the problem."""
+    path = write_checkpoint(tmp_path / "ck", SyntheticSpec(vocab_size=4096), dtype=torch.bfloat16)
+    cfg, ckpt = load_config(path).text, Checkpoint(path)
+    kw = dict(device="cpu", dtype=torch.bfloat16, ckpt=ckpt)
+    for gib in (1.0, 1.5, 1.9):
+        plan = MemoryPlan.build(cfg, cpu_mem=gib, kept_states=None, **kw)
+        plan.check()
+        assert 0 < plan.kept_states < 0.25 * gib * GiB and plan.cpu_total <= gib * GiB
+        assert plan.cpu_slots == cfg.num_experts
+        assert dict(plan_rows(plan))["kept model states (serve)"].endswith("(a share of what is left)")
+    with pytest.raises(BudgetError) as err:
+        MemoryPlan.build(cfg, cpu_mem=1.0, kept_states=2 << 30, **kw).check()
+    assert "kept model states 2.00 GiB (--state-cache)" in err.value.message
+    hint = err.value.hint
+    assert "--state-cache" in hint and "--ctx" not in hint and "0 KiB" not in hint
+    less = float(hint.split("--state-cache ")[1].split()[0])
+    MemoryPlan.build(cfg, cpu_mem=1.0, kept_states=int(less * GiB), **kw).check()  # the hint's value fits
+
+
+def test_a_text_run_reserves_nothing_for_images_and_a_run_with_images_their_size(tmp_path):
+    """run without --image: no tower, no image part; run --image: the tower and what the images' headers
+    say decoding them takes; chat and serve (images=None): the tower, and no standing image allowance."""
+    from PIL import Image
+
+    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+
+    vision = {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": 64}
+    config = {**CONFIG_397B, "vision_config": vision}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = load_config(tmp_path)
+    pic = tmp_path / "a.png"
+    Image.new("RGBA", (1200, 800)).save(pic)
+    kw = dict(device="cpu", dtype=torch.bfloat16, cpu_mem=64, context=4096, vision=cfg.vision)
+    text = MemoryPlan.build(cfg.text, images=(), **kw)
+    chat = MemoryPlan.build(cfg.text, **kw)
+    run = MemoryPlan.build(cfg.text, images=(pic, pic), **kw)
+    assert text.vision_bytes == text.image_bytes == 0 and chat.image_bytes == 0 < chat.vision_bytes
+    assert run.image_bytes == 2 * image_nbytes(1200, 800, "RGBA", True, ImageProcessorConfig())
+    assert run.cpu_fixed - text.cpu_fixed == run.vision_bytes + run.image_bytes
+    assert not any("image" in label for label, _ in plan_rows(text))
+    assert "decoding the images (--image)" in dict(plan_rows(run))
+    with pytest.raises(BudgetError) as err:
+        MemoryPlan.build(cfg.text, images=(), **{**kw, "cpu_mem": 16}).check()
+    assert "image" not in err.value.message and "vision" not in err.value.message
+
+
+def test_the_prefill_block_shrinks_before_the_plan_refuses(cfg397):
+    """A budget the largest block does not fit, but a smaller one does: the block is lowered (down to
+    PREFILL_CHUNK), not the run refused."""
+    from qwen35_lite.model.qwen35 import PREFILL_CHUNK
+
+    kw = dict(device="cpu", dtype=torch.bfloat16, context=8192, cpu_experts=1)
+    roomy = MemoryPlan.build(cfg397, cpu_mem=200, **kw)
+    smallest = MemoryPlan.build(cfg397, cpu_mem=1000, **kw)
+    smallest.prefill_block = PREFILL_CHUNK
+    smallest.kv_bytes, smallest.activations = smallest._context_bytes(smallest.context)
+    need = smallest.cpu_total
+    assert roomy.prefill_block > PREFILL_CHUNK and roomy.cpu_total > need
+    tight = MemoryPlan.build(cfg397, cpu_mem=need / GiB, **kw)
+    tight.check()
+    assert tight.prefill_block == PREFILL_CHUNK and tight.cpu_total <= tight.cpu_budget
+    with pytest.raises(BudgetError):
+        MemoryPlan.build(cfg397, cpu_mem=need / GiB - 0.01, **kw).check()
+
+
+def test_a_budget_past_any_machine_is_no_overflow(cfg397):
+    for gib in (1e300, float("inf")):
+        plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=gib, context=4096)
+        plan.check()
+        assert plan.cpu_slots == cfg397.num_experts

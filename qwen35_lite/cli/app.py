@@ -151,22 +151,23 @@ def run(
         from ..multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
+    load.image_paths = tuple(images)  # the plan reserves what these take, and nothing without any
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
-    reply = session.last_reply
+    answer = session.last_reply
     done.stats["load_s"] = load_s
     if json_out:
         ui.json_line(
             {
-                "text": reply.text,
-                "thinking": reply.thinking if show else "",
-                "tokens": reply.tokens,
-                "prompt_ids": reply.prompt_ids,
-                "finish_reason": reply.finish_reason,
+                "text": answer.text,
+                "thinking": answer.thinking if show else "",
+                "tokens": answer.tokens,
+                "prompt_ids": answer.prompt_ids,
+                "finish_reason": answer.finish_reason,
                 "tool_calls": [
-                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in reply.tool_calls
+                    {"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls
                 ],
                 "stats": done.stats,
             }

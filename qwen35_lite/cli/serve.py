@@ -79,15 +79,17 @@ def serve(
         ),
     ] = 20.0,
     state_cache: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--state-cache",
             min=0,
             help="GiB kept for model states of recent prompts and replies, on the model's device (reused by"
-            " later requests); part of the memory plan, so the expert cache gets that much less.",
+            " later requests); part of the memory plan, so the expert cache gets that much less."
+            " Default: a quarter of what the budget leaves after the smallest expert cache, at most 2.",
             rich_help_panel=SERVER,
+            show_default=False,
         ),
-    ] = 2.0,
+    ] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 

@@ -103,11 +103,10 @@ def bench(
     """
     from ..benchmark import check_workload, run_benchmark
 
+    load.image_paths = ()  # a text workload: nothing reserved for images
     check_load_flags(load)
-    if load.ctx is not None:
-        check_workload(
-            prompt_tokens, new_tokens, load.ctx
-        )  # before the load; the model's cap is checked after
+    if load.ctx is not None:  # before the load; the model's cap is checked after
+        check_workload(prompt_tokens, new_tokens, load.ctx)
     ui = UI()
     # Without --ctx the KV reserve is the workload's, not 32K: the rest of the budget goes to experts.
     engine, load_s = timed_load(ui, model, replace(load, context=prompt_tokens + new_tokens + 1))

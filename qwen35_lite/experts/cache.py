@@ -342,6 +342,33 @@ class TieredExperts:
             if on_progress:
                 on_progress(done, total)
 
+    def release_ram(self, nbytes: int) -> int:
+        """Give about `nbytes` of the RAM tier's slots back to the OS for a while (the last slots of every
+        layer; one stays): an image's decoding takes the room (multimodal.room_for_images). Their experts
+        are read again when next wanted. Returns the bytes given back (0: cannot); regrow_ram() ends it."""
+        n = -(-nbytes // (self.ram.stride * self.n_layers))
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            self._static = [None] * self.n_layers  # a layer may no longer hold every expert
+            released = self.ram.release(n)
+            for layer, pool in enumerate(self.ram.pools if self.gpu is None else ()):
+                self._prefetched[layer] &= pool.where.keys()  # hinted into RAM slots now released
+            return released
+        finally:
+            for lock in self._locks:
+                lock.release()
+
+    def regrow_ram(self) -> None:
+        """The slots release_ram gave back, in use again (empty)."""
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            self.ram.regrow()
+        finally:
+            for lock in self._locks:
+                lock.release()
+
     def wait_prefetch(self) -> None:
         """Block until the prefetch thread is idle (tests, benchmarks)."""
         if self._prefetcher:

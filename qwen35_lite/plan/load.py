@@ -13,7 +13,7 @@ from ..config import ModelConfig, load_config
 from ..device import config_dtype, pick_device, pick_dtype
 from ..hub import resolve_model
 from ..quantize import check_not_partial
-from .memory import MemoryPlan, plan_for
+from .memory import MemoryPlan, gib_to_bytes, plan_for
 from .options import EngineOptions
 
 
@@ -61,7 +61,8 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
         cpu_experts=opts.cpu_experts,
         context=ctx,
         vision=cfg.vision,
-        kept_states=int(opts.state_cache * (1 << 30)),
+        kept_states=None if opts.state_cache is None else gib_to_bytes(opts.state_cache),
+        images=opts.image_paths,
     )
     if opts.ctx is None and opts.context is not None:
         plan.context_from = "the workload"

@@ -10,6 +10,7 @@ The expert slots get what is left.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +30,14 @@ from .sizes import (
     DEFAULT_CONTEXT,
     FREE_MARGIN,
     KV_STEP,
+    MAX_BUDGET_GIB,
     PROCESS_BASE,
+    STATE_CACHE_MAX,
+    STATE_CACHE_SHARE,
     TOKENIZER,
+    TOKENIZER_PARSE,
+    TOKENIZER_REUSED,
     GiB,
-    KiB,
     activation_bytes,
     ceil_gib,
     deltanet_state_bytes,
@@ -68,11 +73,13 @@ class MemoryPlan:
     activations: int = 0
     load_transient: int = 0  # a tensor read on the CPU on its way to the GPU or to another dtype
     overhead_cpu: int = 0
+    parse_peak: int = 0  # RssAnon at the top of the tokenizer's parse, before any weight is read
     overhead_gpu: int = 0
     staging_bytes: int = 0
     kept_states: int = 0  # `serve --state-cache`: model states of recent requests, on the compute device
-    vision_bytes: int = 0  # the vision tower, loaded on the first image but reserved from the start
-    image_bytes: int = 0  # decoding + preprocessing an image at the preprocessor's max_pixels (CPU)
+    kept_states_from: str = ""  # "--state-cache", or "a share of what is left" (serve's default)
+    vision_bytes: int = 0  # the vision tower: loaded on the first image, reserved where one can come
+    image_bytes: int = 0  # decoding + preprocessing `run --image`'s images, from their headers (CPU)
     prefill_block: int = PREFILL_CHUNK  # prompt tokens a layer-by-layer prefill takes at once
     experts_by_linear: bool = (
         True  # routed experts run as F.linear (not torch's int4 kernel): cpu_matmul_retained
@@ -107,27 +114,37 @@ class MemoryPlan:
         context: int | None = None,
         tokenizer: bool = True,
         vision: VisionConfig | None = None,
-        kept_states: int = 0,
+        kept_states: int | None = 0,
+        images: Sequence[Path] | None = None,
     ) -> MemoryPlan:
         """gpu_mem / cpu_mem in GiB (None: free memory minus a margin); *_experts in slots per layer.
 
-        The vision tower (the checkpoint's `visual.*` tensors, else counted from `vision`) is reserved on
-        the compute device although it is loaded only for the first image: a chat may get an image at any
-        turn, and the budget has to hold then too.
+        images: the images of a `run` (() for a text run), or None where images may come at any turn
+        (chat, serve). Nothing is reserved for images a run does not have: a text run reserves neither the
+        vision tower nor any image memory (the tower is never loaded). A run with images reserves the tower
+        and what its images take to decode and preprocess, read from their headers. Where images may come
+        (None), the tower (the checkpoint's `visual.*` tensors, else counted from `vision`) stays reserved:
+        it is loaded on the first image and kept for every later one, so a budget that cannot hold it is
+        refused at the start, not at the first image of a conversation; an image's decoding takes room
+        when it arrives (multimodal.room_for_images: expert RAM slots released for the time).
+        kept_states: bytes for serve's kept model states; None: a share of what the budget leaves after
+        the smallest expert cache (keep_states_from_what_is_left).
         """
         dev = torch.device(device).type
         ctx = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
         plan = cls(dev, dtype, ctx, cfg, cpu_slots_asked=cpu_experts, gpu_slots_asked=gpu_experts)
-        plan.kept_states = kept_states
+        plan.kept_states = kept_states or 0
+        plan.kept_states_from = "--state-cache" if kept_states else ""
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
             ckpt.check_resident(shapes)  # the weights must be what config.json describes
         b = dtype.itemsize
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
         plan._place_weights(nbytes, shapes, ckpt)
-        plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
-        if plan.vision_bytes:
-            plan.image_bytes = image_allowance(ckpt.dir if ckpt is not None else None)
+        if images is None or images:
+            plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
+        if images and plan.vision_bytes:
+            plan.image_bytes = images_nbytes(images, ckpt.dir if ckpt is not None else None)
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan._set_budgets(gpu_mem, cpu_mem)
         if cfg.is_moe:
@@ -153,14 +170,45 @@ class MemoryPlan:
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
         n_lin = max(cfg.num_hidden_layers - len(cfg.full_attention_layers), 1)
         plan.state_bytes += plan.state_bytes // n_lin  # one layer's new state while the old is alive
-        plan.overhead_cpu = (
-            PROCESS_BASE + (TOKENIZER if tokenizer else 0) + (CUDA_HOST if dev == "cuda" else 0)
-        )
+        # the tokenizer's parse leaves freed heap the weights loaded after it reuse (sizes.TOKENIZER_REUSED)
+        held = max(0, TOKENIZER - min(TOKENIZER_REUSED, plan.weights_cpu)) if tokenizer else 0
+        plan.overhead_cpu = PROCESS_BASE + held + (CUDA_HOST if dev == "cuda" else 0)
+        plan.parse_peak = PROCESS_BASE + TOKENIZER_PARSE if tokenizer else 0
         plan.overhead_gpu = CUDA_CONTEXT if dev == "cuda" else 0
         if dev == "cuda":
             plan._spill_layers_to_cpu()
+        plan._shrink_prefill_block()
+        if kept_states is None:
+            plan._keep_states_from_what_is_left()
         plan._size_slots()
         return plan
+
+    def _shrink_prefill_block(self) -> None:
+        """Halve the prefill block (down to PREFILL_CHUNK, what the mixers take at once) while the plan
+        with one expert slot per layer is over the compute device's budget: a smaller block reads each
+        expert more often in a long prompt, but a refusal would not run it at all."""
+        while self.prefill_block > PREFILL_CHUNK and not self._fits_one_slot():
+            self.prefill_block //= 2
+            self.kv_bytes, self.activations = self._context_bytes(self.context)
+
+    def _fits_one_slot(self) -> bool:
+        one = self.moe_layers * self.slot_bytes
+        if self.on_gpu:
+            return self.gpu_fixed + one <= self.gpu_budget and self.cpu_fixed <= self.cpu_budget
+        return self.cpu_fixed + one <= self.cpu_budget
+
+    def _keep_states_from_what_is_left(self) -> None:
+        """`serve` without --state-cache: STATE_CACHE_SHARE of what the compute device's budget leaves
+        after the smallest useful expert cache (top-k slots per layer: a token's experts without streaming),
+        at most STATE_CACHE_MAX; nothing when nothing is left (the server then keeps no states)."""
+        per_slot = self.moe_layers * self.slot_bytes
+        least = min(self.cfg.num_experts, self.cfg.num_experts_per_tok) * per_slot if per_slot else 0
+        budget, fixed = (
+            (self.gpu_budget, self.gpu_fixed) if self.on_gpu else (self.cpu_budget, self.cpu_fixed)
+        )
+        left = max(0, budget - fixed - least)
+        self.kept_states = min(int(left * STATE_CACHE_SHARE), STATE_CACHE_MAX)
+        self.kept_states_from = "a share of what is left"
 
     def _place_weights(self, nbytes: dict[str, int], shapes: dict, ckpt: Checkpoint | None) -> None:
         """The embedding table stays on the CPU (only indexed); on CUDA all else goes to the GPU."""
@@ -189,7 +237,7 @@ class MemoryPlan:
 
     def _set_budgets(self, gpu_mem: float | None, cpu_mem: float | None) -> None:
         if cpu_mem is not None:
-            self.cpu_budget = int(cpu_mem * GiB)
+            self.cpu_budget = gib_to_bytes(cpu_mem)
         else:
             vm = psutil.virtual_memory()
             held = psutil.Process().memory_info().rss
@@ -198,7 +246,7 @@ class MemoryPlan:
         if self.device != "cuda":
             return
         if gpu_mem is not None:
-            self.gpu_budget = int(gpu_mem * GiB)
+            self.gpu_budget = gib_to_bytes(gpu_mem)
         else:
             free, total = torch.cuda.mem_get_info()
             self.gpu_budget = max(0, free - max(GiB, int(0.05 * total)))
@@ -275,13 +323,15 @@ class MemoryPlan:
         on_cpu = not self.on_gpu and self.experts_by_linear
         return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=on_cpu)
 
-    def _context_bytes(self, ctx: int) -> tuple[int, int]:
-        """(KV cache, activation buffers) at a context of `ctx` tokens."""
+    def _context_bytes(self, ctx: int, block: int | None = None) -> tuple[int, int]:
+        """(KV cache, activation buffers) at a context of `ctx` tokens, prefilled in blocks of `block`
+        (the plan's prefill_block by default)."""
+        block = block or self.prefill_block
         n_full = max(len(self.cfg.full_attention_layers), 1)
         steps = -(-ctx // KV_STEP) * KV_STEP
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
-            self._activations(min(self.prefill_block, ctx), ctx),
+            self._activations(min(block, ctx), ctx),
             self._activations(1, ctx) + self.decode_gather,
         )
         return kv, act
@@ -297,8 +347,8 @@ class MemoryPlan:
         if not self.on_gpu:  # on the CPU the buffers are max(activations, load buffer)
             base += self.activations - max(self.activations, self.load_transient)
 
-        def fits(ctx: int) -> bool:
-            kv, act = self._context_bytes(ctx)
+        def fits(ctx: int) -> bool:  # at the smallest prefill block, as _shrink_prefill_block may lower it
+            kv, act = self._context_bytes(ctx, PREFILL_CHUNK)
             extra = act if self.on_gpu else max(act, self.load_transient)
             return base + kv + extra <= budget
 
@@ -331,24 +381,45 @@ class MemoryPlan:
                 raise BudgetError(
                     f"the resident path needs {fmt_gib(need)} on the GPU ({self._gpu_parts()}) "
                     f"but {self._budget_words('gpu')} is {fmt_gib(self.gpu_budget)}",
-                    f"use --gpu-mem {ceil_gib(need)} or more, or a shorter --ctx "
-                    f"(KV is {self.kv_per_token / KiB:.0f} KiB per token)",
+                    self._budget_hint("gpu", need),
                 )
             if self.gpu_slots_asked is not None and self.gpu_total > self.gpu_budget:
                 self._refuse_slots("gpu")
             if self.gpu_slots < 1 and self.moe_layers:
                 self._refuse_slots("gpu")
-        need = self.cpu_fixed + (one if self.moe_layers else 0)
+        need = max(self.cpu_fixed + (one if self.moe_layers else 0), self.parse_peak)
         if need > self.cpu_budget:
             raise BudgetError(
                 f"the resident path needs {fmt_gib(need)} of RAM ({self._cpu_parts()}) "
                 f"but {self._budget_words('cpu')} is {fmt_gib(self.cpu_budget)}",
-                f"use --cpu-mem {ceil_gib(need)} or more"
-                + ("" if self.on_gpu else ", or a shorter --ctx")
-                + (f" (KV is {self.kv_per_token / KiB:.0f} KiB per token)" if not self.on_gpu else ""),
+                self._budget_hint("cpu", need),
             )
         if self.cpu_slots_asked is not None and self.cpu_total > self.cpu_budget:
             self._refuse_slots("cpu")
+
+    def _budget_hint(self, side: str, need: int) -> str:
+        """What would make a refused plan fit: the larger budget; a smaller --state-cache where the kept
+        states alone put it over; a shorter --ctx only where the KV cache is what the context costs
+        (the compute device's side), with its size per token."""
+        budget = self.gpu_budget if side == "gpu" else self.cpu_budget
+        hint = f"use --{side}-mem {ceil_gib(need)} or more"
+        on_compute = side == ("gpu" if self.on_gpu else "cpu")
+        if on_compute and self.kept_states and need - self.kept_states <= budget:
+            room = self.kept_states - (need - budget)
+            hint += f", or --state-cache {math.floor(room / GiB * 100) / 100:.2f} or less"
+        elif side == "cpu" and self.image_bytes and need - self.image_bytes <= budget:
+            hint += f", or smaller images (decoding these takes {fmt_gib(self.image_bytes)})"
+        elif on_compute and self._shorter_context_fits(need, budget):
+            hint += f", or a shorter --ctx (KV is {fmt_gib(self.kv_per_token)} per token)"
+        return hint
+
+    def _shorter_context_fits(self, need: int, budget: int) -> bool:
+        """Whether the shortest context (one KV step) would fit where this one does not."""
+        kv, act = self._context_bytes(min(KV_STEP, self.context))
+        if self.on_gpu:
+            return need - self.kv_bytes - self.activations + kv + act <= budget
+        held = max(self.activations, self.load_transient)
+        return need - self.kv_bytes - held + kv + max(act, self.load_transient) <= budget
 
     def _refuse_slots(self, side: str) -> None:
         per = self.moe_layers * self.slot_bytes
@@ -379,11 +450,11 @@ class MemoryPlan:
             if self.vision_bytes:
                 parts.append(f"vision tower {fmt_gib(self.vision_bytes)}")
             if self.kept_states:
-                parts.append(f"kept model states {fmt_gib(self.kept_states)}")
+                parts.append(f"kept model states {fmt_gib(self.kept_states)} ({self.kept_states_from})")
         else:
             parts.append(f"load buffer {fmt_gib(self.load_transient)}")
         if self.image_bytes:
-            parts.append(f"image preprocessing {fmt_gib(self.image_bytes)}")
+            parts.append(f"decoding the images {fmt_gib(self.image_bytes)}")
         parts.append(f"runtime {fmt_gib(self.overhead_cpu + self.staging_bytes)}")
         if self.moe_layers:
             parts.append(f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}")
@@ -399,7 +470,11 @@ class MemoryPlan:
                 f"buffers {fmt_gib(self.activations)}",
                 f"CUDA runtime {fmt_gib(self.overhead_gpu)}",
                 *([f"spilled-layer buffers {fmt_gib(self.spill_buffers)}"] if self.spill_buffers else []),
-                *([f"kept model states {fmt_gib(self.kept_states)}"] if self.kept_states else []),
+                *(
+                    [f"kept model states {fmt_gib(self.kept_states)} ({self.kept_states_from})"]
+                    if self.kept_states
+                    else []
+                ),
                 f"one expert slot per layer {fmt_gib(self.moe_layers * self.slot_bytes)}",
             ]
         )
@@ -422,15 +497,26 @@ class MemoryPlan:
         return {"cpu_slots": self.cpu_slots, "gpu_slots": self.gpu_slots}
 
 
-def image_allowance(model_dir: Path | None) -> int:
-    """Bytes to decode and preprocess one opaque RGB image the size of the preprocessor's max_pixels (its
-    preprocessor_config.json, else the Qwen3.5 release values): what the plan keeps free for images. A
-    larger image, or several, must fit this plus what the budget holds beyond the plan (multimodal)."""
-    from ..vision.preprocess import ImageProcessorConfig, image_nbytes  # PIL: vision checkpoints only
+def images_nbytes(paths: Sequence[Path], model_dir: Path | None) -> int:
+    """Bytes to decode and preprocess `run --image`'s images, read from their headers (nothing decoded):
+    the sum of each one's image_nbytes under the checkpoint's preprocessor_config.json (an upper estimate:
+    an image's decoding buffers are freed before the next one's are made)."""
+    from ..vision.preprocess import ImageProcessorConfig, image_nbytes, load_image  # PIL: with images only
 
     cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir is not None else ImageProcessorConfig()
-    side = max(cfg.factor, math.isqrt(cfg.max_pixels) // cfg.factor * cfg.factor)
-    return image_nbytes(side, side, "RGB", False, cfg)
+    total = 0
+    for p in paths:
+        im = load_image(Path(p).expanduser(), decode=False)  # the header: size, mode, transparency
+        transparent = "A" in im.getbands() or im.info.get("transparency") is not None
+        total += image_nbytes(im.width, im.height, im.mode, transparent, cfg)
+    return total
+
+
+def gib_to_bytes(gib: float) -> int:
+    """A budget in GiB as bytes; a budget past any machine's (1e300, inf) is capped, never an overflow."""
+    if not gib > 0:  # 0, negative or NaN: nothing fits (cli/options refuses these first)
+        return 0
+    return int(min(gib, MAX_BUDGET_GIB) * GiB)
 
 
 def plan_for(cfg: TextConfig, *, context: int | None = None, **kwargs) -> MemoryPlan:

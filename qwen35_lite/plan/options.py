@@ -7,6 +7,7 @@ heavy is imported, so `--help` stays instant.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -26,6 +27,9 @@ class EngineOptions:
     # CUDA runs: a decode step's GPU misses computed by the CPU from RAM ("on"), copied to the GPU ("off"),
     # or whichever the rates measured at load favour ("auto": experts/rates.py)
     cpu_compute: str = "auto"
-    state_cache: float = (
-        0.0  # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device
-    )
+    # GiB for `serve`'s kept model states (state_cache.PrefixCache), on the compute device; None: a share
+    # of what the budget leaves after the smallest expert cache (MemoryPlan._keep_states_from_what_is_left)
+    state_cache: float | None = 0.0
+    # the images of a `run` (() for a text run: nothing reserved for images, the tower never loaded);
+    # None where images may come at any turn (chat, serve): MemoryPlan.build says what each reserves
+    image_paths: tuple[Path, ...] | None = None

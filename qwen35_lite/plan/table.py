@@ -61,11 +61,16 @@ def plan_rows(
         *(
             [
                 (
-                    "image preprocessing (allowance)",
-                    f"{fmt_gib(plan.image_bytes)} (CPU): one image at max_pixels",
+                    "decoding the images (--image)",
+                    f"{fmt_gib(plan.image_bytes)} (CPU), from their headers",
                 )
             ]
             if plan.image_bytes
+            else []
+        ),
+        *(
+            [("kept model states (serve)", f"{fmt_gib(plan.kept_states)} ({plan.kept_states_from})")]
+            if plan.kept_states
             else []
         ),
         (
