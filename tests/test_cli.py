@@ -458,7 +458,19 @@ def test_flag_groups_build_the_options_from_the_flags():
     app = typer.Typer()
     app.command()(cmd)
     app.command("other")(lambda: None)  # two commands: typer keeps the command name
-    args = ["cmd", "m", "--cpu-mem", "1.5", "--ctx", "64", "--temperature", "0.5", "--no-think", "--extra", "4"]
+    args = [
+        "cmd",
+        "m",
+        "--cpu-mem",
+        "1.5",
+        "--ctx",
+        "64",
+        "--temperature",
+        "0.5",
+        "--no-think",
+        "--extra",
+        "4",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen["load"] == EngineOptions(cpu_mem=1.5, ctx=64)
