@@ -19,7 +19,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..experts.int4 import QuantScheme
+from ..experts.formats import QuantScheme
 from ..hub import resolve_model
 from ..quantize import DEFAULT_SHARD_BYTES, QuantizeProgress, quantize_checkpoint
 from .errors import friendly_errors
