@@ -178,7 +178,7 @@ WEIGHTS = ("config_groups", "group_0", "weights")
 @pytest.mark.parametrize(
     "raw, named",
     [
-        (_edited(WEIGHTS + ("num_bits",), 8), "8-bit"),
+        (_edited(WEIGHTS + ("num_bits",), 2), "2-bit"),
         (_edited(WEIGHTS + ("num_bits",), 3), "3-bit"),
         (_edited(WEIGHTS + ("type",), "float"), '"float"'),
         (_edited(("format",), "int-quantized"), "'int-quantized'"),

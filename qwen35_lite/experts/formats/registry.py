@@ -16,12 +16,13 @@ from .base import ExpertFormat
 from .compressed import CompressedQuantization, PackedFormat, parse_config
 from .dense import DenseFormat
 from .int4 import Int4Format
+from .int8 import Int8Format
 
 if TYPE_CHECKING:
     from ...checkpoint import Checkpoint
 
 # compressed-tensors pack-quantized experts by num_bits
-PACKED: dict[int, type[PackedFormat]] = {f.bits: f for f in (Int4Format,)}
+PACKED: dict[int, type[PackedFormat]] = {f.bits: f for f in (Int4Format, Int8Format)}
 
 Quantization = CompressedQuantization | fp8.Fp8Block  # a parsed quantization_config
 
