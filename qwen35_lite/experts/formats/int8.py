@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from . import compressed
-from .base import Expert
-from .compressed import PackedFormat
+from .base import Expert, ffn
+from .compressed import CompressedQuantization, PackedFormat
 
 BITS = 8
 OFFSET = 128  # stored byte = q + OFFSET
@@ -61,7 +61,15 @@ class Int8Format(PackedFormat):
         return device.type == "cpu" and dtype == torch.bfloat16 and g is None
 
     @classmethod
-    def build(cls, quant, hidden, inter, device, dtype, scale_dtype) -> Int8Format:
+    def build(
+        cls,
+        quant: CompressedQuantization,
+        hidden: int,
+        inter: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        scale_dtype: torch.dtype | None,
+    ) -> Int8Format:
         fmt = super().build(quant, hidden, inter, device, dtype, scale_dtype)
         if fmt.kernel and not quant.scheme.symmetric:  # the kernel has no zero points
             fmt = cls(hidden, inter, dtype, quant.scheme, fmt.scale_dtype, kernel=False)
@@ -97,10 +105,9 @@ class Int8Format(PackedFormat):
         gu_w, down_w, gu_s, down_s = (p.view(slot) for p in self.slot)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            gate_up = (gu_w.to(x.dtype) * gu_s[:, None].to(x.dtype)).to(x.dtype)
-            down = (down_w.to(x.dtype) * down_s[:, None].to(x.dtype)).to(x.dtype)
-            g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-            return F.linear(F.silu(g) * u, down)
+            gate_up = gu_w.to(x.dtype) * gu_s[:, None].to(x.dtype)  # [2I, D]
+            down = down_w.to(x.dtype) * down_s[:, None].to(x.dtype)  # [D, I]
+            return ffn(x, gate_up, down)
 
         return run
 
