@@ -296,7 +296,9 @@ class PackedFormat(ExpertFormat):
     # ---- choosing ----
 
     @classmethod
-    def kernel_fits(cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, g) -> bool:
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
         """Whether the CPU kernel runs these experts (else the exact path)."""
         return False
 
@@ -320,7 +322,7 @@ class PackedFormat(ExpertFormat):
                     "this quantised checkpoint does not fit its config.json",
                 )
         scale_dtype = scale_dtype or scheme.scale_dtype or torch.bfloat16
-        kernel = cls.kernel_fits(torch.device(device), dtype, hidden, inter, g)
+        kernel = cls.kernel_fits(torch.device(device), dtype, hidden, inter, scheme)
         return cls(hidden, inter, dtype, scheme, scale_dtype, kernel)
 
     def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> PackedFormat:

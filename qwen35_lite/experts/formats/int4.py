@@ -154,7 +154,10 @@ class Int4Format(PackedFormat):
     unpack = staticmethod(unpack_int4)
 
     @classmethod
-    def kernel_fits(cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, g) -> bool:
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
+        g = scheme.group_size  # the kernel takes group scales only
         return (
             device.type == "cpu"
             and dtype == torch.bfloat16

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import compressed
 from .base import Expert, ffn
-from .compressed import CompressedQuantization, PackedFormat
+from .compressed import PackedFormat, QuantScheme
 
 BITS = 8
 OFFSET = 128  # stored byte = q + OFFSET
@@ -57,23 +57,12 @@ class Int8Format(PackedFormat):
     unpack = staticmethod(unpack_int8)
 
     @classmethod
-    def kernel_fits(cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, g) -> bool:
-        return device.type == "cpu" and dtype == torch.bfloat16 and g is None
-
-    @classmethod
-    def build(
-        cls,
-        quant: CompressedQuantization,
-        hidden: int,
-        inter: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        scale_dtype: torch.dtype | None,
-    ) -> Int8Format:
-        fmt = super().build(quant, hidden, inter, device, dtype, scale_dtype)
-        if fmt.kernel and not quant.scheme.symmetric:  # the kernel has no zero points
-            fmt = cls(hidden, inter, dtype, quant.scheme, fmt.scale_dtype, kernel=False)
-        return fmt
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
+        # one scale per row and no zero points: what the kernel computes
+        channel = scheme.group_size is None and scheme.symmetric
+        return device.type == "cpu" and dtype == torch.bfloat16 and channel
 
     def kernel_slot(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
         D, I = self.D, self.I  # gate_up and down as int8 matrices, then their per-row scales
