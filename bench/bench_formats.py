@@ -36,8 +36,7 @@ from offload_runs import SPECS, greedy_ours, machine, prompt_ids, warm_page_cach
 from qwen35_lite.config import TextConfig, load_config  # noqa: E402
 from qwen35_lite.cpu_features import cpu_has_native_bf16  # noqa: E402
 from qwen35_lite.engine import Engine, EngineOptions  # noqa: E402
-from qwen35_lite.experts import int4  # noqa: E402
-from qwen35_lite.experts.formats import expert_format  # noqa: E402
+from qwen35_lite.experts.formats import expert_format, int4  # noqa: E402
 from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
 from qwen35_lite.quantize import quantization_config, quantize_checkpoint  # noqa: E402
 from qwen35_lite.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen35_lite.experts.int4 import dequantize_int4, quantize_int4  # noqa: E402
+from qwen35_lite.experts.formats.int4 import dequantize_int4, quantize_int4  # noqa: E402
 
 HIDDEN, EXPERT_WIDTH = 4096, 1024  # Qwen3.5-397B-A17B: hidden_size, moe_intermediate_size
 MATRICES = {"gate": (EXPERT_WIDTH, HIDDEN), "up": (EXPERT_WIDTH, HIDDEN), "down": (HIDDEN, EXPERT_WIDTH)}

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .errors import CheckpointError
+from .experts.formats.fp8 import FP8_DTYPES, dequantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
@@ -37,7 +38,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 
-FP8_BLOCK = 128
 HEADER_LIMIT = 100_000_000  # safetensors' own cap on the header size
 
 
@@ -295,7 +295,7 @@ class Checkpoint:
         """Read one tensor into a fresh CPU tensor (a copy, so the shard can be unmapped)."""
         info = self.info(name)
         t = read_range(info)
-        if info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if info.dtype in FP8_DTYPES:
             t = self._dequantize_fp8(name, t)
         return t if dtype is None else t.to(dtype)
 
@@ -304,16 +304,6 @@ class Checkpoint:
         if scale_name not in self.tensors:
             return w.float()
         return dequantize_fp8(w, read_range(self.info(scale_name)))
-
-
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """Block-wise FP8: value = w[r, c] * scale_inv[r // block, c // block] (scale_inv [ceil(out/b), ceil(in/b)])."""
-    s = (
-        scale_inv.float()
-        .repeat_interleave(block, 0)[: w.shape[0]]
-        .repeat_interleave(block, 1)[:, : w.shape[1]]
-    )
-    return w.float() * s
 
 
 def read_range(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .experts.cache import TieredExperts
-from .experts.formats import expert_format
 from .experts.rates import ExpertRates, measure_rates
 from .experts.store import ExpertStore
 from .model.qwen35 import Qwen35Model
@@ -194,9 +193,7 @@ class Engine:
         template = ChatTemplate.from_dir(planned.model_dir)
         provider = None
         if cfg.is_moe:
-            text = cfg.text
-            fmt = expert_format(cfg.raw, text.hidden_size, text.moe_intermediate_size, device, dtype, ckpt)
-            store = ExpertStore(ckpt, text, fmt, raw_config=cfg.raw)
+            store = ExpertStore(ckpt, cfg.text, planned.experts)  # the format plan_load chose
             factory = provider_factory or functools.partial(TieredExperts, **plan.provider_kwargs())
             provider = factory(store, device, dtype)
         progress = (lambda done, total: on_progress("loading weights", done, total)) if on_progress else None

@@ -1,6 +1,7 @@
-"""`qwen35-lite quantize`: a bf16 or FP8 checkpoint -> a compressed-tensors W4A16 (pack-quantized) one.
+"""`qwen35-lite quantize`: a bf16 or FP8 checkpoint -> a compressed-tensors W4A16 or W8A16 (pack-quantized) one.
 
-Only the routed experts are quantised (round-to-nearest, experts/int4.py); everything else is copied
+Only the routed experts are quantised (round-to-nearest, experts/formats/compressed.py; the format of
+`--bits` packs them, experts/formats/registry.py); everything else is copied
 byte for byte, except that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a
 pure compressed-tensors checkpoint. Fused expert tensors are written per expert, the layout
 compressed-tensors uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.).
@@ -29,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FP8_BLOCK, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, dequantize_fp8, read_range
+from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
 from .errors import CheckpointError, ConfigError, InputError
-from .experts.int4 import Int4Quantization, QuantScheme, parse_quantization_config, quantize_int4
+from .experts.formats.compressed import CompressedQuantization, QuantScheme
+from .experts.formats.fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
+from .experts.formats.registry import PACKED, packed_format, parse_quantization_config
 from .user_files import size_text
 
 PARTIAL_MARKER = ".qwen35-quantize-partial.json"
@@ -42,7 +45,6 @@ COMPRESSED_TENSORS_VERSION = "0.20.1"  # the compressed-tensors release whose la
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
 COPY_CHUNK = 64 << 20
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Routed experts of the decoder (the MTP head's experts stay as they are): per-expert or fused.
 EXPERT_NAME = re.compile(
@@ -72,11 +74,13 @@ class QuantizeResult:
 class Job:
     """One source matrix (or one expert's slice of a fused tensor) and what becomes of it.
 
-    kind: "copy" (bytes as they are), "fp8" (block-dequantised to bf16), "int4" (quantised: 3 or 4 tensors).
+    kind: "copy" (bytes as they are), "fp8" (block-dequantised to bf16), "packed" (quantised: 3 or 4 tensors).
     """
 
     kind: str
-    name: str  # the output name: the tensor's, or for int4 the module's (`...experts.3.up_proj`)
+    name: (
+        str  # the output name: the tensor's, or for a quantised matrix the module's (`...experts.3.up_proj`)
+    )
     source: TensorInfo
     scale_inv: TensorInfo | None = None  # FP8 sources: the block scales of `source`
     outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = field(default_factory=tuple)
@@ -131,7 +135,7 @@ def _rows(info: TensorInfo, r0: int, r1: int) -> TensorInfo:
     )
 
 
-def _int4_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme):
+def _packed_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme):
     out_f, in_f = shape
     group = scheme.group_size or in_f
     if in_f % group:
@@ -139,14 +143,7 @@ def _int4_outputs(module: str, shape: tuple[int, ...], dtype: torch.dtype, schem
             f"{module} has {in_f} input features, not a multiple of --group-size {group}",
             _group_hint([in_f]),
         )
-    parts = [
-        (f"{module}.weight_packed", torch.int32, (out_f, -(-in_f // 8))),
-        (f"{module}.weight_scale", dtype, (out_f, in_f // group)),
-        (f"{module}.weight_shape", torch.int64, (2,)),
-    ]
-    if not scheme.symmetric:
-        parts.append((f"{module}.weight_zero_point", torch.int32, (-(-out_f // 8), in_f // group)))
-    return tuple(parts)
+    return packed_format(scheme.bits).tensor_specs(module, shape, dtype, scheme)
 
 
 def expert_input_features(ckpt: Checkpoint) -> list[int]:
@@ -198,7 +195,7 @@ def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantSc
     dtype = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
     if m["e"] is not None:
         module = f"{m['prefix']}{m['e']}.{m['proj']}_proj"
-        yield Job("int4", module, info, scale_inv, _int4_outputs(module, info.shape, dtype, scheme))
+        yield Job("packed", module, info, scale_inv, _packed_outputs(module, info.shape, dtype, scheme))
         return
     if scale_inv is not None:
         raise CheckpointError(
@@ -215,7 +212,7 @@ def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantSc
         for proj, part in halves:
             sub = _slice(info, e, part)
             module = f"{m['prefix']}{e}.{proj}_proj"
-            yield Job("int4", module, sub, None, _int4_outputs(module, sub.shape, dtype, scheme))
+            yield Job("packed", module, sub, None, _packed_outputs(module, sub.shape, dtype, scheme))
 
 
 def plan_jobs(ckpt: Checkpoint, scheme: QuantScheme) -> list[Job]:
@@ -237,7 +234,7 @@ def plan_jobs(ckpt: Checkpoint, scheme: QuantScheme) -> list[Job]:
             jobs.append(Job("fp8", info.name, info, scale_inv, ((info.name, torch.bfloat16, info.shape),)))
         else:
             jobs.append(Job("copy", info.name, info, None, ((info.name, info.dtype, info.shape),)))
-    if not any(job.kind == "int4" for job in jobs):
+    if not any(job.kind == "packed" for job in jobs):
         raise CheckpointError(f"no routed experts in {ckpt.dir}", "quantize takes a Qwen3.5 MoE checkpoint")
     return jobs
 
@@ -303,11 +300,7 @@ def _write_job(job: Job, scheme: QuantScheme, mse_clip: bool, f) -> None:
         _write_fp8_dequantised(job, f)
     else:
         w = _read_matrix(job)  # [out, in]
-        packed, scale, zero_point = quantize_int4(
-            w, scheme.group_size or w.shape[1], scheme.symmetric, mse_clip
-        )
-        parts = [packed, scale, torch.tensor(w.shape, dtype=torch.int64)]
-        for t in parts + ([] if zero_point is None else [zero_point]):
+        for t in packed_format(scheme.bits).quantize(w, scheme, mse_clip):
             f.write(_as_bytes(t))
 
 
@@ -438,8 +431,10 @@ def _source_config(src: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{src / 'config.json'} is not valid JSON", "re-download the checkpoint") from e
     found = parse_quantization_config(config.get("quantization_config"))
-    if isinstance(found, Int4Quantization):
-        raise InputError(f"{src} is already quantised to int4", "quantize a bf16 or FP8 checkpoint")
+    if isinstance(found, CompressedQuantization):
+        raise InputError(
+            f"{src} is already quantised to int{found.scheme.bits}", "quantize a bf16 or FP8 checkpoint"
+        )
     return config
 
 
@@ -507,8 +502,9 @@ def _write_error(e: OSError, out: Path, done: int, shards: int, left: int) -> In
 
 
 def _check_scheme(scheme: QuantScheme) -> None:
-    if scheme.bits != 4:
-        raise InputError(f"--bits {scheme.bits} is not supported", "only 4-bit (W4A16) experts are written")
+    if packed_format(scheme.bits) is None:
+        widths = " or ".join(f"{b}-bit (W{b}A16)" for b in sorted(PACKED))
+        raise InputError(f"--bits {scheme.bits} is not supported", f"only {widths} experts are written")
     if scheme.group_size not in GROUP_SIZES:
         raise InputError(f"--group-size {scheme.group_size} is not supported", "use 32, 64 or 128")
 
@@ -523,7 +519,8 @@ def quantize_checkpoint(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_progress: Callable[[QuantizeProgress], None] | None = None,
 ) -> QuantizeResult:
-    """Write the int4 checkpoint of `src` (a local directory) to `out`, resuming an interrupted run.
+    """Write `src` (a local directory) with its experts quantised to `scheme` to `out`, resuming an
+    interrupted run.
 
     mse_clip: per group, the clipped range with the least squared error instead of the plain min/max.
     """

@@ -20,19 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import FP8_BLOCK
+from .experts.formats.fp8 import FP8_CONFIG, quantize_block
 from .user_files import default_file_mode
 
 ASSETS = Path(__file__).parent / "assets"
 PREFIX = "model.language_model."
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-# quantization_config of the official FP8 release (block-wise, 128 x 128)
-FP8_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
 
 
 @dataclass
@@ -197,16 +189,9 @@ def expert_tensors(
 
 
 def fp8_block_experts(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Per-expert weights -> the official FP8 release's layout: float8_e4m3fn weight and fp32
-    weight_scale_inv per 128x128 block (scale = block absmax / 448, the format's largest value)."""
+    """Per-expert weights -> the official FP8 release's layout (experts.formats.fp8.quantize_block)."""
     for name, w in tensors:
-        out, inp = w.shape
-        rows, cols = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
-        padded = torch.zeros(rows * FP8_BLOCK, cols * FP8_BLOCK)
-        padded[:out, :inp] = w.float()
-        blocks = padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK)  # [R, b, C, b]
-        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [R, C]
-        q = (blocks / scale[:, None, :, None]).view_as(padded)[:out, :inp].to(torch.float8_e4m3fn)
+        q, scale = quantize_block(w)
         yield name, q
         yield name + "_scale_inv", scale
 

@@ -1,7 +1,7 @@
-"""compressed-tensors itself as the int4 oracle (test-only): its quantiser, compressor and decompressor.
+"""compressed-tensors itself as the int4 / int8 oracle (test-only): its quantiser, compressor and decompressor.
 
 `ct_compress` / `ct_decompress` run one matrix through compressed-tensors' own API; `make_ct_checkpoint`
-turns a transformers-written tiny checkpoint into a W4A16 pack-quantized one the way compressed-tensors
+turns a transformers-written tiny checkpoint into a W4A16 (or W8A16) pack-quantized one the way compressed-tensors
 lays it out (routed experts per expert, everything else untouched).
 """
 
@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
 
-def ct_scheme(group_size: int | None, symmetric: bool) -> QuantizationScheme:
-    """W4A16 on the routed experts; group_size None is the channel strategy."""
+def ct_scheme(group_size: int | None, symmetric: bool, bits: int = 4) -> QuantizationScheme:
+    """W4A16 (bits 8: W8A16) on the routed experts; group_size None is the channel strategy."""
     strategy = "group" if group_size else "channel"
     weights = QuantizationArgs(
-        num_bits=4, type="int", symmetric=symmetric, group_size=group_size, strategy=strategy
+        num_bits=bits, type="int", symmetric=symmetric, group_size=group_size, strategy=strategy
     )
     return QuantizationScheme(targets=[EXPERT_TARGET], weights=weights)
 
@@ -82,11 +82,13 @@ def _shards(src: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def make_ct_checkpoint(src_dir: Path, out_dir: Path, group_size: int | None, symmetric: bool) -> Path:
+def make_ct_checkpoint(
+    src_dir: Path, out_dir: Path, group_size: int | None, symmetric: bool, bits: int = 4
+) -> Path:
     """Quantise every routed expert of `src_dir` with compressed-tensors and write it per expert to `out_dir`."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scheme = ct_scheme(group_size, symmetric)
+    scheme = ct_scheme(group_size, symmetric, bits)
     weight_map: dict[str, str] = {}
     for shard in _shards(src_dir):
         tensors: dict[str, torch.Tensor] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qwen35_lite.checkpoint import dequantize_fp8
+from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.synthetic import FP8_CONFIG
 
 

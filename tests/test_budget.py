@@ -25,7 +25,7 @@ from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import TieredExperts
-from qwen35_lite.experts.int4 import QuantScheme
+from qwen35_lite.experts.formats import QuantScheme
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.cache import DeltaNetState, KVCache
 from qwen35_lite.model.qwen35 import Qwen35Model

@@ -9,11 +9,12 @@ import torch
 from conftest import greedy
 from safetensors.torch import save_file
 
-from qwen35_lite.checkpoint import Checkpoint, dequantize_fp8, read_range
+from qwen35_lite.checkpoint import Checkpoint, read_range
 from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
+from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint

@@ -11,16 +11,17 @@ from safetensors.torch import load_file
 from qwen35_lite.checkpoint import Checkpoint, read_range
 from qwen35_lite.config import load_config
 from qwen35_lite.errors import ConfigError
-from qwen35_lite.experts import int4, int4_cpu
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import (
     DenseFormat,
     Fp8BlockFormat,
     Int4Format,
+    QuantScheme,
     expert_format,
     ffn,
+    int4,
 )
-from qwen35_lite.experts.int4 import QuantScheme
+from qwen35_lite.experts.formats import int4 as int4_cpu  # the int4 kernel layout lives with the format
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.quantize import quantization_config
 
@@ -233,7 +234,7 @@ def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_
 
     from qwen35_lite.engine import Engine, EngineOptions
     from qwen35_lite.errors import CheckpointError
-    from qwen35_lite.experts.int4 import QuantScheme
+    from qwen35_lite.experts.formats import QuantScheme
     from qwen35_lite.quantize import quantize_checkpoint
 
     out = tmp_path / "w4"

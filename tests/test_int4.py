@@ -9,18 +9,18 @@ from compressed_tensors.quantization import QuantizationConfig
 from ct_reference import ct_compress, ct_decompress, ct_scheme
 
 from qwen35_lite.errors import ConfigError
-from qwen35_lite.experts.int4 import (
-    Fp8Block,
-    Int4Quantization,
+from qwen35_lite.experts.formats.compressed import CompressedQuantization as Int4Quantization
+from qwen35_lite.experts.formats.fp8 import Fp8Block
+from qwen35_lite.experts.formats.int4 import (
     QuantScheme,
     dequantize_int4,
     pack_int4,
     pack_zero_point,
-    parse_quantization_config,
     quantize_int4,
     unpack_int4,
     unpack_zero_point,
 )
+from qwen35_lite.experts.formats.registry import parse_quantization_config
 
 SCALE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -178,7 +178,7 @@ WEIGHTS = ("config_groups", "group_0", "weights")
 @pytest.mark.parametrize(
     "raw, named",
     [
-        (_edited(WEIGHTS + ("num_bits",), 8), "8-bit"),
+        (_edited(WEIGHTS + ("num_bits",), 2), "2-bit"),
         (_edited(WEIGHTS + ("num_bits",), 3), "3-bit"),
         (_edited(WEIGHTS + ("type",), "float"), '"float"'),
         (_edited(("format",), "int-quantized"), "'int-quantized'"),

@@ -148,8 +148,7 @@ def test_stacked_fp8_slots_equal_the_fp8_experts_one_by_one(D, I):
 def test_stacked_int4_slots_equal_the_int4_experts_one_by_one(symmetric, group):
     """Packed int4 slots (exact mode: CUDA, or fp32): the stacked gather + batched dequantisation against
     each bound expert (the compressed-tensors dequantisation, one by one)."""
-    from qwen35_lite.experts import int4
-    from qwen35_lite.experts.formats import Int4Format
+    from qwen35_lite.experts.formats import Int4Format, int4
 
     scheme = int4.QuantScheme(group_size=group, symmetric=symmetric)
     fmt = Int4Format(128, 64, torch.float32, scheme, torch.bfloat16, kernel=False)

@@ -1,4 +1,5 @@
-"""`qwen35-lite quantize SRC OUT`: routed experts to int4 (compressed-tensors W4A16), with a progress bar.
+"""`qwen35-lite quantize SRC OUT`: routed experts to int4 or int8 (compressed-tensors W4A16 / W8A16), with
+a progress bar.
 
 The work is qwen35_lite/quantize.py; this module parses the flags and renders. `register(app)` adds the
 command with the same one-line error handling as the others.
@@ -19,7 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..experts.int4 import QuantScheme
+from ..experts.formats import QuantScheme
 from ..hub import resolve_model
 from ..quantize import (
     DEFAULT_SHARD_BYTES,
@@ -43,9 +44,11 @@ def quantize(
         str, typer.Argument(help="bf16 or FP8 checkpoint: a directory or a hub id.", show_default=False)
     ],
     out: Annotated[
-        Path, typer.Argument(help="Directory to write the int4 checkpoint to.", show_default=False)
+        Path, typer.Argument(help="Directory to write the quantised checkpoint to.", show_default=False)
     ],
-    bits: Annotated[int, typer.Option("--bits", help="Bits per expert weight (4 only).")] = 4,
+    bits: Annotated[
+        int, typer.Option("--bits", help="Bits per expert weight: 4 (W4A16) or 8 (W8A16, near lossless).")
+    ] = 4,
     group_size: Annotated[
         int | None,
         typer.Option(
@@ -69,9 +72,9 @@ def quantize(
     ] = DEFAULT_SHARD_BYTES >> 20,
     offline: Offline = False,
 ) -> None:
-    """Quantise the routed experts to int4 (round-to-nearest, compressed-tensors pack-quantized W4A16);
-    everything else is kept (an FP8 source's other weights become bf16). An interrupted run resumes when
-    the same command is run again."""
+    """Quantise the routed experts to int4 or int8 (round-to-nearest, compressed-tensors pack-quantized
+    W4A16 / W8A16); everything else is kept (an FP8 source's other weights become bf16). An interrupted run
+    resumes when the same command is run again."""
     ui = UI()
     src_dir = resolve_model(src, offline)
     if group_size is None:

@@ -45,7 +45,7 @@ class UncachedExperts:
     lookahead = False
 
     def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype) -> None:
-        self.store, self.device, self.dtype = store.retarget(device, dtype), device, dtype
+        self.store, self.device, self.dtype = store.for_compute(device, dtype), device, dtype
         self.bytes_read = 0
 
     def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> dict[int, Expert]:
@@ -121,7 +121,7 @@ class TieredExperts:
         pinned_bytes: int | None = None,
     ) -> None:
         self.device, self.dtype = torch.device(device), dtype
-        self.store = store = store.retarget(self.device, dtype)
+        self.store = store = store.for_compute(self.device, dtype)
         cfg = store.cfg
         self.n_layers, self.n_experts = cfg.num_hidden_layers, cfg.num_experts
         on_gpu = self.device.type == "cuda"

@@ -21,7 +21,7 @@ import torch
 from ..checkpoint import Checkpoint, read_range
 from ..config import TextConfig
 from ..errors import CheckpointError
-from .formats import Expert, ExpertFormat, expert_format
+from .formats import Expert, ExpertFormat, choose
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux: read only what the page cache holds, never wait
@@ -53,11 +53,8 @@ class ExpertStore:
     ) -> None:
         self.ckpt = ckpt
         self.cfg = cfg
-        self.raw_config = raw_config or {}  # config.json: its quantization_config, for `retarget`
         if fmt is None:  # the format as stored: slots hold the checkpoint's own bytes
-            fmt = expert_format(
-                self.raw_config, cfg.hidden_size, cfg.moe_intermediate_size, "cpu", None, ckpt
-            )
+            fmt = choose(raw_config or {}, cfg.hidden_size, cfg.moe_intermediate_size, "cpu", None, ckpt)
         self.format = fmt
         self.parts = {
             (layer, e): fmt.locate(ckpt, layer, e)
@@ -75,16 +72,13 @@ class ExpertStore:
         # preadv runs served whole by the page cache / that had to wait for the disk (both threads add)
         self.runs_cached = self.runs_from_disk = 0
 
-    def retarget(self, device: torch.device | str, dtype: torch.dtype) -> ExpertStore:
-        """This store when its format computes in `dtype` already (whatever device it was chosen for),
-        else one over the same checkpoint whose format computes in `dtype` on `device`."""
+    def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> ExpertStore:
+        """This store when its format computes in `dtype` already (a load chose it so: plan.load), else
+        one over the same checkpoint whose format is the same stored format computing in `dtype` on
+        `device` (ExpertFormat.for_compute: nothing is detected again)."""
         if self.format.dtype == dtype:
             return self
-        cfg = self.cfg
-        fmt = expert_format(
-            self.raw_config, cfg.hidden_size, cfg.moe_intermediate_size, device, dtype, self.ckpt
-        )
-        return ExpertStore(self.ckpt, cfg, fmt, self.io_threads, self.raw_config)
+        return ExpertStore(self.ckpt, self.cfg, self.format.for_compute(device, dtype), self.io_threads)
 
     # ---- the reference path -------------------------------------------------------------------
 

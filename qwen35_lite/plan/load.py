@@ -11,6 +11,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig, load_config
 from ..device import config_dtype, pick_device, pick_dtype
+from ..experts.formats import ExpertFormat, choose
 from ..hub import resolve_model
 from ..quantize import check_not_partial
 from .memory import MemoryPlan, gib_to_bytes, plan_for
@@ -25,6 +26,7 @@ class Planned:
     device: torch.device
     dtype: torch.dtype
     plan: MemoryPlan
+    experts: ExpertFormat | None  # the routed experts' format, chosen here once (None: no MoE)
 
 
 def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Planned:
@@ -49,12 +51,19 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
         pick_dtype(opts.dtype, ckpt, device) if ckpt is not None else config_dtype(opts.dtype, cfg, device)
     )
     ctx = opts.ctx if opts.ctx is not None else opts.context
+    text = cfg.text
+    experts = (
+        choose(cfg.raw, text.hidden_size, text.moe_intermediate_size, device, dtype, ckpt)
+        if text.is_moe
+        else None
+    )
     plan = plan_for(
         cfg.text,
         device=device,
         dtype=dtype,
         ckpt=ckpt,
         raw_config=cfg.raw,
+        experts=experts,
         gpu_mem=opts.gpu_mem,
         cpu_mem=opts.cpu_mem,
         gpu_experts=opts.gpu_experts,
@@ -66,4 +75,4 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
     )
     if opts.ctx is None and opts.context is not None:
         plan.context_from = "the workload"
-    return Planned(model_dir, cfg, ckpt, device, dtype, plan)
+    return Planned(model_dir, cfg, ckpt, device, dtype, plan, experts)

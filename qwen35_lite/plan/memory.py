@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import TextConfig, VisionConfig
 from ..errors import BudgetError
-from ..experts.formats import ALIGN, expert_format
+from ..experts.formats import ALIGN, ExpertFormat, choose
 from ..model.qwen35 import PREFILL_BLOCK, PREFILL_CHUNK
 from ..model.spill import stays_resident
 from ..vision.tower import tower_dtype
@@ -107,6 +107,7 @@ class MemoryPlan:
         ckpt: Checkpoint | None = None,
         stored_dtype: torch.dtype | None = None,
         raw_config: dict | None = None,
+        experts: ExpertFormat | None = None,
         gpu_mem: float | None = None,
         cpu_mem: float | None = None,
         gpu_experts: int | None = None,
@@ -129,6 +130,8 @@ class MemoryPlan:
         when it arrives (multimodal.room_for_images: expert RAM slots released for the time).
         kept_states: bytes for serve's kept model states; None: a share of what the budget leaves after
         the smallest expert cache (keep_states_from_what_is_left).
+        experts: the routed experts' format, as a load chose it (plan.load); without it, chosen here from
+        raw_config / ckpt / stored_dtype (planning without a load: tests, benchmarks).
         """
         dev = torch.device(device).type
         ctx = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
@@ -148,7 +151,7 @@ class MemoryPlan:
         plan.kv_per_token = kv_bytes_per_token(cfg, dtype)
         plan._set_budgets(gpu_mem, cpu_mem)
         if cfg.is_moe:
-            fmt = expert_format(
+            fmt = experts or choose(
                 raw_config or {},
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
@@ -162,8 +165,8 @@ class MemoryPlan:
             plan.expert_disk_bytes = fmt.disk_nbytes
             plan.slot_bytes = -(-fmt.slot_nbytes // ALIGN) * ALIGN  # slots start aligned (experts.slots)
             # a format that prepares slots reads through staging: foreground + prefetch thread
-            plan.staging_bytes = 0 if fmt.direct else 2 * fmt.raw_nbytes
-            plan.experts_by_linear = not getattr(fmt, "kernel", False)
+            plan.staging_bytes = 2 * fmt.staging_nbytes
+            plan.experts_by_linear = not fmt.uses_cpu_kernel
             plan.decode_gather = fmt.gather_nbytes(cfg.num_experts_per_tok)
         plan.prefill_block = plan._prefill_block(ctx)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)

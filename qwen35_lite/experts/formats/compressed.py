@@ -1,0 +1,426 @@
+"""compressed-tensors `pack-quantized` weights (WnA16, integer), what every bit width shares, bit for bit as
+compressed-tensors 0.20.1: its `quantization_config`, its round-to-nearest quantiser, its dequantisation
+order, and the expert format built on them (`PackedFormat`; a module per bit width, e.g. int4.py, adds the
+packing and a CPU kernel).
+
+Per quantised Linear [out, in] the checkpoint stores
+  weight_packed      int32 [out, ceil(in * bits / 32)]   32 / bits values per word, element i at bits
+                                                         i*bits.., each stored as q + 2^(bits-1)
+  weight_scale       float [out, in/group]     (channel strategy: [out, 1])
+  weight_shape       int   [2]                 (out, in)
+  weight_zero_point  int32 [ceil(out * bits / 32), in/group]  asymmetric only: packed the same way but
+                                                         down the rows
+W = (q - zp) * scale (zp = 0 when symmetric), computed in the scale's dtype — the op order of
+compressed-tensors' `decompress` (quantization/lifecycle/forward.py `_dequantize`).
+Little-endian hosts only (the packing goes through a byte view, as compressed-tensors' own 4-bit unpacker).
+This package never imports compressed-tensors: it is a test-only oracle.
+
+Legend: D = hidden, I = expert FFN width, G = groups along the input dim, A = experts run (top-k).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from ...errors import ConfigError
+from ..layout import pack_layout, stack_parts
+from ..stacks import StackedDequantised, StackedExperts
+from .base import Expert, ExpertFormat, dequantised_gather, per_expert
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint, TensorInfo
+
+Unpack = Callable[
+    [torch.Tensor, int], torch.Tensor
+]  # packed int32 [..., rows, words], n -> int8 [..., rows, n]
+
+
+# ---- quantization_config ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """One weight-only integer scheme: `group_size` None means one scale per output channel."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    scale_dtype: torch.dtype | None = None  # None: the dtype the checkpoint stores the scales in
+
+
+@dataclass(frozen=True)
+class CompressedQuantization:
+    """What a compressed-tensors pack-quantized config covers: Linear modules by name, as it matches them."""
+
+    scheme: QuantScheme
+    targets: tuple[str, ...]
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+
+    def covers(self, module_name: str) -> bool:
+        """True when the Linear `module_name` (e.g. `model.layers.0.mlp.experts.3.up_proj`) is quantised."""
+        if any(_match(module_name, pattern) for pattern in self.ignore):
+            return False
+        return any(t == "Linear" or _match(module_name, t) for t in self.targets)
+
+
+def _match(name: str, pattern: str) -> bool:
+    # compressed-tensors' match_name: "re:" prefix is a regex matched from the start, otherwise exact
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern == name
+
+
+def _weights_scheme(name: str, group: dict, bits_read: tuple[int, ...], refuse) -> QuantScheme:
+    for kind in ("input_activations", "output_activations"):
+        if group.get(kind):
+            raise refuse(f"config group {name} quantises {kind} ({group[kind]})")
+    w = group.get("weights")
+    if not w:
+        raise refuse(f"config group {name} has no weights scheme")
+    wtype, bits, strategy = w.get("type", "int"), w.get("num_bits"), w.get("strategy")
+    if wtype != "int":
+        raise refuse(f'config group {name} has weights of type "{wtype}"')
+    if bits not in bits_read:
+        raise refuse(f"config group {name} has {bits}-bit weights")
+    if strategy not in ("group", "channel") or w.get("dynamic") or w.get("actorder") not in (None, "static"):
+        raise refuse(f"config group {name} has weights strategy {strategy!r}, dynamic {w.get('dynamic')}")
+    group_size = w.get("group_size") if strategy == "group" else None
+    if strategy == "group" and not (isinstance(group_size, int) and group_size > 0):
+        raise refuse(f"config group {name} has group strategy with group_size {group_size}")
+    scale_dtype = w.get("scale_dtype")
+    if scale_dtype is not None:
+        raise refuse(f"config group {name} rounds its scales to {scale_dtype}")
+    return QuantScheme(bits=bits, group_size=group_size, symmetric=bool(w.get("symmetric", True)))
+
+
+def parse_config(
+    raw: dict, bits_read: tuple[int, ...], refuse: Callable[[str], ConfigError]
+) -> CompressedQuantization:
+    """A compressed-tensors `quantization_config` -> its one weight scheme and what it covers; refused
+    (`refuse(what was found)`) unless it is pack-quantized integer weights of a width in `bits_read`."""
+    method = raw.get("quant_method")
+    if method != "compressed-tensors":
+        raise refuse(f"quant_method {method!r}")
+    fmt = raw.get("format")
+    if fmt != "pack-quantized":
+        raise refuse(f"compressed-tensors format {fmt!r}")
+    if raw.get("quantization_status", "compressed") != "compressed":
+        raise refuse(f"quantization_status {raw.get('quantization_status')!r} (weights not compressed)")
+    if raw.get("kv_cache_scheme"):
+        raise refuse(f"a kv_cache_scheme ({raw['kv_cache_scheme']})")
+    groups = raw.get("config_groups") or {}
+    if not groups:
+        raise refuse("compressed-tensors config without config_groups")
+    schemes = {name: _weights_scheme(name, g, bits_read, refuse) for name, g in groups.items()}
+    if len(set(schemes.values())) > 1:
+        raise refuse(f"several weight schemes in one checkpoint ({sorted(schemes)})")
+    for name, g in groups.items():
+        if g.get("format") not in (None, "pack-quantized"):
+            raise refuse(f"config group {name} in format {g['format']!r}")
+    targets = tuple(t for g in groups.values() for t in g.get("targets", []))
+    return CompressedQuantization(next(iter(schemes.values())), targets, tuple(raw.get("ignore") or []))
+
+
+# ---- quantising and dequantising ----------------------------------------------------------------------
+
+
+def q_range(bits: int) -> tuple[int, int]:
+    """The signed integer range of `bits`: [-8, 7] for 4, [-128, 127] for 8."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def dequantize(
+    unpack: Unpack,
+    bits: int,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """W [out, in] in `dtype` from weight_packed, weight_scale [out, groups], packed weight_zero_point or None
+    (any leading dims: a stack of experts' matrices).
+
+    Equals compressed-tensors' `decompress(...)["weight"].to(dtype)` bit for bit: every step runs in the
+    scale's dtype, as its `_dequantize` does, and only the result is cast.
+    """
+    out_features, in_features = int(shape[0]), int(shape[1])
+    groups = scale.shape[-1]  # channel strategy: 1 group of in_features
+    q = unpack(packed, in_features).unflatten(-1, (groups, in_features // groups))  # [out, groups, g]
+    w = q.to(scale.dtype)
+    if zero_point is not None:
+        zp = unpack(zero_point.transpose(-1, -2), out_features).transpose(-1, -2)  # [out, groups]
+        w = w - zp.to(scale.dtype).unsqueeze(-1)
+    w = w * scale.unsqueeze(-1)
+    return w.flatten(start_dim=-2).to(dtype)
+
+
+def _qparams(
+    min_vals: torch.Tensor, max_vals: torch.Tensor, symmetric: bool, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' `calculate_qparams` for INT`bits` from per-group min/max, in the weight's dtype."""
+    q_min, q_max = q_range(bits)
+    # 0 must stay representable
+    min_vals = torch.min(min_vals, torch.zeros_like(min_vals))
+    max_vals = torch.max(max_vals, torch.zeros_like(max_vals))
+    bit_min, bit_max = torch.tensor(float(q_min)), torch.tensor(float(q_max))
+    bit_range = (
+        bit_max - bit_min
+    )  # 15 at 4 bits: a symmetric scale is absmax / 7.5, as compressed-tensors has it
+    if symmetric:
+        max_pos = torch.max(torch.abs(min_vals), torch.abs(max_vals))
+        scales = max_pos / (bit_range.to(max_pos.dtype) / 2)
+        zero_points = torch.zeros(scales.shape, dtype=min_vals.dtype)
+    else:
+        scales = (max_vals - min_vals) / bit_range.to(max_vals.dtype)
+        zero_points = torch.clamp(bit_min - (min_vals / scales), bit_min, bit_max)
+    eps = torch.finfo(scales.dtype).eps  # an all-zero group would divide by 0
+    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype), scales)
+    zero_points = torch.round(torch.clamp(zero_points, -128, 127)).to(torch.int8)
+    return scales, zero_points
+
+
+def _round(groups: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' `quantize`: x / scale + zp, clamp to the bits' range, round half to even -> int8."""
+    q_min, q_max = q_range(bits)
+    scaled = groups / scale.unsqueeze(-1)
+    scaled += zp.unsqueeze(-1).to(groups.dtype)
+    return torch.round(torch.clamp(scaled, float(q_min), float(q_max))).to(torch.int8)
+
+
+# Clip ratios tried by the MSE search: the group's range shrunk by up to 30%.
+CLIP_GRID = tuple(1 - 0.02 * i for i in range(16))
+
+
+def _mse_qparams(groups: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the clip ratio of CLIP_GRID whose qparams give the least squared weight error."""
+    min_vals, max_vals = torch.amin(groups, dim=-1), torch.amax(groups, dim=-1)
+    best = None
+    for ratio in CLIP_GRID:
+        scale, zp = _qparams(min_vals * ratio, max_vals * ratio, symmetric, bits)
+        q = _round(groups, scale, zp, bits)
+        back = (q.float() - zp.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+        err = (back - groups.float()).square().sum(-1)  # [out, groups]
+        if best is None:
+            best = [err, scale, zp]
+            continue
+        better = err < best[0]
+        best = [
+            torch.where(better, err, best[0]),
+            torch.where(better, scale, best[1]),
+            torch.where(better, zp, best[2]),
+        ]
+    return best[1], best[2]
+
+
+def quantize(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, mse_clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest W [out, in] -> (q int8 [out, in], scale [out, in/group] in w's dtype, zp int8
+    [out, in/group]); the caller packs q (and zp when asymmetric).
+
+    Min/max per group, scale and zero-point as compressed-tensors' `calculate_qparams`, then its
+    `quantize` (x / scale + zp, clamp to the range, round half to even), so the result equals what its
+    compressor writes for the same w. `mse_clip` instead picks, per group, the clipped range (CLIP_GRID)
+    with the least squared error: same format, usually a smaller error, no longer compressed-tensors' choice.
+    """
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+    groups = w.unflatten(-1, (in_features // group_size, group_size))  # [out, groups, g]
+    if mse_clip:
+        scale, zp = _mse_qparams(groups, symmetric, bits)
+    else:
+        scale, zp = _qparams(torch.amin(groups, dim=-1), torch.amax(groups, dim=-1), symmetric, bits)
+    return _round(groups, scale, zp, bits).flatten(start_dim=-2), scale, zp
+
+
+# ---- the expert format ---------------------------------------------------------------------------------
+
+
+class PackedFormat(ExpertFormat):
+    """compressed-tensors pack-quantized experts, per expert: weight_packed, weight_scale, and
+    weight_zero_point when asymmetric (compressed.py's docstring).
+
+    `kernel=False` (exact): slots hold the packed bytes; the expert is dequantised as compressed-tensors
+    does (W = q * scale in the scale's dtype, then cast) and runs densely: what transformers computes.
+    `kernel=True`: a subclass's CPU kernel runs it from a slot prepared for it on entry into a cache.
+    Subclasses set `bits` and `unpack`, and for the kernel `kernel_fits`, `kernel_slot`, `prepare`, `bind`.
+    """
+
+    bits: ClassVar[int]
+    kernel_name: ClassVar[str] = ""
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def pack(q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        scheme: QuantScheme,
+        scale_dtype: torch.dtype,
+        kernel: bool,
+    ) -> None:
+        super().__init__(hidden, inter, dtype)
+        D, I = hidden, inter
+        self.scheme, self.scale_dtype, self.kernel = scheme, scale_dtype, kernel
+        self.mats = ((I, D), (I, D), (D, I))  # (out, in) of gate, up, down
+        words = self.bits / 32  # int32 words per value
+        specs = [(torch.int32, (o, math.ceil(i * words))) for o, i in self.mats]
+        specs += [(scale_dtype, (o, self.groups(i))) for o, i in self.mats]
+        if not scheme.symmetric:
+            specs += [(torch.int32, (math.ceil(o * words), self.groups(i))) for o, i in self.mats]
+        self.raw, self.raw_nbytes = pack_layout(specs)
+        self.direct = not kernel
+        if kernel:
+            self.slot, self.slot_nbytes = pack_layout(self.kernel_slot())
+        else:
+            self.slot_nbytes = self.raw_nbytes
+        size = f"g{scheme.group_size}" if scheme.group_size else "per-channel"
+        kind = "symmetric" if scheme.symmetric else "asymmetric"
+        self.name = f"int{self.bits} {size} {kind}" + (f" ({self.kernel_name})" if kernel else "")
+
+    # ---- choosing ----
+
+    @classmethod
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
+        """Whether the CPU kernel runs these experts (else the exact path)."""
+        return False
+
+    @classmethod
+    def build(
+        cls,
+        quant: CompressedQuantization,
+        hidden: int,
+        inter: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        scale_dtype: torch.dtype | None,
+    ) -> PackedFormat:
+        """The format for `quant` computing in `dtype` on `device`; scale_dtype None: compressed-tensors
+        stores the scales in the original weights' dtype (bf16 unless the config says otherwise)."""
+        scheme, g, per_word = quant.scheme, quant.scheme.group_size, 32 // cls.bits
+        for name, size in (("hidden_size", hidden), ("moe_intermediate_size", inter)):
+            if size % per_word or (g and size % g):
+                raise ConfigError(
+                    f"{name} {size} is not a multiple of {per_word} and of the int{cls.bits} group size {g}",
+                    "this quantised checkpoint does not fit its config.json",
+                )
+        scale_dtype = scale_dtype or scheme.scale_dtype or torch.bfloat16
+        kernel = cls.kernel_fits(torch.device(device), dtype, hidden, inter, scheme)
+        return cls(hidden, inter, dtype, scheme, scale_dtype, kernel)
+
+    def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> PackedFormat:
+        quant = CompressedQuantization(self.scheme, ())
+        return type(self).build(quant, self.D, self.I, device, dtype, self.scale_dtype)
+
+    @property
+    def uses_cpu_kernel(self) -> bool:
+        return self.kernel
+
+    def groups(self, in_features: int) -> int:
+        g = self.scheme.group_size
+        return in_features // g if g else 1
+
+    def kernel_slot(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    # ---- reading and running ----
+
+    def locate(self, ckpt: Checkpoint, layer: int, e: int) -> list[TensorInfo]:
+        suffixes = ["weight_packed", "weight_scale"] + (
+            [] if self.scheme.symmetric else ["weight_zero_point"]
+        )
+        return per_expert(ckpt, layer, e, suffixes)
+
+    def matrices(self, raw: list[torch.Tensor]):
+        """(packed, scale, zero_point | None, (out, in)) for gate, up, down."""
+        zps = raw[6:9] if not self.scheme.symmetric else [None] * 3
+        return zip(raw[0:3], raw[3:6], zps, self.mats)
+
+    def dequantize(self, packed, scale, zero_point, shape: tuple[int, int]) -> torch.Tensor:
+        """One matrix (or a stack of them) in the compute dtype, as compressed-tensors dequantises it."""
+        return dequantize(self.unpack, self.bits, packed, scale, zero_point, self.dtype, shape)
+
+    def dense(self, raw: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, down = (
+            dequantize(self.unpack, self.bits, p, s, z, dtype, shape) for p, s, z, shape in self.matrices(raw)
+        )
+        return torch.cat([gate, up], dim=0), down
+
+    def bind(self, slot: torch.Tensor) -> Expert:
+        return self._dequantising(self.raw_views(slot))
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        # a CPU kernel takes one matrix at a time: its experts run one by one
+        return None if self.kernel else StackedPacked(self, stack_parts(self.raw, buffer, n_slots, stride))
+
+    def gather_nbytes(self, top_k: int) -> int:
+        return 0 if self.kernel else dequantised_gather(self, top_k)
+
+    # ---- writing (the `quantize` command) ----
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, scheme: QuantScheme, mse_clip: bool = False) -> list[torch.Tensor]:
+        """W [out, in] -> weight_packed, weight_scale, weight_shape (and weight_zero_point), in the order
+        `tensor_specs` names them."""
+        q, scale, zp = quantize(w, cls.bits, scheme.group_size or w.shape[1], scheme.symmetric, mse_clip)
+        parts = [cls.pack(q), scale, torch.tensor(w.shape, dtype=torch.int64)]
+        return parts if scheme.symmetric else [*parts, cls.pack(zp.t()).t().contiguous()]
+
+    @classmethod
+    def tensor_specs(
+        cls, module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme
+    ) -> tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]:
+        """(name, dtype, shape) of each tensor `quantize` writes for the Linear `module` of `shape`."""
+        out_f, in_f = shape
+        group, words = scheme.group_size or in_f, cls.bits / 32
+        parts = [
+            (f"{module}.weight_packed", torch.int32, (out_f, math.ceil(in_f * words))),
+            (f"{module}.weight_scale", dtype, (out_f, in_f // group)),
+            (f"{module}.weight_shape", torch.int64, (2,)),
+        ]
+        if not scheme.symmetric:
+            parts.append(
+                (f"{module}.weight_zero_point", torch.int32, (math.ceil(out_f * words), in_f // group))
+            )
+        return tuple(parts)
+
+
+class StackedPacked(StackedDequantised):
+    """Packed slots (exact mode) stacked: the A experts' packed words, scales (and zero points) gathered
+    and dequantised together by the same steps as one by one (PackedFormat.dequantize)."""
+
+    def __init__(self, fmt: PackedFormat, parts: list[torch.Tensor]) -> None:
+        self.fmt, self.parts = fmt, parts  # packed gate, up, down; scales; zero points when asymmetric
+
+    def _dense(self, i: int, slots: torch.Tensor) -> torch.Tensor:
+        pick = [p.index_select(0, slots) for p in self.parts[i::3]]  # packed, scale[, zero point]
+        zp = pick[2] if len(pick) > 2 else None
+        return self.fmt.dequantize(pick[0], pick[1], zp, self.fmt.mats[i])
+
+
+__all__ = [
+    "CompressedQuantization",
+    "PackedFormat",
+    "QuantScheme",
+    "StackedPacked",
+    "dequantize",
+    "parse_config",
+    "quantize",
+]

@@ -1,0 +1,210 @@
+"""FP8 block-128: the official FP8 release's layout, everything about it in one place.
+
+On disk: float8_e4m3fn weights + fp32 `weight_scale_inv` [ceil(out/128), ceil(in/128)] per matrix, and
+`quantization_config` {"quant_method": "fp8", "weight_block_size": [128, 128]}. A value is
+w[r, c] * scale_inv[r // 128, c // 128] in fp32 (`dequantize_fp8`; `dequantize_block` the same bits,
+faster). The checkpoint reader dequantises resident FP8 tensors with it, `quantize` FP8 sources, and
+`synthetic` writes FP8 experts with `quantize_block`.
+
+Legend: D = hidden, I = expert FFN width, A = experts run (top-k).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...errors import CheckpointError, ConfigError
+from ..layout import pack_layout, stack_parts
+from ..stacks import StackedDequantised, StackedExperts
+from .base import (
+    DenseExpert,
+    Expert,
+    ExpertFormat,
+    dense_gather,
+    dequantised_gather,
+    dtype_name,
+    per_expert,
+)
+
+if TYPE_CHECKING:
+    from ...checkpoint import Checkpoint, TensorInfo
+
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# quantization_config of the official FP8 release (block-wise, 128 x 128)
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+
+
+# ---- the numbers ---------------------------------------------------------------------------------
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """Block-wise FP8: value = w[r, c] * scale_inv[r // block, c // block] (scale_inv [ceil(out/b), ceil(in/b)])."""
+    s = (
+        scale_inv.float()
+        .repeat_interleave(block, 0)[: w.shape[0]]
+        .repeat_interleave(block, 1)[:, : w.shape[1]]
+    )
+    return w.float() * s
+
+
+def e4m3_to_float(w: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32, exactly (NaN aside), by moving the bits: torch's own conversion runs
+    ~3x slower on the CPU. The sign and the 7 exponent/mantissa bits go to a bf16's top and bottom bits,
+    which read as the value scaled by 2^-120 (subnormals included), and the scale is exact to undo."""
+    u = w.view(torch.uint8).to(torch.int16)
+    bits = ((u & 0x7F) << 4) | ((u & 0x80) << 8)  # s | 0eeeemmm << 4 as bf16: value * 2^-120
+    out = bits.view(torch.bfloat16).float().mul_(2.0**120)
+    if out.abs().amax() > 448:  # e4m3fn's NaN code S.1111.111 reads as 480 here; every finite value <= 448
+        out.masked_fill_((u & 0x7F) == 0x7F, float("nan"))
+    return out
+
+
+def dequantize_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """dequantize_fp8 (w.float() * scale_inv per block, fp32), the same bits, faster: no repeated scale
+    matrix when the blocks tile exactly, and the bit-level e4m3 conversion."""
+    o, i = w.shape
+    if o % block or i % block or w.dtype != torch.float8_e4m3fn:
+        return dequantize_fp8(w, scale_inv, block)
+    # the bit-level conversion pays on the CPU; on a GPU torch's own is fast and needs no NaN check (a sync)
+    wf = e4m3_to_float(w) if w.device.type == "cpu" else w.float()
+    blocks = wf.view(o // block, block, i // block, block)  # [O/b, b, I/b, b]
+    return blocks.mul_(scale_inv.float()[:, None, :, None]).view(o, i)
+
+
+def quantize_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [out, in] -> (float8_e4m3fn weight, fp32 weight_scale_inv per 128x128 block), scale = block
+    absmax / 448 (the format's largest value), as the official release's layout holds them."""
+    out, inp = w.shape
+    rows, cols = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
+    padded = torch.zeros(rows * FP8_BLOCK, cols * FP8_BLOCK)
+    padded[:out, :inp] = w.float()
+    blocks = padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK)  # [R, b, C, b]
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [R, C]
+    q = (blocks / scale[:, None, :, None]).view_as(padded)[:out, :inp].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+# ---- quantization_config ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fp8Block:
+    """What an FP8 block-wise `quantization_config` (`quant_method: fp8`) says: the block size."""
+
+    block: int = FP8_BLOCK
+
+
+def parse_config(raw: dict, refuse: Callable[[str], ConfigError]) -> Fp8Block:
+    """`quant_method: fp8` -> Fp8Block; refused (`refuse(what was found)`) unless the blocks are 128x128."""
+    block = raw.get("weight_block_size") or [128, 128]
+    if list(block) != [128, 128]:
+        raise refuse(f"quant_method fp8 with weight_block_size {block}")
+    return Fp8Block()
+
+
+# ---- the expert format -----------------------------------------------------------------------------
+
+
+class Fp8BlockFormat(ExpertFormat):
+    """float8_e4m3fn weights + fp32 weight_scale_inv [ceil(out/128), ceil(in/128)], per expert.
+
+    On CUDA (`dequantise_on_use`) slots hold the raw FP8 bytes and scales (half the bytes of bf16 in RAM,
+    on the bus and on the GPU) and the GPU dequantises an expert when it runs. On the CPU a per-use
+    dequantisation would cost more than the matmul many times over, so the expert is dequantised once,
+    when it enters the cache, into a compute-dtype slot (the disk still reads half the bytes of bf16).
+    Either way W = w.float() * scale_inv per block, then the compute dtype (dequantize_block)."""
+
+    def __init__(
+        self, hidden: int, inter: int, dtype: torch.dtype, stored: torch.dtype, dequantise_on_use: bool
+    ) -> None:
+        super().__init__(hidden, inter, dtype)
+        D, I, b = hidden, inter, FP8_BLOCK
+        self.stored = stored
+        w = [(stored, (I, D)), (stored, (I, D)), (stored, (D, I))]
+        s = [(torch.float32, (math.ceil(o / b), math.ceil(i / b))) for o, i in ((I, D), (I, D), (D, I))]
+        self.raw, self.raw_nbytes = pack_layout(w + s)
+        self.direct = dequantise_on_use
+        if dequantise_on_use:
+            self.slot_nbytes = self.raw_nbytes
+        else:
+            self.slot, self.slot_nbytes = pack_layout([(dtype, (2 * I, D)), (dtype, (D, I))])
+        self.name = f"fp8 block-{b}" + (
+            "" if dequantise_on_use else f" (dequantised into the cache: {dtype_name(dtype)})"
+        )
+
+    @classmethod
+    def build(
+        cls, hidden: int, inter: int, device: torch.device, dtype: torch.dtype, stored: torch.dtype
+    ) -> Fp8BlockFormat:
+        """Dequantised on use on a GPU, into the cache on the CPU."""
+        return cls(hidden, inter, dtype, stored, torch.device(device).type != "cpu")
+
+    def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> Fp8BlockFormat:
+        return Fp8BlockFormat.build(self.D, self.I, torch.device(device), dtype, self.stored)
+
+    def locate(self, ckpt: Checkpoint, layer: int, e: int) -> list[TensorInfo]:
+        return per_expert(ckpt, layer, e, ["weight", "weight_scale_inv"])
+
+    def dense(self, raw: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up, down = (dequantize_block(w, s).to(dtype) for w, s in zip(raw[:3], raw[3:]))
+        return torch.cat([gate, up], dim=0), down
+
+    def prepare(self, raw: list[torch.Tensor], slot: torch.Tensor) -> None:
+        gate_up, down = (p.view(slot) for p in self.slot)
+        gate_up[: self.I].copy_(dequantize_block(raw[0], raw[3]))
+        gate_up[self.I :].copy_(dequantize_block(raw[1], raw[4]))
+        down.copy_(dequantize_block(raw[2], raw[5]))
+
+    def bind(self, slot: torch.Tensor) -> Expert:
+        if not self.direct:
+            return DenseExpert(*(p.view(slot) for p in self.slot))
+        return self._dequantising(self.raw_views(slot))
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        if self.direct:  # the FP8 bytes and scales: gathered, then dequantised together
+            return StackedFp8(stack_parts(self.raw, buffer, n_slots, stride), FP8_BLOCK)
+        return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
+
+    def gather_nbytes(self, top_k: int) -> int:
+        return dequantised_gather(self, top_k) if self.direct else dense_gather(self, top_k)
+
+
+class StackedFp8(StackedDequantised):
+    """FP8 slots (weights + block scales) stacked: the A experts' FP8 bytes are gathered (a byte an
+    element) and dequantised together, as `Fp8BlockFormat.dense` does one by one (w.float() * scale per
+    block, fp32), then cast by the caller."""
+
+    def __init__(self, parts: list[torch.Tensor], block: int) -> None:
+        self.parts, self.block = parts, block  # gate, up, down weights; then their scales
+
+    def _dense(self, i: int, slots: torch.Tensor) -> torch.Tensor:
+        w, scale = self.parts[i].index_select(0, slots), self.parts[3 + i].index_select(0, slots)
+        _, o, n = w.shape
+        b = self.block
+        full = scale.float().repeat_interleave(b, 1)[:, :o].repeat_interleave(b, 2)[:, :, :n]
+        return w.float() * full  # [A, o, n]
+
+
+def from_checkpoint(
+    ckpt: Checkpoint, first: TensorInfo, fused: bool, hidden: int, inter: int, device, dtype
+) -> Fp8BlockFormat:
+    """FP8 experts (`first`: layer 0's first expert tensor): only per expert with block scales."""
+    probe = "layers.0.mlp.experts.0.gate_proj.weight_scale_inv"
+    if fused or probe not in ckpt:
+        raise CheckpointError(
+            "FP8 experts without per-expert block scales (weight_scale_inv)",
+            "qwen35-lite reads the official block-128 FP8 layout; quantize from the bf16 release",
+        )
+    return Fp8BlockFormat.build(hidden, inter, device, dtype or torch.float32, first.dtype)

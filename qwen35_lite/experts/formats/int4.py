@@ -1,0 +1,202 @@
+"""int4 experts: compressed-tensors pack-quantized W4A16 (compressed.py has the layout and the scheme),
+its packing, and torch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`) for bf16 compute.
+
+Packing: eight 4-bit values per int32 word, element i of each 8 at bits 4i..4i+3, each stored as q + 8
+(q in [-8, 7]); zero points packed the same way down the rows.
+
+The kernel computes y = x @ W.T with W[n, k] = (u[n, k] - 8) * scale[k // g, n] + zero[k // g, n], from
+u packed by `aten._convert_weight_to_int4pack_for_cpu` (uint8 [N, K/2], blocks of 64 rows: for block b and
+input column k, 32 bytes whose low nibbles are rows 64b + j and high nibbles rows 64b + 32 + j).
+compressed-tensors stores u = q + 8 as int32 [N, K/8], little-endian nibbles along k, so the symmetric
+scheme needs zero = 0 and the asymmetric one zero = -(zp) * scale. `to_kernel_layout` converts the bytes
+directly; `layout_matches_torch` checks it against torch's own conversion once, and `to_kernel_layout`
+falls back to torch's when the layout of this torch build differs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from . import compressed
+from .base import Expert
+from .compressed import PackedFormat, QuantScheme
+
+BITS = 4
+Q_MIN, Q_MAX = compressed.q_range(BITS)
+OFFSET = 8  # stored nibble = q + OFFSET
+PER_WORD = 32 // BITS
+BLOCK_N = 64  # rows per block of the CPU kernel's layout
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [rows, cols] in [-8, 7] -> int32 [rows, ceil(cols/8)], element i of each 8 at bits 4i..4i+3."""
+    u = (q.to(torch.int32) + OFFSET).to(torch.uint8)  # [rows, cols] nibbles 0..15
+    pad = -q.shape[1] % PER_WORD
+    if pad:  # compressed-tensors pads with nibble 0 and keeps ceil(cols*4/32) words
+        u = torch.nn.functional.pad(u, (0, pad))
+    byte = u[:, 0::2] | (u[:, 1::2] << 4)  # [rows, padded/2]: even element in the low nibble
+    return byte.contiguous().view(torch.int32)  # [rows, padded/8]
+
+
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """int32 [..., rows, words] -> int8 q [..., rows, in_features] in [-8, 7] (leading dims: a stack)."""
+    lead = packed.shape[:-1]
+    byte = packed.contiguous().view(torch.uint8)  # [..., rows, 4*words]
+    nibbles = torch.stack((byte & 0xF, byte >> 4), dim=-1).view(*lead, -1)  # [..., rows, 8*words]
+    return nibbles[..., :in_features].to(torch.int8) - OFFSET
+
+
+def pack_zero_point(zp: torch.Tensor) -> torch.Tensor:
+    """int8 zero-points [out, groups] in [-8, 7] -> int32 [ceil(out/8), groups] (packed down the rows)."""
+    return pack_int4(zp.t()).t().contiguous()
+
+
+def unpack_zero_point(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """int32 [..., ceil(out/8), groups] -> int8 zero-points [..., out, groups] in [-8, 7]."""
+    return unpack_int4(packed.transpose(-1, -2), out_features).transpose(-1, -2)
+
+
+def dequantize_int4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    group_size: int,
+    dtype: torch.dtype,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """compressed.dequantize for int4 (group_size: implied by the scale's shape, kept for the callers)."""
+    return compressed.dequantize(unpack_int4, BITS, packed, scale, zero_point, dtype, shape)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int, symmetric: bool, mse_clip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest W [out, in] -> (weight_packed, weight_scale [out, in/group] in w's dtype, packed zp or
+    None): compressed.quantize at 4 bits, packed."""
+    q, scale, zp = compressed.quantize(w, BITS, group_size, symmetric, mse_clip)
+    return pack_int4(q), scale, (None if symmetric else pack_zero_point(zp))
+
+
+# ---- torch's CPU int4 kernel layout -----------------------------------------------------------------
+
+
+def _direct_layout(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.contiguous().view(torch.uint8)  # [N, K/2]
+    n, half = b.shape
+    rows = b.view(n // BLOCK_N, 2, BLOCK_N // 2, half)  # [NB, 2, 32, K/2]: rows j and 32 + j of a block
+    lo_rows, hi_rows = rows[:, 0], rows[:, 1]
+    out = torch.empty(n // BLOCK_N, half, 2, BLOCK_N // 2, dtype=torch.uint8)  # [NB, K/2, 2, 32]
+    by_row = out.permute(0, 3, 1, 2)  # [NB, 32, K/2, 2]: the same bytes, indexed like the inputs
+    # input column 2m sits in the low nibbles, 2m + 1 in the high ones; written straight into place
+    torch.bitwise_or(lo_rows & 0xF, hi_rows << 4, out=by_row[..., 0])
+    torch.bitwise_or(lo_rows >> 4, hi_rows & 0xF0, out=by_row[..., 1])
+    return out.view(n, half)
+
+
+def _torch_layout(packed: torch.Tensor) -> torch.Tensor:
+    u = unpack_int4(packed, 8 * packed.shape[1]).int() + OFFSET  # the stored nibbles q + 8
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+
+
+@functools.cache
+def layout_matches_torch() -> bool:
+    """Our byte conversion gives torch's layout (probed once on a random matrix)."""
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(-(2**31), 2**31 - 1, (2 * BLOCK_N, 32), dtype=torch.int32, generator=g)
+    try:
+        return torch.equal(_direct_layout(packed), _torch_layout(packed))
+    except RuntimeError:
+        return False
+
+
+def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] compressed-tensors packing -> uint8 [N, K/2] in the CPU kernel's layout."""
+    if packed.shape[0] % BLOCK_N == 0 and layout_matches_torch():
+        return _direct_layout(packed)
+    return _torch_layout(packed)
+
+
+def scales_zeros(scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """scale [N, G] and unpacked zero points zp [N, G] in [-8, 7] (or None) -> [G, N, 2] (scale, zero) in
+    `dtype`, so that (u - 8) * scale + zero = (q - zp) * scale."""
+    s = scale.to(dtype)
+    zero = torch.zeros_like(s) if zero_point is None else -(zero_point.to(dtype) * s)
+    return torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
+
+
+def kernel_fits(hidden: int, inter: int, group_size: int) -> bool:
+    """The CPU kernel wants K a multiple of the group size and groups of 32..256 (powers of two)."""
+    return group_size in (32, 64, 128, 256) and hidden % group_size == 0 and inter % group_size == 0
+
+
+# ---- the expert format ---------------------------------------------------------------------------
+
+
+class Int4Format(PackedFormat):
+    """compressed-tensors pack-quantized W4A16, per expert: weight_packed int32 [out, in/8], weight_scale
+    [out, in/g], and weight_zero_point int32 [out/8, in/g] when asymmetric.
+
+    `kernel=False` (exact): PackedFormat's dequantise-and-run path, what transformers computes.
+    `kernel=True` (CPU, bf16, a group size the kernel takes): on entry into a cache the expert is repacked
+    into the layout of torch's `_weight_int4pack_mm_for_cpu` (gate and up as one [2I, D] matrix) with its
+    (scale, zero) table."""
+
+    bits: ClassVar[int] = BITS
+    kernel_name: ClassVar[str] = "CPU int4 kernel"
+    pack = staticmethod(pack_int4)
+    unpack = staticmethod(unpack_int4)
+
+    @classmethod
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
+        g = scheme.group_size  # the kernel takes group scales only
+        return (
+            device.type == "cpu"
+            and dtype == torch.bfloat16
+            and g is not None
+            and kernel_fits(hidden, inter, g)
+        )
+
+    def kernel_slot(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        D, I = self.D, self.I  # gate_up and down in the kernel's uint8 layout, then their [G, N, 2] tables
+        return [
+            (torch.uint8, (2 * I, D // 2)),
+            (torch.uint8, (D, I // 2)),
+            (self.dtype, (self.groups(D), 2 * I, 2)),
+            (self.dtype, (self.groups(I), D, 2)),
+        ]
+
+    def prepare(self, raw: list[torch.Tensor], slot: torch.Tensor) -> None:
+        gu_w, down_w, gu_sz, down_sz = (p.view(slot) for p in self.slot)
+        (gp, gs, gz, (i_out, _)), (up_, us, uz, _), (dp, ds, dz, (d_out, _)) = self.matrices(raw)
+        # gate and up share the input dim: one [2I, D] matrix, rows of gate then up
+        gu_w.copy_(to_kernel_layout(torch.cat([gp, up_], dim=0)))
+        down_w.copy_(to_kernel_layout(dp))
+        gu_zp = None if gz is None else torch.cat([unpack_zero_point(z, i_out) for z in (gz, uz)])
+        gu_sz.copy_(scales_zeros(torch.cat([gs, us]), gu_zp, self.dtype))
+        down_zp = None if dz is None else unpack_zero_point(dz, d_out)
+        down_sz.copy_(scales_zeros(ds, down_zp, self.dtype))
+
+    def bind(self, slot: torch.Tensor) -> Expert:
+        if not self.kernel:
+            return super().bind(slot)
+        gu_w, down_w, gu_sz, down_sz = (p.view(slot) for p in self.slot)
+        g_gu, g_down = self.D // gu_sz.shape[0], self.I // down_sz.shape[0]
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            g, u = mm(x.contiguous(), gu_w, g_gu, gu_sz).chunk(2, dim=-1)  # [T, I] each
+            return mm((F.silu(g) * u).contiguous(), down_w, g_down, down_sz)
+
+        return run
+
+
+__all__ = ["Int4Format", "QuantScheme", "dequantize_int4", "quantize_int4"]

@@ -1,0 +1,106 @@
+"""int8 experts: compressed-tensors pack-quantized W8A16 (compressed.py has the layout and the scheme), its
+packing, and torch's CPU int8 kernel (`aten._weight_int8pack_mm`) for bf16 compute.
+
+Packing: four 8-bit values per int32 word, element i of each 4 in byte i (little-endian: bits 8i..8i+7),
+each stored as q + 128 (q in [-128, 127]); zero points packed the same way down the rows. Half the bytes
+of bf16 (plus a scale per group or row): twice the expert slots, and near lossless.
+
+The kernel computes y = x @ (q * scale).T with one scale per output row: the symmetric channel strategy.
+Other schemes (group scales, zero points) run the exact path: the slot keeps the packed bytes and the
+expert is dequantised as compressed-tensors does when it runs (`PackedFormat`), still half the bytes.
+`dequantised_ffn` is the kernel's reference: the same expert dequantised, then F.linear.
+
+Legend: D = hidden, I = expert FFN width.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from . import compressed
+from .base import Expert, ffn
+from .compressed import PackedFormat, QuantScheme
+
+BITS = 8
+OFFSET = 128  # stored byte = q + OFFSET
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [rows, cols] in [-128, 127] -> int32 [rows, ceil(cols/4)], element i of each 4 in byte i."""
+    u = (q.to(torch.int32) + OFFSET).to(torch.uint8)  # [rows, cols]
+    pad = -q.shape[1] % 4
+    if pad:  # compressed-tensors pads with 0 and keeps ceil(cols*8/32) words
+        u = F.pad(u, (0, pad))
+    return u.reshape(-1).view(torch.int32).view(q.shape[0], -1)  # [rows, padded/4]
+
+
+def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., rows, words] -> int8 q [..., rows, n] in [-128, 127] (leading dims: a stack)."""
+    u = packed.contiguous().view(torch.uint8)[..., :n]  # [..., rows, n]: q + 128
+    return (u ^ 0x80).view(torch.int8)  # flipping the top bit subtracts 128 in two's complement
+
+
+class Int8Format(PackedFormat):
+    """compressed-tensors pack-quantized W8A16, per expert: weight_packed int32 [out, in/4], weight_scale
+    [out, in/g] (channel: [out, 1]), and weight_zero_point int32 [out/4, in/g] when asymmetric.
+
+    `kernel=True` (CPU, bf16, symmetric channel strategy): on entry into a cache the expert's bytes are
+    unpacked into int8 [2I, D] / [D, I] matrices with their per-row scales in the compute dtype, and run by
+    `_weight_int8pack_mm`. Otherwise PackedFormat's exact dequantise-and-run path."""
+
+    bits: ClassVar[int] = BITS
+    kernel_name: ClassVar[str] = "CPU int8 kernel"
+    pack = staticmethod(pack_int8)
+    unpack = staticmethod(unpack_int8)
+
+    @classmethod
+    def kernel_fits(
+        cls, device: torch.device, dtype: torch.dtype, hidden: int, inter: int, scheme: QuantScheme
+    ) -> bool:
+        # one scale per row and no zero points: what the kernel computes
+        channel = scheme.group_size is None and scheme.symmetric
+        return device.type == "cpu" and dtype == torch.bfloat16 and channel
+
+    def kernel_slot(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        D, I = self.D, self.I  # gate_up and down as int8 matrices, then their per-row scales
+        return [(torch.int8, (2 * I, D)), (torch.int8, (D, I)), (self.dtype, (2 * I,)), (self.dtype, (D,))]
+
+    def prepare(self, raw: list[torch.Tensor], slot: torch.Tensor) -> None:
+        gu_w, down_w, gu_s, down_s = (p.view(slot) for p in self.slot)
+        (gp, gs, _, (_, d_in)), (up_, us, _, _), (dp, ds, _, (_, i_in)) = self.matrices(raw)
+        gu_w[: self.I].copy_(unpack_int8(gp, d_in))
+        gu_w[self.I :].copy_(unpack_int8(up_, d_in))
+        down_w.copy_(unpack_int8(dp, i_in))
+        gu_s.copy_(torch.cat([gs, us]).view(-1))  # [2I, 1] channel scales -> [2I]
+        down_s.copy_(ds.view(-1))
+
+    def bind(self, slot: torch.Tensor) -> Expert:
+        if not self.kernel:
+            return super().bind(slot)
+        gu_w, down_w, gu_s, down_s = (p.view(slot) for p in self.slot)
+        mm = torch.ops.aten._weight_int8pack_mm
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            g, u = mm(x.contiguous(), gu_w, gu_s).chunk(2, dim=-1)  # [T, I] each
+            return mm((F.silu(g) * u).contiguous(), down_w, down_s)
+
+        return run
+
+    def dequantised_ffn(self, slot: torch.Tensor) -> Expert:
+        """The kernel slot's expert by the reference path: q * scale dequantised, then F.linear."""
+        gu_w, down_w, gu_s, down_s = (p.view(slot) for p in self.slot)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            gate_up = gu_w.to(x.dtype) * gu_s[:, None].to(x.dtype)  # [2I, D]
+            down = down_w.to(x.dtype) * down_s[:, None].to(x.dtype)  # [D, I]
+            return ffn(x, gate_up, down)
+
+        return run
+
+
+def dequantize_int8(packed, scale, zero_point, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """compressed.dequantize for int8: what compressed-tensors' decompress gives, cast to `dtype`."""
+    return compressed.dequantize(unpack_int8, BITS, packed, scale, zero_point, dtype, shape)
