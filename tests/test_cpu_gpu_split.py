@@ -14,7 +14,7 @@ from test_expert_cache import _CpuStandInGpu, fake_cuda  # noqa: F401  (the fixt
 from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.config import load_config
 from qwen35_lite.experts.formats import expert_format, ffn
-from qwen35_lite.experts.lookup import Acquired, OnCpu
+from qwen35_lite.experts.lookup import Lookup, OnCpu
 from qwen35_lite.experts.rates import ExpertRates, measure_rates
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -53,9 +53,9 @@ def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(ckpt):
     p.get(0, [0, 1, 2, 3])  # a prefill-like lookup: copied to the GPU as usual
     assert sorted(p.gpu.pools[0].where) == [0, 1, 2, 3] and p.experts_on_cpu == 0
     got = p.get(0, [2, 3, 7, 9], one_token=True)
-    assert isinstance(got, Acquired) and got.late == [7, 9] and set(got.slot) == {2, 3} and not got.cpu_slot
-    got.finish()  # after the hits' compute is queued: the misses are read into RAM for the CPU
-    assert not got.late and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
+    assert isinstance(got, Lookup) and got.misses == [7, 9] and set(got.slot) == {2, 3} and not got.cpu_slot
+    got.place_misses()  # after the hits' compute is queued: the misses are read into RAM for the CPU
+    assert not got.misses and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
     assert isinstance(got[7], OnCpu) and p.experts_on_cpu == 2
     for e in (2, 3, 7, 9):
         gate_up, down = store.read(0, e, torch.float32)
@@ -74,8 +74,8 @@ def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(ckpt):
     p = _standin(ckpt, in_place=False)
     p.get(0, [0, 1, 2, 3])
     got = p.get(0, [0, 1, 8, 9], one_token=True)
-    assert got.late == [8, 9] and set(got.slot) == {0, 1}
-    got.finish()
+    assert got.misses == [8, 9] and set(got.slot) == {0, 1}
+    got.place_misses()
     assert set(got.slot) == {0, 1, 8, 9} and not got.cpu_slot and p.experts_on_cpu == 0
     gpu = p.gpu.pools[0]
     assert all(gpu.where[e] == got.slot[e] for e in got.slot)  # the hits kept their slots

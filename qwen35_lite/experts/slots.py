@@ -64,3 +64,17 @@ class SlotTier:
         self.experts = [[fmt.bind(s) for s in pool.slots] for pool in self.pools]
         self.stacks = [fmt.stack(buf, n_slots, stride) for buf in self.buffers]  # None: one by one
         self.hits = self.misses = 0
+
+    def count(self, hits: int, misses: int) -> None:
+        self.hits += hits
+        self.misses += misses
+
+    def look_up(self, layer: int, need: list[int]) -> tuple[list[int], list[int]]:
+        """(hits, misses) of `need` in the pool of `layer`: counted, the hits touched."""
+        pool = self.pools[layer]
+        hits = [e for e in need if e in pool.where]
+        misses = [e for e in need if e not in pool.where]
+        self.count(len(hits), len(misses))
+        for e in hits:
+            pool.policy.touch(e)
+        return hits, misses
