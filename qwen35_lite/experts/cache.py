@@ -14,7 +14,11 @@ Contract with the caller (the MoE layer): `get` returns a `Lookup` (experts/look
 valid until the next `get` for that layer. When one call needs more experts than the layer has slots (a
 long prefill chunk with few slots), its experts stream through the slots in file order (`Streamed`); a
 weight taken from it is then valid until the next lookup in that mapping (dispatch uses each expert's
-weights before asking for the next one). The tiers fill one way: GPU tier -> RAM tier -> checkpoint.
+weights before asking for the next one).
+
+This module decides where experts go (slots, hits and misses, a decode step's late misses, prefetch
+accounting); the tiers move the bytes, one way: GPU tier (gpu_tier.py) -> RAM tier (ram_tier.py) ->
+checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .gpu_tier import GpuTier
 from .lookup import Lookup, OnCpu, Placed, Streamed
 from .policy import POLICIES, FreqLRUPolicy, LRUPolicy
 from .prefetch import Prefetcher
-from .ram_tier import RamTier
+from .ram_tier import HostBuffers, RamTier
 from .slots import SlotTier
 from .store import ExpertStore
 
@@ -78,8 +82,8 @@ class TieredExperts:
     run; a wrong or cancelled hint only costs bandwidth and cache space, never a different output.
     Prefetch is acted on only in layers whose measured recall is at least `min_recall`.
 
-    `prefetch` (default: on with CUDA only, when the GPU tier cannot hold every expert): on a CPU-only run the prefetch thread's reads compete with
-    the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
+    `prefetch` (default: on with CUDA only, when the GPU tier cannot hold every expert): on a CPU-only
+    run the prefetch thread's reads compete with the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
     faster when misses hit the disk (docs/offloading.md). `lookahead` tells the model whether to send
     hints at all (MoE computes them from the next layer's router).
     """
@@ -114,20 +118,9 @@ class TieredExperts:
         self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]  # hinted in, not yet used
         fmt = store.format
         self.slot_nbytes = fmt.slot_nbytes
-        pin = on_gpu if pin is None else pin
-        self.pinned_bytes = 0
-        if pinned_bytes is None:  # half the machine's memory, asked only when something is pinned
-            pinned_bytes = _default_pinned_cap() if pin else 0
-
-        def ram_buffer(n: int) -> torch.Tensor:
-            # page-locked while under the cap (the OS cannot page it out: too much starves the machine);
-            # a layer past it copies to the GPU from pageable memory, staged by the driver: slower, same bytes
-            pinned = pin and self.pinned_bytes + n <= pinned_bytes
-            self.pinned_bytes += n if pinned else 0
-            return _host_buffer(n, pinned)
-
+        self._host = HostBuffers(on_gpu if pin is None else pin, pinned_bytes)
         self.ram = SlotTier(
-            "ram", fmt, self.n_layers, min(cpu_slots, self.n_experts), make_policy, ram_buffer
+            "ram", fmt, self.n_layers, min(cpu_slots, self.n_experts), make_policy, self._host
         )
         self._ram = RamTier(self.ram, store, background=prefetch)
         self.gpu: SlotTier | None = None
@@ -147,6 +140,11 @@ class TieredExperts:
         self.compute_in_place = False
         self.top_k = cfg.num_experts_per_tok
         self.reset_stats()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """RAM slot bytes page-locked (the rest, past the cap, is pageable)."""
+        return self._host.pinned_bytes
 
     def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
         """One layer's GPU slot buffer (a method so a test can stand a CPU buffer in for it)."""
@@ -435,19 +433,6 @@ class TieredExperts:
                 self._ram.fill(layer, [e], [s], background=True)
                 if self.gpu is None:
                     self._prefetched[layer].add(e)
-
-
-def _default_pinned_cap() -> int:
-    """Half the machine's physical memory: page-locked memory cannot be swapped or reclaimed."""
-    import psutil
-
-    return psutil.virtual_memory().total // 2
-
-
-def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """One layer's RAM slot buffer, its pages faulted in now: untouched pages would fault (and be
-    zeroed) on the first read into each slot, during decode; the plan counts these bytes as held."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(0)
 
 
 def _rate(hits: int, misses: int) -> float | None:

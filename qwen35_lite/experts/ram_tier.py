@@ -1,6 +1,6 @@
-"""The RAM tier of TieredExperts: its slots filled from the checkpoint by grouped reads (file order), the
-read counters, and the copies out of its slots to the GPU still in flight (a read into a slot waits for
-them). The pinned buffers themselves are the SlotTier's, allocated once. The caller holds the layer's lock.
+"""The RAM tier of TieredExperts: its slot buffers (page-locked under a cap, `HostBuffers`), its slots
+filled from the checkpoint by grouped reads (file order), the read counters, and the copies out of its
+slots to the GPU still in flight (a read into a slot waits for them). The caller holds the layer's lock.
 """
 
 from __future__ import annotations
@@ -66,3 +66,29 @@ class RamTier:
             if ev is not None:
                 ev.synchronize()
                 self._busy[layer][s] = None
+
+
+class HostBuffers:
+    """Allocates the RAM tier's slot buffers, one per layer (SlotTier's `alloc`): page-locked while under
+    `cap` bytes (the OS cannot page them out: too many starve the machine); a layer past it copies to the
+    GPU from pageable memory, staged by the driver: slower, the same bytes. cap None: half the machine's
+    memory, asked only when something is pinned."""
+
+    def __init__(self, pin: bool, cap: int | None = None) -> None:
+        self.pin = pin
+        self.cap = (_default_pinned_cap() if pin else 0) if cap is None else cap
+        self.pinned_bytes = 0
+
+    def __call__(self, nbytes: int) -> torch.Tensor:
+        pinned = self.pin and self.pinned_bytes + nbytes <= self.cap
+        self.pinned_bytes += nbytes if pinned else 0
+        # pages faulted in now: untouched pages would fault (and be zeroed) on the first read into each
+        # slot, during decode; the plan counts these bytes as held
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).fill_(0)
+
+
+def _default_pinned_cap() -> int:
+    """Half the machine's physical memory: page-locked memory cannot be swapped or reclaimed."""
+    import psutil
+
+    return psutil.virtual_memory().total // 2
