@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
+from qwen35_lite.experts.lookup import Lookup, Placed
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
@@ -254,6 +257,33 @@ def test_prefetch_never_evicts_the_experts_in_use(ckpts):
     cache.wait_prefetch()
     assert set(cache.resident(0)) == {1, 2, 3} and cache.stats()["prefetch_read"] == 0
     cache.close()
+
+
+def test_a_dropped_cache_is_freed_while_its_prefetch_thread_runs(ckpts):
+    """The prefetch thread holds its job (the cache's) weakly: dropping the cache frees it."""
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=4, prefetch=True)
+    cache.hint(1, [3, 7])
+    cache.wait_prefetch()
+    assert cache.stats()["prefetch_read"] == 2  # the thread ran the job
+    ref = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_lookup_places_its_misses_once():
+    calls = []
+
+    def place() -> Placed:
+        calls.append(1)
+        return Placed({9: "nine"}, slot={9: 0})
+
+    with pytest.raises(ValueError):
+        Lookup({1: "one"}, misses=[9])  # misses without a way to place them
+    got = Lookup({1: "one"}, None, {1: 3}, misses=[9], place=place)
+    assert 9 not in got and got.misses == [9]
+    assert got.place_misses().slot == {9: 0} and got.place_misses().experts == {}
+    assert calls == [1] and got[9] == "nine" and got.slot == {1: 3, 9: 0} and not got.misses
 
 
 # ---- end to end: outputs never depend on the cache or the prefetch -----------------------------
