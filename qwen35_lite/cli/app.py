@@ -1,7 +1,7 @@
 """The `qwen35-lite` command line: run (one shot), chat (interactive), make-checkpoint (random weights).
 
 Every user-caused failure is a Qwen35Error and ends as one `error:` line plus a `hint:` line, exit code 1;
-usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli_help.py).
+usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli/help.py).
 Anything else is our bug and keeps its traceback.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import typer
 
@@ -54,9 +54,6 @@ from .options import (
     timed_load,
 )
 from .ui import UI, format_stats, human_bytes, plural
-
-if TYPE_CHECKING:
-    pass
 
 install_help()
 
@@ -388,7 +385,7 @@ def make_checkpoint(
     ui.out.print(f"try:  qwen35-lite chat --model {out}", markup=False)
 
 
-# ---- info, bench (cli_tools.py) --------------------------------------------------------------------
+# ---- info, bench (tools.py) -----------------------------------------------------------------------
 
 from .quantize import register as _register_quantize  # noqa: E402  (`quantize`: quantize.py)
 from .serve import register as _register_serve  # noqa: E402  (`serve`: serve.py)
