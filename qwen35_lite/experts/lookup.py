@@ -74,9 +74,9 @@ class Lookup(Mapping):
 
     `misses` (a decode step's GPU misses on a CUDA run) are not placed yet: `place_misses()` places them
     by the provider's `place` (given at construction) and adds them; `misses_on_cpu` says beforehand that
-    they will stay in RAM slots for the CPU. A static lookup (`slot_of` given) holds a layer whose every
-    expert stays resident: its expert -> slot map is a tensor on the compute device (None: expert e in
-    slot e), so a decode step picks its slots there, with no host read."""
+    they will stay in RAM slots for the CPU. A static lookup (`static`) holds a layer whose every expert
+    stays resident: its expert -> slot map `slot_of` is a tensor on the compute device (None: expert e
+    in slot e), so a decode step picks its slots there, with no host read."""
 
     def __init__(
         self,
