@@ -6,7 +6,6 @@ import resource
 import sys
 from typing import TYPE_CHECKING
 
-import psutil
 import torch
 
 if TYPE_CHECKING:
@@ -31,10 +30,6 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
 
 
 def peak_memory(device: torch.device) -> dict:

@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import load_ours
 
+from qwen35_lite.experts.dispatch import dispatch_grouped, dispatch_reference
 from qwen35_lite.experts.formats import DenseExpert
 from qwen35_lite.model.deltanet import chunk_gated_delta_rule, l2norm, recurrent_gated_delta_rule
-from qwen35_lite.model.moe import dispatch_grouped, dispatch_reference, route
+from qwen35_lite.model.moe import route
 
 
 def _delta_inputs(T: int, H: int = 3, dk: int = 8, dv: int = 12, seed: int = 0):

@@ -1,8 +1,12 @@
-"""Expert store reads into slots, and the tiered cache: LRU order, counters, slot reuse, prefetch safety."""
+"""Expert store reads into slots, and the tiered cache (experts/cache.py and its tiers): LRU order,
+counters, slot reuse, prefetch safety, the lookups it hands out, the GPU tier's bookkeeping and a decode
+step's split between GPU and CPU on stand-in CUDA streams."""
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
+from qwen35_lite.experts.lookup import Lookup, OnCpu, Placed
+
 from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
@@ -257,6 +263,33 @@ def test_prefetch_never_evicts_the_experts_in_use(ckpts):
     cache.close()
 
 
+def test_a_dropped_cache_is_freed_while_its_prefetch_thread_runs(ckpts):
+    """The prefetch thread holds its job (the cache's) weakly: dropping the cache frees it."""
+    cache = _tiered(ckpts[(True, torch.bfloat16)], cpu_slots=4, prefetch=True)
+    cache.hint(1, [3, 7])
+    cache.wait_prefetch()
+    assert cache.stats()["prefetch_read"] == 2  # the thread ran the job
+    ref = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_lookup_places_its_misses_once():
+    calls = []
+
+    def place() -> Placed:
+        calls.append(1)
+        return Placed({9: "nine"}, slot={9: 0})
+
+    with pytest.raises(ValueError):
+        Lookup({1: "one"}, misses=[9])  # misses without a way to place them
+    got = Lookup({1: "one"}, None, {1: 3}, misses=[9], place=place)
+    assert 9 not in got and got.misses == [9]
+    assert got.place_misses().slot == {9: 0} and got.place_misses().experts == {}
+    assert calls == [1] and got[9] == "nine" and got.slot == {1: 3, 9: 0} and not got.misses
+
+
 # ---- end to end: outputs never depend on the cache or the prefetch -----------------------------
 
 
@@ -420,6 +453,90 @@ def test_preload_fills_the_gpu_tier_through_a_small_ram_tier(ckpts, fake_cuda):
         assert torch.equal(got[E - 1].gate_up, ref[0]) and torch.equal(got[E - 1].down, ref[1])
     s = cache.stats()
     assert s["gpu_misses"] == 0 and s["gpu_hits"] == SPEC.num_hidden_layers * E and s["bytes_read"] == 0
+
+
+# ---- a decode step's lookup on a CUDA run: hits now, misses placed after (stand-in CUDA) ---------
+
+SPLIT_SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_tok=4, vocab_size=4096)
+
+
+@pytest.fixture(scope="module")
+def split_ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPLIT_SPEC, dtype=torch.float32)
+
+
+def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _CpuStandInGpu:
+    ck, cfg = Checkpoint(path), load_config(path)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
+    p = _CpuStandInGpu(
+        ExpertStore(ck, cfg.text, fmt),
+        torch.device("cuda"),
+        torch.float32,
+        cpu_slots=cpu_slots,
+        gpu_slots=gpu_slots,
+        pin=False,
+        prefetch=False,
+    )
+    p.device = CPU  # tensors the provider makes (slot maps) go where the stand-in "GPU" buffers are
+    p.compute_in_place = in_place
+    return p
+
+
+def test_a_decode_lookup_splits_hits_and_misses_and_promotes_the_misses(split_ckpt, fake_cuda):
+    p = _standin(split_ckpt, in_place=True)
+    store = p.store
+    p.get(0, [0, 1, 2, 3])  # a prefill-like lookup: copied to the GPU as usual
+    assert sorted(p.gpu.pools[0].where) == [0, 1, 2, 3] and p.experts_on_cpu == 0
+    got = p.get(0, [2, 3, 7, 9], one_token=True)
+    assert isinstance(got, Lookup) and got.misses == [7, 9] and set(got.slot) == {2, 3} and not got.cpu_slot
+    got.place_misses()  # after the hits' compute is queued: the misses are read into RAM for the CPU
+    assert not got.misses and set(got.cpu_slot) == {7, 9} and set(got.slot) == {2, 3}
+    assert isinstance(got[7], OnCpu) and p.experts_on_cpu == 2
+    for e in (2, 3, 7, 9):
+        gate_up, down = store.read(0, e, torch.float32)
+        x = torch.randn(1, SPLIT_SPEC.hidden_size)
+        torch.testing.assert_close(got[e](x), ffn(x, gate_up, down))
+    ram = p.ram.pools[0]
+    for e, s in got.cpu_slot.items():
+        assert ram.where[e] == s
+    # promoted in the background for the next tokens, none of the step's own experts evicted
+    assert {2, 3, 7}.issubset(p.gpu.pools[0].where) or {2, 3, 9}.issubset(p.gpu.pools[0].where)
+    s = p.stats()
+    assert s["gpu_misses"] == 4 + 2 and s["experts_on_cpu"] == 2
+
+
+def test_copy_mode_places_the_misses_in_gpu_slots_after_the_hits(split_ckpt, fake_cuda):
+    p = _standin(split_ckpt, in_place=False)
+    p.get(0, [0, 1, 2, 3])
+    got = p.get(0, [0, 1, 8, 9], one_token=True)
+    assert got.misses == [8, 9] and set(got.slot) == {0, 1}
+    got.place_misses()
+    assert set(got.slot) == {0, 1, 8, 9} and not got.cpu_slot and p.experts_on_cpu == 0
+    gpu = p.gpu.pools[0]
+    assert all(gpu.where[e] == got.slot[e] for e in got.slot)  # the hits kept their slots
+    gate_up, _ = p.store.read(0, 9, torch.float32)
+    assert torch.equal(got[9].gate_up, gate_up)
+
+
+def test_prefill_lookups_never_split(split_ckpt, fake_cuda):
+    p = _standin(split_ckpt, in_place=True)
+    got = p.get(1, [4, 5, 6])
+    assert not got.cpu_slot and p.experts_on_cpu == 0
+
+
+def test_pinned_host_memory_stays_under_its_cap(split_ckpt, fake_cuda):
+    """Slots past the cap are pageable (copies from them are staged by the driver): with a cap of 0
+    nothing is page-locked, and the tiers work as before."""
+    ck, cfg = Checkpoint(split_ckpt), load_config(split_ckpt)
+    fmt = expert_format(cfg.raw, cfg.text.hidden_size, cfg.text.moe_intermediate_size, CPU, None, ck)
+    p = _CpuStandInGpu(
+        ExpertStore(ck, cfg.text, fmt), torch.device("cuda"), torch.float32, cpu_slots=4, gpu_slots=2,
+        pin=True, pinned_bytes=0, prefetch=False,
+    )  # fmt: skip
+    assert p.pinned_bytes == 0 and not any(b.is_pinned() for b in p.ram.buffers)
+    got = p.get(0, [1, 2])
+    gate_up, _ = p.store.read(0, 2, torch.float32)
+    assert torch.equal(got[2].gate_up, gate_up) and p.stats()["pinned_bytes"] == 0
 
 
 @pytest.mark.gpu

@@ -6,6 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwen35_lite.experts.dispatch import (
+    dispatch_decode,
+    dispatch_grouped,
+    dispatch_reference,
+    dispatch_stacked,
+)
 from qwen35_lite.experts.formats import DenseExpert, DenseFormat
 from qwen35_lite.experts.slots import SlotTier
 from qwen35_lite.experts.stacks import stack_parts
@@ -28,14 +34,7 @@ from qwen35_lite.model.layers import (
     rms_norm_1p_reference,
     rms_normalize,
 )
-from qwen35_lite.model.moe import (
-    dispatch_decode,
-    dispatch_grouped,
-    dispatch_reference,
-    dispatch_stacked,
-    route,
-    route_reference,
-)
+from qwen35_lite.model.moe import route, route_reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

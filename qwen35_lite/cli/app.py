@@ -1,7 +1,7 @@
 """The `qwen35-lite` command line: run (one shot), chat (interactive), make-checkpoint (random weights).
 
 Every user-caused failure is a Qwen35Error and ends as one `error:` line plus a `hint:` line, exit code 1;
-usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli_help.py).
+usage errors (a bad flag value, a missing argument) print the same two lines and exit 2 (cli/help.py).
 Anything else is our bug and keeps its traceback.
 """
 
@@ -360,7 +360,7 @@ def _free_bytes(path: Path) -> int | None:
         return None  # unknown: the write itself reports a full disk
 
 
-# ---- info, bench (cli_tools.py) --------------------------------------------------------------------
+# ---- info, bench (tools.py) -----------------------------------------------------------------------
 
 from .quantize import register as _register_quantize  # noqa: E402  (`quantize`: quantize.py)
 from .serve import register as _register_serve  # noqa: E402  (`serve`: serve.py)

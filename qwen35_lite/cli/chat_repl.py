@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import InputError, Qwen35Error
 from ..generate import Finished, TokenEvent
 from ..session import THINK_MODES, ChatSession
-from ..settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli_options)
+from ..settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli/options.py)
 from .ui import UI, ReplyPrinter, format_stats, plural
 
 # ---- settings (their table and checks are in settings.py) -----------------------------------------

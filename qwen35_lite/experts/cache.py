@@ -10,26 +10,32 @@ once per token, so a global pool would only let prefill of one layer flush the o
 pools make the memory of each tier a fixed, plannable number; they also let a prefetch for layer l+1 run
 while layer l computes without ever touching a slot layer l uses.
 
-Contract with the caller (the MoE layer): the weights handed out for a layer stay valid until the next
-`get` for that layer. When one call needs more experts than the layer has slots (a long prefill chunk
-with few slots), `get` returns a lazy mapping that streams experts through the slots in file order; a
+Contract with the caller (the MoE layer): `get` returns a `Lookup` (experts/lookup.py) whose weights stay
+valid until the next `get` for that layer. When one call needs more experts than the layer has slots (a
+long prefill chunk with few slots), its experts stream through the slots in file order (`Streamed`); a
 weight taken from it is then valid until the next lookup in that mapping (dispatch uses each expert's
 weights before asking for the next one).
+
+This module decides where experts go (slots, hits and misses, a decode step's late misses, prefetch
+accounting); the tiers move the bytes, one way: GPU tier (gpu_tier.py) -> RAM tier (ram_tier.py) ->
+checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..errors import BudgetError
 from .formats import Expert
 from .gpu_tier import GpuTier
-from .lookup import Acquired, OnCpu, StaticSlots
+from .lookup import Lookup, OnCpu, Placed, Streamed
 from .policy import POLICIES, FreqLRUPolicy, LRUPolicy
 from .prefetch import Prefetcher
+from .ram_tier import HostBuffers, RamTier
 from .slots import SlotTier
 from .store import ExpertStore
 
@@ -48,45 +54,21 @@ class UncachedExperts:
         self.store, self.device, self.dtype = store.for_compute(device, dtype), device, dtype
         self.bytes_read = 0
 
-    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> dict[int, Expert]:
-        out = {}
+    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> Lookup:
+        out: dict[int, Expert] = {}
         for e in experts:
             out[e] = self.store.read_expert(layer, e, self.device)
             self.bytes_read += self.store.expert_nbytes
-        return out
+        return Lookup(out)
 
     def hint(self, layer: int, experts: list[int]) -> None:
         pass
 
-    def static_slots(self, layer: int) -> StaticSlots | None:
+    def static_slots(self, layer: int) -> Lookup | None:
         return None
 
     def stats(self) -> dict:
         return {"bytes_read": self.bytes_read}
-
-
-class _Streamed(Mapping):
-    """Lazy {expert: weights} for a call that needs more experts than the layer has slots."""
-
-    def __init__(self, owner: TieredExperts, tier: SlotTier, layer: int, need: list[int]) -> None:
-        self.owner, self.tier, self.layer, self.need = owner, tier, layer, need
-        self.pos = {e: i for i, e in enumerate(need)}
-        self.loaded_here: set[int] = set()  # read ahead by this call: already counted as misses
-
-    def __getitem__(self, e: int) -> Expert:
-        if e not in self.pos:
-            raise KeyError(e)
-        with self.owner._locks[self.layer]:
-            return self.owner._stream_one(self.tier, self.layer, e, self)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.need)
-
-    def __len__(self) -> int:
-        return len(self.need)
-
-    def __contains__(self, e: object) -> bool:
-        return e in self.pos
 
 
 # ---- the tiered provider ---------------------------------------------------------------------
@@ -100,8 +82,8 @@ class TieredExperts:
     run; a wrong or cancelled hint only costs bandwidth and cache space, never a different output.
     Prefetch is acted on only in layers whose measured recall is at least `min_recall`.
 
-    `prefetch` (default: on with CUDA only, when the GPU tier cannot hold every expert): on a CPU-only run the prefetch thread's reads compete with
-    the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
+    `prefetch` (default: on with CUDA only, when the GPU tier cannot hold every expert): on a CPU-only
+    run the prefetch thread's reads compete with the compute for the same cores and memory bandwidth; measured slower with a warm page cache and no
     faster when misses hit the disk (docs/offloading.md). `lookahead` tells the model whether to send
     hints at all (MoE computes them from the next layer's router).
     """
@@ -136,43 +118,22 @@ class TieredExperts:
         self._prefetched: list[set[int]] = [set() for _ in range(self.n_layers)]  # hinted in, not yet used
         fmt = store.format
         self.slot_nbytes = fmt.slot_nbytes
-        pin = on_gpu if pin is None else pin
-        self.pinned_bytes = 0
-        if pinned_bytes is None:  # half the machine's memory, asked only when something is pinned
-            pinned_bytes = _default_pinned_cap() if pin else 0
-
-        def ram_buffer(n: int) -> torch.Tensor:
-            # page-locked while under the cap (the OS cannot page it out: too much starves the machine);
-            # a layer past it copies to the GPU from pageable memory, staged by the driver: slower, same bytes
-            pinned = pin and self.pinned_bytes + n <= pinned_bytes
-            self.pinned_bytes += n if pinned else 0
-            return _host_buffer(n, pinned)
-
+        self._host = HostBuffers(on_gpu if pin is None else pin, pinned_bytes)
         self.ram = SlotTier(
-            "ram", fmt, self.n_layers, min(cpu_slots, self.n_experts), make_policy, ram_buffer
+            "ram", fmt, self.n_layers, min(cpu_slots, self.n_experts), make_policy, self._host
         )
+        self._ram = RamTier(self.ram, store, background=prefetch)
         self.gpu: SlotTier | None = None
         if on_gpu:
-            self.gpu = SlotTier(
-                "gpu",
-                fmt,
-                self.n_layers,
-                min(gpu_slots, self.n_experts),
-                make_policy,
-                self._alloc_gpu,
-            )
-            self._gpu = GpuTier(
-                self.gpu, self.ram, self.device, self._acquire_ram, self._prefetched, self.slot_nbytes
-            )
-        staging = store.needs_staging()
-        self._staging = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging else None
-        self._staging_bg = torch.empty(store.raw_nbytes, dtype=torch.uint8) if staging and prefetch else None
+            n_gpu = min(gpu_slots, self.n_experts)
+            self.gpu = SlotTier("gpu", fmt, self.n_layers, n_gpu, make_policy, self._alloc_gpu)
+            self._gpu = GpuTier(self.gpu, self._ram, self.device, self.slot_nbytes)
         self._locks = [threading.Lock() for _ in range(self.n_layers)]
         self.prefetch, self.min_recall = prefetch, min_recall
-        self._prefetcher = Prefetcher(self) if prefetch else None
+        self._prefetcher = Prefetcher(self._read_ahead) if prefetch else None
         self._hints: dict[int, set[int]] = {}
         self._recall = [[0, 0] for _ in range(self.n_layers)]  # per layer: [hinted and asked, asked]
-        self._static: list[StaticSlots | None] = [None] * self.n_layers
+        self._static: list[Lookup | None] = [None] * self.n_layers
         # CUDA runs: a decode step's GPU misses are computed by the CPU from their RAM slots (and copied
         # to the GPU in the background for later tokens) instead of waiting for the copy; the engine sets
         # it from rates measured at load (experts/rates.py)
@@ -180,13 +141,18 @@ class TieredExperts:
         self.top_k = cfg.num_experts_per_tok
         self.reset_stats()
 
+    @property
+    def pinned_bytes(self) -> int:
+        """RAM slot bytes page-locked (the rest, past the cap, is pageable)."""
+        return self._host.pinned_bytes
+
     def _alloc_gpu(self, nbytes: int) -> torch.Tensor:
         """One layer's GPU slot buffer (a method so a test can stand a CPU buffer in for it)."""
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     # ---- the provider protocol -----------------------------------------------------------------
 
-    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> Mapping[int, Expert]:
+    def get(self, layer: int, experts: list[int], *, one_token: bool = False) -> Lookup:
         """one_token: a decode step's lookup (GPU misses may then be computed in place by the CPU)."""
         if self._prefetcher:
             self._prefetcher.cancel(layer)
@@ -202,47 +168,45 @@ class TieredExperts:
 
     def _late(self, layer: int, need: list[int]) -> bool:
         """A decode step on a CUDA run with GPU misses that fit both tiers: hand out the hits now, the
-        misses once the hits' compute is queued (Acquired.finish)."""
+        misses once the hits' compute is queued (Lookup.place_misses)."""
         if self.gpu is None:
             return False
         gpu, ram = self.gpu.pools[layer], self.ram.pools[layer]
         return len(need) <= min(gpu.capacity, ram.capacity) and any(e not in gpu.where for e in need)
 
-    def _acquire_late(self, layer: int, need: list[int]) -> Acquired:
-        """The GPU hits now; the misses when the caller has queued the hits' compute and calls `finish`:
-        their disk reads and copies then overlap that compute. With compute_in_place the misses stay in
-        RAM slots for the CPU (and are copied to the GPU in the background for the tokens after), else
-        they are copied into GPU slots first."""
+    def _acquire_late(self, layer: int, need: list[int]) -> Lookup:
+        """The GPU hits now; the misses when the caller has queued the hits' compute and calls
+        `place_misses`: their disk reads and copies then overlap that compute. With compute_in_place the
+        misses stay in RAM slots for the CPU (and are copied to the GPU in the background for the tokens
+        after), else they are copied into GPU slots first."""
         self.gpu.pools[layer].in_use = set(need)  # the misses' GPU slots never evict a hit
         hits, misses = self._look_up(self.gpu, layer, need)
         queued = torch.cuda.Event()  # what the side stream must wait for: everything before the hits
         queued.record(torch.cuda.current_stream(self.device))
-        out = self._handed_out(self.gpu, layer, hits)
-        out.late, out.late_on_cpu = misses, self.compute_in_place
-        out.finish = lambda: self._finish_late(layer, out, need, queued)
-        return out
+        place = functools.partial(self._place_late, layer, misses, need, queued)
+        return self._handed_out(
+            self.gpu, layer, hits, misses=misses, place=place, misses_on_cpu=self.compute_in_place
+        )
 
-    def _finish_late(self, layer: int, out: Acquired, need: list[int], queued) -> None:
+    def _place_late(self, layer: int, misses: list[int], need: list[int], queued) -> Placed:
         with self._locks[layer]:
-            misses, out.late = out.late, []
             if self.compute_in_place:
-                ram = self._acquire(self.ram, layer, misses)
+                self._ram.acquire(layer, misses)
                 self._gpu.promote(layer, misses, need, after=queued)
                 self.experts_on_cpu += len(misses)
-                out.cpu_slot, out.cpu_stack = {e: ram.slot[e] for e in misses}, self.ram.stacks[layer]
-                out.update({e: OnCpu(ram[e]) for e in misses})
-                return
+                cpu_slot = {e: self.ram.pools[layer].where[e] for e in misses}
+                on_cpu = {e: OnCpu(self.ram.experts[layer][s]) for e, s in cpu_slot.items()}
+                return Placed(on_cpu, cpu_slot=cpu_slot, cpu_stack=self.ram.stacks[layer])
             gpu_pool = self.gpu.pools[layer]
             slots = [gpu_pool.take(gpu_pool.in_use) for _ in misses]  # in_use: this step's experts
             self._gpu.fill(layer, misses, slots, after=queued)
             placed = self._handed_out(self.gpu, layer, misses)
-            out.update(placed)
-            out.slot.update(placed.slot)
+            return Placed(dict(placed), slot=placed.slot)
 
-    def static_slots(self, layer: int) -> StaticSlots | None:
-        """The layer's slots as a StaticSlots when its compute tier holds every expert (nothing can be
-        evicted then, so the map is fixed); None otherwise. A decode step's lookup through it counts as
-        top-k hits."""
+    def static_slots(self, layer: int) -> Lookup | None:
+        """The layer's experts as a static Lookup when its compute tier holds every expert (nothing can be
+        evicted then, so the map is fixed): the expert -> slot map a tensor on the compute device; None
+        otherwise. A decode step's lookup through it counts as top-k hits."""
         st = self._static[layer]
         if st is None:
             tier = self.gpu or self.ram
@@ -250,12 +214,11 @@ class TieredExperts:
             if stack is None or len(pool.where) < self.n_experts:
                 return None
             with self._locks[layer]:
-                for s in pool.where.values():
-                    self._view(tier, layer, s)  # the compute stream waits for the copies into the slots
+                experts = {e: self._view(tier, layer, s) for e, s in pool.where.items()}
             where = [pool.where[e] for e in range(self.n_experts)]
             identity = where == list(range(self.n_experts))
             slot_of = None if identity else torch.tensor(where, device=self.device)
-            st = self._static[layer] = StaticSlots(stack, slot_of)
+            st = self._static[layer] = Lookup(experts, stack, pool.where, static=True, slot_of=slot_of)
         (self.gpu or self.ram).hits += self.top_k
         return st
 
@@ -274,7 +237,8 @@ class TieredExperts:
             return
         if self.gpu is not None:
             with self._locks[layer]:
-                want = self._gpu.prefetch(layer, want)
+                copied, want = self._gpu.prefetch(layer, want)
+                self._prefetched[layer].update(copied)
         if want and self._prefetcher:
             self._prefetcher.submit(layer, want)
 
@@ -282,15 +246,16 @@ class TieredExperts:
 
     def stats(self) -> dict:
         asked = sum(r[1] for r in self._recall)
+        ram = self._ram
         out = {
             "ram_slots_per_layer": self.ram.pools[0].capacity,
             "ram_hits": self.ram.hits,
             "ram_misses": self.ram.misses,
             "ram_hit_rate": _rate(self.ram.hits, self.ram.misses),
-            "bytes_read": self.bytes_read + self.bytes_read_prefetch,
-            "experts_read": self.experts_read + self.prefetch_read,
+            "bytes_read": ram.bytes_read + ram.bytes_read_prefetch,
+            "experts_read": ram.experts_read + ram.prefetch_read,
             "prefetch_hinted": self.prefetch_hinted,
-            "prefetch_read": self.prefetch_read,
+            "prefetch_read": ram.prefetch_read,
             "prefetch_used": self.prefetch_used,
             "prefetch_recall": round(sum(r[0] for r in self._recall) / asked, 4) if asked else None,
             # preadv runs the page cache served whole / that waited for the disk (RWF_NOWAIT; Linux)
@@ -315,8 +280,8 @@ class TieredExperts:
                 tier.hits = tier.misses = 0
         if self.gpu is not None:
             self._gpu.bytes_to_gpu = 0
-        self.bytes_read = self.bytes_read_prefetch = 0
-        self.experts_read = self.prefetch_read = self.prefetch_used = self.prefetch_hinted = 0
+        self._ram.reset_stats()
+        self.prefetch_used = self.prefetch_hinted = 0
         self.experts_on_cpu = 0  # decode-step experts the CPU computed in place (compute_in_place)
         self._recall = [[0, 0] for _ in range(self.n_layers)]
         self._runs0 = (self.store.runs_cached, self.store.runs_from_disk)  # the store is shared: a baseline
@@ -341,6 +306,12 @@ class TieredExperts:
             done += len(todo) * self.slot_nbytes
             if on_progress:
                 on_progress(done, total)
+
+    def get_ram(self, layer: int, experts: list[int]) -> None:
+        """Put experts (at most the layer's RAM slots) in the RAM tier's slots of `layer`, reading them
+        from disk where missing."""
+        with self._locks[layer]:
+            self._ram.acquire(layer, experts)
 
     def release_ram(self, nbytes: int) -> int:
         """Give about `nbytes` of the RAM tier's slots back to the OS for a while (the last slots of every
@@ -389,70 +360,68 @@ class TieredExperts:
         except Exception:  # interpreter shutdown
             pass
 
-    # ---- acquiring a layer's experts -----------------------------------------------------------
+    # ---- acquiring a layer's experts (the caller holds the layer lock) ---------------------------
 
-    def _acquire(self, tier: SlotTier, layer: int, need: list[int]) -> Mapping[int, Expert]:
-        """All of `need` in `tier`'s slots of `layer` (caller holds the layer lock)."""
+    def _acquire(self, tier: SlotTier, layer: int, need: list[int]) -> Lookup:
+        """All of `need` in the compute tier's slots of `layer`."""
         pool = tier.pools[layer]
         pool.in_use = set(need)
         if len(need) > pool.capacity:
-            return _Streamed(self, tier, layer, need)
-        hits, misses = self._look_up(tier, layer, need)
+            return Lookup(Streamed(need, functools.partial(self._stream_one, tier, layer)))
+        _, misses = self._look_up(tier, layer, need)
         slots = [pool.take(pool.in_use) for _ in misses]  # never None: capacity >= len(need)
         self._fill(tier, layer, misses, slots)
         return self._handed_out(tier, layer, need)
 
     def _look_up(self, tier: SlotTier, layer: int, need: list[int]) -> tuple[list[int], list[int]]:
-        """(hits, misses) of `need` in the tier's pool of `layer`: counted, the hits touched."""
-        pool = tier.pools[layer]
-        hits = [e for e in need if e in pool.where]
-        misses = [e for e in need if e not in pool.where]
-        self._count(tier, layer, hits, misses)
-        for e in hits:
-            pool.policy.touch(e)
+        """(hits, misses) of `need` in the compute tier's pool of `layer`: counted, the hits touched."""
+        hits, misses = tier.look_up(layer, need)
+        self._count_used(layer, hits)
         return hits, misses
 
-    def _handed_out(self, tier: SlotTier, layer: int, experts: list[int]) -> Acquired:
-        """Experts resident in the tier's slots of `layer` as callables, with the layer's stack."""
+    def _handed_out(self, tier: SlotTier, layer: int, experts: list[int], **late) -> Lookup:
+        """Experts resident in the tier's slots of `layer` as callables, with the layer's stack (late: a
+        decode step's misses and how to place them)."""
         where = {e: tier.pools[layer].where[e] for e in experts}
-        return Acquired({e: self._view(tier, layer, s) for e, s in where.items()}, tier.stacks[layer], where)
+        views = {e: self._view(tier, layer, s) for e, s in where.items()}
+        return Lookup(views, tier.stacks[layer], where, **late)
 
-    def _stream_one(self, tier: SlotTier, layer: int, e: int, call: _Streamed) -> Expert:
+    def _stream_one(self, tier: SlotTier, layer: int, e: int, call: Streamed) -> Expert:
         """One lookup of an over-capacity call: read e plus the call's next missing experts into the
         slots that hold nothing the call still needs (ascending order assumed; any order stays correct)."""
-        pool = tier.pools[layer]
-        if e in pool.where:
-            if e not in call.loaded_here:
-                self._count(tier, layer, [e], [])
-            pool.policy.touch(e)
-            return self._view(tier, layer, pool.where[e])
-        later = call.need[call.pos[e] + 1 :]
-        keep = set(later) | {e}
-        s = pool.take(keep)
-        if s is None:  # every slot holds an expert still to come: drop the one needed last
-            s = pool.evict(max((x for x in pool.where if x in keep), key=call.pos.__getitem__))
-        batch, slots = [e], [s]
-        for x in later:
-            if x in pool.where:
-                continue
+        with self._locks[layer]:
+            pool = tier.pools[layer]
+            if e in pool.where:
+                if e not in call.loaded_here:
+                    tier.count(1, 0)
+                    self._count_used(layer, [e])
+                pool.policy.touch(e)
+                return self._view(tier, layer, pool.where[e])
+            later = call.need[call.pos[e] + 1 :]
+            keep = set(later) | {e}
             s = pool.take(keep)
-            if s is None:
-                break
-            batch.append(x)
-            slots.append(s)
-        self._count(tier, layer, [], batch)
-        call.loaded_here.update(batch[1:])
-        call.loaded_here.discard(e)
-        self._fill(tier, layer, batch, slots)
-        return self._view(tier, layer, pool.where[e])
+            if s is None:  # every slot holds an expert still to come: drop the one needed last
+                s = pool.evict(max((x for x in pool.where if x in keep), key=call.pos.__getitem__))
+            batch, slots = [e], [s]
+            for x in later:
+                if x in pool.where:
+                    continue
+                s = pool.take(keep)
+                if s is None:
+                    break
+                batch.append(x)
+                slots.append(s)
+            tier.count(0, len(batch))
+            call.loaded_here.update(batch[1:])
+            call.loaded_here.discard(e)
+            self._fill(tier, layer, batch, slots)
+            return self._view(tier, layer, pool.where[e])
 
-    def _count(self, tier: SlotTier, layer: int, hits: list[int], misses: list[int]) -> None:
-        tier.hits += len(hits)
-        tier.misses += len(misses)
-        if tier is (self.gpu or self.ram):  # prefetch usefulness is judged at the compute tier
-            used = self._prefetched[layer].intersection(hits)
-            self.prefetch_used += len(used)
-            self._prefetched[layer] -= used
+    def _count_used(self, layer: int, hits: list[int]) -> None:
+        """Prefetch usefulness, judged at the compute tier: hits that a hint brought in."""
+        used = self._prefetched[layer].intersection(hits)
+        self.prefetch_used += len(used)
+        self._prefetched[layer] -= used
 
     def _view(self, tier: SlotTier, layer: int, s: int) -> Expert:
         if tier is self.gpu:
@@ -461,35 +430,7 @@ class TieredExperts:
 
     def _fill(self, tier: SlotTier, layer: int, experts: list[int], slots: list[int]) -> None:
         if experts:
-            (self._gpu.fill if tier is self.gpu else self._fill_ram)(layer, experts, slots)
-
-    def _fill_ram(self, layer: int, experts: list[int], slots: list[int], background: bool = False) -> None:
-        """Read experts from the checkpoint into RAM slots (grouped, file order)."""
-        if not experts:
-            return
-        pool = self.ram.pools[layer]
-        if self.gpu is not None:  # a copy out of these pinned slots may still be in flight
-            self._gpu.release_ram(layer, slots)
-        staging = self._staging_bg if background else self._staging
-        self.store.read_many(layer, experts, [pool.slots[s] for s in slots], staging)
-        for e, s in zip(experts, slots):
-            pool.put(e, s)
-        n = len(experts) * self.store.expert_nbytes
-        if background:
-            self.bytes_read_prefetch += n
-            self.prefetch_read += len(experts)
-        else:
-            self.bytes_read += n
-            self.experts_read += len(experts)
-
-    def get_ram(self, layer: int, experts: list[int]) -> None:
-        """Put experts in the RAM tier's slots of `layer` (reading them from disk where missing)."""
-        with self._locks[layer]:
-            self._acquire_ram(layer, experts)
-
-    def _acquire_ram(self, layer: int, experts: list[int]) -> None:
-        """Put experts in the RAM tier's slots of `layer` (the GPU tier fills from there)."""
-        self._acquire(self.ram, layer, experts)
+            (self._gpu.fill if tier is self.gpu else self._ram.fill)(layer, experts, slots)
 
     # ---- prefetch ------------------------------------------------------------------------------
 
@@ -500,8 +441,9 @@ class TieredExperts:
         hit, asked = self._recall[layer]
         return asked < 64 or hit >= self.min_recall * asked
 
-    def _prefetch_layer(self, layer: int, experts: list[int], cancel: threading.Event) -> None:
-        """Prefetch thread: read hinted experts into free or evictable RAM slots, one per lock hold."""
+    def _read_ahead(self, layer: int, experts: list[int], cancel: threading.Event) -> None:
+        """The prefetch thread's job: read hinted experts into free or evictable RAM slots, one per lock
+        hold."""
         hinted = set(experts)
         for e in experts:
             if cancel.is_set():
@@ -515,22 +457,9 @@ class TieredExperts:
                 s = pool.take(pool.in_use | hinted)
                 if s is None:
                     return
-                self._fill_ram(layer, [e], [s], background=True)
+                self._ram.fill(layer, [e], [s], background=True)
                 if self.gpu is None:
                     self._prefetched[layer].add(e)
-
-
-def _default_pinned_cap() -> int:
-    """Half the machine's physical memory: page-locked memory cannot be swapped or reclaimed."""
-    import psutil
-
-    return psutil.virtual_memory().total // 2
-
-
-def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """One layer's RAM slot buffer, its pages faulted in now: untouched pages would fault (and be
-    zeroed) on the first read into each slot, during decode; the plan counts these bytes as held."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(0)
 
 
 def _rate(hits: int, misses: int) -> float | None:

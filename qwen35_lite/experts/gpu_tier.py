@@ -1,46 +1,29 @@
 """The CUDA tier of TieredExperts: fixed GPU slots per layer in front of the (pinned) RAM tier.
 
-A miss copies the expert from its RAM slot with `non_blocking=True` on a side stream. Two kinds of
-event keep that correct: the event of the last copy INTO a GPU slot (the compute stream waits on it
-before the slot's views are handed out), and the event of the last copy OUT OF a RAM slot (a read from
-disk into that RAM slot waits on it). The side stream waits for the compute stream before overwriting a
-GPU slot that queued kernels may still read. Chosen only when the device is CUDA; its bookkeeping is
-tested on the CPU with stand-in streams and events.
+A miss is put in a RAM slot by the RAM tier (its collaborator, read from disk there where missing), then
+copied with `non_blocking=True` on a side stream. Two kinds of event keep that correct: the event of the
+last copy INTO a GPU slot (the compute stream waits on it before the slot's views are handed out), and
+the event of the last copy OUT OF a RAM slot (handed to the RAM tier: a read from disk into that slot
+waits on it). The side stream waits for the compute stream before overwriting a GPU slot that queued
+kernels may still read. Chosen only when the device is CUDA; its bookkeeping is tested on the CPU with
+stand-in streams and events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .slots import SlotTier
+from .ram_tier import RamTier
+from .slots import SlotTier
 
 
 class GpuTier:
-    def __init__(
-        self,
-        gpu: SlotTier,
-        ram: SlotTier,
-        device: torch.device,
-        acquire_ram: Callable[[int, list[int]], object],
-        prefetched: list[set[int]],
-        slot_nbytes: int,
-    ) -> None:
+    def __init__(self, gpu: SlotTier, ram: RamTier, device: torch.device, slot_nbytes: int) -> None:
+        """ram: where a miss comes from (it reads from disk what it does not hold)."""
         self.tier, self.ram, self.device = gpu, ram, device
-        self._acquire_ram = acquire_ram  # (layer, experts) -> puts them in RAM slots (caller holds the lock)
-        self._prefetched = prefetched  # per layer: experts brought in by a hint, not yet used
         self.slot_nbytes = slot_nbytes
         self.stream = torch.cuda.Stream(device)
-        n_layers = len(gpu.pools)
-        self._ready: list[list[torch.cuda.Event | None]] = [
-            [None] * gpu.pools[0].capacity for _ in range(n_layers)
-        ]
-        self._ram_busy: list[list[torch.cuda.Event | None]] = [
-            [None] * ram.pools[0].capacity for _ in range(n_layers)
-        ]
+        self._ready: list[list[torch.cuda.Event | None]] = [[None] * p.capacity for p in gpu.pools]
         self.bytes_to_gpu = 0
 
     def wait_ready(self, layer: int, s: int) -> None:
@@ -50,39 +33,32 @@ class GpuTier:
             torch.cuda.current_stream(self.device).wait_event(ev)
             self._ready[layer][s] = None
 
-    def release_ram(self, layer: int, slots: Sequence[int]) -> None:
-        """Block until no copy out of these RAM slots is in flight (before a read overwrites them)."""
-        for s in slots:
-            ev = self._ram_busy[layer][s]
-            if ev is not None:
-                ev.synchronize()
-                self._ram_busy[layer][s] = None
-
     def fill(self, layer: int, experts: list[int], slots: list[int], after=None) -> None:
         """Copy experts into GPU slots from the RAM tier (reading them from disk first where missing),
         in chunks the RAM tier can hold at once. after: an event recorded on the compute stream before
         kernels that never read these slots (a decode step's hits): the copies wait for it only, not for
         those kernels."""
-        ram_pool = self.ram.pools[layer]
+        ram_pool = self.ram.tier.pools[layer]
         # kernels already queued on the compute stream may still read the slots being overwritten
         self._wait_compute(after)
         step = ram_pool.capacity
         for i in range(0, len(experts), step):
             chunk, chunk_slots = experts[i : i + step], slots[i : i + step]
-            self._acquire_ram(layer, chunk)  # a dict: the chunk fits the RAM tier
+            self.ram.acquire(layer, chunk)
             for e, s in zip(chunk, chunk_slots):
                 self.copy(layer, e, s)
         ram_pool.in_use = set()
 
     def copy(self, layer: int, e: int, s: int) -> None:
         """Start the copy of expert e from its RAM slot into GPU slot s on the side stream."""
-        r = self.ram.pools[layer].where[e]
+        ram_pool = self.ram.tier.pools[layer]
+        r = ram_pool.where[e]
         ev = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
-            self.tier.pools[layer].slots[s].copy_(self.ram.pools[layer].slots[r], non_blocking=True)
+            self.tier.pools[layer].slots[s].copy_(ram_pool.slots[r], non_blocking=True)
             ev.record(self.stream)
         self._ready[layer][s] = ev
-        self._ram_busy[layer][r] = ev
+        self.ram.copying_out(layer, r, ev)
         self.tier.pools[layer].put(e, s)
         self.bytes_to_gpu += self.slot_nbytes
 
@@ -107,11 +83,11 @@ class GpuTier:
                 started = True
             self.copy(layer, e, s)
 
-    def prefetch(self, layer: int, experts: list[int]) -> list[int]:
-        """Start copies of hinted experts already in RAM (caller holds the layer lock); return those that
-        must come from disk first."""
-        from_disk = []
-        gpu_pool, ram_pool = self.tier.pools[layer], self.ram.pools[layer]
+    def prefetch(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+        """Start copies of hinted experts already in RAM (caller holds the layer lock); return (those
+        copied, those that must come from disk first)."""
+        copied, from_disk = [], []
+        gpu_pool, ram_pool = self.tier.pools[layer], self.ram.tier.pools[layer]
         keep = gpu_pool.in_use | set(experts)
         started = False
         for e in experts:
@@ -127,5 +103,5 @@ class GpuTier:
                 self.stream.wait_stream(torch.cuda.current_stream(self.device))
                 started = True
             self.copy(layer, e, s)
-            self._prefetched[layer].add(e)
-        return from_disk
+            copied.append(e)
+        return copied, from_disk

@@ -1,7 +1,8 @@
 """The prefetch thread of TieredExperts: runs the newest hint per layer in the background.
 
 `submit(layer, experts)` replaces that layer's pending job; `cancel(layer)` (called by every `get` of the
-layer) stops it between two expert reads. The thread holds its owner weakly so a dropped cache is freed.
+layer) stops it between two expert reads. The job is a bound method given at construction
+(`job(layer, experts, cancel)`), held weakly so a dropped cache is freed.
 """
 
 from __future__ import annotations
@@ -9,16 +10,14 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Protocol
+from collections.abc import Callable
 
-
-class _Owner(Protocol):
-    def _prefetch_layer(self, layer: int, experts: list[int], cancel: threading.Event) -> None: ...
+Job = Callable[[int, list[int], threading.Event], None]
 
 
 class Prefetcher:
-    def __init__(self, owner: _Owner) -> None:
-        self._owner = weakref.ref(owner)
+    def __init__(self, job: Job) -> None:
+        self._job = weakref.WeakMethod(job)
         self._jobs: OrderedDict[int, tuple[list[int], threading.Event]] = OrderedDict()
         self._active: tuple[int, threading.Event] | None = None
         self._cv = threading.Condition()
@@ -65,15 +64,15 @@ class Prefetcher:
                     return
                 layer, (experts, cancel) = self._jobs.popitem(last=False)
                 self._active = (layer, cancel)
-            owner = self._owner()
+            job = self._job()
             try:
-                if owner is None:
+                if job is None:
                     return
-                owner._prefetch_layer(layer, experts, cancel)
+                job(layer, experts, cancel)
             except Exception:  # a failed prefetch is only a later miss: the get reads it again
                 self.errors += 1
             finally:
-                del owner
+                del job
                 with self._cv:
                     self._active = None
                     self._cv.notify_all()

@@ -88,6 +88,20 @@ class SlotTier:
         self.hits = self.misses = 0
         self.pinned = any(b.is_pinned() for b in self.buffers if b.device.type == "cpu")
 
+    def count(self, hits: int, misses: int) -> None:
+        self.hits += hits
+        self.misses += misses
+
+    def look_up(self, layer: int, need: list[int]) -> tuple[list[int], list[int]]:
+        """(hits, misses) of `need` in the pool of `layer`: counted, the hits touched."""
+        pool = self.pools[layer]
+        hits = [e for e in need if e in pool.where]
+        misses = [e for e in need if e not in pool.where]
+        self.count(len(hits), len(misses))
+        for e in hits:
+            pool.policy.touch(e)
+        return hits, misses
+
     def release(self, n: int) -> int:
         """Give the memory of the last `n` slots of every layer back to the OS for a while (an image's
         decoding needs it: multimodal.room_for_images); the experts in them are evicted (read again when
