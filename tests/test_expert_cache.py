@@ -18,9 +18,8 @@ from qwen35_lite.config import TextConfig, load_config
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
-from qwen35_lite.experts.lookup import Lookup, OnCpu, Placed
-
 from qwen35_lite.experts.formats.fp8 import dequantize_fp8
+from qwen35_lite.experts.lookup import Lookup, OnCpu, Placed
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
