@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from .errors import CheckpointError
-from .experts.formats.fp8 import FP8_DTYPES, dequantize_fp8
+from .fp8 import FP8_DTYPES, dequantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
@@ -324,3 +324,22 @@ def read_range(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tenso
     finally:
         os.close(fd)
     return buf[:n].view(info.dtype).view(info.shape)
+
+
+# An unfinished `quantize` output holds this manifest until its last shard is in place (quantize.py).
+PARTIAL_MARKER = ".qwen35-quantize-partial.json"
+
+
+def check_not_partial(model_dir: Path) -> None:
+    """Refuse a directory that an unfinished `quantize` left behind."""
+    try:
+        marker = json.loads((Path(model_dir) / PARTIAL_MARKER).read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:  # unreadable (not JSON, not UTF-8): still an unfinished output
+        marker = {}
+    done, total = len(marker.get("done", [])), len(marker.get("shards", []))
+    raise CheckpointError(
+        f"{model_dir} is an unfinished quantize output ({done} of {total} shards written)",
+        f"rerun the same `qwen35-lite quantize {marker.get('source', 'SRC')} {model_dir}` command to finish it",
+    )

@@ -11,7 +11,7 @@ alone, then the shard is streamed to disk one tensor (one expert matrix, or a ch
 Resumable: OUT holds a manifest (`PARTIAL_MARKER`) while the run is unfinished; each shard is written under
 a temporary name and renamed when complete, so a rerun of the same command keeps the finished shards (name
 and size checked against the manifest) and continues. The marker goes last, once the index, config and
-tokenizer files are in place: `check_not_partial` refuses a directory that still has it.
+tokenizer files are in place: `checkpoint.check_not_partial` refuses a directory that still has it.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
+from .checkpoint import PARTIAL_MARKER, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
 from .errors import CheckpointError, ConfigError, InputError
 from .experts.formats.compressed import CompressedQuantization, QuantScheme
-from .experts.formats.fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
 from .experts.formats.registry import PACKED, packed_format, parse_quantization_config
+from .fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
 from .user_files import size_text
 
-PARTIAL_MARKER = ".qwen35-quantize-partial.json"
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_BYTES = 4 << 30
 GROUP_SIZES = (32, 64, 128)
@@ -352,18 +351,6 @@ def _read_marker(out: Path) -> dict | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}  # unreadable: treated as another run's
-
-
-def check_not_partial(model_dir: Path) -> None:
-    """Refuse a directory that an unfinished `quantize` left behind."""
-    marker = _read_marker(Path(model_dir))
-    if marker is None:
-        return
-    done, total = len(marker.get("done", [])), len(marker.get("shards", []))
-    raise CheckpointError(
-        f"{model_dir} is an unfinished quantize output ({done} of {total} shards written)",
-        f"rerun the same `qwen35-lite quantize {marker.get('source', 'SRC')} {model_dir}` command to finish it",
-    )
 
 
 def _finished_shards(out: Path, marker: dict | None, manifest: dict, force: bool) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .experts.formats.fp8 import FP8_CONFIG, quantize_block
+from .fp8 import FP8_CONFIG, quantize_block
 from .user_files import default_file_mode
 
 ASSETS = Path(__file__).parent / "assets"

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TextConfig
-from ..experts.formats import ffn
 from ..experts.lookup import Lookup
-from .layers import linear
+from .layers import linear, swiglu
 
 
 class ExpertProvider(Protocol):
@@ -123,7 +122,7 @@ class DenseMLP:
         self.w = w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ffn(x, self.w["gate_up_proj"], self.w["down_proj"], linear)
+        return swiglu(x, self.w["gate_up_proj"], self.w["down_proj"])
 
     def prefill(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         return torch.cat([self(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)])
