@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from qwen35_lite.checkpoint import PARTIAL_MARKER, check_not_partial
 from qwen35_lite.cli import app
 from qwen35_lite.errors import CheckpointError, InputError
 from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.formats.int4 import QuantScheme, dequantize_int4, quantize_int4
-from qwen35_lite.checkpoint import PARTIAL_MARKER, check_not_partial
 from qwen35_lite.quantize import quantize_checkpoint
 from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
