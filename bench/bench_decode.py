@@ -7,7 +7,7 @@ On the e512 synthetic checkpoint (bench/offload_runs.py: the real model's top-10
 every expert resident. Each configuration runs in its own subprocess per round (fresh memory): load,
 a warm-up, then `--repeats` greedy decodes of --tokens tokens after a 32-token prompt; tok/s from the first
 generated token to the last. Also counted for ours (and transformers): kernel-launching ops and host reads
-per decode token (qwen35_lite.op_profile), and the weight bytes a token reads, as a fraction of the
+per decode token (qwen35_lite.runtime.op_profile), and the weight bytes a token reads, as a fraction of the
 machine's memory-read rate (a bf16 matrix-vector product over 256 MiB). Writes the "Decode (CPU)" section
 of docs/benchmarks.md.
 """
@@ -36,7 +36,7 @@ def one(kind: str, path: Path, tokens: int, repeats: int) -> dict:
     """In the subprocess: load, warm up, time `repeats` decodes; count ops per token."""
     from offload_runs import SPECS, greedy_ours, hf_greedy, prompt_ids
 
-    from qwen35_lite.op_profile import _kineto_quiet, _launches, count_host_reads
+    from qwen35_lite.runtime.op_profile import _kineto_quiet, _launches, count_host_reads
 
     spec = SPECS["e512"]
     ids = prompt_ids(spec, 32, seed=0)
@@ -52,11 +52,11 @@ def one(kind: str, path: Path, tokens: int, repeats: int) -> dict:
             s = hf_greedy(model, ids, tokens)
             return s.tokens, s.times
     else:
-        from qwen35_lite.checkpoint import Checkpoint
-        from qwen35_lite.config import load_config
         from qwen35_lite.experts.cache import TieredExperts
         from qwen35_lite.experts.store import ExpertStore
         from qwen35_lite.model.qwen35 import Qwen35Model
+        from qwen35_lite.weights.checkpoint import Checkpoint
+        from qwen35_lite.weights.config import load_config
 
         cfg, ckpt = load_config(path).text, Checkpoint(path)
         provider = TieredExperts(ExpertStore(ckpt, cfg), "cpu", torch.bfloat16, cpu_slots=cfg.num_experts)
@@ -125,8 +125,8 @@ def main() -> None:
     from bench_offload import write_section
     from offload_runs import SPECS, machine
 
-    from qwen35_lite.cpu_features import cpu_has_native_bf16
-    from qwen35_lite.synthetic import write_checkpoint
+    from qwen35_lite.convert.synthetic import write_checkpoint
+    from qwen35_lite.plan.cpu_features import cpu_has_native_bf16
 
     if not (path / "config.json").exists():
         print(f"writing the e512 checkpoint to {path} ...", file=sys.stderr)
@@ -162,9 +162,9 @@ def projection_397b() -> list[str]:
     GPU computes its hits, the CPU the rest: RAM slots, and disk misses once read into RAM)."""
     from bench_formats import FP8_CONFIG, GPU_GBS, NVME_GBS, PCIE_GBS, W4_G128
 
-    from qwen35_lite.config import TextConfig
     from qwen35_lite.plan.memory import MemoryPlan
     from qwen35_lite.plan.table import expert_split
+    from qwen35_lite.weights.config import TextConfig
 
     cfg = TextConfig()
     lookups = cfg.num_experts_per_tok * cfg.num_hidden_layers  # 600 experts a token
@@ -233,7 +233,7 @@ def report(results: dict, path: Path, gbs: float, where: str, bf16: bool | None,
         f"e512 synthetic checkpoint (8 layers, hidden 1024, 512 experts top-10, bf16), every expert resident; "
         f"greedy decode of {args.tokens} tokens after a 32-token prompt, {args.rounds} rounds alternating the "
         "configurations (each a fresh process, best of its repeats); ops and host reads per decode token "
-        "counted with torch.profiler and qwen35_lite.op_profile.",
+        "counted with torch.profiler and qwen35_lite.runtime.op_profile.",
         "",
         "| configuration | best tok/s | median tok/s | ops / token | host reads / token | GB/s of weights "
         "| of the read rate |",

@@ -33,13 +33,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from offload_runs import SPECS, greedy_ours, machine, prompt_ids, warm_page_cache  # noqa: E402
 
-from qwen35_lite.config import TextConfig, load_config  # noqa: E402
-from qwen35_lite.cpu_features import cpu_has_native_bf16  # noqa: E402
-from qwen35_lite.engine import Engine, EngineOptions  # noqa: E402
+from qwen35_lite.convert.quantize import quantization_config, quantize_checkpoint  # noqa: E402
+from qwen35_lite.convert.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402
 from qwen35_lite.experts.formats import expert_format, int4  # noqa: E402
+from qwen35_lite.plan.cpu_features import cpu_has_native_bf16  # noqa: E402
 from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
-from qwen35_lite.quantize import quantization_config, quantize_checkpoint  # noqa: E402
-from qwen35_lite.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402
+from qwen35_lite.runtime.engine import Engine, EngineOptions  # noqa: E402
+from qwen35_lite.weights.config import TextConfig, load_config  # noqa: E402
 
 NVME_GBS, PCIE_GBS, GPU_GBS = 6.5, 25.0, 1008.0  # reference box: NVMe read, PCIe 4.0 x16 copies, 4090 memory
 D397, I397 = 4096, 1024

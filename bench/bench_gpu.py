@@ -37,10 +37,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_offload import leading_match, write_section  # noqa: E402
 from offload_runs import ckpt_files, hf_greedy, hf_placement, machine, warm_page_cache  # noqa: E402
 
-from qwen35_lite.config import parse_config  # noqa: E402
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint  # noqa: E402
 from qwen35_lite.experts.store import evict_page_cache  # noqa: E402
 from qwen35_lite.plan.sizes import tensor_shapes  # noqa: E402
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint  # noqa: E402
+from qwen35_lite.weights.config import parse_config  # noqa: E402
 
 SECTION = "## Offloading (GPU)"
 SPEC = dict(

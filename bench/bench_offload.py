@@ -56,9 +56,9 @@ from offload_runs import (  # noqa: E402
     warm_page_cache,
 )
 
-from qwen35_lite.checkpoint import Checkpoint  # noqa: E402
-from qwen35_lite.stats import peak_rss_bytes  # noqa: E402
-from qwen35_lite.synthetic import write_checkpoint  # noqa: E402
+from qwen35_lite.convert.synthetic import write_checkpoint  # noqa: E402
+from qwen35_lite.runtime.stats import peak_rss_bytes  # noqa: E402
+from qwen35_lite.weights.checkpoint import Checkpoint  # noqa: E402
 
 SECTION = "## Offloading (CPU)"
 CONFIGS = {

@@ -25,9 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_formats import write_section  # noqa: E402
 from offload_runs import SPECS, machine, prompt_ids, warm_page_cache  # noqa: E402
 
-from qwen35_lite.engine import Engine, EngineOptions  # noqa: E402
+from qwen35_lite.convert.synthetic import write_checkpoint  # noqa: E402
 from qwen35_lite.model.qwen35 import PREFILL_CHUNK  # noqa: E402
-from qwen35_lite.synthetic import write_checkpoint  # noqa: E402
+from qwen35_lite.runtime.engine import Engine, EngineOptions  # noqa: E402
 
 
 def run(engine: Engine, ids: torch.Tensor, block: int | None) -> dict:

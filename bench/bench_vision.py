@@ -31,9 +31,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_offload import write_section  # noqa: E402
 from offload_runs import machine  # noqa: E402
 
-from qwen35_lite.config import VisionConfig  # noqa: E402
-from qwen35_lite.vision import ImageProcessorConfig, VisionTower, preprocess  # noqa: E402
-from qwen35_lite.vision.tower import vision_tensor_shapes  # noqa: E402
+from qwen35_lite.model.vision import ImageProcessorConfig, VisionTower, preprocess  # noqa: E402
+from qwen35_lite.model.vision.tower import vision_tensor_shapes  # noqa: E402
+from qwen35_lite.weights.config import VisionConfig  # noqa: E402
 
 SECTION = "## Vision encode (CPU)"
 # Qwen3.5-397B-A17B vision_config (architecture notes §1.1).

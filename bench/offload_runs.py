@@ -19,12 +19,12 @@ from pathlib import Path
 import psutil
 import torch
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec
 from qwen35_lite.experts.cache import POLICIES, TieredExperts
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
-from qwen35_lite.synthetic import SyntheticSpec
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 _COMMON = dict(
     hidden_size=1024,

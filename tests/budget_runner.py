@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qwen35_lite.checkpoint import Checkpoint  # noqa: E402
-from qwen35_lite.config import load_config  # noqa: E402
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts  # noqa: E402
 from qwen35_lite.experts.store import ExpertStore  # noqa: E402
 from qwen35_lite.model.qwen35 import Qwen35Model  # noqa: E402
 from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
+from qwen35_lite.weights.checkpoint import Checkpoint  # noqa: E402
+from qwen35_lite.weights.config import load_config  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -6,11 +6,11 @@ import hf_reference
 import pytest
 import torch
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
 from qwen35_lite.experts.cache import UncachedExperts
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.qwen35 import Qwen35Model
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 torch.set_num_threads(2)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qwen35_lite.convert.synthetic import FP8_CONFIG
 from qwen35_lite.experts.formats.fp8 import dequantize_fp8
-from qwen35_lite.synthetic import FP8_CONFIG
 
 
 def expert_matrices(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -21,8 +21,8 @@ import pytest
 import torch
 from quant_helpers import fp8_copy
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.quantize import quantize_checkpoint
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import TieredExperts
 from qwen35_lite.experts.formats import QuantScheme
@@ -30,9 +30,9 @@ from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.cache import DeltaNetState, KVCache
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.plan.memory import GiB, MemoryPlan
-from qwen35_lite.quantize import quantize_checkpoint
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.tokenizer import Tokenizer
+from qwen35_lite.text.tokenizer import Tokenizer
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 RUNNER = Path(__file__).with_name("budget_runner.py")
 # 8 layers x 128 experts x 1.5 MiB = 1.5 GiB of bf16 experts (1.6 GB on disk); resident path ~20 MB
@@ -74,8 +74,8 @@ def add_vision_tower(path: Path, **vision) -> Path:
     pixel limits."""
     from safetensors.torch import save_file
 
-    from qwen35_lite.config import VisionConfig
-    from qwen35_lite.vision.tower import vision_tensor_shapes
+    from qwen35_lite.model.vision.tower import vision_tensor_shapes
+    from qwen35_lite.weights.config import VisionConfig
 
     vcfg = {**VISION, **vision}
     config = json.loads((path / "config.json").read_text())
@@ -335,8 +335,8 @@ def test_an_image_the_budget_cannot_decode_is_refused_from_its_header(tmp_path):
     from PIL import Image
 
     from qwen35_lite.errors import InputError
-    from qwen35_lite.multimodal import load_images
-    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+    from qwen35_lite.model.vision.preprocess import ImageProcessorConfig, image_nbytes
+    from qwen35_lite.runtime.multimodal import load_images
 
     cfg = ImageProcessorConfig()
     big, small = tmp_path / "big.png", tmp_path / "small.png"
@@ -426,8 +426,8 @@ def test_an_image_takes_room_from_the_expert_cache_for_its_time_and_the_tokens_s
     from PIL import Image
 
     from qwen35_lite.errors import InputError
-    from qwen35_lite.multimodal import load_images, room_for_images
-    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+    from qwen35_lite.model.vision.preprocess import ImageProcessorConfig, image_nbytes
+    from qwen35_lite.runtime.multimodal import load_images, room_for_images
 
     path = write_checkpoint(tmp_path / "ck", ROOMY, dtype=torch.bfloat16)
     cfg, ckpt = load_config(path).text, Checkpoint(path)

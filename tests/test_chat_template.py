@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from qwen35_lite.chat_template import BUILTIN_TEMPLATE, ChatTemplate
 from qwen35_lite.errors import CheckpointError, InputError
-from qwen35_lite.tokenizer import PACKAGED_TOKENIZER
+from qwen35_lite.text.chat_template import BUILTIN_TEMPLATE, ChatTemplate
+from qwen35_lite.text.tokenizer import PACKAGED_TOKENIZER
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 

@@ -22,11 +22,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwen35_lite.chat_template import ChatTemplate
 from qwen35_lite.cli import app
 from qwen35_lite.cli.chat_repl import COMMANDS
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.tokenizer import Tokenizer
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.text.chat_template import ChatTemplate
+from qwen35_lite.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Name three colours."
@@ -54,7 +54,7 @@ def reuse_engines(monkeypatch):
     """In-process runs load each (checkpoint, options) once per session: parsing the 33 MB tokenizer for
     every invocation would double this file's runtime. Failed loads are never cached, and the subprocess
     tests (Ctrl+C, the real-process error) always load for real."""
-    from qwen35_lite.engine import Engine, EngineOptions
+    from qwen35_lite.runtime.engine import Engine, EngineOptions
 
     load = Engine.load.__func__
 
@@ -417,7 +417,7 @@ def test_make_checkpoint_then_run_it(tmp_path):
 @pytest.mark.parametrize("size", ["small", "medium"])
 def test_size_presets_are_valid_specs(size):
     from qwen35_lite.cli.app import SIZES
-    from qwen35_lite.config import parse_config
+    from qwen35_lite.weights.config import parse_config
 
     spec = SyntheticSpec(**SIZES[size])
     cfg = parse_config({"model_type": "qwen3_5_moe", "text_config": spec.text_config()})
@@ -432,9 +432,9 @@ def test_launcher_script_exists():
 def test_sampling_names_are_declared_once():
     """Every SamplingParams field has exactly one flag, a /set range and a request field of the server."""
     from qwen35_lite.cli.options import SAMPLING_OPTIONS
-    from qwen35_lite.sampling import SAMPLING_KEYS
+    from qwen35_lite.runtime.sampling import SAMPLING_KEYS
+    from qwen35_lite.runtime.settings import SETTINGS
     from qwen35_lite.server.protocol import SamplingFields
-    from qwen35_lite.settings import SETTINGS
 
     assert tuple(SAMPLING_OPTIONS) == SAMPLING_KEYS
     assert set(SAMPLING_KEYS) <= set(SETTINGS)

@@ -11,9 +11,9 @@ import torch
 from conftest import greedy, load_ours
 from test_expert_cache import _standin, fake_cuda  # noqa: F401  (the fixture, used below)
 
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.rates import ExpertRates, measure_rates
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.config import load_config
 
 pytestmark = pytest.mark.usefixtures("fake_cuda")  # stand-in CUDA streams and events, every test
 

@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from qwen35_lite.cli import app
-from qwen35_lite.engine import Engine, EngineOptions
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.engine import Engine, EngineOptions
 
 SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
 

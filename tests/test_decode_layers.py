@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen35_lite.config import TextConfig
 from qwen35_lite.model.attention import Attention, _attend_reference
 from qwen35_lite.model.deltanet import (
     GatedDeltaNet,
@@ -24,6 +23,7 @@ from qwen35_lite.model.layers import (
     gated_rms_norm_reference,
     rms_norm_1p_reference,
 )
+from qwen35_lite.weights.config import TextConfig
 
 CFG = TextConfig(
     hidden_size=96,

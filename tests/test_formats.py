@@ -8,8 +8,7 @@ from conftest import greedy, load_ours
 from quant_helpers import FP8_CONFIG, fp8_copy
 from safetensors.torch import load_file
 
-from qwen35_lite.checkpoint import Checkpoint, read_range
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.quantize import quantization_config
 from qwen35_lite.errors import ConfigError
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import (
@@ -23,7 +22,8 @@ from qwen35_lite.experts.formats import (
 )
 from qwen35_lite.experts.formats import int4 as int4_cpu  # the int4 kernel layout lives with the format
 from qwen35_lite.experts.store import ExpertStore
-from qwen35_lite.quantize import quantization_config
+from qwen35_lite.weights.checkpoint import Checkpoint, read_range
+from qwen35_lite.weights.config import load_config
 
 CPU = torch.device("cpu")
 
@@ -232,10 +232,10 @@ def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_
     tokens and logits on it equal its own; an interrupted output is refused by the loader in one line."""
     from ct_reference import load_ct_reference
 
-    from qwen35_lite.engine import Engine, EngineOptions
+    from qwen35_lite.convert.quantize import quantize_checkpoint
     from qwen35_lite.errors import CheckpointError
     from qwen35_lite.experts.formats import QuantScheme
-    from qwen35_lite.quantize import quantize_checkpoint
+    from qwen35_lite.runtime.engine import Engine, EngineOptions
 
     out = tmp_path / "w4"
     quantize_checkpoint(hf_checkpoint("moe_int4"), out, QuantScheme(group_size=32, symmetric=True))
@@ -272,7 +272,7 @@ def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_
 
 def test_synthetic_fp8_experts_dequantise_to_the_bf16_ones(tmp_path):
     """make-checkpoint --fp8: the same random experts in block-128 FP8 (scale = block absmax / 448)."""
-    from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+    from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 
     spec = SyntheticSpec(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, vocab_size=4096)
     dense = _store(

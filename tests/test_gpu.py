@@ -17,13 +17,13 @@ from conftest import greedy
 from hf_reference import SHAPES, load_reference
 from test_budget import BIG
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import write_checkpoint
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.plan.memory import GiB
-from qwen35_lite.synthetic import write_checkpoint
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -102,7 +102,7 @@ def test_rates_are_measured_on_the_gpu(hf_checkpoint):
 
 def test_resident_decode_reads_only_the_token(hf_checkpoint):
     """Every expert on the GPU: slots picked on the device, one host read per token (the id)."""
-    from qwen35_lite.op_profile import profile_decode
+    from qwen35_lite.runtime.op_profile import profile_decode
 
     path = hf_checkpoint("moe_ratio2_gqa2")
     model = _load(path, torch.bfloat16, TieredExperts, gpu_slots=10**6, cpu_slots=1)

@@ -28,17 +28,17 @@ import torch
 from PIL import EpsImagePlugin, Image, UnidentifiedImageError
 from typer.testing import CliRunner
 
-from qwen35_lite import chat_file
 from qwen35_lite.cli import app
 from qwen35_lite.cli.chat_repl import COMMANDS, Repl
 from qwen35_lite.cli.ui import UI
-from qwen35_lite.engine import Engine, EngineOptions
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import InputError
-from qwen35_lite.sampling import SamplingParams
-from qwen35_lite.session import ChatSession, ChatSettings
-from qwen35_lite.settings import check_setting, parse_setting
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.vision.preprocess import MAX_IMAGE_PIXELS, load_image
+from qwen35_lite.model.vision.preprocess import MAX_IMAGE_PIXELS, load_image
+from qwen35_lite.runtime import chat_file
+from qwen35_lite.runtime.engine import Engine, EngineOptions
+from qwen35_lite.runtime.sampling import SamplingParams
+from qwen35_lite.runtime.session import ChatSession, ChatSettings
+from qwen35_lite.runtime.settings import check_setting, parse_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"

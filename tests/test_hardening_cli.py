@@ -18,16 +18,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from qwen35_lite import cpu_features
-from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.cli import app
 from qwen35_lite.cli.tools import bench, flowed_help, info
 from qwen35_lite.cli.ui import cache_rows, format_stats, human_bytes, plural
-from qwen35_lite.device import pick_dtype
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import CheckpointError
-from qwen35_lite.sampling import SamplingParams, make_sampler
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.tokenizer import Tokenizer, as_valid_text
+from qwen35_lite.plan import cpu_features
+from qwen35_lite.plan.device import pick_dtype
+from qwen35_lite.runtime.sampling import SamplingParams, make_sampler
+from qwen35_lite.text.tokenizer import Tokenizer, as_valid_text
+from qwen35_lite.weights.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
@@ -53,7 +53,7 @@ _ENGINES: dict = {}
 @pytest.fixture(autouse=True)
 def reuse_engines(monkeypatch):
     """Load each (checkpoint, options) once: parsing the 33 MB tokenizer per invocation costs seconds."""
-    from qwen35_lite.engine import Engine, EngineOptions
+    from qwen35_lite.runtime.engine import Engine, EngineOptions
 
     load = Engine.load.__func__
 
@@ -320,7 +320,7 @@ def test_make_checkpoint_over_the_available_ram_is_refused(tmp_path, monkeypatch
 
 
 def test_make_checkpoint_that_fails_midway_removes_the_directory_it_made(tmp_path, monkeypatch):
-    from qwen35_lite import synthetic
+    from qwen35_lite.convert import synthetic
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
@@ -342,8 +342,8 @@ def test_a_cuda_index_without_a_gpu_is_one_line(ckpt):
 
 
 def test_a_cuda_index_past_the_gpus_is_refused(monkeypatch):
-    from qwen35_lite.device import pick_device
     from qwen35_lite.errors import InputError
+    from qwen35_lite.plan.device import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -375,8 +375,8 @@ def test_tools_must_be_a_regular_file(ckpt, tmp_path, make, words):
 
 
 def test_tools_file_over_the_cap_is_refused_while_reading(ckpt, tmp_path, monkeypatch):
-    from qwen35_lite import user_files
     from qwen35_lite.cli import options
+    from qwen35_lite.runtime import user_files
 
     big = tmp_path / "tools.json"
     big.write_text("[" + " " * 3000 + "]")
@@ -419,9 +419,9 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_a_traceback(tmp_path):
 def test_run_json_text_is_the_answer_as_generated(ckpt):
     """On this checkpoint the greedy reply to "hi" opens with a space: kept, as the server's content keeps
     it (the stream of token texts, joined)."""
-    from qwen35_lite.engine import Engine, EngineOptions
-    from qwen35_lite.generate import TokenEvent
-    from qwen35_lite.session import ChatSession, ChatSettings
+    from qwen35_lite.runtime.engine import Engine, EngineOptions
+    from qwen35_lite.runtime.generate import TokenEvent
+    from qwen35_lite.runtime.session import ChatSession, ChatSettings
 
     out = json.loads(cli("run", "-m", ckpt, "--json", "--no-think", "-t", "0", "-n", "4", "hi").stdout)
     engine = Engine.load(str(ckpt), EngineOptions())
@@ -494,8 +494,8 @@ def test_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
 
 def test_context_hints_offer_only_what_can_work(ckpt):
     """`run` has no chat to /clear; --ctx is suggested only below the model's maximum, which it names."""
-    from qwen35_lite.generate import context_hint
     from qwen35_lite.plan.sizes import fmt_gib
+    from qwen35_lite.runtime.generate import context_hint
 
     r = cli("run", "-m", ckpt, "--raw", "--ctx", 16, "-n", 1, "word " * 40)
     assert r.exit_code == 1 and "/clear" not in r.stderr and "raise --ctx" in r.stderr

@@ -23,15 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from qwen35_lite import template_sandbox
-from qwen35_lite.chat_template import ChatTemplate
-from qwen35_lite.checkpoint import Checkpoint
 from qwen35_lite.cli import app
-from qwen35_lite.config import load_config, parse_config
-from qwen35_lite.engine import generation_defaults
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import CheckpointError, ConfigError, InputError
 from qwen35_lite.plan.sizes import tensor_shapes
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.engine import generation_defaults
+from qwen35_lite.text import template_sandbox
+from qwen35_lite.text.chat_template import ChatTemplate
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"

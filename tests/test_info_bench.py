@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 import qwen35_lite.plan.memory
 from qwen35_lite.cli import app
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.plan.memory import GiB
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 # 4 layers x 64 experts x 384 KiB = 96 MiB of experts beside a 64 MB embedding + head (the real vocabulary,
 # so the chat template's special tokens exist)

@@ -13,11 +13,11 @@ from ct_reference import ct_compress, ct_decompress, ct_scheme, per_expert
 from test_info_bench import ok_json
 from test_plan import CONFIG_397B
 
+from qwen35_lite.convert.quantize import quantization_config
 from qwen35_lite.experts.formats import DenseFormat, QuantScheme, expert_format
 from qwen35_lite.experts.formats.compressed import quantize
 from qwen35_lite.experts.formats.int8 import Int8Format, dequantize_int8, pack_int8, unpack_int8
 from qwen35_lite.experts.formats.registry import parse_quantization_config
-from qwen35_lite.quantize import quantization_config
 
 CT_W8 = quantization_config(
     QuantScheme(bits=8, group_size=None, symmetric=True)
@@ -142,10 +142,10 @@ def test_int8_checkpoint_matches_transformers_in_fp32(w8_checkpoints, key):
 def test_int8_kernel_run_is_as_close_to_fp32_as_the_exact_bf16_path(w8_checkpoints):
     """bf16 on the CPU runs the int8 kernel (scales in bf16 inside the matmul): its logits are as close to
     the exact fp32 run as the exact path's in bf16 (dequantised as compressed-tensors does, then F.linear)."""
-    from qwen35_lite.checkpoint import Checkpoint
-    from qwen35_lite.config import load_config
     from qwen35_lite.experts.cache import UncachedExperts
     from qwen35_lite.experts.store import ExpertStore
+    from qwen35_lite.weights.checkpoint import Checkpoint
+    from qwen35_lite.weights.config import load_config
 
     path = w8_checkpoints[(None, True)]
     ids = torch.randint(0, 248000, (40,), generator=torch.Generator().manual_seed(7))
@@ -173,7 +173,7 @@ def test_quantize_bits_8_writes_what_compressed_tensors_writes(hf_checkpoint, tm
     from ct_reference import load_ct_reference
     from safetensors.torch import load_file
 
-    from qwen35_lite.quantize import quantize_checkpoint
+    from qwen35_lite.convert.quantize import quantize_checkpoint
 
     src = hf_checkpoint("moe_int4")
     out = tmp_path / "w8"

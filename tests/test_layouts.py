@@ -8,10 +8,10 @@ from conftest import load_ours
 from hf_reference import load_reference
 from safetensors.torch import save_file
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.store import ExpertStore
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 
 @pytest.fixture(scope="module")

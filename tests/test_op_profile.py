@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from qwen35_lite.cli import app
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.cache import TieredExperts
-from qwen35_lite.op_profile import count_host_reads, profile_decode
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.op_profile import count_host_reads, profile_decode
 
 
 def test_host_reads_are_counted_and_the_methods_restored():

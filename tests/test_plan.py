@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.plan.memory import GiB, MemoryPlan
 from qwen35_lite.plan.sizes import tensor_shapes
 from qwen35_lite.plan.table import plan_rows
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 # Qwen3.5-397B-A17B, from shared/docs/qwen35-architecture.md §1.1
 TEXT_397B = {
@@ -216,7 +216,7 @@ def test_a_text_run_reserves_nothing_for_images_and_a_run_with_images_their_size
     say decoding them takes; chat and serve (images=None): the tower, and no standing image allowance."""
     from PIL import Image
 
-    from qwen35_lite.vision.preprocess import ImageProcessorConfig, image_nbytes
+    from qwen35_lite.model.vision.preprocess import ImageProcessorConfig, image_nbytes
 
     vision = {"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": 64}
     config = {**CONFIG_397B, "vision_config": vision}

@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import greedy
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.cache import TieredExperts, UncachedExperts
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.moe import MoE
 from qwen35_lite.model.qwen35 import Qwen35Model
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_tok=4, vocab_size=4096)
 CPU = torch.device("cpu")

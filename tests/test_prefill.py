@@ -85,7 +85,7 @@ def test_run_json_reports_prefill_disk_bytes_and_speed(tmp_path):
     from typer.testing import CliRunner
 
     from qwen35_lite.cli import app
-    from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+    from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 
     spec = SyntheticSpec(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2)  # the real vocabulary
     ckpt = write_checkpoint(tmp_path / "ck", spec)

@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from qwen35_lite.checkpoint import PARTIAL_MARKER, check_not_partial
 from qwen35_lite.cli import app
+from qwen35_lite.convert.quantize import quantize_checkpoint
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import CheckpointError, InputError
 from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.formats.int4 import QuantScheme, dequantize_int4, quantize_int4
-from qwen35_lite.quantize import quantize_checkpoint
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.checkpoint import PARTIAL_MARKER, check_not_partial
 
 SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
 SMALL_SHARDS = 24 << 20  # several output shards from a ~100 MB checkpoint
@@ -251,7 +251,7 @@ def test_readme_make_checkpoint_model_quantizes_with_the_defaults(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(fused_bf16, tmp_path, monkeypatch):
-    from qwen35_lite import quantize as q
+    from qwen35_lite.convert import quantize as q
 
     real = q._write_job
 
@@ -292,7 +292,7 @@ def test_a_read_only_out_is_one_line(fused_bf16, tmp_path, monkeypatch):
 def test_too_little_free_space_is_refused_before_writing(fused_bf16, tmp_path, monkeypatch):
     import shutil
 
-    from qwen35_lite import quantize as q
+    from qwen35_lite.convert import quantize as q
 
     real = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(q.shutil, "disk_usage", lambda p: real._replace(free=1 << 20))

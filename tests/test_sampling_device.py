@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import load_ours
 
-import qwen35_lite.generate as generate_module
+import qwen35_lite.runtime.generate as generate_module
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import CheckpointError
-from qwen35_lite.generate import Finished, GenerationRequest, TokenEvent, generate
-from qwen35_lite.op_profile import count_host_reads
-from qwen35_lite.sampling import Penalties, SamplingParams, apply_penalties, make_sampler
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.generate import Finished, GenerationRequest, TokenEvent, generate
+from qwen35_lite.runtime.op_profile import count_host_reads
+from qwen35_lite.runtime.sampling import Penalties, SamplingParams, apply_penalties, make_sampler
 
 V = 500
 PARAMS = [

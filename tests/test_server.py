@@ -28,12 +28,12 @@ import uvicorn
 from typer.testing import CliRunner
 
 from qwen35_lite.cli import app as cli_app
-from qwen35_lite.engine import Engine, EngineOptions
-from qwen35_lite.generate import Finished, TokenEvent
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.engine import Engine, EngineOptions
+from qwen35_lite.runtime.generate import Finished, TokenEvent
 from qwen35_lite.server import app as server_app
 from qwen35_lite.server import worker
 from qwen35_lite.server.app import create_app
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 openai = pytest.importorskip("openai")
 

@@ -25,12 +25,12 @@ import pytest
 import torch
 from test_server import CTX, KEY, MESSAGES, ThreadServer, chat, free_port, post
 
-from qwen35_lite.engine import Engine, EngineOptions
-from qwen35_lite.generate import Finished, TokenEvent
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.runtime.engine import Engine, EngineOptions
+from qwen35_lite.runtime.generate import Finished, TokenEvent
 from qwen35_lite.server import worker
 from qwen35_lite.server.app import create_app
 from qwen35_lite.server.guard import HostPolicy
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
 
 REFUSED = "an image_url that is a local path was refused"
 

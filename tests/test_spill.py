@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.cache import UncachedExperts
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.qwen35 import Qwen35Model
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 SPEC = SyntheticSpec(num_hidden_layers=8, num_experts=8, num_experts_per_tok=2, vocab_size=4096)
 CPU = torch.device("cpu")

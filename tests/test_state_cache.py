@@ -7,7 +7,7 @@ import torch
 from conftest import greedy, load_ours
 
 from qwen35_lite.model.cache import DeltaNetState, KVCache, ModelCache
-from qwen35_lite.state_cache import PrefixCache
+from qwen35_lite.server.state_cache import PrefixCache
 
 SHAPE = "moe_2attn_gqa4_dkdv"  # 8 layers: 2 attention (KV) and 6 DeltaNet, dk != dv, conv kernel 3
 BIG = 1 << 30

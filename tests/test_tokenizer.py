@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from qwen35_lite.errors import CheckpointError
-from qwen35_lite.tokenizer import StreamDecoder, Tokenizer
+from qwen35_lite.text.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3:45pm; we'll see, they're done!",

@@ -12,16 +12,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qwen35_lite import session as session_module
-from qwen35_lite.chat_template import ChatTemplate
 from qwen35_lite.cli import app
-from qwen35_lite.engine import Engine
+from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import InputError
-from qwen35_lite.generate import Finished, TokenEvent
-from qwen35_lite.session import ChatSession
-from qwen35_lite.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.tokenizer import Tokenizer
-from qwen35_lite.tool_calls import (
+from qwen35_lite.runtime import session as session_module
+from qwen35_lite.runtime.engine import Engine
+from qwen35_lite.runtime.generate import Finished, TokenEvent
+from qwen35_lite.runtime.session import ChatSession
+from qwen35_lite.text.chat_template import ChatTemplate
+from qwen35_lite.text.tokenizer import Tokenizer
+from qwen35_lite.text.tool_calls import (
     ContentDelta,
     StreamingToolParser,
     ToolCallDelta,

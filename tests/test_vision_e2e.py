@@ -18,16 +18,16 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 from vision_helpers import build_tiny_vlm, load_tiny_vlm, make_image
 
-from qwen35_lite.chat_template import BUILTIN_TEMPLATE
 from qwen35_lite.cli import app
 from qwen35_lite.cli.chat_repl import Repl, split_image_paths
 from qwen35_lite.cli.ui import UI
-from qwen35_lite.config import VisionConfig
-from qwen35_lite.engine import Engine, EngineOptions
 from qwen35_lite.errors import InputError
-from qwen35_lite.sampling import SamplingParams
-from qwen35_lite.session import ChatSession, ChatSettings
-from qwen35_lite.vision.tower import vision_tensor_shapes
+from qwen35_lite.model.vision.tower import vision_tensor_shapes
+from qwen35_lite.runtime.engine import Engine, EngineOptions
+from qwen35_lite.runtime.sampling import SamplingParams
+from qwen35_lite.runtime.session import ChatSession, ChatSettings
+from qwen35_lite.text.chat_template import BUILTIN_TEMPLATE
+from qwen35_lite.weights.config import VisionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = 248056
@@ -293,7 +293,7 @@ PROBE = textwrap.dedent(
     """
     import json, re, sys
     from qwen35_lite.cli import app
-    from qwen35_lite.engine import Engine
+    from qwen35_lite.runtime.engine import Engine
 
     def peak_rss():
         return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -375,8 +375,8 @@ def test_text_only_run_never_loads_the_tower(big_tower, pics):
 def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
     """bf16 matmuls are 4-7x slower than fp32 on CPUs without bf16 units: the tower runs in fp32 and its
     rows are rounded to bf16 once, as they replace the placeholder embeddings."""
-    from qwen35_lite.multimodal import image_prompt, load_images
-    from qwen35_lite.vision.preprocess import preprocess
+    from qwen35_lite.model.vision.preprocess import preprocess
+    from qwen35_lite.runtime.multimodal import image_prompt, load_images
 
     engine = Engine.load(str(vlm), EngineOptions(device="cpu", dtype="bfloat16", offline=True))
     ids = [11, 248053, IMAGE, 248054, 22]

@@ -10,7 +10,7 @@ from PIL import Image, ImageFile
 from vision_helpers import PREPROCESSOR, make_image, reference_image_processor
 
 from qwen35_lite.errors import ConfigError, InputError
-from qwen35_lite.vision import ImageProcessorConfig, load_image, preprocess, smart_resize
+from qwen35_lite.model.vision import ImageProcessorConfig, load_image, preprocess, smart_resize
 
 MIN_PIXELS, MAX_PIXELS = 64 * 64, 192 * 192  # small bounds keep every case a few dozen patches
 

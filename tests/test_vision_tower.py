@@ -7,10 +7,8 @@ import torch
 from safetensors.torch import save_file
 from vision_helpers import build_tiny_vlm, load_tiny_vlm, make_image
 
-from qwen35_lite.checkpoint import Checkpoint
-from qwen35_lite.config import load_config
 from qwen35_lite.errors import CheckpointError, InputError
-from qwen35_lite.vision import (
+from qwen35_lite.model.vision import (
     ImageProcessorConfig,
     VisionTower,
     expand_image_placeholders,
@@ -18,6 +16,8 @@ from qwen35_lite.vision import (
     preprocess,
     scatter_image_features,
 )
+from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.config import load_config
 
 IMAGE, START, END = 248056, 248053, 248054
 

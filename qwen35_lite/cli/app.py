@@ -85,7 +85,7 @@ def read_prompt(ui: UI, words: list[str]) -> str:
     Bytes that are not UTF-8 (in an argument or piped in) become U+FFFD instead of failing in the
     tokenizer. A piped prompt loses its trailing newline and spaces, as with ollama.
     """
-    from ..tokenizer import as_valid_text
+    from ..text.tokenizer import as_valid_text
 
     if words == ["-"]:
         if sys.stdin.isatty():
@@ -136,7 +136,7 @@ def run(
     ] = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
-    from ..session import ChatSession
+    from ..runtime.session import ChatSession
     from .chat_repl import stream_reply
 
     check_flags(reply)
@@ -148,7 +148,7 @@ def run(
     text = read_prompt(ui, prompt)
     tool_list = read_tools(reply.tools)
     if images:
-        from ..multimodal import check_images
+        from ..runtime.multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
     load.image_paths = tuple(images)  # the plan reserves what these take, and nothing without any
@@ -191,7 +191,7 @@ def chat(
     quiet: Quiet = False,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
-    from ..session import ChatSession
+    from ..runtime.session import ChatSession
     from .chat_repl import Repl
 
     check_flags(reply)
@@ -279,7 +279,7 @@ def make_checkpoint(
     """Write a random-weight Qwen3.5-MoE checkpoint (real tokenizer and chat template) to try offline."""
     import torch
 
-    from ..synthetic import SyntheticSpec, write_checkpoint
+    from ..convert.synthetic import SyntheticSpec, write_checkpoint
 
     values = dict(SIZES[size])
     for key, value in (
@@ -334,7 +334,7 @@ def check_room(out: Path, spec, dtype_size: int, shard_bytes: int) -> None:
     whose writing needs more RAM than is available, naming both figures."""
     import psutil
 
-    from ..synthetic import checkpoint_bytes, peak_ram_bytes
+    from ..convert.synthetic import checkpoint_bytes, peak_ram_bytes
 
     disk = checkpoint_bytes(spec, dtype_size)
     where = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())

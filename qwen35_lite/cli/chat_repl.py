@@ -15,9 +15,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import InputError, Qwen35Error
-from ..generate import Finished, TokenEvent
-from ..session import THINK_MODES, ChatSession
-from ..settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli/options.py)
+from ..runtime.generate import Finished, TokenEvent
+from ..runtime.session import THINK_MODES, ChatSession
+from ..runtime.settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli/options.py)
 from .ui import UI, ReplyPrinter, format_stats, plural
 
 # ---- settings (their table and checks are in settings.py) -----------------------------------------
@@ -297,7 +297,7 @@ class Repl:
 
     def attach(self, paths: list[Path], later: bool = True) -> None:
         """Queue images for the next message; a bad file is reported now (and none of `paths` is queued)."""
-        from ..multimodal import load_images
+        from ..runtime.multimodal import load_images
 
         for path, image in zip(paths, load_images(paths)):
             self.pending_images.append(path)

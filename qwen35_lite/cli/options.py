@@ -23,10 +23,10 @@ from ..errors import InputError
 from .ui import UI
 
 if TYPE_CHECKING:
-    from ..engine import Engine
     from ..plan.load import Planned
     from ..plan.options import EngineOptions
-    from ..session import ChatSettings
+    from ..runtime.engine import Engine
+    from ..runtime.session import ChatSettings
 
 # ---- the options ---------------------------------------------------------------------------------
 
@@ -301,7 +301,7 @@ def plan_memory(model: str, load: EngineOptions, config_only: bool = False) -> P
 
 def load_engine(ui: UI, model: str, load: EngineOptions) -> Engine:
     """Plan memory, refuse a budget that cannot hold the run, then load under the plan, with progress bars."""
-    from ..engine import Engine
+    from ..runtime.engine import Engine
 
     with ui.load_progress() as on_progress:
         return Engine.load(model, load, on_progress=on_progress)
@@ -309,7 +309,7 @@ def load_engine(ui: UI, model: str, load: EngineOptions) -> Engine:
 
 def check_flags(flags: ReplyFlags) -> None:
     """Reject bad flag values before the (slow) load, as usage errors (exit 2)."""
-    from ..settings import check_setting
+    from ..runtime.settings import check_setting
 
     if flags.raw and flags.system:
         raise typer.BadParameter("--system has no effect with --raw", param_hint="--system")
@@ -388,7 +388,7 @@ def _why_cpu(device: str) -> str:
 
 def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
     """Checkpoint defaults, overridden by every flag that was given."""
-    from ..session import ChatSettings
+    from ..runtime.session import ChatSettings
 
     think = "hide" if flags.think and flags.hide_thinking else "on" if flags.think else "off"
     return ChatSettings(
@@ -402,8 +402,8 @@ def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
 
 def read_tools(path: Path | None) -> list[dict] | None:
     """The --tools file, read and checked before the (slow) load: one error line says what is wrong."""
-    from ..tool_calls import TOOLS_HINT, check_tools
-    from ..user_files import read_user_file
+    from ..runtime.user_files import read_user_file
+    from ..text.tool_calls import TOOLS_HINT, check_tools
 
     if path is None:
         return None

@@ -20,15 +20,15 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from ..experts.formats import QuantScheme
-from ..hub import resolve_model
-from ..quantize import (
+from ..convert.quantize import (
     DEFAULT_SHARD_BYTES,
     GROUP_SIZES,
     QuantizeProgress,
     default_group_size,
     quantize_checkpoint,
 )
+from ..experts.formats import QuantScheme
+from ..weights.hub import resolve_model
 from .errors import friendly_errors
 from .options import Offline
 from .ui import UI, human_bytes, plural

@@ -68,8 +68,8 @@ def dtype_note(requested: str, planned: Planned) -> str | None:
     """Why auto planned float32 for a bfloat16 checkpoint (a CPU without native bf16), else None."""
     import torch
 
-    from ..cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
-    from ..device import declared_dtype
+    from ..plan.cpu_features import NO_BF16_NOTE, cpu_has_native_bf16
+    from ..plan.device import declared_dtype
 
     plan = planned.plan
     if requested != "auto" or plan.dtype != torch.float32 or torch.device(plan.device).type != "cpu":
@@ -101,7 +101,7 @@ def bench(
     result gives prefill and decode speed, time to first token, cache hits and misses per tier, bytes
     read per token and peak memory.
     """
-    from ..benchmark import check_workload, run_benchmark
+    from ..runtime.benchmark import check_workload, run_benchmark
 
     load.image_paths = ()  # a text workload: nothing reserved for images
     check_load_flags(load)

@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.spinner import Spinner
 from rich.text import Text
 
-from ..tool_calls import ContentDelta, StreamingToolParser
+from ..text.tool_calls import ContentDelta, StreamingToolParser
 
 PREFILL_BAR_MIN_TOKENS = 1024  # shorter prompts prefill in a blink; a bar would only flicker
 

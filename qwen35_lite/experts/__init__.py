@@ -1,1 +1,1 @@
-"""Routed-expert storage formats and the code that reads them (bf16, FP8 block-128, int4 compressed-tensors)."""
+"""Routed experts: their formats (experts/formats/, one module each), the store that reads them, the tiered slot caches, prefetch, and the lookup a MoE layer runs its experts through."""

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, read_range
-from ..config import TextConfig
 from ..errors import CheckpointError
+from ..weights.checkpoint import Checkpoint, read_range
+from ..weights.config import TextConfig
 from .formats import Expert, ExpertFormat, choose
 
 IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import TextConfig
+from ..weights.config import TextConfig
 from .cache import KVCache
 from .layers import apply_rope_, linear, rms_normalize
 

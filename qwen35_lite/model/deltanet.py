@@ -12,7 +12,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
-from ..config import TextConfig
+from ..weights.config import TextConfig
 from .cache import DeltaNetState
 from .layers import gated_rms_norm, linear, rms_normalize
 

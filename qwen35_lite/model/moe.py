@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..config import TextConfig
 from ..experts.lookup import Lookup
+from ..weights.config import TextConfig
 from .layers import linear, swiglu
 
 

@@ -11,8 +11,8 @@ from itertools import groupby
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..config import TextConfig
+from ..weights.checkpoint import Checkpoint
+from ..weights.config import TextConfig
 from .attention import Attention
 from .cache import ModelCache
 from .deltanet import GatedDeltaNet

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, check_not_partial
-from ..config import ModelConfig, load_config
-from ..device import config_dtype, pick_device, pick_dtype
 from ..experts.formats import ExpertFormat, choose
-from ..hub import resolve_model
+from ..weights.checkpoint import Checkpoint, check_not_partial
+from ..weights.config import ModelConfig, load_config
+from ..weights.hub import resolve_model
+from .device import config_dtype, pick_device, pick_dtype
 from .memory import MemoryPlan, gib_to_bytes, plan_for
 from .options import EngineOptions
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from ..checkpoint import Checkpoint
-from ..config import TextConfig, VisionConfig
 from ..errors import BudgetError
 from ..experts.formats import ALIGN, ExpertFormat, choose
 from ..model.qwen35 import PREFILL_BLOCK, PREFILL_CHUNK
 from ..model.spill import stays_resident
-from ..vision.tower import tower_dtype
+from ..model.vision.tower import tower_dtype
+from ..weights.checkpoint import Checkpoint
+from ..weights.config import TextConfig, VisionConfig
 from .sizes import (
     CUDA_CONTEXT,
     CUDA_HOST,
@@ -504,7 +504,11 @@ def images_nbytes(paths: Sequence[Path], model_dir: Path | None) -> int:
     """Bytes to decode and preprocess `run --image`'s images, read from their headers (nothing decoded):
     the sum of each one's image_nbytes under the checkpoint's preprocessor_config.json (an upper estimate:
     an image's decoding buffers are freed before the next one's are made)."""
-    from ..vision.preprocess import ImageProcessorConfig, image_nbytes, load_image  # PIL: with images only
+    from ..model.vision.preprocess import (  # PIL: with images only
+        ImageProcessorConfig,
+        image_nbytes,
+        load_image,
+    )
 
     cfg = ImageProcessorConfig.from_dir(model_dir) if model_dir is not None else ImageProcessorConfig()
     total = 0

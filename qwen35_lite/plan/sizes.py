@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..config import TextConfig, VisionConfig
 from ..model.qwen35 import PREFILL_CHUNK, resident_names
-from ..vision.tower import vision_tensor_shapes
+from ..model.vision.tower import vision_tensor_shapes
+from ..weights.checkpoint import Checkpoint
+from ..weights.config import TextConfig, VisionConfig
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions

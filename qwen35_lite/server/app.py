@@ -22,10 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Engine
 from ..errors import Qwen35Error
-from ..generate import Finished, TokenEvent
-from ..state_cache import PrefixCache
+from ..runtime.engine import Engine
+from ..runtime.generate import Finished, TokenEvent
 from .guard import Guard, HostPolicy
 from .media import hide_paths, image_file
 from .protocol import (
@@ -41,6 +40,7 @@ from .protocol import (
     template_tools,
 )
 from .reply import Delta, ReplyText, join_tool_calls
+from .state_cache import PrefixCache
 from .worker import Job, QueueFull, Skipped, Started, Worker
 
 log = logging.getLogger("qwen35_lite.server")
@@ -203,7 +203,7 @@ def create_app(
                 req.messages, lambda url, n: image_file(url, folder, n, media_dir)
             )
             if images:  # an unreadable image is the client's 400, found before the request waits in line
-                from ..multimodal import load_images
+                from ..runtime.multimodal import load_images
 
                 try:
                     await run_in_threadpool(load_images, images)

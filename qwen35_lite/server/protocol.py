@@ -12,9 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..sampling import SAMPLING_KEYS, SamplingParams
-from ..settings import check_setting
-from ..tool_calls import check_tools
+from ..runtime.sampling import SAMPLING_KEYS, SamplingParams
+from ..runtime.settings import check_setting
+from ..text.tool_calls import check_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

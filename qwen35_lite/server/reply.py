@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..generate import TokenEvent
-from ..tool_calls import ContentDelta, StreamingToolParser, ToolCallDelta, new_call_id
+from ..runtime.generate import TokenEvent
+from ..text.tool_calls import ContentDelta, StreamingToolParser, ToolCallDelta, new_call_id
 
 
 class StopStrings:

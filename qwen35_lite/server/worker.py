@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..engine import Engine
 from ..errors import Qwen35Error
-from ..generate import Finished, GenerationRequest, check_context, check_vocab, generate, prefill
 from ..model.cache import ModelCache
-from ..sampling import SamplingParams
-from ..state_cache import PrefixCache
-from ..tokenizer import StreamDecoder
+from ..runtime.engine import Engine
+from ..runtime.generate import Finished, GenerationRequest, check_context, check_vocab, generate, prefill
+from ..runtime.sampling import SamplingParams
+from ..text.tokenizer import StreamDecoder
 from .media import hide_paths
+from .state_cache import PrefixCache
 
 
 @dataclass
@@ -124,7 +124,7 @@ class Worker:
         model = eng.model
         prompt = Prompt(job.prompt_ids)
         if job.images:
-            from ..multimodal import image_prompt  # PIL and the tower only for prompts with images
+            from ..runtime.multimodal import image_prompt  # PIL and the tower only for prompts with images
 
             # The whole prompt from position 0 (a fresh cache): a kept state resumes it part way.
             try:

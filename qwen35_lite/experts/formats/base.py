@@ -23,7 +23,7 @@ from ..layout import Part
 from ..stacks import StackedExperts
 
 if TYPE_CHECKING:  # the formats only call methods of a checkpoint: no import of the reader at run time
-    from ...checkpoint import Checkpoint, TensorInfo
+    from ...weights.checkpoint import Checkpoint, TensorInfo
 
 PROJ = ("gate", "up", "down")
 

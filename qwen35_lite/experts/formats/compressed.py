@@ -34,7 +34,7 @@ from ..stacks import StackedDequantised, StackedExperts
 from .base import Expert, ExpertFormat, dequantised_gather, per_expert
 
 if TYPE_CHECKING:
-    from ...checkpoint import Checkpoint, TensorInfo
+    from ...weights.checkpoint import Checkpoint, TensorInfo
 
 Unpack = Callable[
     [torch.Tensor, int], torch.Tensor

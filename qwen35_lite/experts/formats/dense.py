@@ -13,7 +13,7 @@ from ..stacks import StackedExperts
 from .base import DenseExpert, Expert, ExpertFormat, dense_gather, dtype_name, per_expert
 
 if TYPE_CHECKING:
-    from ...checkpoint import Checkpoint, TensorInfo
+    from ...weights.checkpoint import Checkpoint, TensorInfo
 
 
 class DenseFormat(ExpertFormat):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import CheckpointError, ConfigError
-from ...fp8 import (  # the numbers, beside the checkpoint reader; re-exported for the format's users
+from ...weights.fp8 import (  # the numbers, beside the checkpoint reader; re-exported for the format's users
     FP8_BLOCK,
     dequantize_block,
 )
@@ -36,7 +36,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ...checkpoint import Checkpoint, TensorInfo
+    from ...weights.checkpoint import Checkpoint, TensorInfo
 
 # ---- quantization_config ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from .int4 import Int4Format
 from .int8 import Int8Format
 
 if TYPE_CHECKING:
-    from ...checkpoint import Checkpoint
+    from ...weights.checkpoint import Checkpoint
 
 # compressed-tensors pack-quantized experts by num_bits
 PACKED: dict[int, type[PackedFormat]] = {f.bits: f for f in (Int4Format, Int8Format)}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .model.moe import ExpertProvider
+    from ..model.moe import ExpertProvider
 
 # Cumulative counters of an expert provider (TieredExperts.stats; UncachedExperts has bytes_read only).
 COUNTERS = ("ram_hits", "ram_misses", "gpu_hits", "gpu_misses", "bytes_read", "bytes_to_gpu")

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PARTIAL_MARKER, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
-from .errors import CheckpointError, ConfigError, InputError
-from .experts.formats.compressed import CompressedQuantization, QuantScheme
-from .experts.formats.registry import PACKED, packed_format, parse_quantization_config
-from .fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
-from .user_files import size_text
+from ..errors import CheckpointError, ConfigError, InputError
+from ..experts.formats.compressed import CompressedQuantization, QuantScheme
+from ..experts.formats.registry import PACKED, packed_format, parse_quantization_config
+from ..runtime.user_files import size_text
+from ..weights.checkpoint import PARTIAL_MARKER, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
+from ..weights.fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
 
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_BYTES = 4 << 30

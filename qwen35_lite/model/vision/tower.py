@@ -13,10 +13,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
-from ..config import VisionConfig
-from ..errors import CheckpointError
-from ..model.layers import rotate_half
+from ...errors import CheckpointError
+from ...weights.checkpoint import Checkpoint
+from ...weights.config import VisionConfig
+from ..layers import rotate_half
 
 LN_EPS = 1e-6
 ROPE_THETA = 10000.0  # vision_config.rope_parameters.rope_theta default (VisionConfig does not carry it)

@@ -14,10 +14,10 @@ import jinja2
 import jinja2.ext
 import jinja2.utils
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 from .template_sandbox import LimitedSandbox, TemplateLimitError, limited_filter
 
-BUILTIN_TEMPLATE = Path(__file__).resolve().parent / "assets" / "chat_template.jinja"
+BUILTIN_TEMPLATE = Path(__file__).resolve().parents[1] / "assets" / "chat_template.jinja"
 # transformers passes the tokenizer's special tokens to every template (some read `bos_token` / `eos_token`).
 SPECIAL_TOKEN_KEYS = tuple(f"{name}_token" for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 # transformers also accepts reasoning under these older names and copies it to `reasoning_content`/`thinking`.

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .fp8 import FP8_DTYPES, dequantize_fp8
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

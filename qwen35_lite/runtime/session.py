@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+from ..text.tokenizer import StreamDecoder
+from ..text.tool_calls import ToolCall, parse_tool_calls
 from .chat_file import read_save, write_atomic
 from .engine import Engine
-from .errors import InputError
 from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
 from .sampling import SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
-from .tokenizer import StreamDecoder
-from .tool_calls import ToolCall, parse_tool_calls
 
 
 @dataclass

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .chat_template import ChatTemplate
-from .checkpoint import Checkpoint
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
-from .experts.cache import TieredExperts
-from .experts.rates import ExpertRates, measure_rates
-from .experts.store import ExpertStore
-from .model.qwen35 import Qwen35Model
-from .plan.load import EngineOptions, plan_load
+from ..errors import CheckpointError, ConfigError
+from ..experts.cache import TieredExperts
+from ..experts.rates import ExpertRates, measure_rates
+from ..experts.store import ExpertStore
+from ..model.qwen35 import Qwen35Model
+from ..plan.load import EngineOptions, plan_load
+from ..text.chat_template import ChatTemplate
+from ..text.tokenizer import Tokenizer
+from ..weights.checkpoint import Checkpoint
+from ..weights.config import ModelConfig
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported on first use: a text-only run needs neither PIL nor the tower code
-    from .plan.memory import MemoryPlan
-    from .vision.preprocess import ImageProcessorConfig
-    from .vision.tower import VisionTower
+    from ..model.vision.preprocess import ImageProcessorConfig
+    from ..model.vision.tower import VisionTower
+    from ..plan.memory import MemoryPlan
 
 IM_END = "<|im_end|>"
 
@@ -236,7 +236,7 @@ class Engine:
         """The vision tower, loaded on first use onto the text model's device, then kept (its dtype:
         vision.tower.tower_dtype)."""
         if self._vision is None:
-            from .vision.tower import ROPE_THETA, VisionTower, tower_dtype
+            from ..model.vision.tower import ROPE_THETA, VisionTower, tower_dtype
 
             self.check_vision()
             rope = (self.cfg.raw.get("vision_config") or {}).get("rope_parameters") or {}
@@ -252,7 +252,7 @@ class Engine:
     def image_config(self) -> ImageProcessorConfig:
         """The checkpoint's preprocessor_config.json (Qwen3.5 release values when it has none)."""
         if self._image_config is None:
-            from .vision.preprocess import ImageProcessorConfig
+            from ..model.vision.preprocess import ImageProcessorConfig
 
             self._image_config = ImageProcessorConfig.from_dir(self.model_dir)
         return self._image_config

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-PACKAGED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer.json.gz"
+PACKAGED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.json.gz"
 
 
 class Tokenizer:

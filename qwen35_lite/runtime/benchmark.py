@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from .cpu_features import cpu_has_native_bf16, cpu_model_name
+from ..errors import InputError
+from ..plan.cpu_features import cpu_has_native_bf16, cpu_model_name
+from ..text.tokenizer import StreamDecoder
 from .engine import Engine
-from .errors import InputError
 from .generate import Finished, GenerationRequest, TokenEvent, generate
 from .sampling import SamplingParams
-from .tokenizer import StreamDecoder
 
 
 def prompt_ids(engine: Engine, n: int, seed: int = 0) -> list[int]:

@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .model.qwen35 import Qwen35Model
+from ..model.qwen35 import Qwen35Model
 
 # Ops that only describe memory (views, metadata) or allocate: no kernel runs for them.
 NOT_KERNELS = {

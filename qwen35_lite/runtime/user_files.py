@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 KiB, MiB = 1 << 10, 1 << 20
 READ_CHUNK = 1 << 20

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from ..errors import ConfigError, InputError
+from ...errors import ConfigError, InputError
 
 MAX_ASPECT_RATIO = 200
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the formats we document, and the only ones opened

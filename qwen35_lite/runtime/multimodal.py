@@ -18,19 +18,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .engine import Engine
-from .errors import InputError
-from .generate import context_hint
-from .model.cache import ModelCache
-from .plan.memory import images_nbytes
-from .vision import (
+from ..errors import InputError
+from ..model.cache import ModelCache
+from ..model.vision import (
     expand_image_placeholders,
     load_image,
     mrope_positions,
     preprocess,
     scatter_image_features,
 )
-from .vision.preprocess import ImageProcessorConfig, held_nbytes
+from ..model.vision.preprocess import ImageProcessorConfig, held_nbytes
+from ..plan.memory import images_nbytes
+from .engine import Engine
+from .generate import context_hint
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 @dataclass

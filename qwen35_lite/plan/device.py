@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import ModelConfig
+from ..errors import InputError
+from ..weights.checkpoint import Checkpoint
+from ..weights.config import ModelConfig
 from .cpu_features import cpu_compute_dtype
-from .errors import InputError
 
 DTYPES = {
     "bfloat16": torch.bfloat16,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MOE_TYPES = {"qwen3_5_moe", "qwen3_5_moe_text"}
 DENSE_TYPES = {"qwen3_5", "qwen3_5_text"}

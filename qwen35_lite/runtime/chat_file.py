@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 from .sampling import SamplingParams
 from .settings import THINK_MODES, check_setting
 from .user_files import MiB, check_write_target, default_file_mode, read_user_file

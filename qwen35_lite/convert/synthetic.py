@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .fp8 import FP8_CONFIG, quantize_block
-from .user_files import default_file_mode
+from ..runtime.user_files import default_file_mode
+from ..weights.fp8 import FP8_CONFIG, quantize_block
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PREFIX = "model.language_model."
 
 

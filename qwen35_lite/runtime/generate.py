@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import CheckpointError, InputError
-from .model.cache import ModelCache
-from .model.qwen35 import PREFILL_CHUNK, Qwen35Model
+from ..errors import CheckpointError, InputError
+from ..model.cache import ModelCache
+from ..model.qwen35 import PREFILL_CHUNK, Qwen35Model
 from .sampling import SamplingParams, make_sampler
 from .stats import expert_counters, peak_memory, reply_expert_stats
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import InputError
+from ..errors import InputError
 
 THINK_MODES = ("on", "off", "hide")  # /think and a save's "think": thinking on, off, or on but not shown
 MIN_TEMPERATURE = 1e-3  # below it (but above 0, which is greedy) logits / T overflow towards inf
