@@ -10,8 +10,8 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 python -m pip install --quiet torch==2.13.0 ".[test]" accelerate >"$OUT/pip.log" 2>&1 || true
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-python -m pytest -q -m gpu tests/test_gpu.py tests/test_expert_cache.py tests/test_spill.py \
-  tests/test_sampling_device.py >"$OUT/pytest-gpu.txt" 2>&1
+python -m pytest -q -m gpu tests/runtime/test_gpu.py tests/experts/test_cache.py tests/model/test_spill.py \
+  tests/runtime/test_sampling.py >"$OUT/pytest-gpu.txt" 2>&1
 echo "pytest exit $?" >>"$OUT/pytest-gpu.txt"
 python -m qwen35_lite.cli make-checkpoint /tmp/q35-e512 --experts 512 --top-k 10 --layers 8 --hidden 1024 \
   --moe-intermediate 64 >/dev/null 2>&1 || true

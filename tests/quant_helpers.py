@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qwen35_lite.convert.synthetic import FP8_CONFIG
-from qwen35_lite.experts.formats.fp8 import dequantize_fp8
+from qwen35_lite.weights.fp8 import dequantize_fp8
 
 
 def expert_matrices(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

@@ -83,7 +83,7 @@ def stacked_rows(out, x, picked: list[int], slot: dict[int, int], stack: Stacked
 
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:
     """One token (decode): `dispatch_grouped` without the sort, gather and scatter; same ops per row and
-    the same final reduction, so the same bits (tests/test_kernels.py). Experts are looked up in
+    the same final reduction, so the same bits (tests/experts/test_dispatch.py). Experts are looked up in
     ascending order, as a streamed lookup (experts.lookup.Streamed) prefers."""
     A = ids.shape[1]
     out = torch.empty(A, x.shape[-1], dtype=x.dtype, device=x.device)  # [A, D], slot order

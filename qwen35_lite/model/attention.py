@@ -48,7 +48,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> tor
     """Causal SDPA where the T new queries sit after `past` cached positions; query head h uses kv head h // rep.
 
     `enable_gqa` lets SDPA index the shared K/V heads instead of materialising them per query head
-    (2·H·S·hd elements a call): bit-identical to `_attend_reference` on the CPU (tests/test_kernels.py).
+    (2·H·S·hd elements a call): bit-identical to `_attend_reference` on the CPU (tests/model/test_attention.py).
     """
     T, S = q.shape[1], k.shape[1]
     gqa = q.shape[0] != k.shape[0]

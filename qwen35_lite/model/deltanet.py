@@ -89,7 +89,7 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Depthwise conv of window [C, K - 1 + T] with weight [C, 1, K] -> [C, T], in window's dtype.
 
     Computed in fp32 and rounded once: CPU bf16 conv1d accumulates in fp32 and rounds once too, so the
-    bits are those of `causal_conv_reference` (tests/test_kernels.py), but it is 7-45x slower.
+    bits are those of `causal_conv_reference` (tests/model/test_deltanet.py), but it is 7-45x slower.
     """
     C = window.shape[0]
     return F.conv1d(window[None].float(), weight.float(), groups=C)[0].to(window.dtype)
@@ -112,7 +112,7 @@ def decode_gated_delta_rule(
 
     q, k [Hv, 1, dk], v [Hv, 1, dv], decay = exp(g) and beta [Hv, 1, 1], all fp32. Returns o [Hv, 1, dv].
     The sums over dk run as matmuls, in another order than `recurrent_gated_delta_rule`'s: equal to it
-    within fp32 rounding (tests/test_kernels.py)."""
+    within fp32 rounding (tests/model/test_deltanet.py)."""
     state.mul_(decay)
     delta = torch.baddbmm(v, k, state, alpha=-1).mul_(beta)  # (v − Sᵀk)·beta [Hv, 1, dv]
     state.addcmul_(k.transpose(1, 2), delta)  # S + k ⊗ delta, each product rounded as the reference's

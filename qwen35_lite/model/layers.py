@@ -31,7 +31,7 @@ def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = Non
     dtype of x: one op where the written-out form takes five or more.
 
     It is the LayerNorm of [x, −x]: that has mean 0, so its variance is mean(x²). (The mean comes out as
-    ~1e-7·rms rather than exactly 0, an error of fp32's order: tests/test_kernels.py.) `weight` must be
+    ~1e-7·rms rather than exactly 0, an error of fp32's order: tests/model/test_layers.py.) `weight` must be
     fp32 of length 2D (its first half applies); with one, the CPU kernel takes bf16 x as it is and rounds
     once, as the written-out form does."""
     D = x.shape[-1]

@@ -15,11 +15,12 @@ checkpoint's tensors; `base.ExpertFormat` is what every format provides.
 
 from __future__ import annotations
 
+from ...weights.fp8 import dequantize_block, dequantize_fp8, e4m3_to_float  # the FP8 numbers
 from ..layout import ALIGN, Part, pack_layout
 from .base import DenseExpert, Expert, ExpertFormat, ffn
 from .compressed import CompressedQuantization, PackedFormat, QuantScheme
 from .dense import DenseFormat
-from .fp8 import Fp8BlockFormat, dequantize_block, dequantize_fp8, e4m3_to_float
+from .fp8 import Fp8BlockFormat
 from .int4 import Int4Format
 from .registry import choose, parse_quantization_config
 

@@ -40,7 +40,7 @@ from qwen35_lite.runtime.sampling import SamplingParams
 from qwen35_lite.runtime.session import ChatSession, ChatSettings
 from qwen35_lite.runtime.settings import check_setting, parse_setting
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
 
 

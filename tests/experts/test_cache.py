@@ -17,12 +17,12 @@ from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import FreqLRUPolicy, LRUPolicy, TieredExperts, UncachedExperts
 from qwen35_lite.experts.formats import Fp8BlockFormat, dequantize_block, e4m3_to_float, expert_format, ffn
-from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.lookup import Lookup, OnCpu, Placed
 from qwen35_lite.experts.store import ExpertStore, evict_page_cache
 from qwen35_lite.model.qwen35 import Qwen35Model
 from qwen35_lite.weights.checkpoint import Checkpoint, read_range
 from qwen35_lite.weights.config import TextConfig, load_config
+from qwen35_lite.weights.fp8 import dequantize_fp8
 
 SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=12, num_experts_per_tok=3, vocab_size=4096)
 CPU = torch.device("cpu")

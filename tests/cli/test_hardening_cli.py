@@ -29,7 +29,7 @@ from qwen35_lite.runtime.sampling import SamplingParams, make_sampler
 from qwen35_lite.text.tokenizer import Tokenizer, as_valid_text
 from qwen35_lite.weights.checkpoint import Checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
 FINAL_NORM = "model.language_model.norm.weight"
 

@@ -29,7 +29,7 @@ from qwen35_lite.runtime.session import ChatSession, ChatSettings
 from qwen35_lite.text.chat_template import BUILTIN_TEMPLATE
 from qwen35_lite.weights.config import VisionConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = 248056
 N_NEW = 6
 OPTS = EngineOptions(device="cpu", dtype="float32", offline=True)

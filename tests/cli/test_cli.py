@@ -28,7 +28,7 @@ from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.text.chat_template import ChatTemplate
 from qwen35_lite.text.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Name three colours."
 
 

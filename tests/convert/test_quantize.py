@@ -17,9 +17,9 @@ from qwen35_lite.cli import app
 from qwen35_lite.convert.quantize import quantize_checkpoint
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import CheckpointError, InputError
-from qwen35_lite.experts.formats.fp8 import dequantize_fp8
 from qwen35_lite.experts.formats.int4 import QuantScheme, dequantize_int4, quantize_int4
 from qwen35_lite.weights.checkpoint import PARTIAL_MARKER, check_not_partial
+from qwen35_lite.weights.fp8 import dequantize_fp8
 
 SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
 SMALL_SHARDS = 24 << 20  # several output shards from a ~100 MB checkpoint

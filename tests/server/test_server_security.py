@@ -361,7 +361,7 @@ def raw_post(
 
 def test_the_process_caps_bodies_counts_prompts_and_stops_on_sigterm_mid_generation(ckpt):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "qwen35_lite.cli", "serve", "--model", str(ckpt), "--port", str(port)]
     cmd += ["--device", "cpu", "--ctx", "4096", "--max-request-mb", "8"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

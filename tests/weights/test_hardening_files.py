@@ -33,7 +33,7 @@ from qwen35_lite.text.chat_template import ChatTemplate
 from qwen35_lite.weights.checkpoint import Checkpoint
 from qwen35_lite.weights.config import load_config, parse_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INDEX = "model.safetensors.index.json"
 
 

@@ -34,7 +34,7 @@ from qwen35_lite.text.tokenizer import Tokenizer
 from qwen35_lite.weights.checkpoint import Checkpoint
 from qwen35_lite.weights.config import load_config
 
-RUNNER = Path(__file__).with_name("budget_runner.py")
+RUNNER = Path(__file__).resolve().parents[1] / "budget_runner.py"
 # 8 layers x 128 experts x 1.5 MiB = 1.5 GiB of bf16 experts (1.6 GB on disk); resident path ~20 MB
 BIG = SyntheticSpec(
     hidden_size=512,

@@ -1,15 +1,15 @@
 """CPU and GPU together: a decode step's GPU misses computed by the CPU from their RAM slots.
 
 Without a GPU the GPU tier's bookkeeping runs on CPU buffers with stand-in streams and events (as in
-test_expert_cache.py, which tests the split lookup itself and the background promotion), so the tokens,
-the fixed-order sum and the cost model are checked here; the real overlap needs CUDA (tests/test_gpu.py)."""
+tests/experts/test_cache.py, which tests the split lookup itself and the background promotion), so the tokens,
+the fixed-order sum and the cost model are checked here; the real overlap needs CUDA (tests/runtime/test_gpu.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import greedy, load_ours
-from test_expert_cache import _standin, fake_cuda  # noqa: F401  (the fixture, used below)
+from test_cache import _standin, fake_cuda  # noqa: F401  (the fixture, used below)
 
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.rates import ExpertRates, measure_rates

@@ -390,7 +390,7 @@ def test_resend_and_next_turn_reuse_state_and_give_a_cold_servers_tokens(engine)
 
 def test_sigterm_stops_the_server_within_seconds(ckpt):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [
         sys.executable,
         "-m",
