@@ -189,7 +189,7 @@ def expert_tensors(
 
 
 def fp8_block_experts(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Per-expert weights -> the official FP8 release's layout (experts.formats.fp8.quantize_block)."""
+    """Per-expert weights -> the official FP8 release's layout (weights.fp8.quantize_block)."""
     for name, w in tensors:
         q, scale = quantize_block(w)
         yield name, q

@@ -5,6 +5,9 @@ heavy is loaded, so `info` can print the plan for Qwen3.5-397B with no weights o
 (--gpu-mem / --cpu-mem, or free memory with a margin) caps *everything* the process holds on that side:
 resident weights, KV cache, DeltaNet state, activation buffers, the runtime itself and the expert slots.
 The expert slots get what is left.
+
+Longer than ~450 lines on purpose: one object whose figures, the shrinking that fits them and the refusals
+that quote them all read the same fields; the byte arithmetic is in sizes.py and the table in table.py.
 """
 
 from __future__ import annotations

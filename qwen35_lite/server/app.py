@@ -2,7 +2,11 @@
 
 Handlers turn a request into prompt ids (the checkpoint's chat template, exactly as transformers renders
 it), queue a Job, and turn its events into an OpenAI response: one JSON body, or server-sent events. The
-library never prints: one log line per request goes to the `qwen35_lite.server` logger."""
+library never prints: one log line per request goes to the `qwen35_lite.server` logger.
+
+Longer than ~450 lines on purpose: the routes share one request -> job -> response path and one error
+handling, which read best together; what a request may reach (guard.py, media.py), its schema
+(protocol.py), its deltas (reply.py) and the model's thread (worker.py) are modules of their own."""
 
 from __future__ import annotations
 

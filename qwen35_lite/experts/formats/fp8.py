@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import CheckpointError, ConfigError
-from ...weights.fp8 import (  # the numbers, beside the checkpoint reader; re-exported for the format's users
+from ...weights.fp8 import (  # the numbers live beside the checkpoint reader
     FP8_BLOCK,
     dequantize_block,
 )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import CheckpointError, ConfigError
+from ...weights.fp8 import FP8_DTYPES
 from . import fp8
 from .base import ExpertFormat
 from .compressed import CompressedQuantization, PackedFormat, parse_config
@@ -98,7 +99,7 @@ def choose(
             "the checkpoint is incomplete or not a Qwen3.5-MoE checkpoint",
         )
     first = ckpt.info(FUSED if fused else PROBE + "weight")
-    if first.dtype in fp8.FP8_DTYPES:
+    if first.dtype in FP8_DTYPES:
         return fp8.from_checkpoint(ckpt, first, fused, hidden, inter, device, dtype)
     return DenseFormat(hidden, inter, dtype or first.dtype, first.dtype, fused)
 
