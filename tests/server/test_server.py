@@ -145,7 +145,7 @@ def test_chat_completion_equals_run_streamed_or_not(server, engine, monkeypatch)
     answer = run_cli(engine, monkeypatch, "--no-think", "-n", "8", "--system", SYSTEM, PROMPT)
     assert answer["text"] and not answer["thinking"]
     r = chat(server.client(), extra_body=NO_THINK)
-    assert r.choices[0].message.content.strip() == answer["text"]
+    assert r.choices[0].message.content == answer["text"]
     assert r.choices[0].finish_reason == answer["finish_reason"] == "length"
     assert r.usage.prompt_tokens == len(answer["prompt_ids"]) and r.usage.completion_tokens == 8
     assert r.usage.prompt_tokens_details.cached_tokens == 0  # the server's first request
@@ -165,7 +165,7 @@ def test_reasoning_is_apart_from_content(server, engine, monkeypatch):
     r = chat(server.client())
     message = r.choices[0].message
     assert message.content == ""
-    assert message.reasoning_content.strip() == answer["thinking"] != ""
+    assert message.reasoning_content == answer["thinking"] != ""
     chunks = list(chat(server.client(), stream=True))
     streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
     assert streamed == message.reasoning_content
@@ -551,7 +551,7 @@ def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatc
                 max_tokens=6,
                 extra_body=NO_THINK,
             )
-            assert r.choices[0].message.content.strip() == answer["text"]
+            assert r.choices[0].message.content == answer["text"]
             assert r.usage.prompt_tokens == len(answer["prompt_ids"])  # image tokens included
             cached = r.usage.prompt_tokens_details.cached_tokens  # the same picture each time: a resend
             assert cached == (0 if url == data_url else r.usage.prompt_tokens - 1)
