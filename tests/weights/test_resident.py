@@ -173,3 +173,26 @@ def test_info_on_the_397b_config_with_an_all_linear_w4a16_config():
     packed = rows["int4 g128 symmetric"]
     assert 3.5 < packed["memory_bytes"] / packed["disk_bytes"] < 4  # bf16 against ~4.1 bits
     assert packed["memory_bytes"] > 10 * 2**30  # attention, DeltaNet and shared experts: most of the path
+
+
+def test_packed_parts_of_another_shape_than_the_config_implies_are_refused(all_linear):
+    from qwen35_lite.plan.sizes import tensor_shapes
+    from qwen35_lite.weights.config import load_config
+
+    path = all_linear((4, 32, True))
+    ckpt = Checkpoint(path)
+    shapes = tensor_shapes(load_config(path).text)
+    ckpt.check_resident(shapes)
+    out_f, in_f = shapes[QKV + ".weight"]
+    with pytest.raises(CheckpointError) as err:
+        ckpt.check_resident({**shapes, QKV + ".weight": (out_f, 2 * in_f)})
+    assert f"{QKV}.weight_packed" in err.value.message and "int4 g32 symmetric" in err.value.message
+
+
+def test_a_packed_layer_without_a_quantization_config_is_named(all_linear, tmp_path):
+    out = tmp_path / "noqc"
+    shutil.copytree(all_linear((4, 32, True)), out)
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert_refused(cli("info", "-m", out, "--cpu-mem", 8), QKV, "no quantization_config")
