@@ -2,7 +2,9 @@
 
 `ct_compress` / `ct_decompress` run one matrix through compressed-tensors' own API; `make_ct_checkpoint`
 turns a transformers-written tiny checkpoint into a W4A16 (or W8A16) pack-quantized one the way compressed-tensors
-lays it out (routed experts per expert, everything else untouched).
+lays it out (routed experts per expert, everything else untouched), or with `all_linear` every Linear layer
+the community recipe (llm-compressor / AutoRound) quantises: all but the router, the shared-expert gate,
+DeltaNet's in_proj_a/b, embeddings, lm_head (unless `head`) and the vision tower.
 """
 
 from __future__ import annotations
@@ -23,13 +25,38 @@ from safetensors.torch import save_file
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 
 
-def ct_scheme(group_size: int | None, symmetric: bool, bits: int = 4) -> QuantizationScheme:
-    """W4A16 (bits 8: W8A16) on the routed experts; group_size None is the channel strategy."""
+# the community recipe's ignore list (its targets: class Linear; embeddings are not Linear layers)
+RECIPE_IGNORE = [
+    "lm_head",
+    r"re:.*mlp\.gate$",
+    r"re:.*shared_expert_gate$",
+    r"re:.*linear_attn\.in_proj_[ab]$",
+    r"re:.*visual.*",
+    r"re:.*mtp.*",
+]
+
+
+def ct_scheme(
+    group_size: int | None, symmetric: bool, bits: int = 4, targets: list[str] | None = None
+) -> QuantizationScheme:
+    """W4A16 (bits 8: W8A16) on the routed experts (or `targets`); group_size None is the channel strategy."""
     strategy = "group" if group_size else "channel"
     weights = QuantizationArgs(
         num_bits=bits, type="int", symmetric=symmetric, group_size=group_size, strategy=strategy
     )
-    return QuantizationScheme(targets=[EXPERT_TARGET], weights=weights)
+    return QuantizationScheme(targets=targets or [EXPERT_TARGET], weights=weights)
+
+
+def _ignored(module: str, ignore: list[str]) -> bool:
+    return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in ignore)
+
+
+def resident_linear(name: str, t: torch.Tensor, ignore: list[str]):
+    """(module, weight) when `name` is a resident Linear's weight the recipe quantises; none otherwise."""
+    module = name.removesuffix(".weight")
+    if module == name or t.dim() != 2 or module.endswith("embed_tokens") or _ignored(module, ignore):
+        return
+    yield module, t
 
 
 def ct_compress(w: torch.Tensor, scheme: QuantizationScheme) -> dict[str, torch.Tensor]:
@@ -83,12 +110,20 @@ def _shards(src: Path) -> list[str]:
 
 
 def make_ct_checkpoint(
-    src_dir: Path, out_dir: Path, group_size: int | None, symmetric: bool, bits: int = 4
+    src_dir: Path,
+    out_dir: Path,
+    group_size: int | None,
+    symmetric: bool,
+    bits: int = 4,
+    all_linear: bool = False,
+    head: bool = False,
 ) -> Path:
-    """Quantise every routed expert of `src_dir` with compressed-tensors and write it per expert to `out_dir`."""
+    """Quantise every routed expert of `src_dir` with compressed-tensors and write it per expert to `out_dir`;
+    `all_linear`: every Linear layer the community recipe quantises too (`head`: lm_head as well)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scheme = ct_scheme(group_size, symmetric, bits)
+    ignore = [p for p in RECIPE_IGNORE if not (head and p == "lm_head")] if all_linear else IGNORE
+    scheme = ct_scheme(group_size, symmetric, bits, ["Linear", EXPERT_TARGET] if all_linear else None)
     weight_map: dict[str, str] = {}
     for shard in _shards(src_dir):
         tensors: dict[str, torch.Tensor] = {}
@@ -96,6 +131,8 @@ def make_ct_checkpoint(
             for name in f.keys():
                 t = f.get_tensor(name)
                 experts = list(per_expert(name, t))
+                if all_linear and not experts:
+                    experts = list(resident_linear(name, t, ignore))
                 if not experts:
                     tensors[name] = t
                 for module, w in experts:
@@ -113,7 +150,7 @@ def make_ct_checkpoint(
         config_groups={"group_0": scheme},
         format="pack-quantized",
         quantization_status="compressed",
-        ignore=IGNORE,
+        ignore=ignore,
     )
     ModelCompressor(quantization_config=config).update_config(str(out_dir))
     return out_dir

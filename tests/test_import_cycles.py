@@ -88,4 +88,4 @@ def test_the_scan_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     graph = import_graph()
     assert "qwen35_lite.experts.layout" in graph["qwen35_lite.experts.stacks"]
-    assert "qwen35_lite.experts.formats.fp8" in graph["qwen35_lite.weights.checkpoint"]
+    assert "qwen35_lite.weights.fp8" in graph["qwen35_lite.weights.checkpoint"]

@@ -164,6 +164,7 @@ def plan_json(plan: MemoryPlan) -> dict:
         "gpu_budget": plan.gpu_budget if plan.on_gpu else None,
         "weights_cpu": plan.weights_cpu,
         "weights_gpu": plan.weights_gpu,
+        "resident_by_format": plan.resident_by_format,
         "cpu_layers": plan.cpu_layers,
         "vision_bytes": plan.vision_bytes,
         "image_bytes": plan.image_bytes,

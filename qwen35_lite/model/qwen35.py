@@ -163,13 +163,13 @@ class Qwen35Model:
         """cpu_layers: layers whose weights stay in host memory and are copied in as they run (the plan
         puts there what the GPU budget cannot hold)."""
         names = resident_names(cfg)
-        total = sum(ckpt.info(n).nbytes for n in names)
+        total = sum(ckpt.stored_nbytes(n) for n in names)
         weights, host, done = {}, {}, 0
         for layer, group in _by_layer(names):
             read = {}
             for name in group:
                 read[name] = ckpt.read(name, dtype)
-                done += ckpt.info(name).nbytes
+                done += ckpt.stored_nbytes(name)
                 if on_progress:
                     on_progress(done, total)
             # fused and precomputed on the host, before the device or a spilled layer's packing

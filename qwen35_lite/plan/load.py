@@ -15,6 +15,7 @@ from ..weights.hub import resolve_model
 from .device import config_dtype, pick_device, pick_dtype
 from .memory import MemoryPlan, gib_to_bytes, plan_for
 from .options import EngineOptions
+from .sizes import resident_stored, tensor_shapes
 
 
 @dataclass
@@ -51,6 +52,12 @@ def plan_load(model: str, opts: EngineOptions, config_only: bool = False) -> Pla
     )
     ctx = opts.ctx if opts.ctx is not None else opts.context
     text = cfg.text
+    # the resident layers first: a quantisation scheme they cannot load is refused naming a layer
+    shapes = tensor_shapes(text)
+    if ckpt is not None:
+        ckpt.check_resident(shapes)
+    else:
+        resident_stored(shapes, None, cfg.raw, dtype)
     experts = (
         choose(cfg.raw, text.hidden_size, text.moe_intermediate_size, device, dtype, ckpt)
         if text.is_moe

@@ -44,8 +44,10 @@ from .sizes import (
     activation_bytes,
     ceil_gib,
     deltanet_state_bytes,
+    dequantise_transient,
     fmt_gib,
     kv_bytes_per_token,
+    resident_stored,
     tensor_shapes,
     vision_tower_nbytes,
 )
@@ -96,6 +98,9 @@ class MemoryPlan:
     gpu_slots: int = 0
     cpu_slots_asked: int | None = None
     gpu_slots_asked: int | None = None
+    # every resident tensor: (format as stored, bytes on disk, pack-quantized), sizes.resident_stored
+    resident_stored: dict[str, tuple[str, int, bool]] = field(default_factory=dict, repr=False)
+    _resident_memory: dict[str, int] = field(default_factory=dict, repr=False)
     _layer_bytes: list[int] = field(default_factory=list, repr=False)
 
     # ---- building -------------------------------------------------------------------------------
@@ -145,7 +150,10 @@ class MemoryPlan:
         if ckpt is not None:
             ckpt.check_resident(shapes)  # the weights must be what config.json describes
         b = dtype.itemsize
+        # in memory every resident tensor is in the compute dtype: packed Linears dequantised at load
         nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
+        plan.resident_stored = resident_stored(shapes, ckpt, raw_config, dtype, stored_dtype)
+        plan._resident_memory = nbytes
         plan._place_weights(nbytes, shapes, ckpt)
         if images is None or images:
             plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
@@ -230,16 +238,16 @@ class MemoryPlan:
             self.weights_gpu, self.weights_cpu = rest, embed
         else:
             self.weights_gpu, self.weights_cpu = 0, rest + embed
-        # Loading reads each tensor into a fresh CPU buffer; converting or moving it makes a second copy.
-        stored_size = {
-            n: math.prod(s) * (ckpt.info(n).dtype.itemsize if ckpt else self.dtype.itemsize)
-            for n, s in shapes.items()
-        }
-        converting = ckpt is not None and any(ckpt.info(n).dtype != self.dtype for n in shapes)
-        if self.device == "cuda":
-            self.load_transient = max(stored_size.values())
-        elif converting:
-            self.load_transient = max(stored_size[n] for n in shapes if ckpt.info(n).dtype != self.dtype)
+        # Loading reads each tensor into a fresh CPU buffer; converting or moving it makes a second copy,
+        # dequantising a packed Linear its intermediates (sizes.dequantise_transient).
+        held = {}
+        for n, (_fmt, disk, packed) in self.resident_stored.items():
+            if packed:
+                held[n] = disk + dequantise_transient(shapes[n], self.dtype)
+            elif self.device == "cuda" or (ckpt is not None and ckpt.info(n).dtype != self.dtype):
+                held[n] = disk
+        if held:
+            self.load_transient = max(held.values())
 
     def _set_budgets(self, gpu_mem: float | None, cpu_mem: float | None) -> None:
         if cpu_mem is not None:
@@ -486,6 +494,18 @@ class MemoryPlan:
         )
 
     # ---- reporting ------------------------------------------------------------------------------
+
+    @property
+    def resident_by_format(self) -> dict[str, dict[str, int]]:
+        """Resident tensors grouped by how the checkpoint stores them: count, bytes on disk, bytes the load
+        holds (compute dtype: packed Linears are dequantised at load)."""
+        out: dict[str, dict[str, int]] = {}
+        for n, (fmt, disk, _packed) in self.resident_stored.items():
+            row = out.setdefault(fmt, {"tensors": 0, "disk_bytes": 0, "memory_bytes": 0})
+            row["tensors"] += 1
+            row["disk_bytes"] += disk
+            row["memory_bytes"] += self._resident_memory[n]
+        return out
 
     @property
     def spilled_bytes(self) -> int:

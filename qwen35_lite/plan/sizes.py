@@ -15,6 +15,8 @@ from ..model.qwen35 import PREFILL_CHUNK, resident_names
 from ..model.vision.tower import vision_tensor_shapes
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import TextConfig, VisionConfig
+from ..weights.packed import QuantScheme, describe, quantization_config
+from ..weights.resident import covered_scheme
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
@@ -182,3 +184,46 @@ def fmt_mib(n: float) -> str:
 
 def ceil_gib(n: float) -> str:
     return f"{math.ceil(n / GiB * 10) / 10:.1f}"
+
+
+def resident_stored(
+    shapes: dict[str, tuple[int, ...]],
+    ckpt: Checkpoint | None,
+    raw_config: dict | None,
+    dtype: torch.dtype,
+    stored_dtype: torch.dtype | None = None,
+) -> dict[str, tuple[str, int, bool]]:
+    """(format, bytes on disk, packed) of every resident tensor: as the checkpoint stores it, or, from the config
+    alone, pack-quantized where a compressed-tensors config group selects the Linear (scales in bf16, as
+    compressed-tensors writes them from bf16 weights) and `stored_dtype` (else `dtype`) elsewhere."""
+    if ckpt is not None:
+        return {n: (ckpt.resident_format(n), ckpt.stored_nbytes(n), ckpt.is_packed(n)) for n in shapes}
+    qc = quantization_config(raw_config or {})
+    stored_as = stored_dtype or dtype
+    prefix = "model.language_model." if (raw_config or {}).get("text_config") else "model."
+    out = {}
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        scheme = None
+        if len(shape) == 2 and name != "embed_tokens.weight":
+            stored = module if module == "lm_head" else prefix + module
+            scheme = covered_scheme(qc, stored, module)
+        if scheme is None:
+            out[name] = (str(stored_as).removeprefix("torch."), math.prod(shape) * stored_as.itemsize, False)
+        else:
+            out[name] = (describe(scheme), packed_nbytes(shape, scheme, torch.bfloat16), True)
+    return out
+
+
+def packed_nbytes(shape: tuple[int, ...], scheme: QuantScheme, scale_dtype: torch.dtype) -> int:
+    """A pack-quantized Linear [out, in] on disk: packed words, scales, zero points, weight_shape."""
+    out_f, in_f = shape
+    groups = in_f // scheme.group_size if scheme.group_size else 1
+    n = out_f * -(-in_f * scheme.bits // 32) * 4 + out_f * groups * scale_dtype.itemsize + 16
+    return n + (0 if scheme.symmetric else -(-out_f * scheme.bits // 32) * groups * 4)
+
+
+def dequantise_transient(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """What dequantising one packed Linear holds beside its packed bytes: the int8 values, two matrices in
+    the scale's dtype (at most fp32) and the result in the compute dtype (packed.dequantize's steps)."""
+    return math.prod(shape) * (1 + 2 * 4 + dtype.itemsize)

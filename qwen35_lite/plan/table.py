@@ -30,6 +30,9 @@ def plan_rows(
             f"{fmt_gib(plan.weights_cpu)}" + (f" ({embed})" if plan.on_gpu else ""),
         )
     )
+    by_format = plan.resident_by_format
+    if any(fmt.startswith("int") for fmt in by_format):  # a packed Linear: what the load makes of it
+        rows.append(("resident weights by format", resident_formats_text(plan)))
     if plan.cpu_layers:
         rows.append(
             (
@@ -106,6 +109,18 @@ def plan_rows(
     if plan.on_gpu:
         rows.append(("total (GPU)", f"{fmt_gib(plan.gpu_total)} of {fmt_gib(plan.gpu_budget)}"))
     return rows
+
+
+def resident_formats_text(plan: MemoryPlan) -> str:
+    """`int4 g32 symmetric 12.0 MiB on disk -> 40.0 MiB (dequantised to bfloat16); bfloat16 ...`."""
+    dtype = str(plan.dtype).removeprefix("torch.")
+    parts = []
+    for fmt, row in plan.resident_by_format.items():
+        text = f"{fmt} {fmt_gib(row['disk_bytes'])} on disk"
+        if fmt.startswith("int"):
+            text += f" -> {fmt_gib(row['memory_bytes'])} (dequantised to {dtype} at load)"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def expert_split(plan: MemoryPlan) -> dict[str, float]:

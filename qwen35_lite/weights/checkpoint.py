@@ -22,6 +22,8 @@ import torch
 
 from ..errors import CheckpointError
 from .fp8 import FP8_DTYPES, dequantize_fp8
+from .packed import quantization_config
+from .resident import PackedLinear, covered_scheme, other_format, resolve_packed
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
@@ -256,6 +258,43 @@ class Checkpoint:
                     )
                 self.tensors[name] = info
         self._handles: dict[Path, object] = {}
+        self._quant_config: dict | None | bool = False  # config.json's, read on first need
+
+    @property
+    def quant_config(self) -> dict | None:
+        """config.json's quantization_config (None without one or without a config.json beside the shards)."""
+        if self._quant_config is False:
+            try:
+                raw = json.loads((self.dir / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raw = {}
+            self._quant_config = quantization_config(raw) if isinstance(raw, dict) else None
+        return self._quant_config
+
+    def resident(self, name: str) -> TensorInfo | PackedLinear:
+        """A resident tensor as stored: dense, or a Linear's pack-quantized parts (weights/resident.py);
+        refused when missing or stored in a format not read."""
+        if name in self.tensors:
+            return self.tensors[name]
+        module = name.removesuffix(".weight")
+        if module != name:
+            packed = resolve_packed(self.tensors, self.quant_config, module)
+            if packed is not None:
+                return packed
+            other_format(self.tensors, self.quant_config, module)
+        return self.info(name)
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes a resident tensor takes on disk (a packed Linear: all its parts)."""
+        return self.resident(name).nbytes
+
+    def is_packed(self, name: str) -> bool:
+        return isinstance(self.resident(name), PackedLinear)
+
+    def resident_format(self, name: str) -> str:
+        """How a resident tensor is stored: its dtype (`bfloat16`) or its packed scheme (`int4 g32 symmetric`)."""
+        r = self.resident(name)
+        return r.format if isinstance(r, PackedLinear) else str(r.dtype).removeprefix("torch.")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -270,10 +309,18 @@ class Checkpoint:
 
     def check_resident(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Refuse resident tensors that config.json does not describe: each must be present, floating-point
-        (FP8 included: it is dequantised on read) and of the shape the config implies (`shapes`, from
+        (FP8 included: it is dequantised on read), or a Linear stored pack-quantized (W4A16 / W8A16, dequantised on
+        read), and of the shape the config implies (`shapes`, from
         plan_sizes.tensor_shapes). Routed experts and their quantised forms are not resident: not checked."""
         for name, shape in shapes.items():
-            info = self.info(name)
+            info = self.resident(name)
+            if isinstance(info, PackedLinear):
+                info.check_shape(tuple(shape))
+                continue
+            if len(shape) == 2 and name != "embed_tokens.weight":  # a Linear a config group may select
+                covered_scheme(
+                    self.quant_config, info.name.removesuffix(".weight"), name.removesuffix(".weight")
+                )
             if not info.dtype.is_floating_point:
                 raise CheckpointError(
                     f"tensor {info.name} is stored as {str(info.dtype).removeprefix('torch.')}, not a float type",
@@ -293,11 +340,23 @@ class Checkpoint:
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor into a fresh CPU tensor (a copy, so the shard can be unmapped)."""
-        info = self.info(name)
+        info = self.resident(name)
+        if isinstance(info, PackedLinear):
+            out_f, words = info.parts["weight_packed"].shape
+            in_f = self._packed_in_features(info, words)
+            return info.read(read_range, (out_f, in_f), dtype)
         t = read_range(info)
         if info.dtype in FP8_DTYPES:
             t = self._dequantize_fp8(name, t)
         return t if dtype is None else t.to(dtype)
+
+    @staticmethod
+    def _packed_in_features(p: PackedLinear, words: int) -> int:
+        """A packed Linear's in_features: its weight_shape when stored, else every packed value."""
+        shape_info = p.parts.get("weight_shape")
+        if shape_info is not None and shape_info.shape == (2,):
+            return int(read_range(shape_info)[1])
+        return words * (32 // p.scheme.bits)
 
     def _dequantize_fp8(self, name: str, w: torch.Tensor) -> torch.Tensor:
         scale_name = name + "_scale_inv"

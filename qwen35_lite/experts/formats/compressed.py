@@ -1,6 +1,7 @@
-"""compressed-tensors `pack-quantized` weights (WnA16, integer), what every bit width shares, bit for bit as
-compressed-tensors 0.20.1: its `quantization_config`, its round-to-nearest quantiser, its dequantisation
-order, and the expert format built on them (`PackedFormat`; a module per bit width, e.g. int4.py, adds the
+"""compressed-tensors `pack-quantized` experts (WnA16, integer), what every bit width shares, bit for bit as
+compressed-tensors 0.20.1: its round-to-nearest quantiser and the expert format built on weights/packed.py
+(its `quantization_config`, packing and dequantisation order, which the checkpoint reader shares for
+resident layers) (`PackedFormat`; a module per bit width, e.g. int4.py, adds the
 packing and a CPU kernel).
 
 Per quantised Linear [out, in] the checkpoint stores
@@ -21,14 +22,18 @@ Legend: D = hidden, I = expert FFN width, G = groups along the input dim, A = ex
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ...errors import ConfigError
+from ...weights.packed import (
+    CompressedQuantization,
+    QuantScheme,
+    dequantize,
+    parse_config,
+    q_range,
+)
 from ..layout import pack_layout, stack_parts
 from ..stacks import StackedDequantised, StackedExperts
 from .base import Expert, ExpertFormat, dequantised_gather, per_expert
@@ -36,129 +41,7 @@ from .base import Expert, ExpertFormat, dequantised_gather, per_expert
 if TYPE_CHECKING:
     from ...weights.checkpoint import Checkpoint, TensorInfo
 
-Unpack = Callable[
-    [torch.Tensor, int], torch.Tensor
-]  # packed int32 [..., rows, words], n -> int8 [..., rows, n]
-
-
-# ---- quantization_config ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """One weight-only integer scheme: `group_size` None means one scale per output channel."""
-
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = True
-    scale_dtype: torch.dtype | None = None  # None: the dtype the checkpoint stores the scales in
-
-
-@dataclass(frozen=True)
-class CompressedQuantization:
-    """What a compressed-tensors pack-quantized config covers: Linear modules by name, as it matches them."""
-
-    scheme: QuantScheme
-    targets: tuple[str, ...]
-    ignore: tuple[str, ...] = field(default_factory=tuple)
-
-    def covers(self, module_name: str) -> bool:
-        """True when the Linear `module_name` (e.g. `model.layers.0.mlp.experts.3.up_proj`) is quantised."""
-        if any(_match(module_name, pattern) for pattern in self.ignore):
-            return False
-        return any(t == "Linear" or _match(module_name, t) for t in self.targets)
-
-
-def _match(name: str, pattern: str) -> bool:
-    # compressed-tensors' match_name: "re:" prefix is a regex matched from the start, otherwise exact
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    return pattern == name
-
-
-def _weights_scheme(name: str, group: dict, bits_read: tuple[int, ...], refuse) -> QuantScheme:
-    for kind in ("input_activations", "output_activations"):
-        if group.get(kind):
-            raise refuse(f"config group {name} quantises {kind} ({group[kind]})")
-    w = group.get("weights")
-    if not w:
-        raise refuse(f"config group {name} has no weights scheme")
-    wtype, bits, strategy = w.get("type", "int"), w.get("num_bits"), w.get("strategy")
-    if wtype != "int":
-        raise refuse(f'config group {name} has weights of type "{wtype}"')
-    if bits not in bits_read:
-        raise refuse(f"config group {name} has {bits}-bit weights")
-    if strategy not in ("group", "channel") or w.get("dynamic") or w.get("actorder") not in (None, "static"):
-        raise refuse(f"config group {name} has weights strategy {strategy!r}, dynamic {w.get('dynamic')}")
-    group_size = w.get("group_size") if strategy == "group" else None
-    if strategy == "group" and not (isinstance(group_size, int) and group_size > 0):
-        raise refuse(f"config group {name} has group strategy with group_size {group_size}")
-    scale_dtype = w.get("scale_dtype")
-    if scale_dtype is not None:
-        raise refuse(f"config group {name} rounds its scales to {scale_dtype}")
-    return QuantScheme(bits=bits, group_size=group_size, symmetric=bool(w.get("symmetric", True)))
-
-
-def parse_config(
-    raw: dict, bits_read: tuple[int, ...], refuse: Callable[[str], ConfigError]
-) -> CompressedQuantization:
-    """A compressed-tensors `quantization_config` -> its one weight scheme and what it covers; refused
-    (`refuse(what was found)`) unless it is pack-quantized integer weights of a width in `bits_read`."""
-    method = raw.get("quant_method")
-    if method != "compressed-tensors":
-        raise refuse(f"quant_method {method!r}")
-    fmt = raw.get("format")
-    if fmt != "pack-quantized":
-        raise refuse(f"compressed-tensors format {fmt!r}")
-    if raw.get("quantization_status", "compressed") != "compressed":
-        raise refuse(f"quantization_status {raw.get('quantization_status')!r} (weights not compressed)")
-    if raw.get("kv_cache_scheme"):
-        raise refuse(f"a kv_cache_scheme ({raw['kv_cache_scheme']})")
-    groups = raw.get("config_groups") or {}
-    if not groups:
-        raise refuse("compressed-tensors config without config_groups")
-    schemes = {name: _weights_scheme(name, g, bits_read, refuse) for name, g in groups.items()}
-    if len(set(schemes.values())) > 1:
-        raise refuse(f"several weight schemes in one checkpoint ({sorted(schemes)})")
-    for name, g in groups.items():
-        if g.get("format") not in (None, "pack-quantized"):
-            raise refuse(f"config group {name} in format {g['format']!r}")
-    targets = tuple(t for g in groups.values() for t in g.get("targets", []))
-    return CompressedQuantization(next(iter(schemes.values())), targets, tuple(raw.get("ignore") or []))
-
-
 # ---- quantising and dequantising ----------------------------------------------------------------------
-
-
-def q_range(bits: int) -> tuple[int, int]:
-    """The signed integer range of `bits`: [-8, 7] for 4, [-128, 127] for 8."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def dequantize(
-    unpack: Unpack,
-    bits: int,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor | None,
-    dtype: torch.dtype,
-    shape: tuple[int, int],
-) -> torch.Tensor:
-    """W [out, in] in `dtype` from weight_packed, weight_scale [out, groups], packed weight_zero_point or None
-    (any leading dims: a stack of experts' matrices).
-
-    Equals compressed-tensors' `decompress(...)["weight"].to(dtype)` bit for bit: every step runs in the
-    scale's dtype, as its `_dequantize` does, and only the result is cast.
-    """
-    out_features, in_features = int(shape[0]), int(shape[1])
-    groups = scale.shape[-1]  # channel strategy: 1 group of in_features
-    q = unpack(packed, in_features).unflatten(-1, (groups, in_features // groups))  # [out, groups, g]
-    w = q.to(scale.dtype)
-    if zero_point is not None:
-        zp = unpack(zero_point.transpose(-1, -2), out_features).transpose(-1, -2)  # [out, groups]
-        w = w - zp.to(scale.dtype).unsqueeze(-1)
-    w = w * scale.unsqueeze(-1)
-    return w.flatten(start_dim=-2).to(dtype)
 
 
 def _qparams(

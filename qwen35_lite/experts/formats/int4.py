@@ -21,6 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ...weights.packed import pack_int4, unpack_int4
 from . import compressed
 from .base import Expert
 from .compressed import PackedFormat, QuantScheme
@@ -33,24 +34,6 @@ BLOCK_N = 64  # rows per block of the CPU kernel's layout
 
 
 # ---- packing ----------------------------------------------------------------------------------------
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 q [rows, cols] in [-8, 7] -> int32 [rows, ceil(cols/8)], element i of each 8 at bits 4i..4i+3."""
-    u = (q.to(torch.int32) + OFFSET).to(torch.uint8)  # [rows, cols] nibbles 0..15
-    pad = -q.shape[1] % PER_WORD
-    if pad:  # compressed-tensors pads with nibble 0 and keeps ceil(cols*4/32) words
-        u = torch.nn.functional.pad(u, (0, pad))
-    byte = u[:, 0::2] | (u[:, 1::2] << 4)  # [rows, padded/2]: even element in the low nibble
-    return byte.contiguous().view(torch.int32)  # [rows, padded/8]
-
-
-def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int32 [..., rows, words] -> int8 q [..., rows, in_features] in [-8, 7] (leading dims: a stack)."""
-    lead = packed.shape[:-1]
-    byte = packed.contiguous().view(torch.uint8)  # [..., rows, 4*words]
-    nibbles = torch.stack((byte & 0xF, byte >> 4), dim=-1).view(*lead, -1)  # [..., rows, 8*words]
-    return nibbles[..., :in_features].to(torch.int8) - OFFSET
 
 
 def pack_zero_point(zp: torch.Tensor) -> torch.Tensor:

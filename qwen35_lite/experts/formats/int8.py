@@ -20,27 +20,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ...weights.packed import pack_int8, unpack_int8
 from . import compressed
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
 BITS = 8
 OFFSET = 128  # stored byte = q + OFFSET
-
-
-def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 q [rows, cols] in [-128, 127] -> int32 [rows, ceil(cols/4)], element i of each 4 in byte i."""
-    u = (q.to(torch.int32) + OFFSET).to(torch.uint8)  # [rows, cols]
-    pad = -q.shape[1] % 4
-    if pad:  # compressed-tensors pads with 0 and keeps ceil(cols*8/32) words
-        u = F.pad(u, (0, pad))
-    return u.reshape(-1).view(torch.int32).view(q.shape[0], -1)  # [rows, padded/4]
-
-
-def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [..., rows, words] -> int8 q [..., rows, n] in [-128, 127] (leading dims: a stack)."""
-    u = packed.contiguous().view(torch.uint8)[..., :n]  # [..., rows, n]: q + 128
-    return (u ^ 0x80).view(torch.int8)  # flipping the top bit subtracts 128 in two's complement
 
 
 class Int8Format(PackedFormat):

@@ -12,6 +12,7 @@ import torch
 
 from ...errors import CheckpointError, ConfigError
 from ...weights.fp8 import FP8_DTYPES
+from ...weights.packed import quantization_config
 from . import fp8
 from .base import ExpertFormat
 from .compressed import CompressedQuantization, PackedFormat, parse_config
@@ -54,16 +55,6 @@ def parse_quantization_config(raw: dict | None) -> Quantization | None:
     if raw.get("quant_method") == "fp8":
         return fp8.parse_config(raw, _refuse)
     return parse_config(raw, tuple(PACKED), _refuse)
-
-
-def quantization_config(raw_config: dict) -> dict | None:
-    """config.json's quantization_config, top level or in text_config (VLM checkpoints)."""
-    qc = raw_config.get("quantization_config")
-    if qc is None and isinstance(raw_config.get("text_config"), dict):
-        qc = raw_config["text_config"].get("quantization_config")
-    if qc is not None and not isinstance(qc, dict):
-        raise ConfigError("config.json: quantization_config is not an object", "re-download the checkpoint")
-    return qc
 
 
 def choose(
