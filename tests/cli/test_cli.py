@@ -131,6 +131,7 @@ def test_run_streams_answer_to_stdout_and_the_rest_to_stderr(ckpt):
     assert quiet.stdout == r.stdout and quiet.stderr == ""
 
 
+@pytest.mark.slow
 def test_run_thinking_goes_to_stderr_and_hide_thinking_prints_none_of_it(ckpt):
     thinking = run_json(ckpt, "-t", "0", "-n", "6", PROMPT)["thinking"]
     shown = cli("run", "-m", ckpt, "-t", "0", "-n", "6", PROMPT)
@@ -230,6 +231,7 @@ def chat(ckpt, lines: list[str], *args):
     return r
 
 
+@pytest.mark.slow
 def test_chat_every_command(ckpt, tmp_path):
     saved = tmp_path / "chat.json"
     r = chat(
@@ -292,6 +294,7 @@ def test_chat_on_a_text_only_model_refuses_image_at_once_and_keeps_typed_paths_a
     assert [m["content"] for m in messages if m["role"] == "user"] == [f"{pic} is a file name"]
 
 
+@pytest.mark.slow
 def test_chat_multiline_unknown_command_and_errors_keep_the_chat(ckpt, tmp_path):
     saved = tmp_path / "c.json"
     r = chat(
@@ -369,6 +372,7 @@ class Proc:
         raise AssertionError(f"{text!r} never appeared; stderr so far: {''.join(self.err)}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_reply_and_keeps_the_chat(ckpt, tmp_path):
     saved = tmp_path / "c.json"
     proc = Proc(["chat", "-m", ckpt, "-n", "100000"])
@@ -395,6 +399,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_chat(ckpt, tmp_path):
 # ---- make-checkpoint --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_checkpoint_then_run_it(tmp_path):
     out = tmp_path / "made"
     args = ["--layers", "2", "--experts", "4", "--top-k", "2", "--hidden", "32", "--layout", "per-expert"]

@@ -374,6 +374,7 @@ def test_a_save_over_the_context_is_refused(engine, tmp_path, capsys):
 # ---- through a pipe, in a real process -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_chat_through_a_pipe_with_broken_input_and_stdout_closed(ckpt, tmp_path):
     """Every turn completes though nobody reads stdout (`| head -c 0`), errors are one line each, and the
     final /save holds every turn."""
@@ -446,6 +447,7 @@ class Terminal:
         os.close(self.master)
 
 
+@pytest.mark.slow
 def test_hidden_thinking_shows_a_transient_progress_line_on_a_terminal(ckpt):
     term = Terminal(["chat", "-m", ckpt, "-n", "30", "--hide-thinking", "-t", "0"])
     try:
@@ -460,6 +462,7 @@ def test_hidden_thinking_shows_a_transient_progress_line_on_a_terminal(ckpt):
         term.close()
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_says_stopping_at_once_on_a_terminal(ckpt):
     term = Terminal(["chat", "-m", ckpt, "-n", "100000"])
     try:

@@ -177,6 +177,7 @@ def run_json(ckpt, *args, input: str | bytes | None = None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_unquoted_words_are_one_prompt(ckpt, tok):
     assert run_json(ckpt, "hello", "there", "friend")["prompt_ids"] == tok.encode("hello there friend")
 
@@ -186,6 +187,7 @@ def test_stdin_bytes_that_are_not_utf8_become_replacement_characters(ckpt, tok):
     assert out["prompt_ids"] == tok.encode("caf\ufffd \ufffd\ufffd ok")  # and the trailing newlines dropped
 
 
+@pytest.mark.slow
 def test_argv_bytes_that_are_not_utf8_become_replacement_characters(ckpt, tok):
     """A real process: only there does Python turn argv bytes into lone surrogates."""
     cmd = [sys.executable, "-m", "qwen35_lite.cli", "run", "-m", str(ckpt), "--json", "--raw", "-n", "1"]
@@ -195,6 +197,7 @@ def test_argv_bytes_that_are_not_utf8_become_replacement_characters(ckpt, tok):
     assert json.loads(p.stdout.splitlines()[-1])["prompt_ids"] == tok.encode("caf\ufffd")
 
 
+@pytest.mark.slow
 def test_chat_reads_bytes_that_are_not_utf8(ckpt):
     r = cli("chat", "-m", ckpt, "--raw", "-t", "0", "-n", "2", input=b"caf\xe9\n/exit\n")
     assert r.exit_code == 0, r.stderr
@@ -249,6 +252,7 @@ def test_sampler_refuses_nan_and_infinite_logits():
         assert 0 <= sample(torch.zeros(16)) < 16
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_nan_weights_is_reported_as_corrupt(ckpt, tmp_path):
     bad = tmp_path / "nan"
     bad.mkdir()
@@ -442,6 +446,7 @@ def test_bench_refuses_more_tokens_than_the_context(ckpt):
     assert "--ctx 12" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_names_the_cpu_and_its_bf16_support_and_the_load_time(ckpt):
     r = cli("bench", "-m", ckpt, "--prompt-tokens", "8", "--new-tokens", "2", "--ctx", "10", "--json")
     assert r.exit_code == 0, r.stderr

@@ -149,6 +149,7 @@ def test_bench_json_reports_speeds_cache_traffic_and_memory(ckpt):
 # ---- run under --cpu-mem --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_under_cpu_mem_decodes_the_same_tokens_with_misses(ckpt, no_process_constants):
     common = ("run", "-m", ckpt, "-t", 0, "-n", 6, "--ctx", 512, "Name three colours.")
     plan = ok_json("info", "-m", ckpt, "--ctx", 512, "--cpu-mem", 4, "--cpu-experts", 3)

@@ -339,6 +339,7 @@ def _greedy(path, provider, n_prompt=70, n_new=8):
     return greedy(model, ids, n_new)
 
 
+@pytest.mark.slow
 def test_wrong_cancelled_and_right_prefetch_never_change_the_output(ckpts):
     path = ckpts[(True, torch.bfloat16)]
     store = _store(path)

@@ -25,6 +25,7 @@ def ckpt(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPEC, dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu_slots,cpu_slots", [(5, 12), (4, 4), (16, 16)])
 def test_cpu_computed_experts_give_the_gpu_computed_tokens_in_fp32(ckpt, gpu_slots, cpu_slots):
     """Greedy tokens and logits with GPU misses computed by the CPU equal those with every miss copied

@@ -161,6 +161,7 @@ def test_int4_checkpoint_matches_transformers_in_fp32(ct_checkpoints):
     assert greedy(ours, ids, 8)[0] == want_tokens
 
 
+@pytest.mark.slow
 def test_int4_kernel_path_is_as_close_to_fp32_as_the_exact_bf16_path(ct_checkpoints):
     """bf16 on the CPU runs the int4 kernel ((u - 8) * scale + zero inside the matmul, scales in bf16).
     Against the exact fp32 logits it must be as close as the exact bf16 path (dequantise, cast, F.linear):
@@ -227,6 +228,7 @@ def test_dense_expert_of_a_format_runs_the_reference_ffn():
 # ---- `quantize` output end to end -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quantize_output_runs_like_transformers_and_a_partial_one_is_refused(hf_checkpoint, tmp_path):
     """`quantize` (ours) on a transformers checkpoint: transformers loads the result, and our fp32 greedy
     tokens and logits on it equal its own; an interrupted output is refused by the loader in one line."""

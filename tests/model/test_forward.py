@@ -12,6 +12,7 @@ def model(hf_checkpoint):
     return load_ours(hf_checkpoint("moe_ratio2_gqa2"))
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_equals_full_forward(model):
     ids = torch.randint(0, 248000, (140,), generator=torch.Generator().manual_seed(3))
     full = model.forward(model.make_cache(), ids, all_logits=True)
@@ -21,6 +22,7 @@ def test_prefill_then_decode_equals_full_forward(model):
     torch.testing.assert_close(torch.cat(steps), full, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_state_carried_across_two_calls_equals_one_prompt(model):
     """A chat's second turn feeds only its new tokens on the cache of the first."""
     ids = torch.randint(0, 248000, (180,), generator=torch.Generator().manual_seed(4))

@@ -81,6 +81,7 @@ def test_greedy_after_a_layered_prefill_matches_transformers(hf_checkpoint):
     assert greedy(model, ids, 6)[0] == want  # and the chunked forward, its reference
 
 
+@pytest.mark.slow
 def test_run_json_reports_prefill_disk_bytes_and_speed(tmp_path):
     from typer.testing import CliRunner
 

@@ -194,6 +194,7 @@ def test_a_2k_prompt_reads_each_expert_about_once_within_the_budget(big_checkpoi
     assert chunked["tokens"] == result["tokens"]
 
 
+@pytest.mark.slow
 def test_deltanet_state_does_not_grow_with_context(tmp_path):
     """Cache bytes after 4096 tokens minus after 512 = the attention layers' KV growth, nothing else."""
     spec = SyntheticSpec(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, vocab_size=4096)
@@ -261,6 +262,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_tokens_over_counts_a_long_text_in_pieces_as_the_whole_text_counts():
     tok = Tokenizer.from_dir(Path("/nonexistent"))  # the packaged Qwen3.5 tokenizer
     words = ["alpha", "beta,", "γάμμα", "delta\n", "  epsilon", "日本語", "zeta."]
@@ -274,6 +276,7 @@ def test_tokens_over_counts_a_long_text_in_pieces_as_the_whole_text_counts():
     assert n is not None and 10 <= n <= len(tok.encode(blob))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
 def test_a_10mb_prompt_is_refused_before_it_is_tokenised_whole(tiny_checkpoint):
     """Tokenising 10 MB whole reached 1.7 GiB; counted in pieces, it is refused within the tiny run's memory."""
@@ -375,6 +378,7 @@ def test_the_plan_keeps_no_standing_image_allowance_for_a_vision_checkpoint(tmp_
     assert not any("decoding" in label for label, _ in plan_rows(with_vision))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
 def test_run_refuses_an_image_its_budget_cannot_decode_in_one_line(tmp_path):
     """Through the CLI on a tiny vision checkpoint: a 7000x7000 PNG (~0.9 GiB to decode and convert)
@@ -415,6 +419,7 @@ def greedy(model: Qwen35Model, ids: torch.Tensor, n: int = 6) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back with madvise")
 def test_an_image_takes_room_from_the_expert_cache_for_its_time_and_the_tokens_stay(tmp_path):
     """No standing allowance: with nothing left beyond the plan, an image's decoding gets room from
@@ -522,6 +527,7 @@ def test_under_1_2_gib_a_vision_checkpoint_runs_text_and_a_2201_token_prefill(vi
     assert total <= 1.15 * peak, f"the plan ({total / GiB:.3f} GiB) is over 15% above the run's peak"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to sample memory")
 def test_serve_starts_on_a_small_model_under_2_gib(tiny_checkpoint):
     """No fixed 2 GiB of kept states: `serve` on a 10 MB-class model comes up under --cpu-mem 1.5 and

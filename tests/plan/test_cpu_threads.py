@@ -36,6 +36,7 @@ def cli(*args):
     return r
 
 
+@pytest.mark.slow
 def test_engine_load_sets_the_threads_and_leaves_the_default_alone(ckpt):
     torch.set_num_threads(2)
     Engine.load(str(ckpt), EngineOptions(device="cpu"))
@@ -53,6 +54,7 @@ def test_info_shows_the_threads_a_run_would_use(ckpt):
     assert plan["cpu_threads"] == 1
 
 
+@pytest.mark.slow
 def test_bench_names_the_chosen_thread_count(ckpt):
     torch.set_num_threads(2)
     args = ("bench", "-m", ckpt, "--device", "cpu", "--prompt-tokens", "4", "--new-tokens", "2")

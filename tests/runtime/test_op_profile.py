@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -28,6 +29,7 @@ def _preloaded(store, device, dtype) -> TieredExperts:
     return provider
 
 
+@pytest.mark.slow
 def test_bench_profile_counts_ops_and_host_reads_per_token(tmp_path):
     from conftest import load_ours
 
