@@ -132,6 +132,7 @@ def test_info_refuses_a_budget_below_the_resident_path(config_397b):
 # ---- bench ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_json_reports_speeds_cache_traffic_and_memory(ckpt):
     b = ok_json("bench", "-m", ckpt, "--prompt-tokens", 40, "--new-tokens", 5, "--cpu-experts", 8)
     assert b["prompt_tokens"] == 40 and b["generated_tokens"] == 5 and len(b["tokens"]) == 5

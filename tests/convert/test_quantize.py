@@ -88,6 +88,7 @@ def expert_dequantised(t: dict[str, torch.Tensor], module: str, group_size: int)
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_output_is_what_compressed_tensors_writes(hf_checkpoint, tmp_path, symmetric):
     src = hf_checkpoint("moe_int4")  # per-expert fp32, with a vision tower: all of it but the experts is kept

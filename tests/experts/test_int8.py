@@ -121,6 +121,7 @@ def w8_checkpoints(hf_checkpoint, tmp_path_factory):
     return {key: make_ct_checkpoint(src, root / f"{key}", *key, bits=8) for key in [(None, True), (32, True)]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", [(None, True), (32, True)])
 def test_int8_checkpoint_matches_transformers_in_fp32(w8_checkpoints, key):
     """Greedy tokens and logits of a W8A16 checkpoint compressed-tensors wrote, against transformers +

@@ -59,6 +59,7 @@ def test_model_wires_the_next_router_into_each_moe(path):
     assert moes[-1].next_gate is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slots", [1, 3, 8])
 @pytest.mark.parametrize("wrong", [False, True])
 def test_lookahead_never_changes_the_output_and_counts_recall(path, slots, wrong):
@@ -81,6 +82,7 @@ def test_lookahead_never_changes_the_output_and_counts_recall(path, slots, wrong
     cache.close()
 
 
+@pytest.mark.slow
 def test_lookahead_recall_beats_chance_with_the_real_router(path):
     """The next layer's router on this layer's input agrees with the next layer's choice more often
     than a random router does (random: about k / E = 0.25)."""

@@ -46,6 +46,7 @@ def _assert_matches(ours, reference_run) -> None:
     assert greedy(ours, ids, NEW_TOKENS)[0] == ref_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_fp32_logits_and_greedy_tokens_match_transformers(hf_checkpoint, reference, shape):
     _assert_matches(load_ours(hf_checkpoint(shape), torch.float32), reference(shape))
@@ -54,6 +55,7 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(hf_checkpoint, referen
 MOE_SHAPES = [s for s in SHAPES if s != "dense"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MOE_SHAPES)
 @pytest.mark.parametrize(
     "slots,prefetch", [(1, False), (2, True), (5, False), (64, False)], ids=["1", "2-prefetch", "5", "all"]
@@ -73,6 +75,7 @@ def _preloaded(*args, **kwargs) -> TieredExperts:
     return provider
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MOE_SHAPES)
 def test_resident_stacked_decode_matches_transformers(hf_checkpoint, reference, shape):
     """Every expert preloaded: decode picks slots on the device and runs the layer's experts as one

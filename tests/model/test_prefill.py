@@ -24,6 +24,7 @@ def _layered(model, ids: torch.Tensor, block: int) -> tuple[object, torch.Tensor
     return cache, logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,dtype", [(512, torch.float32), (1024, torch.float32), (4096, torch.bfloat16)])
 def test_layer_by_layer_prefill_equals_the_chunked_forward(hf_checkpoint, block, dtype):
     """The same last logits, bit for bit, and the same state after it (the next tokens decode alike), for

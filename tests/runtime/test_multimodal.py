@@ -267,6 +267,7 @@ def assert_user_error(r, *words: str) -> None:
     assert "Traceback" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_cli_image_errors(vlm, pics, no_vision, engine):
     base = ("run", "--device", "cpu", "--dtype", "float32", "--offline", "--max-new-tokens", 2)
     assert_user_error(

@@ -172,6 +172,7 @@ def test_reasoning_is_apart_from_content(server, engine, monkeypatch):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+@pytest.mark.slow
 def test_prompt_tokens_are_transformers_apply_chat_template_length(server, ckpt):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(ckpt)
@@ -531,6 +532,7 @@ def test_serve_refuses_a_port_in_use_before_loading(ckpt, monkeypatch):
 # ---- images ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatch):
     from vision_helpers import build_tiny_vlm, make_image
 

@@ -360,6 +360,7 @@ def fake_reply(monkeypatch, pieces: list[str]) -> None:
     monkeypatch.setattr(session_module, "generate", generate)
 
 
+@pytest.mark.slow
 def test_run_json_renders_the_tools_into_the_prompt(ckpt, tools_file, one_load):
     r = cli("run", "-m", ckpt, "--json", "--no-think", "-t", "0", "-n", "4", "--tools", tools_file, "Hi")
     assert r.exit_code == 0, r.stderr
