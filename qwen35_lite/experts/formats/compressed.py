@@ -4,17 +4,7 @@ compressed-tensors 0.20.1: its round-to-nearest quantiser and the expert format 
 resident layers) (`PackedFormat`; a module per bit width, e.g. int4.py, adds the
 packing and a CPU kernel).
 
-Per quantised Linear [out, in] the checkpoint stores
-  weight_packed      int32 [out, ceil(in * bits / 32)]   32 / bits values per word, element i at bits
-                                                         i*bits.., each stored as q + 2^(bits-1)
-  weight_scale       float [out, in/group]     (channel strategy: [out, 1])
-  weight_shape       int   [2]                 (out, in)
-  weight_zero_point  int32 [ceil(out * bits / 32), in/group]  asymmetric only: packed the same way but
-                                                         down the rows
-W = (q - zp) * scale (zp = 0 when symmetric), computed in the scale's dtype — the op order of
-compressed-tensors' `decompress` (quantization/lifecycle/forward.py `_dequantize`).
-Little-endian hosts only (the packing goes through a byte view, as compressed-tensors' own 4-bit unpacker).
-This package never imports compressed-tensors: it is a test-only oracle.
+The on-disk layout and the dequantisation order are written down once, in weights/packed.py.
 
 Legend: D = hidden, I = expert FFN width, G = groups along the input dim, A = experts run (top-k).
 """
