@@ -20,6 +20,7 @@ Images: their placeholder ids are the same whatever the picture, so equal ids do
 order), and "" for text-only requests; states of text and image requests never mix.
 
 Snapshots live on the model's device; `max_bytes` is what the memory plan leaves free (the server sizes it).
+Bytes are the only bound: a small model's states are small, so many are kept; there is no count limit.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ class PrefixCache:
 
     Thread-safe: one lock around every operation (a server may answer from several threads)."""
 
-    def __init__(self, max_bytes: int, max_entries: int = 16) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.max_entries = max_entries
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Snapshot] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -68,26 +68,29 @@ class PrefixCache:
 
     def save(self, ids: list[int], cache: ModelCache, key: str = "") -> None:
         """Keep a copy of `cache`, the state after exactly `ids` (cache.offset == len(ids)); evict least
-        recently used entries to stay within max_bytes / max_entries; a state larger than max_bytes alone is
+        recently used entries to stay within max_bytes; a state larger than max_bytes alone is
         not kept. `key`: as in `match`."""
         if cache.offset != len(ids):
             raise ValueError(
                 f"the state has fed {cache.offset} tokens, not the {len(ids)} ids it is saved under"
             )
         size = cache.used_nbytes
-        if size > self.max_bytes or self.max_entries < 1:
+        if size > self.max_bytes:
             return
         name = (key, tuple(ids))
         with self._lock:
             self._entries.pop(name, None)
             # Evict before copying: the snapshots may use all the device memory the plan left free.
-            while self._entries and (
-                len(self._entries) >= self.max_entries or self._total() + size > self.max_bytes
-            ):
+            while self._entries and self._total() + size > self.max_bytes:
                 self._entries.popitem(last=False)
             state = cache.clone()
             state.token_ids = list(ids)  # the ids are the truth: a raw forward does not record them
             self._entries[name] = _Snapshot(name[1], key, state, size)
+
+    def holds(self, ids: list[int] | tuple[int, ...], key: str = "") -> bool:
+        """Whether the state after exactly `ids` (saved under `key`) is still kept; touches nothing."""
+        with self._lock:
+            return (key, tuple(ids)) in self._entries
 
     @property
     def nbytes(self) -> int:

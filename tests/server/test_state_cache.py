@@ -155,17 +155,24 @@ def test_the_longest_kept_prefix_wins_and_keys_must_match():
     assert prefixes.match(_seq(20), key="images-a")[1] == 12
 
 
-def test_least_recently_used_entries_go_first_within_max_entries():
-    prefixes = PrefixCache(BIG, max_entries=2)
+def test_least_recently_used_entries_go_first_within_max_bytes():
+    prefixes = PrefixCache((3 * 32 + 16) + (7 * 32 + 16))  # room for the 3- and 7-token states only
     prefixes.save(_seq(3), _state(3))
     prefixes.save(_seq(5, first=50), _state(5))
     prefixes.match(_seq(4))  # touches the first
     prefixes.save(_seq(7, first=90), _state(7))
-    assert len(prefixes) == 2
+    assert len(prefixes) == 2 and prefixes.holds(_seq(3)) and not prefixes.holds(_seq(5, first=50))
     assert prefixes.match(_seq(4))[1] == 3
     assert prefixes.match(_seq(6, first=50)) == (None, 0)
     prefixes.save(_seq(3), _state(3))  # saving the same ids again replaces, it does not duplicate
     assert len(prefixes) == 2 and prefixes.nbytes == (3 * 32 + 16) + (7 * 32 + 16)
+
+
+def test_bytes_are_the_only_bound_on_how_many_states_are_kept():
+    prefixes = PrefixCache(BIG)
+    for i in range(40):
+        prefixes.save(_seq(2, first=10 * i), _state(2))
+    assert len(prefixes) == 40 and prefixes.holds(_seq(2)) and not prefixes.holds(_seq(2), key="x")
 
 
 def test_max_bytes_evicts_the_oldest_and_a_too_large_state_is_not_kept():
