@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
+import json
 import logging
+import os
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -90,8 +93,39 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    think: Annotated[
+        bool | None,
+        typer.Option(
+            "--think/--no-think",
+            help="The template's enable_thinking for requests that do not set it (chat_template_kwargs, or"
+            " reasoning.effort on /v1/responses). Default: the template's own (on).",
+            rich_help_panel=SERVER,
+            show_default=False,
+        ),
+    ] = None,
+    chat_template_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template-kwargs",
+            metavar="JSON",
+            help="Default chat_template_kwargs, a JSON object (e.g. '{\"enable_thinking\": false}'); a"
+            " request's own keys win.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
+    cors_origins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origins",
+            metavar="ORIGINS",
+            help="Browser origins allowed to call the API (CORS; comma list or repeated; * for any). Off by"
+            " default.",
+            rich_help_panel=SERVER,
+        ),
+    ] = None,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/responses, /v1/models).
 
     One generation runs at a time; other requests wait in order. Ctrl+C stops the server.
     """
@@ -101,6 +135,9 @@ def serve(
 
     load = replace(load, state_cache=state_cache)
     check_load_flags(load)
+    defaults = template_defaults(chat_template_kwargs, think)
+    origins = [o.strip() for item in cors_origins or () for o in item.split(",") if o.strip()]
+    script = test_script()
     check_address(host, port)  # before the load, which can take minutes
     media_dir = allowed_dir(allowed_local_media_path)
     ui = UI()
@@ -115,12 +152,48 @@ def serve(
         hosts=HostPolicy(host, allowed_hosts or ()),
         media_dir=media_dir,
         max_body=int(max_request_mb * 2**20),
+        template_defaults=defaults,
+        cors_origins=origins or None,
+        script=script,
     )
     if not api_key and not _loopback(host):
         ui.note(f"warning: listening on {host} without --api-key: anyone who can reach this port can use it")
     ui.info(f"serving {model_id} on http://{host}:{port}/v1 (loaded in {load_s:.1f} s; Ctrl+C stops)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_server(app, host, port)
+
+
+def template_defaults(kwargs: str | None, think: bool | None) -> dict:
+    """--chat-template-kwargs parsed, with --think/--no-think as its enable_thinking."""
+    try:
+        defaults = json.loads(kwargs) if kwargs else {}
+    except ValueError as e:
+        raise InputError(f"--chat-template-kwargs is not valid JSON: {e}", "give a JSON object") from None
+    if not isinstance(defaults, dict):
+        raise InputError(
+            "--chat-template-kwargs must be a JSON object", "e.g. '{\"enable_thinking\": false}'"
+        )
+    if think is not None:
+        defaults["enable_thinking"] = think
+    if not isinstance(defaults.get("enable_thinking", True), bool):
+        raise InputError("--chat-template-kwargs: enable_thinking must be true or false", "or use --no-think")
+    return defaults
+
+
+TEST_SCRIPT = "QWEN35_LITE_TEST_SCRIPT"
+
+
+def test_script():
+    """Tests only: QWEN35_LITE_TEST_SCRIPT=module:function names a function from a prompt's text to the
+    reply's text, spoken instead of the model's tokens (server.worker.Script). Unset: None."""
+    name = os.environ.get(TEST_SCRIPT)
+    if not name:
+        return None
+    module, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InputError(f"{TEST_SCRIPT}={name} cannot be loaded: {e}", "unset it: it is for tests") from None
 
 
 def check_address(host: str, port: int) -> None:

@@ -1,4 +1,4 @@
-"""The FastAPI app: /v1/models, /v1/chat/completions and /v1/completions over one Worker.
+"""The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions and /v1/responses over one Worker.
 
 Handlers turn a request into prompt ids (the checkpoint's chat template, exactly as transformers renders
 it), queue a Job, and turn its events into an OpenAI response: one JSON body, or server-sent events. The
@@ -6,22 +6,25 @@ library never prints: one log line per request goes to the `qwen35_lite.server` 
 
 Longer than ~450 lines on purpose: the routes share one request -> job -> response path and one error
 handling, which read best together; what a request may reach (guard.py, media.py), its schema
-(protocol.py), its deltas (reply.py) and the model's thread (worker.py) are modules of their own."""
+(protocol.py), its deltas (reply.py), the model's thread (worker.py), the per-request log line
+(request_log.py) and the Responses API over the chat path (responses.py) are modules of their own."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,8 +47,10 @@ from .protocol import (
     template_tools,
 )
 from .reply import Delta, ReplyText, join_tool_calls
+from .request_log import RequestLog, arrival, mark_logged, note_error
+from .responses import Pipeline, register_responses
 from .state_cache import PrefixCache
-from .worker import Job, QueueFull, Skipped, Started, Worker
+from .worker import Job, QueueFull, Script, Skipped, Started, Worker
 
 log = logging.getLogger("qwen35_lite.server")
 POLL_S = 0.25  # how often a waiting handler checks whether its client is still there
@@ -60,6 +65,8 @@ class Outcome:
     started: Started | None = None
     finished: Finished | None = None
     completion_ids: list[int] = field(default_factory=list)
+    reasoning_tokens: int = 0  # reply tokens inside the <think> block
+    first_token_at: float | None = None  # perf_counter() when the first reply token reached the handler
 
 
 def create_app(
@@ -71,12 +78,19 @@ def create_app(
     hosts: HostPolicy | None = None,
     media_dir: Path | None = None,
     max_body: int = MAX_BODY,
+    template_defaults: dict | None = None,
+    cors_origins: list[str] | None = None,
+    script: Script | None = None,
 ) -> FastAPI:
     """The server app for a loaded engine; `capacity`: requests waiting or running before 503.
 
     hosts: the Host headers answered (default: localhost names only); media_dir: the resolved directory
-    whose files image_url may name (media.allowed_dir; None: no local file is read); max_body: bytes."""
-    worker = Worker(engine, PrefixCache(state_bytes), capacity)
+    whose files image_url may name (media.allowed_dir; None: no local file is read); max_body: bytes;
+    template_defaults: chat_template_kwargs a request does not set (serve --no-think: enable_thinking
+    false); cors_origins: browser origins answered with CORS headers (None: no CORS); script: tests only,
+    a reply text per prompt text instead of the model's tokens (worker.Script)."""
+    worker = Worker(engine, PrefixCache(state_bytes), capacity, script)
+    template_defaults = dict(template_defaults or {})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,16 +101,26 @@ def create_app(
     app = FastAPI(title="qwen35-lite", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker = worker
     app.add_middleware(Guard, hosts=hosts or HostPolicy("127.0.0.1"), max_body=max_body)
+    if cors_origins:  # outside the Guard: a preflight carries no key, and a refusal still gets its headers
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"], max_age=600
+        )
+    app.add_middleware(RequestLog)  # outermost: it sees every request, the Guard's refusals included
     library_errors_as_json(app)
 
     async def authorize(request: Request) -> None:
-        if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+        """Authorization: Bearer KEY, the scheme in any case (RFC 9110), the key compared in constant time."""
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        if api_key and not (
+            scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+        ):
             raise APIError(
                 401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key"
             )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
+        note_error(request, e.code or e.message)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
@@ -113,28 +137,47 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         """Starlette's own refusals (a body that does not parse, an unknown path or method) in OpenAI's
-        shape, like every other error."""
-        message = "the body is not valid JSON (or is nested too deeply)" if e.status_code == 400 else e.detail
-        error = APIError(e.status_code, str(message), code="invalid_value" if e.status_code == 400 else None)
+        shape, like every other error; an unknown path or method is named."""
+        code = {400: "invalid_value", 404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)
+        if e.status_code == 400:
+            message = "the body is not valid JSON (or is nested too deeply)"
+        elif e.status_code in (404, 405):
+            message = (
+                f"Invalid URL ({request.method} {request.url.path}): this server answers GET /v1/models,"
+                " POST /v1/chat/completions, POST /v1/completions and POST /v1/responses"
+            )
+        else:
+            message = str(e.detail)
+        note_error(request, code or message)
+        error = APIError(e.status_code, message, code=code)
         return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
     async def openapi() -> dict:
         return app.openapi()
 
+    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen35-lite"}
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict:
-        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "qwen35-lite"}
         return {"object": "list", "data": [card]}
 
-    def check_model(req: SamplingFields) -> None:
-        if req.model != model_id:
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model_card(name: str) -> dict:
+        check_model_id(name)
+        return card
+
+    def check_model_id(name: str) -> None:
+        if name != model_id:
             raise APIError(
                 404,
-                f"the model {req.model!r} does not exist (this server runs {model_id!r})",
+                f"the model {name!r} does not exist (this server runs {model_id!r})",
                 "model",
                 "model_not_found",
             )
+
+    def check_model(req: SamplingFields) -> None:
+        check_model_id(req.model)
 
     def encode(text: str, field: str) -> list[int]:
         """The prompt's ids, refused first (counted in pieces) when the context cannot hold it: a huge
@@ -197,7 +240,18 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: ChatRequest, request: Request):
+        job, reply, images_dir = await prepare_chat(req)
+        try:
+            return await respond(request, req, job, reply, "chat", images_dir)
+        except BaseException:
+            images_dir.cleanup()
+            raise
+
+    async def prepare_chat(req: ChatRequest) -> tuple[Job, ReplyText, object]:
+        """A chat request's job and reply parser, and the folder of its decoded images (the caller cleans
+        it up once the job is done). Shared with /v1/responses, which is translated into a ChatRequest."""
         check_model(req)
+        req.chat_template_kwargs = {**template_defaults, **(req.chat_template_kwargs or {})}
         tools = template_tools(req)
         thinking = req.enable_thinking()
         images_dir = image_dir()
@@ -217,8 +271,7 @@ def create_app(
             text = await run_in_threadpool(render, messages, tools, thinking, req.template_variables())
             ids = await run_in_threadpool(encode, text, "messages")
             job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
-            reply = ReplyText(req.stop_strings(), tools)
-            return await respond(request, req, job, reply, "chat", images_dir)
+            return job, ReplyText(req.stop_strings(), tools), images_dir
         except BaseException:
             images_dir.cleanup()
             raise
@@ -235,6 +288,42 @@ def create_app(
     async def respond(
         request: Request, req: SamplingFields, job: Job, reply: ReplyText, kind: str, cleanup=None
     ):
+        launched = await launch(request, job, cleanup)
+        if isinstance(launched, Response):
+            return launched
+        outcome, done = launched
+        ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        if req.stream:
+            body = stream(request, req, job, reply, kind, ident, outcome, done)
+            return StreamingResponse(body, media_type="text/event-stream")
+        whole = Delta()
+
+        def add(delta: Delta) -> None:
+            whole.reasoning += delta.reasoning
+            whole.content += delta.content
+            whole.tool_calls += delta.tool_calls
+
+        if await collect(request, job, reply, outcome, done, add):
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
+        choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if kind == "chat":
+            message = {"role": "assistant", "content": whole.content or (None if whole.tool_calls else "")}
+            if whole.reasoning:
+                message["reasoning_content"] = whole.reasoning
+            if whole.tool_calls:
+                message["tool_calls"] = join_tool_calls(whole.tool_calls)
+            choice["message"] = message
+        else:
+            choice["text"] = whole.content
+        return {**envelope(ident, kind, False), "choices": [choice], "usage": usage(outcome)}
+
+    async def launch(
+        request: Request, job: Job, cleanup=None
+    ) -> tuple[Outcome, Callable[[], None]] | Response:
+        """Queue the job and wait for its prompt to be taken up: (its Outcome, the `done` that cancels it
+        and cleans up), or a 499 when the client left first. 503 when the queue is full or the server
+        stops."""
         try:
             worker.submit(job)
         except QueueFull:
@@ -244,7 +333,6 @@ def create_app(
                 503, "the server is busy: every place in the queue is taken", code="server_busy"
             ) from None
         outcome = Outcome()
-        started = time.perf_counter()
         watcher = asyncio.create_task(watch_client(request, job))
 
         def done() -> None:
@@ -260,50 +348,36 @@ def create_app(
             outcome.started = first
         except ClientLeft:
             done()
-            log_request(request, outcome, started, LEFT)
+            log_request(request, outcome, LEFT)
             return Response(status_code=499)  # nobody reads it: the client is gone
         except BaseException:
             done()
             if worker.closing:
-                log_request(request, outcome, started, STOPPING)
+                log_request(request, outcome, STOPPING)
             raise
-        ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        if req.stream:
-            body = stream(request, req, job, reply, kind, ident, outcome, started, done)
-            return StreamingResponse(body, media_type="text/event-stream")
+        return outcome, done
+
+    async def collect(
+        request: Request, job: Job, reply: ReplyText, outcome: Outcome, done, sink: Callable[[Delta], None]
+    ) -> bool:
+        """Every Delta of a non-streamed reply to `sink`, then the log line; True when the client left
+        (the caller answers 499)."""
         try:
-            whole = Delta()
             async for delta in deltas(job, reply, outcome):
-                whole.reasoning += delta.reasoning
-                whole.content += delta.content
-                whole.tool_calls += delta.tool_calls
+                sink(delta)
         except ClientLeft:
             pass
         except APIError:
             if worker.closing:
-                log_request(request, outcome, started, STOPPING)
+                log_request(request, outcome, STOPPING)
             raise
         finally:
             done()
-        log_request(request, outcome, started, LEFT if job.client_left else None)
-        if job.client_left:
-            return Response(status_code=499)
-        reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
-        choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if kind == "chat":
-            message = {"role": "assistant", "content": whole.content or (None if whole.tool_calls else "")}
-            if whole.reasoning:
-                message["reasoning_content"] = whole.reasoning
-            if whole.tool_calls:
-                message["tool_calls"] = join_tool_calls(whole.tool_calls)
-            choice["message"] = message
-        else:
-            choice["text"] = whole.content
-        return {**envelope(ident, kind, False), "choices": [choice], "usage": usage(outcome)}
+        log_request(request, outcome, LEFT if job.client_left else None)
+        return job.client_left
 
-    async def stream(request, req, job, reply, kind, ident, outcome, started, done) -> AsyncIterator[str]:
-        failed = False
-        try:
+    def stream(request, req, job, reply, kind, ident, outcome, done) -> AsyncIterator[str]:
+        async def body() -> AsyncIterator[str]:
             if kind == "chat":
                 yield sse(ident, kind, {"role": "assistant", "content": ""})
             saw_calls = False
@@ -315,17 +389,29 @@ def create_app(
             if req.include_usage():
                 yield data({**envelope(ident, kind, True), "choices": [], "usage": usage(outcome)})
             yield "data: [DONE]\n\n"
+
+        # the 200 is sent: an error goes in the stream, as vLLM sends it
+        return relay(request, job, outcome, done, body(), lambda e: data(error_body(e)) + "data: [DONE]\n\n")
+
+    async def relay(
+        request: Request, job: Job, outcome: Outcome, done, body: AsyncIterator[str], error: Callable
+    ) -> AsyncIterator[str]:
+        """A streamed reply's pieces; an error after the 200 becomes the stream's last piece (`error(e)`),
+        and the log line is written however the stream ends."""
+        failed = False
+        try:
+            async for piece in body:
+                yield piece
         except ClientLeft:
             pass
-        except Exception as e:  # the 200 is sent: the error goes in the stream, as vLLM sends it
+        except Exception as e:
             failed = True
-            yield data(error_body(e))
-            yield "data: [DONE]\n\n"
+            yield error(e)
         finally:  # also when the client left and Starlette cancelled the response
             done()
             left = job.client_left or (outcome.finished is None and not failed)
             why = LEFT if left else STOPPING if failed and worker.closing else None
-            log_request(request, outcome, started, why)
+            log_request(request, outcome, why)
 
     async def deltas(job: Job, reply: ReplyText, outcome: Outcome) -> AsyncIterator[Delta]:
         """The reply's Deltas until the job finishes; a stop string cancels the rest of the generation.
@@ -342,8 +428,11 @@ def create_app(
                     yield tail
                 return
             if isinstance(event, TokenEvent):
+                if outcome.first_token_at is None:
+                    outcome.first_token_at = time.perf_counter()
                 if event.id >= 0:
                     outcome.completion_ids.append(event.id)
+                    outcome.reasoning_tokens += event.thinking
                 delta = reply.feed(event)
                 if reply.stopped:
                     job.cancel.set()
@@ -361,6 +450,12 @@ def create_app(
         choice.update({"delta": delta} if kind == "chat" else delta)
         return data({**envelope(ident, kind, True), "choices": [choice]})
 
+    register_responses(
+        app,
+        Pipeline(
+            model_id, authorize, prepare_chat, launch, collect, relay, deltas, worker.prefix, error_body
+        ),
+    )
     return app
 
 
@@ -433,10 +528,15 @@ def usage(outcome: Outcome) -> dict:
 LEFT, STOPPING = "cancelled: client left", "cancelled: server stopping"
 
 
-def log_request(request: Request, outcome: Outcome, started: float, why: str | None = None) -> None:
-    """One line per request; `why` (LEFT, STOPPING) overrides the generation's own reason."""
+def log_request(request: Request, outcome: Outcome, why: str | None = None) -> None:
+    """The generation's line (request_log writes the others); `why` (LEFT, STOPPING) overrides the
+    generation's own reason. TTFT and the total run from the request's arrival: waiting in line, rendering
+    and the prefill count."""
     stats = outcome.finished.stats if outcome.finished else {}
     u = usage(outcome)
+    arrived = arrival(request)
+    ttft = None if outcome.first_token_at is None else outcome.first_token_at - arrived
+    mark_logged(request)
     log.info(
         "%s %s · prompt %d tok (%d cached) · reply %d tok (%s) · %s tok/s · TTFT %s s · %.2f s",
         request.method,
@@ -446,8 +546,8 @@ def log_request(request: Request, outcome: Outcome, started: float, why: str | N
         u["completion_tokens"],
         why or (outcome.finished.reason if outcome.finished else "no reply"),
         "-" if stats.get("decode_tok_s") is None else stats["decode_tok_s"],
-        "-" if stats.get("ttft_s") is None else stats["ttft_s"],
-        time.perf_counter() - started,
+        "-" if ttft is None else f"{ttft:.3f}",
+        time.perf_counter() - arrived,
     )
 
 

@@ -69,9 +69,11 @@ class Guard:
                 f"the Host header {headers.get('host')!r} is not one this server answers to (start it with"
                 " --allowed-hosts NAME to allow a name it is reached by)"
             )
+            scope.setdefault("state", {})["error"] = "host_not_allowed"  # for the request's log line
             return await _refuse(send, 400, message, "host_not_allowed")
         body = await self._read(receive)
         if body is None:
+            scope.setdefault("state", {})["error"] = "request_too_large"
             return await _refuse(send, 413, self._too_large(), "request_too_large")
         return await self.app(scope, _replay(body, receive), send)
 

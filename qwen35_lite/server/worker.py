@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,15 @@ import torch
 from ..errors import Qwen35Error
 from ..model.cache import ModelCache
 from ..runtime.engine import Engine
-from ..runtime.generate import Finished, GenerationRequest, check_context, check_vocab, generate, prefill
+from ..runtime.generate import (
+    Finished,
+    GenerationRequest,
+    TokenEvent,
+    check_context,
+    check_vocab,
+    generate,
+    prefill,
+)
 from ..runtime.sampling import SamplingParams
 from ..text.tokenizer import StreamDecoder
 from .media import hide_paths
@@ -40,6 +48,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
     client_left: bool = False  # set with cancel when its client disconnected
+    kept: tuple[str, tuple[int, ...]] | None = None  # the PrefixCache name of the state it ended in
 
     def emit(self, event: object) -> None:
         try:
@@ -68,11 +77,20 @@ def _stop_if(cancel: threading.Event) -> Callable[[int, int], None]:
     return check
 
 
-class Worker:
-    """Runs jobs one after another on a daemon thread. `capacity` counts waiting and running jobs."""
+Script = Callable[[str], str]
+"""Tests only: the reply text for a prompt text, spoken instead of the model's tokens (random weights never
+call a tool or write JSON). Off unless create_app is given one (serve: QWEN35_LITE_TEST_SCRIPT)."""
 
-    def __init__(self, engine: Engine, prefix: PrefixCache, capacity: int = 8) -> None:
-        self.engine, self.prefix, self.capacity = engine, prefix, capacity
+
+class Worker:
+    """Runs jobs one after another on a daemon thread. `capacity` counts waiting and running jobs.
+
+    script: tests only (Script); the prompt is still prefilled, only the reply's tokens are scripted."""
+
+    def __init__(
+        self, engine: Engine, prefix: PrefixCache, capacity: int = 8, script: Script | None = None
+    ) -> None:
+        self.engine, self.prefix, self.capacity, self.script = engine, prefix, capacity, script
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -144,10 +162,27 @@ class Worker:
         req.params, req.max_new_tokens, req.stop_ids = job.params, job.max_new_tokens, eng.defaults.stop_ids
         req.think_ids, req.start_in_thinking = (think_open, think_close), job.start_in_thinking
         req.max_context = eng.max_context
+        if self.script is not None:
+            job.kept = (prompt.key, tuple(prompt.ids[:-1]))
+            for event in self._scripted(prompt.ids, job.max_new_tokens):
+                job.emit(event)
+            return
         for event in generate(model, cache, req, StreamDecoder(eng.tokenizer), cancel=job.cancel):
             if isinstance(event, Finished):  # a copy is kept: the next turn of the conversation starts there
                 self.prefix.save(list(cache.token_ids), cache, prompt.key)
+                job.kept = (prompt.key, tuple(cache.token_ids))
             job.emit(event)
+
+    def _scripted(self, prompt_ids: list[int], cap: int) -> Iterator[object]:
+        """The script's reply as generate's events: real token ids and their streamed text, cut at `cap`."""
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer.encode(self.script(tokenizer.decode(prompt_ids)))
+        decoder = StreamDecoder(tokenizer)
+        for i in ids[:cap]:
+            yield TokenEvent(i, decoder.push(i), False)
+        if tail := decoder.flush():
+            yield TokenEvent(-1, tail, False)
+        yield Finished("stop" if len(ids) <= cap else "length", {}, [], ids[:cap])
 
     def _resume(self, prompt: Prompt, cancel: threading.Event) -> tuple[ModelCache, int]:
         """The state to continue from and how many prompt tokens it already holds.
