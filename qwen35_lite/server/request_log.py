@@ -42,22 +42,29 @@ class RequestLog:
         state["arrived"] = time.perf_counter()
         status = 500
 
+        def write() -> None:
+            if state.get("logged"):
+                return
+            state["logged"] = True
+            error = state.get("error")
+            log.info(
+                "%s %s · %d%s · %.2f s",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                status,
+                f" {error}" if error else "",
+                time.perf_counter() - state["arrived"],
+            )
+
         async def sending(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                write()  # before the last byte: a client that reads the answer finds the line written
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
         finally:
-            if not state.get("logged"):
-                error = state.get("error")
-                log.info(
-                    "%s %s · %d%s · %.2f s",
-                    scope.get("method", ""),
-                    scope.get("path", ""),
-                    status,
-                    f" {error}" if error else "",
-                    time.perf_counter() - state["arrived"],
-                )
+            write()

@@ -183,8 +183,9 @@ class Output:
     """A response's output items, built from Deltas in the order they come (reasoning, message text,
     function calls), and the stream events that build them, numbered in `sequence_number`.
 
-    `feed` returns the events of one Delta; whitespace between a message and a function call opens no
-    message of its own (the model writes a newline before `<tool_call>`)."""
+    `feed` returns the events of one Delta. A message's trailing whitespace is held until more text
+    follows: before a function call it is dropped (the model writes a newline before `<tool_call>`), so
+    whitespace alone never opens a message; at the end of the reply it is the message's."""
 
     response: dict
     events: list[dict] = field(default_factory=list)
@@ -217,11 +218,11 @@ class Output:
 
     def close(self, reason: str, usage: dict) -> dict:
         """The finished response; its closing events are left in `events`."""
-        if self._held and self._open is not None and self._open["type"] == "message":
-            self._text("message", "")
-        output = self.response["output"]
-        if not any(i["type"] in ("message", "function_call") for i in output):
-            self._text("message", "")  # a reply with no text and no call still has its (empty) message
+        held, self._held = self._held, ""
+        if held and self._open is not None and self._open["type"] == "message":
+            self._text("message", held)
+        elif not any(i["type"] in ("message", "function_call") for i in self.response["output"]):
+            self._text("message", held)  # a reply with no text and no call still has its message
         self._close_open()
         if reason == "length":
             self.response["status"] = "incomplete"
@@ -240,18 +241,17 @@ class Output:
         return events
 
     def _content(self, text: str) -> None:
-        if not text.strip() and (self._open is None or self._open["type"] != "message"):
-            self._held += text
-            return
-        self._text("message", text)
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body) :]
+        if body:
+            self._text("message", body)
 
     def _text(self, kind: str, text: str) -> None:
         """Append text to the open reasoning or message item, opening one first if needed."""
         if self._open is None or self._open["type"] != kind:
             self._close_open()
             self._start(kind)
-        if kind == "message":
-            text, self._held = self._held + text, ""
         if not text:
             return
         item = self._open
@@ -275,6 +275,7 @@ class Output:
             item["status"] = "in_progress"
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         self.response["output"].append(item)
+        self._open = item
         self._emit(
             "response.output_item.added", output_index=self._index(), item={**_copy(item), "content": []}
         )
@@ -286,7 +287,6 @@ class Output:
             content_index=0,
             part=_copy(part),
         )
-        self._open = item
 
     def _call(self, delta) -> None:
         self.saw_calls = True
