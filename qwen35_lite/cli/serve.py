@@ -137,7 +137,7 @@ def serve(
     check_load_flags(load)
     defaults = template_defaults(chat_template_kwargs, think)
     origins = [o.strip() for item in cors_origins or () for o in item.split(",") if o.strip()]
-    script = test_script()
+    script = scripted_reply()
     check_address(host, port)  # before the load, which can take minutes
     media_dir = allowed_dir(allowed_local_media_path)
     ui = UI()
@@ -183,7 +183,7 @@ def template_defaults(kwargs: str | None, think: bool | None) -> dict:
 TEST_SCRIPT = "QWEN35_LITE_TEST_SCRIPT"
 
 
-def test_script():
+def scripted_reply():
     """Tests only: QWEN35_LITE_TEST_SCRIPT=module:function names a function from a prompt's text to the
     reply's text, spoken instead of the model's tokens (server.worker.Script). Unset: None."""
     name = os.environ.get(TEST_SCRIPT)

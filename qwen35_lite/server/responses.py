@@ -27,6 +27,7 @@ from .reply import Delta
 from .responses_protocol import ResponsesRequest, chat_request
 from .state_cache import PrefixCache
 
+RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
 KEEP = 256  # stored responses at most (each also needs its state still in the state cache to be served)
 
 
@@ -90,7 +91,11 @@ def register_responses(app: FastAPI, pipe: Pipeline) -> None:
     async def responses(req: ResponsesRequest, request: Request):
         history = store.history(req.previous_response_id) if req.previous_response_id else []
         chat = chat_request(req, history)
-        job, reply, images_dir = await pipe.prepare(chat)
+        try:
+            job, reply, images_dir = await pipe.prepare(chat)
+        except APIError as e:  # named by the Responses field
+            e.param = RENAMED.get(e.param, e.param)
+            raise
         try:
             launched = await pipe.launch(request, job, images_dir)
         except BaseException:

@@ -406,3 +406,23 @@ def test_the_serve_flags_for_thinking_and_cors_reach_the_app(engine, ckpt, monke
         s.stop()
     r = CliRunner().invoke(cli_app, ["serve", "--model", str(ckpt), "--chat-template-kwargs", "[1]"])
     assert r.exit_code != 0 and "JSON object" in r.stderr
+
+
+def test_an_input_image_reaches_the_image_path(server, tmp_path):
+    """An input_image data URL is decoded and checked like a chat image_url (this checkpoint has no vision
+    tower, so a good image is refused for that, past the decoding)."""
+    import base64
+
+    from PIL import Image
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), "red").save(path)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    parts = [{"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]
+    body = {"model": "tiny", "input": [{"role": "user", "content": parts}]}
+    status, _, answer = call(server.port, "POST", "/v1/responses", body, AUTH)
+    assert status == 400 and "vision" in answer["error"]["message"], answer
+    parts[1]["image_url"] = "/etc/passwd"
+    status, _, answer = call(server.port, "POST", "/v1/responses", body, AUTH)
+    assert status == 400 and "local path was refused" in answer["error"]["message"], answer
+    assert answer["error"]["param"] == "input"  # the Responses field, not the chat request's
