@@ -4,8 +4,8 @@ a tool loop and structured outputs (json_schema and function_calling)."""
 from __future__ import annotations
 
 import pytest
+from clients_server import KEY, MODEL, served_fixture, server_fixture  # noqa: F401  (the fixtures served, server)
 from common import ANSWER, CITY, QUESTION, STRUCTURED, CityWeather, get_weather
-from conftest import KEY, MODEL
 
 langchain_openai = pytest.importorskip("langchain_openai")
 pytestmark = pytest.mark.slow

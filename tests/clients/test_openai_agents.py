@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from clients_server import KEY, MODEL, served_fixture, server_fixture  # noqa: F401  (the fixtures served, server)
 from common import ANSWER, CITY, QUESTION, STRUCTURED, CityWeather, get_weather
-from conftest import KEY, MODEL
 
 agents = pytest.importorskip("agents")
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from clients_server import KEY, MODEL, served_fixture, server_fixture  # noqa: F401  (the fixtures served, server)
 from common import ANSWER, CHAT_TOOL, CITY, QUESTION, RESPONSES_TOOL, STRUCTURED, CityWeather, get_weather
-from conftest import KEY, MODEL
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ by its default output tool and by NativeOutput (response_format / text.format)."
 from __future__ import annotations
 
 import pytest
+from clients_server import KEY, MODEL, served_fixture, server_fixture  # noqa: F401  (the fixtures served, server)
 from common import ANSWER, CITY, QUESTION, STRUCTURED, CityWeather, get_weather
-from conftest import KEY, MODEL
 
 pydantic_ai = pytest.importorskip("pydantic_ai")
 pytestmark = pytest.mark.slow

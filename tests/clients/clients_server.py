@@ -1,9 +1,13 @@
 """One `qwen35-lite serve` process for the client tests: loopback, a tiny random checkpoint, --no-think,
 and the scripted model (scripted_model.py) in place of the random weights' tokens. `server` also checks
-that no request of the test got a 4xx or 5xx (the server logs one line per request, with its status)."""
+that no request of the test got a 4xx or 5xx (the server logs one line per request, with its status).
+
+Test modules import the fixtures from here (a conftest.py here would shadow tests/conftest.py, which other
+tests import by name); the process is started once and shared by every module, and stopped at exit."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -36,13 +40,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def served(tmp_path_factory):
+_SERVED: list[Served] = []
+
+
+@pytest.fixture(scope="session", name="served")
+def served_fixture(tmp_path_factory) -> Served:
+    if not _SERVED:
+        _SERVED.append(_start(tmp_path_factory.mktemp("clients")))
+    return _SERVED[0]
+
+
+def _start(root: Path) -> Served:
     import torch
 
     from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 
-    root = tmp_path_factory.mktemp("clients")
     ckpt = root / MODEL
     write_checkpoint(ckpt, SyntheticSpec(), dtype=torch.float32)
     port, log = _free_port(), root / "serve.log"
@@ -56,32 +68,34 @@ def served(tmp_path_factory):
     command += ["--device", "cpu", "--ctx", "8192", "--no-think", "--api-key", KEY]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    atexit.register(_stop, proc)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.time() < deadline, "serve did not start: " + log.read_text()
-            try:
-                request = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {KEY}"})
-                urllib.request.urlopen(request, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield Served(url, log)
-    finally:
-        proc.terminate()
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            _stop(proc)
+            raise AssertionError("serve did not start: " + log.read_text())
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            request = urllib.request.Request(url + "/models", headers={"Authorization": f"Bearer {KEY}"})
+            urllib.request.urlopen(request, timeout=2).close()
+            return Served(url, log)
+        except OSError:
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 ERROR_LINE = re.compile(r" · [45]\d\d(?: |$)")  # a status, not a speed like "453.1 tok/s"
 
 
-@pytest.fixture
-def server(served):
+@pytest.fixture(name="server")
+def server_fixture(served):
     """The served server; after the test, no request it made may have been answered 4xx/5xx, and each
     generation must have ended normally."""
     before = len(served.lines())
