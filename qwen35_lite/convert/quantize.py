@@ -85,6 +85,7 @@ EXPERTS = "mlp.experts"  # the routed experts' family in a layer key
 LAYER_NAMES = {EXPERTS: "routed experts", "self_attn": "attention", "linear_attn": "DeltaNet",
                "mlp.shared_expert": "shared experts", HEAD: "lm_head"}  # fmt: skip
 COPY_CHUNK = 64 << 20
+QUANT_BLOCK = 64 << 20  # fp32 bytes of the rows a large matrix is quantised in at a time
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Routed experts of the decoder (the MTP head's experts stay as they are): per-expert or fused.
 EXPERT_NAME = re.compile(
@@ -398,7 +399,7 @@ def _quantized(job: Job, mse_clip: bool) -> list[torch.Tensor]:
     packed blocks are joined: the same bytes as the whole matrix at once, in a fraction of the memory."""
     fmt = packed_format(job.scheme.bits)
     rows, cols = job.source.shape
-    step = FP8_BLOCK * max(1, COPY_CHUNK // (FP8_BLOCK * cols * 4))
+    step = FP8_BLOCK * max(1, QUANT_BLOCK // (FP8_BLOCK * cols * 4))
     blocks = [fmt.quantize(_read_rows(job, r0, min(rows, r0 + step)), job.scheme, mse_clip)
               for r0 in range(0, rows, step)]  # fmt: skip
     if len(blocks) == 1:

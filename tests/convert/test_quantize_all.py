@@ -5,19 +5,21 @@ exactly its layers as compressed-tensors matches them, and the output decoding t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import greedy, load_ours
 from ct_reference import decompress_ct_checkpoint, load_ct_reference
-from test_quantize import one_error_line, quantize_cli, tensors
+from test_quantize import fp8_source, one_error_line, quantize_cli, tensors  # noqa: F401 (a fixture)
 
 from qwen35_lite.convert import quantize as q
 from qwen35_lite.convert.quantize import Recipe, quantize_checkpoint
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.formats.registry import parse_quantization_config
 from qwen35_lite.weights.checkpoint import Checkpoint
+from qwen35_lite.weights.fp8 import dequantize_fp8
 from qwen35_lite.weights.packed import QuantScheme, describe
 
 # hidden 64, experts 64 wide, shared expert 32 wide: group 32 divides every Linear's inputs, group 64 all
@@ -31,8 +33,10 @@ PREFIX = "model.language_model.layers"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """A bf16 checkpoint (fused experts), every tensor random, with the real tokenizer."""
-    return write_checkpoint(tmp_path_factory.mktemp("src"), SPEC, fused=True)
+    """A checkpoint with fused experts, every tensor random, with the real tokenizer. fp32: transformers 5.23
+    keeps dequantised experts in their scales' dtype whatever the model's, so bf16 scales would run its
+    experts in bf16 against our fp32 (the numbers are the same either way: see the weight checks)."""
+    return write_checkpoint(tmp_path_factory.mktemp("src"), SPEC, fused=True, dtype=torch.float32)
 
 
 def _packed_modules(path: Path) -> dict[str, tuple[int, int]]:
@@ -60,11 +64,13 @@ def test_all_quantises_the_recipes_layers_and_keeps_the_rest(source, tmp_path):
     for m in RESIDENT:
         layer = 3 if m.startswith("self_attn") else 0  # layer 3 is the full-attention one
         assert packed[f"{PREFIX}.{layer}.{m}"] == (4, (32 if m.endswith("down_proj") else 64) // 32)
-    got = tensors(out)
-    for m in KEPT:
-        assert got[f"{PREFIX}.0.{m}.weight"].dtype == torch.bfloat16  # kept as stored
-    assert got["lm_head.weight"].dtype == torch.bfloat16 and "lm_head.weight_packed" not in got
-    assert got["model.language_model.embed_tokens.weight"].dtype == torch.bfloat16
+    got, src = tensors(out), tensors(source)
+    kept = [f"{PREFIX}.0.{m}.weight" for m in KEPT] + [
+        "lm_head.weight",
+        "model.language_model.embed_tokens.weight",
+    ]
+    assert all(torch.equal(got[k], src[k]) for k in kept)  # as stored
+    assert "lm_head.weight_packed" not in got
     qc = _quant_config(out)
     assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]]  # one scheme: the recipe
     assert qc["ignore"] == q.RECIPE_IGNORE
@@ -143,18 +149,34 @@ def test_the_reader_takes_the_experts_scheme_from_a_config_of_several(source, tm
     assert ckpt.resident_format("layers.3.self_attn.o_proj.weight") == describe(QuantScheme(8, 32))
 
 
-def test_a_large_matrix_quantises_a_block_of_rows_at_a_time_to_the_same_bytes(source, tmp_path, monkeypatch):
-    """lm_head [248320, 64] in blocks of 128 rows; asymmetric (zero points packed down the rows)."""
+def test_a_large_matrix_quantises_a_block_of_rows_at_a_time_to_the_same_bytes(tmp_path, monkeypatch):
+    """lm_head [4000, 64] in blocks of 256 rows (the last one short); asymmetric: the zero points are
+    packed down the rows, so a block boundary inside a packed word would show."""
+    small = write_checkpoint(tmp_path / "src", replace(SPEC, vocab_size=4000, num_hidden_layers=1))
     scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
     recipe = Recipe(scheme, resident=scheme, head=QuantScheme(bits=8, group_size=32, symmetric=False))
-    whole = quantize_checkpoint(source, tmp_path / "whole", recipe, shard_bytes=1 << 40).out
-    monkeypatch.setattr(q, "COPY_CHUNK", 1)  # one FP8 block (128 rows) at a time
-    blocks = quantize_checkpoint(source, tmp_path / "blocks", recipe, shard_bytes=1 << 40).out
+    whole = quantize_checkpoint(small, tmp_path / "whole", recipe).out
+    monkeypatch.setattr(q, "QUANT_BLOCK", 256 * 64 * 4)
+    blocks = quantize_checkpoint(small, tmp_path / "blocks", recipe).out
     a, b = tensors(whole), tensors(blocks)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert a["lm_head.weight_packed"].shape == (SPEC.vocab_size, 64 // 4)
+    assert a["lm_head.weight_packed"].shape == (4000, 64 // 4) and a["lm_head.weight_zero_point"].shape == (
+        1000,
+        2,
+    )
 
 
+def test_an_fp8_sources_resident_layers_are_dequantised_then_quantised(fp8_source, tmp_path):  # noqa: F811
+    out = quantize_checkpoint(fp8_source, tmp_path / "q", Recipe(G32, resident=G32)).out
+    src, got = tensors(fp8_source), tensors(out)
+    w = "model.language_model.layers.3.self_attn.o_proj"
+    bf16 = dequantize_fp8(src[w + ".weight"], src[w + ".weight_scale_inv"]).to(torch.bfloat16)
+    packed, scale, _ = q.packed_format(4).quantize(bf16, G32)
+    assert torch.equal(got[w + ".weight_packed"], packed) and torch.equal(got[w + ".weight_scale"], scale)
+    assert not any(k.endswith("_scale_inv") for k in got)
+
+
+@pytest.mark.slow
 def test_the_cli_says_what_it_quantised_and_what_it_kept(source, tmp_path):
     r = quantize_cli(
         source, tmp_path / "q", "--scope", "all", "--bits", "4", "--group-size", "32", "--head-bits", "8"
