@@ -2,7 +2,7 @@
 all`) to int4 or int8 (compressed-tensors W4A16 / W8A16), with a progress bar and a summary of what was
 quantised and what stayed bf16.
 
-The work is qwen35_lite/convert/quantize.py; this module parses the flags and renders. `register(app)` adds the
+The work is qwen35_lite/convert/quantize.py (what is quantised: recipe.py); this module parses the flags and renders. `register(app)` adds the
 command with the same one-line error handling as the others.
 """
 
@@ -26,13 +26,12 @@ from rich.progress import (
 from ..convert.quantize import (
     DEFAULT_SHARD_BYTES,
     GROUP_SIZES,
-    KEPT,
     QuantizeProgress,
     QuantizeResult,
-    Recipe,
     default_group_size,
     quantize_checkpoint,
 )
+from ..convert.recipe import KEPT, Recipe
 from ..errors import InputError
 from ..experts.formats import QuantScheme
 from ..weights.hub import resolve_model

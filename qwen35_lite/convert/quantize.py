@@ -1,16 +1,14 @@
 """`qwen35-lite quantize`: a bf16 or FP8 checkpoint -> a compressed-tensors W4A16 or W8A16 (pack-quantized) one.
 
-`Recipe` says what is quantised (round-to-nearest, experts/formats/compressed.py; the format of each width
-packs it, experts/formats/registry.py): the routed experts (`--scope experts`), or every Linear layer the
-community recipe quantises (`--scope all`: the experts, attention, DeltaNet, the shared experts; lm_head
-with `--head-bits`; `KEPT` says what stays bf16 and why). Everything else is copied byte for byte, except
-that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a pure
+What is quantised, to which scheme, and the `quantization_config` saying so are recipe.py's (`Recipe`:
+the routed experts, or with `--scope all` every Linear layer of the community recipe); the quantiser and
+packing are the formats' (experts/formats/compressed.py, registry.py). Everything else is copied byte for
+byte, except that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a pure
 compressed-tensors checkpoint. Fused expert tensors are written per expert, the layout compressed-tensors
-uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.). `quantization_config` has one config group
-per scheme whose targets select exactly its layers, as llm-compressor writes it.
+uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.).
 
 Memory stays small whatever the model size: every output shard's header is planned from the source headers
-alone, then the shard is streamed to disk one tensor (one expert matrix, or a chunk of rows) at a time.
+alone, then the shard is streamed to disk one tensor (one expert matrix, or a block of rows) at a time.
 Resumable: OUT holds a manifest (`PARTIAL_MARKER`) while the run is unfinished; each shard is written under
 a temporary name and renamed when complete, so a rerun of the same command keeps the finished shards (name
 and size checked against the manifest) and continues. The marker goes last, once the index, config and
@@ -44,46 +42,19 @@ from ..runtime.user_files import size_text
 from ..weights.checkpoint import PARTIAL_MARKER, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
 from ..weights.fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
 from ..weights.packed import describe
+from .recipe import (
+    EXPERTS,
+    Recipe,
+    as_recipe,
+    describe_layers,
+    per_channel_unless_divided,
+    quantization_config,
+    recipe_config,
+)
 
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_BYTES = 4 << 30
 GROUP_SIZES = (32, 64, 128)
-COMPRESSED_TENSORS_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config this writes
-EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
-IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
-# --scope all: the community recipe (llm-compressor, AutoRound) targets class Linear but these; vLLM wants
-# every Linear either targeted or ignored, so this list names each one kept bf16 (embeddings are no Linear)
-RECIPE_IGNORE = [
-    "lm_head",
-    r"re:.*mlp\.gate$",
-    r"re:.*shared_expert_gate$",
-    r"re:.*linear_attn\.in_proj_[ab]$",
-    r"re:.*visual.*",
-    r"re:.*mtp.*",
-]
-# What --scope all keeps in bf16, and why (the command's --help, its summary and docs/quantization.md)
-KEPT = (
-    ("the router mlp.gate", "its scores pick the experts"),
-    ("the shared-expert gate", "one row a layer"),
-    ("DeltaNet's in_proj_a/b", "small; they set the recurrence's decay and step"),
-    ("the embeddings", "a lookup table, not a Linear layer"),
-    ("lm_head", "unless --head-bits: the community recipe keeps it"),
-    ("the vision tower and the MTP head", "as released"),
-)
-# The resident Linear layers --scope all quantises: the module holding them -> their projections
-RESIDENT = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "linear_attn": ("in_proj_qkv", "in_proj_z", "out_proj"),
-    "mlp.shared_expert": ("gate_proj", "up_proj", "down_proj"),
-}
-RESIDENT_NAME = re.compile(
-    r"^(?!mtp\.)(?!.*visual)(?P<module>.*\.(?P<family>self_attn|linear_attn|mlp\.shared_expert)\.(?P<proj>\w+))"
-    r"\.weight$"
-)
-HEAD = "lm_head"
-EXPERTS = "mlp.experts"  # the routed experts' family in a layer key
-LAYER_NAMES = {EXPERTS: "routed experts", "self_attn": "attention", "linear_attn": "DeltaNet",
-               "mlp.shared_expert": "shared experts", HEAD: "lm_head"}  # fmt: skip
 COPY_CHUNK = 64 << 20
 QUANT_BLOCK = 64 << 20  # fp32 bytes of the rows a large matrix is quantised in at a time
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -101,24 +72,6 @@ class QuantizeProgress:
     total_bytes: int
     shards_done: int
     shards_total: int
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What `quantize` quantises, and to which scheme (`--scope`, `--bits`, `--resident-bits`, `--head-bits`).
-
-    A resident layer (or lm_head) whose input features the group size does not divide is quantised per
-    channel (one scale a row) instead; the routed experts must divide (`--group-size` says so)."""
-
-    experts: QuantScheme
-    resident: QuantScheme | None = (
-        None  # --scope all: attention, DeltaNet, shared experts; None: experts only
-    )
-    head: QuantScheme | None = None  # lm_head (--head-bits); None: kept as it is
-
-    @property
-    def scope(self) -> str:
-        return "experts" if self.resident is None else "all"
 
 
 @dataclass(frozen=True)
@@ -291,33 +244,18 @@ def _packed_job(
     return Job("packed", module, info, scale_inv, outputs, scheme, layer)
 
 
-def per_channel_unless_divided(scheme: QuantScheme, in_features: int) -> QuantScheme:
-    """`scheme` for a resident Linear of `in_features` inputs: per channel where its group does not divide."""
-    if scheme.group_size and in_features % scheme.group_size:
-        return replace(scheme, group_size=None)
-    return scheme
-
-
 def _resident_job(info: TensorInfo, scale_inv: TensorInfo | None, recipe: Recipe) -> Job | None:
     """The job quantising `info` when the recipe quantises that resident Linear (or lm_head), else None."""
-    if info.name == HEAD + ".weight" and recipe.head is not None:
-        module, layer, scheme = HEAD, (HEAD, ""), recipe.head
-    elif recipe.resident is not None and (m := RESIDENT_NAME.match(info.name)):
-        if m["proj"] not in RESIDENT[m["family"]]:
-            return None  # in_proj_a/b and anything else of those modules stay as they are
-        module, layer, scheme = m["module"], (m["family"], m["proj"]), recipe.resident
-    else:
+    picked = recipe.resident_layer(info.name)
+    if picked is None:
         return None
+    module, layer, scheme = picked
     if len(info.shape) != 2:
         raise CheckpointError(f"{info.name} has shape {list(info.shape)}, not a Linear layer's [out, in]", "")
     dtype = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
     return _packed_job(
         module, info, scale_inv, per_channel_unless_divided(scheme, info.shape[1]), dtype, layer
     )
-
-
-def as_recipe(recipe: Recipe | QuantScheme) -> Recipe:
-    return recipe if isinstance(recipe, Recipe) else Recipe(recipe)
 
 
 def plan_jobs(ckpt: Checkpoint, recipe: Recipe | QuantScheme) -> list[Job]:
@@ -428,12 +366,8 @@ def _write_fp8_dequantised(job: Job, f) -> None:
     """Row blocks of 128 at a time, so an FP8 embedding-sized matrix never sits whole in fp32."""
     rows, cols = job.source.shape
     step = FP8_BLOCK * max(1, COPY_CHUNK // (FP8_BLOCK * cols * 4))
-    scale_inv = read_range(job.scale_inv)
     for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        w = read_range(_rows(job.source, r0, r1))
-        block_scales = scale_inv[r0 // FP8_BLOCK : -(-r1 // FP8_BLOCK)]
-        f.write(_as_bytes(dequantize_fp8(w, block_scales, FP8_BLOCK).to(torch.bfloat16)))
+        f.write(_as_bytes(_read_rows(job, r0, min(rows, r0 + step))))
 
 
 def _write_job(job: Job, mse_clip: bool, f) -> None:
@@ -527,110 +461,6 @@ def _clear_stale(out: Path, keep: list[str]) -> None:
 
 
 # ---- config and metadata -----------------------------------------------------------------------------
-
-
-def _weights(scheme: QuantScheme) -> dict:
-    return {
-        "dynamic": False,
-        "group_size": scheme.group_size,
-        "num_bits": scheme.bits,
-        "strategy": "group" if scheme.group_size else "channel",
-        "symmetric": scheme.symmetric,
-        "type": "int",
-    }
-
-
-def _config(groups: dict[str, tuple[list[str], QuantScheme]], ignore: list[str]) -> dict:
-    """`quantization_config` exactly as compressed-tensors' ModelCompressor.update_config writes it."""
-    empty = {"format": None, "input_activations": None, "output_activations": None}
-    return {
-        "config_groups": {
-            name: {**empty, "targets": targets, "weights": _weights(scheme)}
-            for name, (targets, scheme) in groups.items()
-        },
-        "format": "pack-quantized",
-        "global_compression_ratio": None,
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "moe_sparsity_config": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": COMPRESSED_TENSORS_VERSION,
-    }
-
-
-def quantization_config(scheme: QuantScheme) -> dict:
-    """The config of `--scope experts`: one group targeting the routed experts."""
-    return _config({"group_0": ([EXPERT_TARGET], scheme)}, IGNORE)
-
-
-FAMILIES = {EXPERTS: ("gate_proj", "up_proj", "down_proj"), **RESIDENT, HEAD: ("",)}  # canonical order
-
-
-def _by_family(layers: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """(family, projection) pairs -> family: its projections, both in FAMILIES' order."""
-    return {
-        family: [p for p in projs if (family, p) in layers]
-        for family, projs in FAMILIES.items()
-        if any((family, p) in layers for p in projs)
-    }
-
-
-def _by_scheme(layers: dict[tuple[str, str], QuantScheme]) -> dict[QuantScheme, list[tuple[str, str]]]:
-    """Each scheme: its (family, projection) layers, the experts' scheme first, all in FAMILIES' order."""
-    by_scheme: dict[QuantScheme, list[tuple[str, str]]] = {}
-    for family, projs in FAMILIES.items():
-        for proj in projs:
-            if (family, proj) in layers:
-                by_scheme.setdefault(layers[(family, proj)], []).append((family, proj))
-    return by_scheme
-
-
-def _target(family: str, projs: list[str]) -> str:
-    """The `re:` pattern selecting exactly these projections of `family` in every layer (not the MTP's:
-    the ignore list drops those), or lm_head's name."""
-    if family == HEAD:
-        return HEAD
-    if family == EXPERTS and len(projs) == len(FAMILIES[EXPERTS]):
-        return EXPERT_TARGET
-    if len(projs) == 1:
-        alt = projs[0]
-    elif all(p.endswith("_proj") for p in projs):
-        alt = "(" + "|".join(p.removesuffix("_proj") for p in projs) + ")_proj"
-    else:
-        alt = "(" + "|".join(projs) + ")"
-    where = family.replace(".", r"\.") + (r"\.\d+" if family == EXPERTS else "")
-    return rf"re:.*{where}\.{alt}$"
-
-
-def recipe_config(layers: dict[tuple[str, str], QuantScheme]) -> dict:
-    """The config of `--scope all` for the quantised `layers` (layer_schemes): one config group per scheme,
-    the experts' first. One scheme for all: targets class `Linear` less the ignore list, as the community
-    recipe writes it; several: each group's `re:` patterns select exactly its layers. The ignore list
-    names every Linear kept bf16 (vLLM refuses a Linear that no target and no ignore entry names)."""
-    by_scheme = _by_scheme(layers)
-    ignore = [p for p in RECIPE_IGNORE if not (p == HEAD and (HEAD, "") in layers)]
-    if len(by_scheme) == 1:
-        return _config({"group_0": (["Linear"], next(iter(by_scheme)))}, ignore)
-    groups = {
-        f"group_{i}": ([_target(f, projs) for f, projs in _by_family(kinds).items()], scheme)
-        for i, (scheme, kinds) in enumerate(by_scheme.items())
-    }
-    return _config(groups, ignore)
-
-
-def describe_layers(layers: dict[tuple[str, str], QuantScheme]) -> tuple[tuple[str, str], ...]:
-    """(which layers, their scheme) for each scheme, e.g. ("routed experts, attention", "int4 g32 symmetric")."""
-    out = []
-    for scheme, kinds in _by_scheme(layers).items():
-        names = [
-            LAYER_NAMES[f] if len(projs) == len(FAMILIES[f]) else f"{LAYER_NAMES[f]} {'/'.join(projs)}"
-            for f, projs in _by_family(kinds).items()
-        ]
-        out.append((", ".join(names), describe(scheme)))
-    return tuple(out)
 
 
 def _source_config(src: Path) -> dict:

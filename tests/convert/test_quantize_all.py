@@ -15,7 +15,8 @@ from ct_reference import decompress_ct_checkpoint, load_ct_reference
 from test_quantize import fp8_source, one_error_line, quantize_cli, tensors  # noqa: F401 (a fixture)
 
 from qwen35_lite.convert import quantize as q
-from qwen35_lite.convert.quantize import Recipe, quantize_checkpoint
+from qwen35_lite.convert.quantize import quantize_checkpoint
+from qwen35_lite.convert.recipe import EXPERT_TARGET, RECIPE_IGNORE, Recipe
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.experts.formats.registry import parse_quantization_config
 from qwen35_lite.weights.checkpoint import Checkpoint
@@ -73,7 +74,7 @@ def test_all_quantises_the_recipes_layers_and_keeps_the_rest(source, tmp_path):
     assert "lm_head.weight_packed" not in got
     qc = _quant_config(out)
     assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]]  # one scheme: the recipe
-    assert qc["ignore"] == q.RECIPE_IGNORE
+    assert qc["ignore"] == RECIPE_IGNORE
 
 
 def test_bits_per_scope_give_a_group_per_scheme_that_selects_exactly_its_layers(source, tmp_path):
@@ -90,7 +91,7 @@ def test_bits_per_scope_give_a_group_per_scheme_that_selects_exactly_its_layers(
     qc = _quant_config(out)
     schemes = {name: g["weights"] for name, g in qc["config_groups"].items()}
     assert [(w["num_bits"], w["group_size"]) for w in schemes.values()] == [(4, 64), (8, 64), (8, None)]
-    assert qc["config_groups"]["group_0"]["targets"] == [q.EXPERT_TARGET]
+    assert qc["config_groups"]["group_0"]["targets"] == [EXPERT_TARGET]
     assert "lm_head" not in qc["ignore"]
     by_target = {t: name for name, g in qc["config_groups"].items() for t in g["targets"]}
     packed = _packed_modules(out)
