@@ -150,6 +150,16 @@ def test_the_reader_takes_the_experts_scheme_from_a_config_of_several(source, tm
     assert ckpt.resident_format("layers.3.self_attn.o_proj.weight") == describe(QuantScheme(8, 32))
 
 
+def test_two_schemes_on_the_experts_are_refused():
+    from qwen35_lite.convert.recipe import recipe_config
+    from qwen35_lite.errors import ConfigError
+
+    qc = recipe_config({("mlp.experts", "gate_proj"): G32, ("self_attn", "q_proj"): QuantScheme(8, 32)})
+    qc["config_groups"]["group_1"]["targets"].append("Linear")  # now selects the experts too, in int8
+    with pytest.raises(ConfigError, match="several weight schemes for the routed experts"):
+        parse_quantization_config(qc)
+
+
 def test_a_large_matrix_quantises_a_block_of_rows_at_a_time_to_the_same_bytes(tmp_path, monkeypatch):
     """lm_head [4000, 64] in blocks of 256 rows (the last one short); asymmetric: the zero points are
     packed down the rows, so a block boundary inside a packed word would show."""
