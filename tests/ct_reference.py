@@ -169,17 +169,31 @@ def load_ct_reference(path: Path, dtype: torch.dtype = torch.float32):
     ).eval()
 
 
-def decompress_ct_checkpoint(ct_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A dense copy of a pack-quantized checkpoint, every expert through compressed-tensors' `decompress`.
+def module_scheme(module: str, schemes: list[QuantizationScheme]) -> QuantizationScheme:
+    """The scheme compressed-tensors gives the Linear `module` (several config groups: the most specific
+    target that selects it, exact name, then `re:`, then class, as its apply_quantization_config picks)."""
+    from compressed_tensors.utils.match import match_targets
 
-    The oracle for asymmetric checkpoints, which transformers 5.23 cannot load (see `load_ct_reference`):
-    transformers then runs the model on exactly the weights compressed-tensors dequantises.
+    by_target = {t: s for s in schemes for t in s.targets}
+    matched = match_targets(module, torch.nn.Linear(1, 1), by_target)
+    assert matched, f"no config group targets {module}"
+    return by_target[matched[0]]
+
+
+def decompress_ct_checkpoint(ct_dir: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A dense copy of a pack-quantized checkpoint, every packed layer through compressed-tensors' `decompress`
+    with the scheme of the config group compressed-tensors matches it to.
+
+    The oracle for what transformers 5.23 cannot load (see `load_ct_reference`): asymmetric checkpoints,
+    and configs whose non-expert layers have several schemes (its dequantising load gives every non-expert
+    layer the first non-expert group's scheme); transformers then runs the model on exactly the weights
+    compressed-tensors dequantises.
     """
     ct_dir, out_dir = Path(ct_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = json.loads((ct_dir / "config.json").read_text())
     raw = config.pop("quantization_config")
-    scheme = QuantizationScheme.model_validate(next(iter(raw["config_groups"].values())))
+    schemes = [QuantizationScheme.model_validate(g) for g in raw["config_groups"].values()]
     weight_map: dict[str, str] = {}
     for shard in _shards(ct_dir):
         tensors: dict[str, torch.Tensor] = {}
@@ -193,6 +207,7 @@ def decompress_ct_checkpoint(ct_dir: Path, out_dir: Path, dtype: torch.dtype = t
                         for k in names
                         if k.startswith(module + ".")
                     }
+                    scheme = module_scheme(module, schemes)
                     tensors[module + ".weight"] = ct_decompress(state, scheme).to(dtype)
                 elif not name.rpartition(".")[2].startswith(("weight_scale", "weight_shape", "weight_zero")):
                     tensors[name] = f.get_tensor(name)

@@ -1,13 +1,14 @@
 """`qwen35-lite quantize`: a bf16 or FP8 checkpoint -> a compressed-tensors W4A16 or W8A16 (pack-quantized) one.
 
-Only the routed experts are quantised (round-to-nearest, experts/formats/compressed.py; the format of
-`--bits` packs them, experts/formats/registry.py); everything else is copied
-byte for byte, except that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a
-pure compressed-tensors checkpoint. Fused expert tensors are written per expert, the layout
-compressed-tensors uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.).
+What is quantised, to which scheme, and the `quantization_config` saying so are recipe.py's (`Recipe`:
+the routed experts, or with `--scope all` every Linear layer of the community recipe); the quantiser and
+packing are the formats' (experts/formats/compressed.py, registry.py). Everything else is copied byte for
+byte, except that an FP8 source's block-scaled weights are dequantised to bf16 so the output is a pure
+compressed-tensors checkpoint. Fused expert tensors are written per expert, the layout compressed-tensors
+uses (`...experts.{e}.{gate,up,down}_proj.weight_packed` etc.).
 
 Memory stays small whatever the model size: every output shard's header is planned from the source headers
-alone, then the shard is streamed to disk one tensor (one expert matrix, or a chunk of rows) at a time.
+alone, then the shard is streamed to disk one tensor (one expert matrix, or a block of rows) at a time.
 Resumable: OUT holds a manifest (`PARTIAL_MARKER`) while the run is unfinished; each shard is written under
 a temporary name and renamed when complete, so a rerun of the same command keeps the finished shards (name
 and size checked against the manifest) and continues. The marker goes last, once the index, config and
@@ -40,14 +41,22 @@ from ..experts.formats.registry import PACKED, packed_format, parse_quantization
 from ..runtime.user_files import size_text
 from ..weights.checkpoint import PARTIAL_MARKER, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, read_range
 from ..weights.fp8 import FP8_BLOCK, FP8_DTYPES, dequantize_fp8
+from ..weights.packed import describe
+from .recipe import (
+    EXPERTS,
+    Recipe,
+    as_recipe,
+    describe_layers,
+    per_channel_unless_divided,
+    quantization_config,
+    recipe_config,
+)
 
 MANIFEST_VERSION = 1
 DEFAULT_SHARD_BYTES = 4 << 30
 GROUP_SIZES = (32, 64, 128)
-COMPRESSED_TENSORS_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config this writes
-EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
-IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
 COPY_CHUNK = 64 << 20
+QUANT_BLOCK = 64 << 20  # fp32 bytes of the rows a large matrix is quantised in at a time
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Routed experts of the decoder (the MTP head's experts stay as they are): per-expert or fused.
 EXPERT_NAME = re.compile(
@@ -71,6 +80,9 @@ class QuantizeResult:
     shards: int
     total_bytes: int
     resumed_shards: int  # finished shards kept from an interrupted run
+    layers: tuple[
+        tuple[str, str], ...
+    ] = ()  # (the layers, their scheme), e.g. ("routed experts", "int4 g32 symmetric")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,8 @@ class Job:
     source: TensorInfo
     scale_inv: TensorInfo | None = None  # FP8 sources: the block scales of `source`
     outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...] = field(default_factory=tuple)
+    scheme: QuantScheme | None = None  # "packed": its scheme
+    layer: tuple[str, str] = ("", "")  # "packed": (family, projection), e.g. ("self_attn", "q_proj")
 
     @property
     def nbytes(self) -> int:
@@ -198,7 +212,7 @@ def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantSc
     dtype = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
     if m["e"] is not None:
         module = f"{m['prefix']}{m['e']}.{m['proj']}_proj"
-        yield Job("packed", module, info, scale_inv, _packed_outputs(module, info.shape, dtype, scheme))
+        yield _packed_job(module, info, scale_inv, scheme, dtype, (EXPERTS, f"{m['proj']}_proj"))
         return
     if scale_inv is not None:
         raise CheckpointError(
@@ -215,11 +229,38 @@ def _expert_jobs(info: TensorInfo, scale_inv: TensorInfo | None, scheme: QuantSc
         for proj, part in halves:
             sub = _slice(info, e, part)
             module = f"{m['prefix']}{e}.{proj}_proj"
-            yield Job("packed", module, sub, None, _packed_outputs(module, sub.shape, dtype, scheme))
+            yield _packed_job(module, sub, None, scheme, dtype, (EXPERTS, f"{proj}_proj"))
 
 
-def plan_jobs(ckpt: Checkpoint, scheme: QuantScheme) -> list[Job]:
+def _packed_job(
+    module: str,
+    info: TensorInfo,
+    scale_inv: TensorInfo | None,
+    scheme: QuantScheme,
+    dtype: torch.dtype,
+    layer: tuple[str, str],
+) -> Job:
+    outputs = _packed_outputs(module, info.shape, dtype, scheme)
+    return Job("packed", module, info, scale_inv, outputs, scheme, layer)
+
+
+def _resident_job(info: TensorInfo, scale_inv: TensorInfo | None, recipe: Recipe) -> Job | None:
+    """The job quantising `info` when the recipe quantises that resident Linear (or lm_head), else None."""
+    picked = recipe.resident_layer(info.name)
+    if picked is None:
+        return None
+    module, layer, scheme = picked
+    if len(info.shape) != 2:
+        raise CheckpointError(f"{info.name} has shape {list(info.shape)}, not a Linear layer's [out, in]", "")
+    dtype = torch.bfloat16 if info.dtype in FP8_DTYPES else info.dtype
+    return _packed_job(
+        module, info, scale_inv, per_channel_unless_divided(scheme, info.shape[1]), dtype, layer
+    )
+
+
+def plan_jobs(ckpt: Checkpoint, recipe: Recipe | QuantScheme) -> list[Job]:
     """Every output tensor, in source order (file, offset)."""
+    recipe = as_recipe(recipe)
     infos = sorted(ckpt.tensors.values(), key=lambda i: (i.file.name, i.start))
     by_name = {i.name: i for i in infos}
     jobs: list[Job] = []
@@ -232,14 +273,32 @@ def plan_jobs(ckpt: Checkpoint, scheme: QuantScheme) -> list[Job]:
                 f"FP8 tensor {info.name} has no weight_scale_inv", "the checkpoint is incomplete"
             )
         if EXPERT_NAME.match(info.name):
-            jobs.extend(_expert_jobs(info, scale_inv, scheme))
+            jobs.extend(_expert_jobs(info, scale_inv, recipe.experts))
+        elif (job := _resident_job(info, scale_inv, recipe)) is not None:
+            jobs.append(job)
         elif scale_inv is not None:
             jobs.append(Job("fp8", info.name, info, scale_inv, ((info.name, torch.bfloat16, info.shape),)))
         else:
             jobs.append(Job("copy", info.name, info, None, ((info.name, info.dtype, info.shape),)))
-    if not any(job.kind == "packed" for job in jobs):
+    if not any(job.layer[0] == EXPERTS for job in jobs):
         raise CheckpointError(f"no routed experts in {ckpt.dir}", "quantize takes a Qwen3.5 MoE checkpoint")
     return jobs
+
+
+def layer_schemes(jobs: list[Job]) -> dict[tuple[str, str], QuantScheme]:
+    """(family, projection) -> the scheme of every quantised layer of that kind, in the order first met.
+
+    Every layer of a kind has the same shape in a Qwen3.5 model, hence one scheme; and vLLM runs each
+    fused group (q/k/v, gate/up, in_proj_qkv/z, an MoE's gate/up/down) with one scheme: refused otherwise."""
+    kinds: dict[tuple[str, str], QuantScheme] = {}
+    for job in jobs:
+        if job.kind == "packed" and kinds.setdefault(job.layer, job.scheme) != job.scheme:
+            raise CheckpointError(
+                f"{job.name} would be {describe(job.scheme)}, other {'.'.join(job.layer)} layers"
+                f" {describe(kinds[job.layer])}",
+                "pick a --group-size that divides every layer's input features",
+            )
+    return kinds
 
 
 def plan_shards(jobs: list[Job], shard_bytes: int) -> list[Shard]:
@@ -263,11 +322,30 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _read_matrix(job: Job) -> torch.Tensor:
-    w = read_range(job.source)
+def _read_rows(job: Job, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 of the job's matrix; FP8 block-dequantised to bf16 (r0 a multiple of the block)."""
+    w = read_range(_rows(job.source, r0, r1))
     if job.scale_inv is None:
         return w
-    return dequantize_fp8(w, read_range(job.scale_inv), FP8_BLOCK).to(torch.bfloat16)
+    block_scales = read_range(job.scale_inv)[r0 // FP8_BLOCK : -(-r1 // FP8_BLOCK)]
+    return dequantize_fp8(w, block_scales, FP8_BLOCK).to(torch.bfloat16)
+
+
+def _quantized(job: Job, mse_clip: bool) -> list[torch.Tensor]:
+    """The job's output tensors. Every row quantises on its own, so a large matrix (lm_head) goes a block
+    of rows at a time (a multiple of 128: whole FP8 blocks and whole packed zero-point words) and the
+    packed blocks are joined: the same bytes as the whole matrix at once, in a fraction of the memory."""
+    fmt = packed_format(job.scheme.bits)
+    rows, cols = job.source.shape
+    step = FP8_BLOCK * max(1, QUANT_BLOCK // (FP8_BLOCK * cols * 4))
+    blocks = [fmt.quantize(_read_rows(job, r0, min(rows, r0 + step)), job.scheme, mse_clip)
+              for r0 in range(0, rows, step)]  # fmt: skip
+    if len(blocks) == 1:
+        return blocks[0]
+    # packed, scale, weight_shape (the whole matrix's), zero point when asymmetric
+    joined = [torch.cat([b[i] for b in blocks]) for i in range(len(blocks[0]))]
+    joined[2] = torch.tensor([rows, cols], dtype=torch.int64)
+    return joined
 
 
 def _copy_bytes(info: TensorInfo, f) -> None:
@@ -288,34 +366,27 @@ def _write_fp8_dequantised(job: Job, f) -> None:
     """Row blocks of 128 at a time, so an FP8 embedding-sized matrix never sits whole in fp32."""
     rows, cols = job.source.shape
     step = FP8_BLOCK * max(1, COPY_CHUNK // (FP8_BLOCK * cols * 4))
-    scale_inv = read_range(job.scale_inv)
     for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        w = read_range(_rows(job.source, r0, r1))
-        block_scales = scale_inv[r0 // FP8_BLOCK : -(-r1 // FP8_BLOCK)]
-        f.write(_as_bytes(dequantize_fp8(w, block_scales, FP8_BLOCK).to(torch.bfloat16)))
+        f.write(_as_bytes(_read_rows(job, r0, min(rows, r0 + step))))
 
 
-def _write_job(job: Job, scheme: QuantScheme, mse_clip: bool, f) -> None:
+def _write_job(job: Job, mse_clip: bool, f) -> None:
     if job.kind == "copy":
         _copy_bytes(job.source, f)
     elif job.kind == "fp8":
         _write_fp8_dequantised(job, f)
     else:
-        w = _read_matrix(job)  # [out, in]
-        for t in packed_format(scheme.bits).quantize(w, scheme, mse_clip):
+        for t in _quantized(job, mse_clip):
             f.write(_as_bytes(t))
 
 
-def _write_shard(
-    shard: Shard, out: Path, scheme: QuantScheme, mse_clip: bool, on_job: Callable[[int], None]
-) -> None:
+def _write_shard(shard: Shard, out: Path, mse_clip: bool, on_job: Callable[[int], None]) -> None:
     tmp = out / (shard.file + ".partial")
     try:
         with open(tmp, "wb") as f:
             f.write(shard.header)
             for job in shard.jobs:
-                _write_job(job, scheme, mse_clip, f)
+                _write_job(job, mse_clip, f)
                 on_job(job.nbytes)
             f.flush()
             os.fsync(f.fileno())
@@ -331,11 +402,17 @@ def _write_shard(
 # ---- the manifest, resuming, refusing ------------------------------------------------------------------
 
 
-def _manifest(src: Path, scheme: QuantScheme, mse_clip: bool, shard_bytes: int, shards: list[Shard]) -> dict:
+def _scheme_dict(scheme: QuantScheme | None) -> dict | None:
+    return None if scheme is None else {k: v for k, v in asdict(scheme).items() if k != "scale_dtype"}
+
+
+def _manifest(src: Path, recipe: Recipe, mse_clip: bool, shard_bytes: int, shards: list[Shard]) -> dict:
     return {
         "version": MANIFEST_VERSION,
         "source": str(src.resolve()),
-        "scheme": {k: v for k, v in asdict(scheme).items() if k != "scale_dtype"},
+        "scheme": _scheme_dict(recipe.experts),
+        "resident": _scheme_dict(recipe.resident),
+        "head": _scheme_dict(recipe.head),
         "mse_clip": mse_clip,
         "shard_bytes": shard_bytes,
         "shards": [{"file": s.file, "bytes": s.nbytes} for s in shards],
@@ -386,32 +463,6 @@ def _clear_stale(out: Path, keep: list[str]) -> None:
 # ---- config and metadata -----------------------------------------------------------------------------
 
 
-def quantization_config(scheme: QuantScheme) -> dict:
-    """`quantization_config` exactly as compressed-tensors' ModelCompressor.update_config writes it."""
-    weights = {
-        "dynamic": False,
-        "group_size": scheme.group_size,
-        "num_bits": scheme.bits,
-        "strategy": "group" if scheme.group_size else "channel",
-        "symmetric": scheme.symmetric,
-        "type": "int",
-    }
-    group = {"format": None, "input_activations": None, "output_activations": None}
-    return {
-        "config_groups": {"group_0": {**group, "targets": [EXPERT_TARGET], "weights": weights}},
-        "format": "pack-quantized",
-        "global_compression_ratio": None,
-        "ignore": IGNORE,
-        "kv_cache_scheme": None,
-        "moe_sparsity_config": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": COMPRESSED_TENSORS_VERSION,
-    }
-
-
 def _source_config(src: Path) -> dict:
     try:
         config = json.loads((src / "config.json").read_text())
@@ -429,14 +480,14 @@ def _source_config(src: Path) -> dict:
     return config
 
 
-def _write_metadata(src: Path, out: Path, config: dict, scheme: QuantScheme, shards: list[Shard]) -> None:
+def _write_metadata(src: Path, out: Path, config: dict, qc: dict, shards: list[Shard]) -> None:
     weight_map = {name: s.file for s in shards for job in s.jobs for name, _, _ in job.outputs}
     index = {
         "metadata": {"total_size": sum(j.nbytes for s in shards for j in s.jobs)},
         "weight_map": dict(sorted(weight_map.items())),
     }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {**config, "quantization_config": quantization_config(scheme)}
+    config = {**config, "quantization_config": qc}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     for path in sorted(src.iterdir()):
         # tokenizer, chat template, generation and preprocessor configs
@@ -492,38 +543,49 @@ def _write_error(e: OSError, out: Path, done: int, shards: int, left: int) -> In
     return InputError(f"cannot write {out}: {e.strerror}", f"pick a directory you can write to; {kept}")
 
 
-def _check_scheme(scheme: QuantScheme) -> None:
-    if packed_format(scheme.bits) is None:
-        widths = " or ".join(f"{b}-bit (W{b}A16)" for b in sorted(PACKED))
-        raise InputError(f"--bits {scheme.bits} is not supported", f"only {widths} experts are written")
-    if scheme.group_size not in GROUP_SIZES:
-        raise InputError(f"--group-size {scheme.group_size} is not supported", "use 32, 64 or 128")
+def _check_recipe(recipe: Recipe) -> None:
+    widths = " or ".join(f"{b} (W{b}A16)" for b in sorted(PACKED))
+    for flag, scheme in (
+        ("--bits", recipe.experts),
+        ("--resident-bits", recipe.resident),
+        ("--head-bits", recipe.head),
+    ):
+        if scheme is not None and packed_format(scheme.bits) is None:
+            raise InputError(f"{flag} {scheme.bits} is not supported", f"quantize writes {widths}")
+    if recipe.experts.group_size not in GROUP_SIZES:
+        raise InputError(f"--group-size {recipe.experts.group_size} is not supported", "use 32, 64 or 128")
+    if recipe.head is not None and recipe.resident is None:
+        raise InputError("--head-bits quantises lm_head, a resident layer", "add --scope all")
 
 
 def quantize_checkpoint(
     src: Path,
     out: Path,
-    scheme: QuantScheme,
+    recipe: Recipe | QuantScheme,
     *,
     force: bool = False,
     mse_clip: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_progress: Callable[[QuantizeProgress], None] | None = None,
 ) -> QuantizeResult:
-    """Write `src` (a local directory) with its experts quantised to `scheme` to `out`, resuming an
-    interrupted run.
+    """Write `src` (a local directory) quantised as `recipe` says (a QuantScheme: the experts only) to
+    `out`, resuming an interrupted run.
 
     mse_clip: per group, the clipped range with the least squared error instead of the plain min/max.
     """
-    _check_scheme(scheme)
+    recipe = as_recipe(recipe)
+    _check_recipe(recipe)
     src, out = Path(src), Path(out)
     if out.resolve() == src.resolve():
         raise InputError("OUT is the source directory", "write the quantised checkpoint to a new directory")
     config = _source_config(src)
     ckpt = Checkpoint(src)
-    _check_group_size(ckpt, scheme)
-    shards = plan_shards(plan_jobs(ckpt, scheme), shard_bytes)
-    manifest = _manifest(src, scheme, mse_clip, shard_bytes, shards)
+    _check_group_size(ckpt, recipe.experts)
+    jobs = plan_jobs(ckpt, recipe)
+    layers = layer_schemes(jobs)
+    qc = quantization_config(recipe.experts) if recipe.scope == "experts" else recipe_config(layers)
+    shards = plan_shards(jobs, shard_bytes)
+    manifest = _manifest(src, recipe, mse_clip, shard_bytes, shards)
     done = _finished_shards(out, _read_marker(out), manifest, force)
     resumed = len(done)
     total = sum(s.nbytes for s in shards)
@@ -544,15 +606,15 @@ def quantize_checkpoint(
                 written += n
                 report(QuantizeProgress(written, total, len(done), len(shards)))
 
-            _write_shard(shard, out, scheme, mse_clip, on_job)
+            _write_shard(shard, out, mse_clip, on_job)
             written += len(shard.header)
             done.append(shard.file)
             _save_marker(out, manifest, done)
             report(QuantizeProgress(written, total, len(done), len(shards)))
-        _write_metadata(src, out, config, scheme, shards)
+        _write_metadata(src, out, config, qc, shards)
         (out / PARTIAL_MARKER).unlink()
     except OSError as e:
         if e.errno not in WRITE_ERRNOS or _is_source_error(e, src, out):
             raise
         raise _write_error(e, out, len(done), len(shards), total - written) from None
-    return QuantizeResult(out, len(shards), total, resumed)
+    return QuantizeResult(out, len(shards), total, resumed, describe_layers(layers))

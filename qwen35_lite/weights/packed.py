@@ -100,11 +100,23 @@ def group_scheme(name: str, group: dict, bits_read: tuple[int, ...], refuse) -> 
     return QuantScheme(bits=bits, group_size=group_size, symmetric=bool(w.get("symmetric", True)))
 
 
+# The routed experts of layer 0 under the names checkpoints store them (VLM, text-only, bare)
+EXPERT_PROBES = tuple(
+    f"{prefix}layers.0.mlp.experts.0.{proj}"
+    for prefix in ("model.language_model.", "model.", "")
+    for proj in ("gate_proj", "up_proj", "down_proj")
+)
+
+
 def parse_config(
     raw: dict, bits_read: tuple[int, ...], refuse: Callable[[str], ConfigError]
 ) -> CompressedQuantization:
-    """A compressed-tensors `quantization_config` -> its one weight scheme and what it covers; refused
-    (`refuse(what was found)`) unless it is pack-quantized integer weights of a width in `bits_read`."""
+    """A compressed-tensors `quantization_config` -> the routed experts' weight scheme and what it covers;
+    refused (`refuse(what was found)`) unless it is pack-quantized integer weights of a width in `bits_read`.
+
+    Several config groups (e.g. experts 4-bit, the resident layers 8-bit): the scheme of the groups whose
+    targets select the experts (their other layers are read by resident.py, each with its own group's
+    scheme). Groups none of which selects the experts: their one scheme, or refused when they differ."""
     method = raw.get("quant_method")
     if method != "compressed-tensors":
         raise refuse(f"quant_method {method!r}")
@@ -118,14 +130,24 @@ def parse_config(
     groups = raw.get("config_groups") or {}
     if not groups:
         raise refuse("compressed-tensors config without config_groups")
-    schemes = {name: group_scheme(name, g, bits_read, refuse) for name, g in groups.items()}
+    ignore = tuple(raw.get("ignore") or [])
+    experts = {
+        name: g
+        for name, g in groups.items()
+        if any(covers(g.get("targets", []), ignore, probe) for probe in EXPERT_PROBES)
+    }
+    chosen = experts or groups
+    schemes = {name: group_scheme(name, g, bits_read, refuse) for name, g in chosen.items()}
     if len(set(schemes.values())) > 1:
-        raise refuse(f"several weight schemes in one checkpoint ({sorted(schemes)})")
-    for name, g in groups.items():
+        what = (
+            "the routed experts" if experts else "one checkpoint, none of them selecting the routed experts"
+        )
+        raise refuse(f"several weight schemes for {what} ({sorted(schemes)})")
+    for name, g in chosen.items():
         if g.get("format") not in (None, "pack-quantized"):
             raise refuse(f"config group {name} in format {g['format']!r}")
-    targets = tuple(t for g in groups.values() for t in g.get("targets", []))
-    return CompressedQuantization(next(iter(schemes.values())), targets, tuple(raw.get("ignore") or []))
+    targets = tuple(t for g in chosen.values() for t in g.get("targets", []))
+    return CompressedQuantization(next(iter(schemes.values())), targets, ignore)
 
 
 # ---- dequantising ---------------------------------------------------------------------------------
@@ -175,7 +197,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if pad:  # compressed-tensors pads with nibble 0 and keeps ceil(cols*4/32) words
         u = F.pad(u, (0, pad))
     byte = u[:, 0::2] | (u[:, 1::2] << 4)  # [rows, padded/2]: even element in the low nibble
-    return byte.contiguous().view(torch.int32)  # [rows, padded/8]
+    # through 1-D: a one-row view of a transposed tensor (a per-channel zero point) may keep stride 1
+    return byte.reshape(-1).view(torch.int32).view(q.shape[0], -1)  # [rows, padded/8]
 
 
 def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:

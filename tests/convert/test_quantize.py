@@ -256,10 +256,10 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(fused_bf16, tmp_path, mon
 
     real = q._write_job
 
-    def disk_fills_in_shard_2(job, scheme, mse_clip, f):
+    def disk_fills_in_shard_2(job, mse_clip, f):
         if "-00002-of-" in f.name:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(job, scheme, mse_clip, f)
+        real(job, mse_clip, f)
 
     out = tmp_path / "q"
     args = (fused_bf16, out, "--group-size", "32", "--shard-size-mb", "24")

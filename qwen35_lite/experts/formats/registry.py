@@ -47,8 +47,10 @@ def _refuse(found: str) -> ConfigError:
 
 
 def parse_quantization_config(raw: dict | None) -> Quantization | None:
-    """config.json's `quantization_config` -> what it quantises (compressed-tensors), the FP8 block
-    marker, or None when absent. Raises ConfigError naming what was found when the runner cannot read it.
+    """config.json's `quantization_config` -> the routed experts' compressed-tensors scheme (of several
+    config groups, the one whose targets select the experts: e.g. experts 4-bit beside 8-bit resident
+    layers), the FP8 block marker, or None when absent. Raises ConfigError naming what was found when the
+    runner cannot read it.
     """
     if not raw:
         return None
