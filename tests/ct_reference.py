@@ -80,7 +80,15 @@ def ct_decompress(state: dict[str, torch.Tensor], scheme: QuantizationScheme) ->
 EXPERT = re.compile(
     r"^(?P<prefix>.*\.mlp\.experts\.)(?:(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight|(?P<fused>gate_up_proj|down_proj))$"
 )
-IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
+IGNORE = [  # every other Linear, named: vLLM refuses a Linear that no target and no ignore entry names
+    "lm_head",
+    r"re:.*visual.*",
+    r"re:.*mtp.*",
+    r"re:.*shared_expert.*",
+    r"re:.*mlp\.gate$",
+    r"re:.*self_attn\..*_proj$",
+    r"re:.*linear_attn\..*_proj.*$",
+]
 META_FILES = ("*.json", "*.jinja", "*.txt", "*.model")
 
 

@@ -16,7 +16,15 @@ from ..weights.packed import QuantScheme, describe
 
 COMPRESSED_TENSORS_VERSION = "0.20.1"  # the compressed-tensors release whose layout and config this writes
 EXPERT_TARGET = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
-IGNORE = ["lm_head", r"re:.*visual.*", r"re:.*mtp.*", r"re:.*shared_expert.*", r"re:.*mlp\.gate$"]
+IGNORE = [  # every other Linear, named: vLLM refuses a Linear that no target and no ignore entry names
+    "lm_head",
+    r"re:.*visual.*",
+    r"re:.*mtp.*",
+    r"re:.*shared_expert.*",
+    r"re:.*mlp\.gate$",
+    r"re:.*self_attn\..*_proj$",
+    r"re:.*linear_attn\..*_proj.*$",
+]
 # --scope all: the community recipe (llm-compressor, AutoRound) targets class Linear but these; vLLM wants
 # every Linear either targeted or ignored, so this list names each one kept bf16 (embeddings are no Linear)
 RECIPE_IGNORE = [

@@ -123,6 +123,24 @@ def test_bits_per_scope_give_a_group_per_scheme_that_selects_exactly_its_layers(
     assert len(packed) == sum(1 for n in linears if scheme_of(n, linears[n])) + 3 * SPEC.num_experts * 4
 
 
+def test_the_experts_scope_targets_or_ignores_every_text_linear(source, tmp_path):
+    """`--scope experts` (the default): every text Linear of transformers' model is either targeted (the
+    experts, matched by their checkpoint names) or ignored, so vLLM finds a match for each."""
+    from compressed_tensors.utils.match import match_targets
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    out = quantize_checkpoint(source, tmp_path / "q", G32).out
+    qc = _quant_config(out)
+    with torch.device("meta"):
+        model = Qwen3_5MoeForConditionalGeneration(Qwen3_5MoeConfig.from_pretrained(out))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "visual" not in name:
+            assert match_targets(name, m, qc["ignore"]), name
+    expert = torch.nn.Linear(1, 1)
+    assert match_targets(f"{PREFIX}.1.mlp.experts.2.up_proj", expert, [EXPERT_TARGET])
+    assert not match_targets(f"{PREFIX}.1.mlp.experts.2.up_proj", expert, qc["ignore"])
+
+
 def test_the_config_is_what_compressed_tensors_writes_for_those_groups(source, tmp_path):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
