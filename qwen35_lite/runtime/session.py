@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..text.tokenizer import StreamDecoder
 from ..text.tool_calls import ToolCall, parse_tool_calls
 from .chat_file import read_save, write_atomic
+from .constrain import answer_constraint
 from .engine import Engine
 from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
 from .sampling import SamplingParams
@@ -30,6 +31,7 @@ class ChatSettings:
     think: str = "on"  # on | off (template enable_thinking=False) | hide (thinks, not shown)
     system: str | None = None
     raw: bool = False  # no chat template: the text is tokenised as is
+    grammar: str | None = None  # the answer must follow it (constrain.py: --json-schema)
 
 
 @dataclass
@@ -202,6 +204,7 @@ class ChatSession:
             positions=positions,
             rope_delta=delta,
             max_context=eng.max_context,
+            constraint=answer_constraint(eng, s.grammar),
         )
         reply = Reply(prompt_ids=ids)
         self.last_reply = reply

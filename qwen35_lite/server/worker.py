@@ -15,6 +15,7 @@ import torch
 
 from ..errors import Qwen35Error
 from ..model.cache import ModelCache
+from ..runtime.constrain import answer_constraint
 from ..runtime.engine import Engine
 from ..runtime.generate import Finished, GenerationRequest, check_context, check_vocab, generate, prefill
 from ..runtime.sampling import SamplingParams
@@ -36,6 +37,7 @@ class Job:
     max_new_tokens: int
     start_in_thinking: bool
     images: list[str] = field(default_factory=list)
+    grammar: str | None = None  # the answer must follow it (protocol.answer_grammar)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +146,7 @@ class Worker:
         req.params, req.max_new_tokens, req.stop_ids = job.params, job.max_new_tokens, eng.defaults.stop_ids
         req.think_ids, req.start_in_thinking = (think_open, think_close), job.start_in_thinking
         req.max_context = eng.max_context
+        req.constraint = answer_constraint(eng, job.grammar)
         for event in generate(model, cache, req, StreamDecoder(eng.tokenizer), cancel=job.cancel):
             if isinstance(event, Finished):  # a copy is kept: the next turn of the conversation starts there
                 self.prefix.save(list(cache.token_ids), cache, prompt.key)

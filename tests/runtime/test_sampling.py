@@ -133,8 +133,8 @@ def test_one_host_read_per_sampled_token_in_a_decode(small_model, monkeypatch, p
     reads_per_call: list[int] = []
     real = generate_module.make_sampler
 
-    def counting(params, history=()):
-        sample = real(params, history)
+    def counting(params, history=(), constraint=None):
+        sample = real(params, history, constraint)
 
         def counted(logits):
             with count_host_reads() as reads:
