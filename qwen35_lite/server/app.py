@@ -313,7 +313,7 @@ def create_app(
         choice: dict = {
             "index": 0,
             "finish_reason": reason,
-            "logprobs": logprobs_body(req, kind, whole, echo),
+            "logprobs": logprobs_body(req, kind, whole, len(echo)),
         }
         if kind == "chat":
             message = {"role": "assistant", "content": whole.content or (None if whole.tool_calls else "")}
