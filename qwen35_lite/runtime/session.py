@@ -20,7 +20,7 @@ from .chat_file import read_save, write_atomic
 from .constrain import answer_constraint
 from .engine import Engine
 from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
-from .sampling import SamplingParams
+from .sampling import REQUEST_ONLY, SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 
 
@@ -72,7 +72,7 @@ class ChatSession:
 
     def save(self, path: Path) -> None:
         """Write the conversation as JSON; an existing file is replaced whole or, on any failure, kept."""
-        data = {"messages": self.messages, "settings": asdict(self.settings)}
+        data = {"messages": self.messages, "settings": saved_settings(self.settings)}
         text = json.dumps(data, ensure_ascii=False, indent=2)
         try:
             write_atomic(Path(path), text)
@@ -232,6 +232,16 @@ class ChatSession:
         self.messages.append(assistant)  # markup and all: a re-render gives its tokens
         if self.tools is not None:
             reply.text, reply.tool_calls = parse_tool_calls(reply.text, self.tools)
+
+
+def saved_settings(settings: ChatSettings) -> dict:
+    """The settings a save keeps: the flags' (not a --json-schema grammar, nor a request's logit_bias or
+    logprobs, which the file format does not hold)."""
+    data = asdict(settings)
+    data.pop("grammar")
+    for key in REQUEST_ONLY:
+        data["params"].pop(key)
+    return data
 
 
 def user_message(text: str, images: Sequence[Path | str] = ()) -> dict:
