@@ -188,3 +188,22 @@ def test_a_schema_that_cannot_be_enforced_is_refused_in_one_line(schema, words):
     with pytest.raises(InputError, match=words) as e:
         check_schema(schema, "the schema")
     assert "\n" not in e.value.message and e.value.hint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_mask_is_unpacked_there_with_one_read_per_token(tok):
+    """The bitmask goes down to the GPU and is unpacked there: the ids equal the CPU path's, and each
+    token still costs one host read (the sampled id)."""
+    from qwen35_lite.runtime.op_profile import count_host_reads
+
+    grammar = json_grammar(SCHEMA)
+    on_cpu = make_sampler(SamplingParams(), constraint=GrammarConstraint(grammar, tok, ends(tok)))
+    on_gpu = make_sampler(SamplingParams(), constraint=GrammarConstraint(grammar, tok, ends(tok)))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        logits = torch.randn(V, generator=g)
+        with count_host_reads() as reads:
+            token = on_gpu(logits.cuda())
+        assert token == on_cpu(logits) and sum(reads.values()) == 1
+        if token in ends(tok):
+            break
