@@ -339,7 +339,8 @@ def create_app(
             async for delta in deltas(job, reply, outcome):
                 saw_calls = saw_calls or bool(delta.tool_calls)
                 body = delta_body(delta) if kind == "chat" else {"text": delta.content}
-                yield sse(ident, kind, body, logprobs=logprobs_body(req, kind, delta, offset))
+                entries = logprobs_body(req, kind, delta, offset) if delta.logprobs else None
+                yield sse(ident, kind, body, logprobs=entries)
                 offset += len(delta.content)
             reason = finish_reason(outcome.finished.reason, reply.stopped, saw_calls)
             yield sse(ident, kind, {} if kind == "chat" else {"text": ""}, reason)

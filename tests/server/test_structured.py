@@ -127,6 +127,31 @@ def test_tool_choice_required_or_named_always_calls_an_allowed_tool(client, choi
         jsonschema.validate(json.loads(call.arguments), schemas[call.name])
 
 
+@pytest.mark.slow
+def test_a_streamed_required_call_joins_to_a_valid_call(client):
+    chunks = list(
+        chat(
+            client,
+            n=80,
+            temperature=1.0,
+            seed=5,
+            tools=BOUNDED_TOOLS,
+            tool_choice="required",
+            stream=True,
+            parallel_tool_calls=False,
+            extra_body=NO_THINK,
+        )
+    )
+    calls = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert calls and calls[0].id and calls[0].function.name in ("get_weather", "get_time")
+    arguments = json.loads("".join(d.function.arguments or "" for d in calls))
+    name = calls[0].function.name
+    jsonschema.validate(
+        arguments, next(t for t in BOUNDED_TOOLS if t["function"]["name"] == name)["function"]["parameters"]
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
 def test_with_thinking_on_the_grammar_waits_for_the_think_block(client):
     """A random model never closes <think>: the reasoning is free text and the answer never starts."""
     r = chat(client, n=6, response_format=FORMAT)
