@@ -28,6 +28,7 @@ from .options import (
     check_flags,
     check_load_flags,
     flag_groups,
+    read_json_schema,
     read_tools,
     timed_load,
 )
@@ -147,13 +148,14 @@ def run(
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
     tool_list = read_tools(reply.tools)
+    schema = read_json_schema(reply.json_schema)
     if images:
         from ..runtime.multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
     load.image_paths = tuple(images)  # the plan reserves what these take, and nothing without any
     engine, load_s = timed_load(ui, model, load)
-    session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
+    session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
     show = session.settings.think == "on"
     done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
     answer = session.last_reply
@@ -200,8 +202,9 @@ def chat(
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
     tool_list = read_tools(reply.tools)
+    schema = read_json_schema(reply.json_schema)
     engine, load_s = timed_load(ui, model, load)
-    session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
+    session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
     repl = Repl(ui, session)
     if repl.tty:
         m = engine.model

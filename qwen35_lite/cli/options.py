@@ -76,6 +76,12 @@ Presence = Annotated[
     float | None,
     typer.Option("--presence-penalty", help="Penalty on tokens of the reply.", rich_help_panel=SAMPLING),
 ]
+Frequency = Annotated[
+    float | None,
+    typer.Option(
+        "--frequency-penalty", help="Penalty per time a token is in the reply.", rich_help_panel=SAMPLING
+    ),
+]
 Repetition = Annotated[
     float | None,
     typer.Option(
@@ -88,6 +94,16 @@ Seed = Annotated[
         "--seed",
         help="Seed for reproducible sampling (on one device: a GPU and a CPU draw differently).",
         rich_help_panel=SAMPLING,
+    ),
+]
+JsonSchema = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-schema",
+        metavar="FILE",
+        help="The answer must be JSON matching this JSON Schema file (enforced token by token; thinking"
+        " stays free).",
+        show_default=False,
     ),
 ]
 Tools = Annotated[
@@ -207,6 +223,7 @@ SAMPLING_OPTIONS: dict[str, Any] = {
     "top_k": TopK,
     "min_p": MinP,
     "presence_penalty": Presence,
+    "frequency_penalty": Frequency,
     "repetition_penalty": Repetition,
     "seed": Seed,
 }  # one flag per SamplingParams field (sampling.SAMPLING_KEYS; a test checks they agree)
@@ -223,6 +240,7 @@ class ReplyFlags:
     think: bool = True
     hide_thinking: bool = False
     tools: Path | None = None
+    json_schema: Path | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
@@ -233,6 +251,7 @@ REPLY_OPTIONS: dict[str, Any] = {
     "think": Think,
     "hide_thinking": HideThinking,
     "tools": Tools,
+    "json_schema": JsonSchema,
 }
 
 
@@ -386,18 +405,43 @@ def _why_cpu(device: str) -> str:
     )
 
 
-def chat_settings(engine: Engine, flags: ReplyFlags) -> ChatSettings:
-    """Checkpoint defaults, overridden by every flag that was given."""
+def chat_settings(
+    engine: Engine, flags: ReplyFlags, schema: dict | None = None, tools: list[dict] | None = None
+) -> ChatSettings:
+    """Checkpoint defaults, overridden by every flag that was given. schema (read_json_schema): the answer
+    must be JSON of it, or, with tools, JSON of it or tool calls."""
+    from ..runtime.constrain import json_grammar, tool_grammar
     from ..runtime.session import ChatSettings
 
     think = "hide" if flags.think and flags.hide_thinking else "on" if flags.think else "off"
+    grammar = None
+    if schema is not None:
+        special = engine.tokenizer.token_id
+        grammar = tool_grammar(tools, special, content_schema=schema) if tools else json_grammar(schema)
     return ChatSettings(
         params=replace(engine.defaults.params, **flags.sampling),
         max_new_tokens=flags.max_new_tokens or engine.defaults.max_new_tokens,
         think=think,
         system=flags.system,
         raw=flags.raw,
+        grammar=grammar,
     )
+
+
+def read_json_schema(path: Path | None) -> dict | None:
+    """The --json-schema file, read and checked before the (slow) load; one error line says what is
+    wrong (unreadable, not JSON, not a schema the grammar engine can enforce)."""
+    from ..runtime.constrain import SCHEMA_HINT, check_schema
+    from ..runtime.user_files import read_user_file
+
+    if path is None:
+        return None
+    raw = read_user_file(path, "the JSON schema file", MAX_TOOLS_BYTES, "pass a JSON Schema file")
+    try:
+        schema = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply
+        raise InputError(f"{path} is not JSON: {e}", SCHEMA_HINT) from None
+    return check_schema(schema, str(path))
 
 
 def read_tools(path: Path | None) -> list[dict] | None:

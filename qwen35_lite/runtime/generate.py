@@ -16,7 +16,7 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..model.cache import ModelCache
 from ..model.qwen35 import PREFILL_CHUNK, Qwen35Model
-from .sampling import SamplingParams, make_sampler
+from .sampling import SamplingParams, TokenLogprobs, TokenMask, make_sampler
 from .stats import expert_counters, peak_memory, reply_expert_stats
 
 
@@ -25,6 +25,7 @@ class TokenEvent:
     id: int
     text: str  # the newly completed text (may be empty while a UTF-8 character is incomplete)
     thinking: bool
+    logprobs: TokenLogprobs | None = None  # when the params ask for them
 
 
 @dataclass
@@ -50,6 +51,8 @@ class GenerationRequest:
     # Added to cache.rope_delta once the prompt is fed (image blocks shift every later position).
     rope_delta: int = 0
     max_context: int = 262144
+    # A grammar the answer must follow (constrain.GrammarConstraint), engaged outside the think block.
+    constraint: TokenMask | None = None
 
 
 def check_context(cache: ModelCache, n_prompt: int, max_context: int, model_max: int) -> None:
@@ -130,7 +133,7 @@ def generate(
     t_prefill = time.perf_counter() - t0
     counters.append(expert_counters(experts))
     # logits stay on the model's device; the sampler reads back the id alone (one sync a token on a GPU)
-    sample = make_sampler(req.params, history=cache.token_ids)
+    sample = make_sampler(req.params, history=cache.token_ids, constraint=req.constraint)
     prefilled_offset = cache.offset
     thinking = req.start_in_thinking
     generated: list[int] = []
@@ -139,6 +142,8 @@ def generate(
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
+        if req.constraint is not None:  # the reasoning is free; the answer follows the grammar
+            req.constraint.engaged = not thinking
         token = sample(logits)
         ttft = ttft if ttft is not None else time.perf_counter() - t0
         generated.append(token)
@@ -150,7 +155,7 @@ def generate(
             text = ""
         else:
             text = decoder.push(token)
-        yield TokenEvent(token, text, thinking)
+        yield TokenEvent(token, text, thinking, getattr(sample, "last", None))
         if cache.offset + 1 >= req.max_context:
             reason, unfed = "context", [token]
             break

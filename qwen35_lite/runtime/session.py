@@ -17,9 +17,10 @@ from ..errors import InputError
 from ..text.tokenizer import StreamDecoder
 from ..text.tool_calls import ToolCall, parse_tool_calls
 from .chat_file import read_save, write_atomic
+from .constrain import answer_constraint
 from .engine import Engine
 from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
-from .sampling import SamplingParams
+from .sampling import REQUEST_ONLY, SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
 
 
@@ -30,6 +31,7 @@ class ChatSettings:
     think: str = "on"  # on | off (template enable_thinking=False) | hide (thinks, not shown)
     system: str | None = None
     raw: bool = False  # no chat template: the text is tokenised as is
+    grammar: str | None = None  # the answer must follow it (constrain.py: --json-schema)
 
 
 @dataclass
@@ -70,7 +72,7 @@ class ChatSession:
 
     def save(self, path: Path) -> None:
         """Write the conversation as JSON; an existing file is replaced whole or, on any failure, kept."""
-        data = {"messages": self.messages, "settings": asdict(self.settings)}
+        data = {"messages": self.messages, "settings": saved_settings(self.settings)}
         text = json.dumps(data, ensure_ascii=False, indent=2)
         try:
             write_atomic(Path(path), text)
@@ -202,6 +204,7 @@ class ChatSession:
             positions=positions,
             rope_delta=delta,
             max_context=eng.max_context,
+            constraint=answer_constraint(eng, s.grammar),
         )
         reply = Reply(prompt_ids=ids)
         self.last_reply = reply
@@ -229,6 +232,16 @@ class ChatSession:
         self.messages.append(assistant)  # markup and all: a re-render gives its tokens
         if self.tools is not None:
             reply.text, reply.tool_calls = parse_tool_calls(reply.text, self.tools)
+
+
+def saved_settings(settings: ChatSettings) -> dict:
+    """The settings a save keeps: the flags' (not a --json-schema grammar, nor a request's logit_bias or
+    logprobs, which the file format does not hold)."""
+    data = asdict(settings)
+    data.pop("grammar")
+    for key in REQUEST_ONLY:
+        data["params"].pop(key)
+    return data
 
 
 def user_message(text: str, images: Sequence[Path | str] = ()) -> dict:

@@ -31,6 +31,7 @@ SETTINGS: dict[str, Setting] = {
     "top_k": Setting(int, low=0),
     "min_p": Setting(float, low=0.0, high=1.0),
     "presence_penalty": Setting(float, low=-100.0, high=100.0),
+    "frequency_penalty": Setting(float, low=-100.0, high=100.0),
     "repetition_penalty": Setting(float, low=0.01, high=100.0),
     "seed": Setting(int, low=0, high=2**64 - 1, nullable=True, high_text="2^64 - 1"),
     "max_new_tokens": Setting(int, low=1),

@@ -39,6 +39,7 @@ from .protocol import (
     ChatRequest,
     CompletionRequest,
     SamplingFields,
+    answer_grammar,
     bad_request,
     finish_reason,
     image_dir,
@@ -46,7 +47,7 @@ from .protocol import (
     template_messages,
     template_tools,
 )
-from .reply import Delta, ReplyText, join_tool_calls
+from .reply import Delta, ReplyText, TokenTexts, chat_logprobs, completion_logprobs, join_tool_calls
 from .request_log import RequestLog, arrival, mark_logged, note_error
 from .responses import Pipeline, register_responses
 from .state_cache import PrefixCache
@@ -225,7 +226,13 @@ def create_app(
             message = f"{e.message} ({e.hint})" if e.hint else e.message
             raise bad_request(message.replace(origin, Path(origin).name), "messages") from None
 
-    def make_job(req: SamplingFields, ids: list[int], images: list[str], thinking_open: bool) -> Job:
+    def make_job(
+        req: SamplingFields,
+        ids: list[int],
+        images: list[str],
+        thinking_open: bool,
+        grammar: str | None = None,
+    ) -> Job:
         if not ids:
             raise bad_request("the prompt is empty", "prompt")
         if not images and len(ids) >= engine.max_context:
@@ -236,7 +243,7 @@ def create_app(
             )
         cap = req.reply_cap() or engine.defaults.max_new_tokens
         params = sampling_params(req, engine.defaults.params)
-        return Job(ids, params, cap, thinking_open, images)
+        return Job(ids, params, cap, thinking_open, images, grammar)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(req: ChatRequest, request: Request):
@@ -253,6 +260,7 @@ def create_app(
         check_model(req)
         req.chat_template_kwargs = {**template_defaults, **(req.chat_template_kwargs or {})}
         tools = template_tools(req)
+        grammar = answer_grammar(req, tools, engine.tokenizer.token_id)
         thinking = req.enable_thinking()
         images_dir = image_dir()
         try:
@@ -270,7 +278,7 @@ def create_app(
             await run_in_threadpool(check_text_fits, messages)
             text = await run_in_threadpool(render, messages, tools, thinking, req.template_variables())
             ids = await run_in_threadpool(encode, text, "messages")
-            job = make_job(req, ids, images, _ends_in_thinking(ids, engine))
+            job = make_job(req, ids, images, _ends_in_thinking(ids, engine), grammar)
             return job, ReplyText(req.stop_strings(), tools), images_dir
         except BaseException:
             images_dir.cleanup()
@@ -281,12 +289,24 @@ def create_app(
         check_model(req)
         ids = await run_in_threadpool(encode, req.prompt_text(), "prompt")
         job = make_job(req, ids, [], False)
+        echo = req.prompt_text() if req.echo else ""
         return await respond(
-            request, req, job, ReplyText(req.stop_strings(), None, separate_reasoning=False), "text"
+            request,
+            req,
+            job,
+            ReplyText(req.stop_strings(), None, separate_reasoning=False),
+            "text",
+            echo=echo,
         )
 
     async def respond(
-        request: Request, req: SamplingFields, job: Job, reply: ReplyText, kind: str, cleanup=None
+        request: Request,
+        req: SamplingFields,
+        job: Job,
+        reply: ReplyText,
+        kind: str,
+        cleanup=None,
+        echo: str = "",
     ):
         launched = await launch(request, job, cleanup)
         if isinstance(launched, Response):
@@ -294,7 +314,7 @@ def create_app(
         outcome, done = launched
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if req.stream:
-            body = stream(request, req, job, reply, kind, ident, outcome, done)
+            body = stream(request, req, job, reply, kind, ident, outcome, done, echo)
             return StreamingResponse(body, media_type="text/event-stream")
         whole = Delta()
 
@@ -302,11 +322,13 @@ def create_app(
             whole.reasoning += delta.reasoning
             whole.content += delta.content
             whole.tool_calls += delta.tool_calls
+            whole.logprobs += delta.logprobs
 
         if await collect(request, job, reply, outcome, done, add):
             return Response(status_code=499)  # nobody reads it: the client is gone
         reason = finish_reason(outcome.finished.reason, reply.stopped, bool(whole.tool_calls))
-        choice: dict = {"index": 0, "finish_reason": reason, "logprobs": None}
+        logprobs = logprobs_body(req, kind, whole, len(echo))
+        choice: dict = {"index": 0, "finish_reason": reason, "logprobs": logprobs}
         if kind == "chat":
             message = {"role": "assistant", "content": whole.content or (None if whole.tool_calls else "")}
             if whole.reasoning:
@@ -315,7 +337,7 @@ def create_app(
                 message["tool_calls"] = join_tool_calls(whole.tool_calls)
             choice["message"] = message
         else:
-            choice["text"] = whole.content
+            choice["text"] = echo + whole.content
         return {**envelope(ident, kind, False), "choices": [choice], "usage": usage(outcome)}
 
     async def launch(
@@ -376,14 +398,19 @@ def create_app(
         log_request(request, outcome, LEFT if job.client_left else None)
         return job.client_left
 
-    def stream(request, req, job, reply, kind, ident, outcome, done) -> AsyncIterator[str]:
+    def stream(request, req, job, reply, kind, ident, outcome, done, echo="") -> AsyncIterator[str]:
         async def body() -> AsyncIterator[str]:
             if kind == "chat":
                 yield sse(ident, kind, {"role": "assistant", "content": ""})
-            saw_calls = False
+            elif echo:
+                yield sse(ident, kind, {"text": echo})
+            saw_calls, offset = False, len(echo)
             async for delta in deltas(job, reply, outcome):
                 saw_calls = saw_calls or bool(delta.tool_calls)
-                yield sse(ident, kind, delta_body(delta) if kind == "chat" else {"text": delta.content})
+                body = delta_body(delta) if kind == "chat" else {"text": delta.content}
+                entries = logprobs_body(req, kind, delta, offset) if delta.logprobs else None
+                yield sse(ident, kind, body, logprobs=entries)
+                offset += len(delta.content)
             reason = finish_reason(outcome.finished.reason, reply.stopped, saw_calls)
             yield sse(ident, kind, {} if kind == "chat" else {"text": ""}, reason)
             if req.include_usage():
@@ -445,10 +472,22 @@ def create_app(
         )
         return {"id": ident, "object": obj, "created": int(time.time()), "model": model_id}
 
-    def sse(ident: str, kind: str, delta: dict, reason: str | None = None) -> str:
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
+    def sse(
+        ident: str, kind: str, delta: dict, reason: str | None = None, logprobs: dict | None = None
+    ) -> str:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": logprobs}
         choice.update({"delta": delta} if kind == "chat" else delta)
         return data({**envelope(ident, kind, True), "choices": [choice]})
+
+    def logprobs_body(req: SamplingFields, kind: str, delta: Delta, offset: int) -> dict | None:
+        """The choice's `logprobs` for the tokens `delta` carries (None when not asked for); offset: where
+        the completion's text starts in `text` (the echoed prompt's length)."""
+        if req.logprob_count() is None:
+            return None
+        texts = TokenTexts(engine.tokenizer)
+        if kind == "chat":
+            return chat_logprobs(delta.logprobs, texts)
+        return completion_logprobs(delta.logprobs, texts, offset)
 
     register_responses(
         app,

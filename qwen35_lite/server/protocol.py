@@ -12,9 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
-from ..runtime.sampling import SAMPLING_KEYS, SamplingParams
+from ..runtime.sampling import BAN, SAMPLING_KEYS, SamplingParams
 from ..runtime.settings import check_setting
 from ..text.tool_calls import check_tools
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap (and vLLM's default max_logprobs)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -53,8 +55,10 @@ class SamplingFields(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = None  # -1: random, as some clients send it
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's JSON) -> bias
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -67,13 +71,26 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def logprob_count(self) -> int | None:
+        """None: no log probabilities; k: the chosen token's and the k likeliest."""
+        return None
+
 
 class ChatRequest(SamplingFields):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def reply_cap(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -102,6 +119,17 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API: the top k
+    echo: bool = False  # the prompt's text before the completion's
+
+    def logprob_count(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            raise bad_request(
+                "echo with logprobs (log probabilities of the prompt's tokens) is not supported:"
+                " send echo or logprobs",
+                "echo",
+            )
+        return self.logprobs
 
     def reply_cap(self) -> int | None:
         return self.max_tokens
@@ -124,12 +152,83 @@ def sampling_params(req: SamplingFields, defaults: SamplingParams) -> SamplingPa
     """The checkpoint's defaults (generation_config.json), overridden by every field the request sets,
     each checked against the ranges the CLI flags and /set use."""
     overrides = {k: getattr(req, k) for k in SAMPLING_KEYS if getattr(req, k) is not None}
+    if overrides.get("seed") == -1:  # "random", as some UIs send it
+        overrides["seed"] = None
     for key, value in overrides.items():
         try:
             check_setting(key, value)
         except InputError as e:
             raise bad_request(e.message, key) from None
-    return replace(defaults, **overrides)
+    return replace(defaults, **overrides, logit_bias=logit_bias(req.logit_bias), logprobs=req.logprob_count())
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias (string token ids -> -100..100) as ids -> bias; the vocabulary bound is the
+    sampler's (sampling.bias_vector)."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise bad_request(f"logit_bias: {key!r} is not a token id", "logit_bias")
+        if not BAN <= value <= -BAN:
+            raise bad_request(f"logit_bias: {value} for token {key} is outside -100..100", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+# ---- structured outputs ----------------------------------------------------------------------------
+
+
+def answer_grammar(
+    req: ChatRequest, tools: list[dict] | None, token_id: Callable[[str], int | None]
+) -> str | None:
+    """The grammar the answer must follow (constrain.py), or None: response_format json_object /
+    json_schema, and tool_choice "required" or a named function (the calls of `tools`, the tools
+    template_tools rendered). With tool_choice "auto" and a response format, the answer is JSON of it or
+    tool calls. token_id: the tokenizer's, for the markup's special tokens."""
+    from ..runtime.constrain import check_grammar, json_grammar, tool_grammar
+
+    schema = response_schema(req.response_format)
+    choice = req.tool_choice
+    forced = choice == "required" or isinstance(choice, dict)
+    if forced and not tools:
+        raise bad_request('tool_choice "required" needs tools', "tool_choice")
+    parallel = req.parallel_tool_calls is not False
+    if forced:
+        grammar, what = tool_grammar(tools, token_id, parallel), "tools"
+    elif schema is False:
+        return None
+    elif tools:
+        grammar, what = tool_grammar(tools, token_id, parallel, content_schema=schema), "response_format"
+    else:
+        grammar, what = json_grammar(schema), "response_format"
+    try:
+        check_grammar(grammar, what)
+    except InputError as e:
+        raise bad_request(e.message, what) from None
+    return grammar
+
+
+def response_schema(form: dict[str, Any] | None) -> dict | None | Literal[False]:
+    """response_format -> the JSON schema to enforce (None: any JSON object), or False for free text."""
+    from ..runtime.constrain import check_schema
+
+    kind = (form or {}).get("type", "text")
+    if kind == "text":
+        return False
+    if kind == "json_object":
+        return None
+    if kind != "json_schema":
+        raise bad_request(
+            f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+            "response_format",
+        )
+    spec = form.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise bad_request('response_format json_schema needs {"name", "schema"}', "response_format")
+    try:
+        return check_schema(spec["schema"], "response_format.json_schema.schema")
+    except InputError as e:
+        raise bad_request(e.message, "response_format") from None
 
 
 # ---- messages --------------------------------------------------------------------------------------
@@ -154,7 +253,9 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise bad_request('tool_choice must be "auto", "none" or {"type": "function", ...}', "tool_choice")
+        raise bad_request(
+            'tool_choice must be "auto", "none", "required" or {"type": "function", ...}', "tool_choice"
+        )
     named = [t for t in tools or [] if t["function"].get("name") == name]
     if not named:
         raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import Qwen35Error
 from ..model.cache import ModelCache
+from ..runtime.constrain import answer_constraint
 from ..runtime.engine import Engine
 from ..runtime.generate import (
     Finished,
@@ -44,6 +45,7 @@ class Job:
     max_new_tokens: int
     start_in_thinking: bool
     images: list[str] = field(default_factory=list)
+    grammar: str | None = None  # the answer must follow it (protocol.answer_grammar)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop | None = None
@@ -162,6 +164,7 @@ class Worker:
         req.params, req.max_new_tokens, req.stop_ids = job.params, job.max_new_tokens, eng.defaults.stop_ids
         req.think_ids, req.start_in_thinking = (think_open, think_close), job.start_in_thinking
         req.max_context = eng.max_context
+        req.constraint = answer_constraint(eng, job.grammar)
         if self.script is not None:
             job.kept = (prompt.key, tuple(prompt.ids[:-1]))
             for event in self._scripted(prompt.ids, job.max_new_tokens):

@@ -70,11 +70,36 @@ class Tokenizer:
         """Id of a token string (special tokens included), or None when the vocabulary lacks it."""
         return self._tok.token_to_id(token)
 
+    def token_bytes(self, n_vocab: int) -> tuple[list[bytes], list[int]]:
+        """(the bytes of every id below n_vocab, the ids of special tokens): what a constrained decoder
+        matches tokens against. Ids the vocabulary lacks (the padded end of an embedding table) are b"".
+        Byte-level BPE writes each byte as one printable character (GPT-2's table); added tokens are
+        their text."""
+        table = str.maketrans(_BYTE_CHARS)
+        out = [b""] * n_vocab
+        added = self._tok.get_added_tokens_decoder()
+        for text, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if i < n_vocab:
+                out[i] = text.encode() if i in added else text.translate(table).encode("latin-1")
+        return out, [i for i, t in added.items() if t.special and i < n_vocab]
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added/special tokens included (the embedding table may be padded beyond it)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+
+def _byte_chars() -> dict[str, str]:
+    """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte -> the byte
+    (as a latin-1 character, so a whole token translates in one str.translate)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    chars = {chr(b): chr(b) for b in kept}
+    chars.update({chr(256 + n): chr(b) for n, b in enumerate(shifted)})
+    return chars
+
+
+_BYTE_CHARS = _byte_chars()
 
 COUNT_PIECE = 1 << 16  # characters tokenised at once when a long text is counted (tokens_over)
 

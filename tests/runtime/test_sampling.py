@@ -11,7 +11,7 @@ from conftest import load_ours
 
 import qwen35_lite.runtime.generate as generate_module
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
-from qwen35_lite.errors import CheckpointError
+from qwen35_lite.errors import CheckpointError, InputError
 from qwen35_lite.runtime.generate import Finished, GenerationRequest, TokenEvent, generate
 from qwen35_lite.runtime.op_profile import count_host_reads
 from qwen35_lite.runtime.sampling import Penalties, SamplingParams, apply_penalties, make_sampler
@@ -133,8 +133,8 @@ def test_one_host_read_per_sampled_token_in_a_decode(small_model, monkeypatch, p
     reads_per_call: list[int] = []
     real = generate_module.make_sampler
 
-    def counting(params, history=()):
-        sample = real(params, history)
+    def counting(params, history=(), constraint=None):
+        sample = real(params, history, constraint)
 
         def counted(logits):
             with count_host_reads() as reads:
@@ -168,3 +168,52 @@ def test_on_a_gpu_the_sampler_stays_there_and_a_seed_repeats():
     with pytest.raises(CheckpointError, match="NaN"):  # caught from the read, no device-side assert
         make_sampler(p)(bad)
     assert make_sampler(p)(logits[1]) >= 0  # the CUDA context is still usable
+
+
+# ---- issue 19: logit_bias, frequency_penalty, logprobs, seed -1 -------------------------------------
+
+
+def test_logit_bias_adds_and_minus_100_bans():
+    logits = fixed_logits(1)[0]
+    top = int(logits.argmax())
+    assert make_sampler(SamplingParams(logit_bias={top: -100.0}))(logits) != top
+    second = int(logits.topk(2).indices[1])
+    assert make_sampler(SamplingParams(logit_bias={second: 50.0}))(logits) == second
+    everything = {i: -100.0 for i in range(V)}
+    with pytest.raises(InputError, match="no token is left"):
+        make_sampler(SamplingParams(logit_bias=everything))(logits)
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        make_sampler(SamplingParams(logit_bias={V: 1.0}))(logits)
+
+
+def test_frequency_penalty_counts_repeats_as_apply_penalties_does():
+    p = SamplingParams(frequency_penalty=0.9, presence_penalty=0.2)
+    state = Penalties(p, [1, 2], V, torch.device("cpu"))
+    generated: list[int] = []
+    for i, logits in enumerate(fixed_logits(10, seed=4)):
+        want = apply_penalties(logits.clone(), torch.tensor([1, 2, *generated]), torch.tensor(generated), p)
+        assert torch.allclose(state.apply(logits), want), i
+        token = torch.tensor([3, 3, 7][i % 3])
+        state.add(token)
+        generated.append(int(token))
+    assert p.penalised and not SamplingParams().penalised
+
+
+def test_logprobs_are_the_log_softmax_before_penalties_and_bias_in_the_one_read():
+    logits = fixed_logits(1)[0]
+    p = SamplingParams(logprobs=4, repetition_penalty=1.5, logit_bias={5: 3.0})
+    sample = make_sampler(p, [int(logits.argmax())])
+    with count_host_reads() as reads:
+        token = sample(logits)
+    assert sum(reads.values()) == 1
+    want = torch.log_softmax(logits, -1)
+    assert sample.last.logprob == pytest.approx(float(want[token]), abs=1e-6)
+    assert [i for i, _ in sample.last.top] == want.topk(4).indices.tolist()
+    assert [v for _, v in sample.last.top] == pytest.approx(want.topk(4).values.tolist(), abs=1e-6)
+    assert make_sampler(SamplingParams()).last is None
+
+
+def test_seed_minus_1_draws_fresh_randomness():
+    logits = fixed_logits(30)
+    draws = [[make_sampler(SamplingParams(temperature=1.0, seed=-1))(x) for x in logits] for _ in range(2)]
+    assert draws[0] != draws[1]
