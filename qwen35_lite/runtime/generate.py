@@ -50,6 +50,9 @@ class GenerationRequest:
     # Added to cache.rope_delta once the prompt is fed (image blocks shift every later position).
     rope_delta: int = 0
     max_context: int = 262144
+    script: list[int] | None = (
+        None  # test seam (runtime/scripted.py): emitted instead of sampled, then a stop id
+    )
 
 
 def check_context(cache: ModelCache, n_prompt: int, max_context: int, model_max: int) -> None:
@@ -131,6 +134,8 @@ def generate(
     counters.append(expert_counters(experts))
     # logits stay on the model's device; the sampler reads back the id alone (one sync a token on a GPU)
     sample = make_sampler(req.params, history=cache.token_ids)
+    if req.script is not None:
+        sample = _scripted(req.script, req.stop_ids, sample)
     prefilled_offset = cache.offset
     thinking = req.start_in_thinking
     generated: list[int] = []
@@ -178,3 +183,13 @@ def generate(
         **reply_expert_stats(*counters, expert_counters(experts), cache.offset - prefilled_offset),
     }
     yield Finished(reason, stats, unfed, generated)
+
+
+def _scripted(ids: list[int], stop_ids: tuple[int, ...], sample: Callable) -> Callable:
+    """A sampler that returns `ids`, then the first stop id (the test seam of runtime/scripted.py)."""
+    queue = [*ids, *stop_ids[:1]]
+
+    def next_id(logits: torch.Tensor) -> int:
+        return queue.pop(0) if queue else sample(logits)
+
+    return next_id
