@@ -16,6 +16,7 @@ import os
 import sys
 
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 
 server = MCPServer("qwen35-lite-test")
@@ -57,7 +58,7 @@ def picture(color: str = "red", size: int = 64) -> list:
 def fail(message: str = "it broke") -> str:
     """Always fails with the message."""
     _log("fail", {"message": message})
-    raise ValueError(message)
+    raise ToolError(message)
 
 
 @server.tool()
