@@ -49,14 +49,14 @@ def call_text(name: str, **args) -> str:
 class FakeHub:
     """The hub's interface over canned answers: what each tool returns, and the calls it was given."""
 
-    def __init__(self, answers: dict) -> None:
-        self.answers, self.calls = answers, []
+    def __init__(self, answers: dict, tools: list[McpTool] = TOOLS) -> None:
+        self.answers, self.calls, self._tools = answers, [], tools
 
     def tools(self):
-        return TOOLS
+        return self._tools
 
     def find(self, name):
-        return next((t for t in TOOLS if t.name == name), None)
+        return next((t for t in self._tools if t.name == name), None)
 
     def call(self, tool, arguments, cancel=None, timeout=None):
         self.calls.append((tool.remote, arguments))
@@ -192,14 +192,63 @@ def test_refused_unknown_and_stopped_calls_go_back_as_errors(engine, script):
 
 
 @pytest.mark.slow
-def test_the_round_limit_ends_the_turn_with_error_results(engine, script):
+def test_huge_output_is_cut_to_the_context_and_the_round_limit_ends_the_turn(engine, script):
     script(call_text("echo", text="a"), call_text("echo", text="b"))
     s = new_session(engine)
-    hub = FakeHub({"echo": ToolOutput("echoed")})
+    hub = FakeHub({"echo": ToolOutput("word " * 100_000)})
     loop = ToolLoop(s, hub, approve=lambda call: "always", max_rounds=1)
     events, _ = run_turn(loop, "go")
     assert hub.calls == [("echo", {"text": "a"})]  # the second round's call is not run
+    result = s.messages[2]["content"]
+    assert result.startswith("word word") and result.endswith(" of 500000 characters]")
+    assert "cut to fit the context" in result
+    assert engine.max_context - s.cache.offset >= 60  # room was left for the reply (and it was written)
     assert any(isinstance(e, TurnNote) and "round limit (1)" in e.text for e in events)
     assert "round limit" in s.messages[-1]["content"] and s.messages[-1]["role"] == "tool"
     assert loop.always == {"echo"}
     assert [e.record.decision for e in events if isinstance(e, CallDone)] == ["always"]
+
+
+@pytest.mark.slow
+def test_an_image_result_goes_to_the_vision_tower(tmp_path, script):
+    """A tool's image is seen as a user's is: round 2's prompt (on round 1's cache) is the processor's
+    rendering of the history with the image in the tool message, and its greedy tokens are transformers'."""
+    import test_multimodal
+    from vision_helpers import build_tiny_vlm, load_tiny_vlm, make_image
+
+    vlm = build_tiny_vlm(tmp_path / "vlm")
+    processor = test_multimodal.processor._get_wrapped_function()(vlm)
+    picture = tmp_path / "p.png"
+    make_image(100, 70).save(picture)
+    engine = Engine.load(str(vlm), test_multimodal.OPTS)
+    script(call_text("picture", color="red"))
+    s = ChatSession(
+        engine,
+        ChatSettings(params=SamplingParams(temperature=0.0), max_new_tokens=30, think="off"),
+        tools=CONVERTED,
+    )
+    hub = FakeHub(
+        {"picture": ToolOutput("a red square", images=[picture])},
+        [McpTool("picture", "calc", "picture", None, ECHO)],
+    )
+    loop = ToolLoop(s, hub, approve=lambda call: "yes")
+    _, fed = run_turn(loop, "Show me.")
+    history = s.messages[:3]
+    assert history[2]["content"] == [
+        {"type": "image", "image": str(picture)},
+        {"type": "text", "text": "a red square"},
+    ]
+    theirs = processor.apply_chat_template(
+        history,
+        tools=CONVERTED,
+        tokenize=True,
+        add_generation_prompt=True,
+        enable_thinking=False,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    ids = theirs["input_ids"][0].tolist()
+    assert fed[0] + s.last_reply.prompt_ids == ids and ids.count(test_multimodal.IMAGE) > 0
+    theirs_tokens = test_multimodal.hf_greedy(load_tiny_vlm(vlm, torch.float32), theirs, 30)
+    ours = s.last_reply.tokens
+    assert ours == theirs_tokens[: len(ours)] and (len(ours) == 30 or ours[-1] in engine.defaults.stop_ids)
