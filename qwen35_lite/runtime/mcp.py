@@ -293,6 +293,12 @@ class McpHub:
             future.cancel()  # a no-op once it is done
 
     def _call_failed(self, state: ServerState, e: Exception) -> ToolOutput:
+        if callable(getattr(e, "errors", None)) and hasattr(e, "error_count"):  # pydantic: a malformed result
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            return _error(
+                f"the server's result does not follow the MCP protocol ({where}: {first.get('msg')})"
+            )
         reason = _reason(e)
         if "connection closed" in reason.lower() or not _alive(state):
             state.status, state.error = (

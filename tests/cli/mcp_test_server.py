@@ -3,6 +3,7 @@ an erroring tool, a hanging tool, one that crashes the process, one that writes 
 
     python mcp_test_server.py                 # stdio
     python mcp_test_server.py --http PORT     # streamable HTTP on 127.0.0.1:PORT/mcp
+    python mcp_test_server.py --raw           # JSON-RPC by hand over stdio: `broken` answers a malformed result
 
 Each call is appended to the file named by MCP_TEST_LOG (when set), one JSON line `{"tool", "arguments",
 "env"}` (env: MCP_TEST_SECRET as the server sees it), so a test can check what was sent and to whom.
@@ -94,8 +95,37 @@ def junk() -> str:
     return "after junk"
 
 
+def raw() -> None:
+    """A server written without the SDK, whose `broken` tool answers a result the protocol does not allow
+    (a text part without its text) and whose `fine` tool answers properly."""
+    tools = [{"name": n, "inputSchema": {"type": "object", "properties": {}}} for n in ("broken", "fine")]
+    for line in sys.stdin:
+        message = json.loads(line)
+        if "id" not in message:
+            continue  # a notification
+        method, params = message["method"], message.get("params") or {}
+        if method == "initialize":
+            result = {
+                "protocolVersion": params.get("protocolVersion"),
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "raw", "version": "0"},
+            }
+        elif method == "tools/list":
+            result = {"tools": tools}
+        elif method == "tools/call" and params.get("name") == "broken":
+            result = {"content": [{"type": "text"}], "isError": "maybe"}
+        elif method == "tools/call":
+            result = {"content": [{"type": "text", "text": "fine"}]}
+        else:
+            result = {}
+        sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}) + "\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--http":
+    if sys.argv[1:] == ["--raw"]:
+        raw()
+    elif len(sys.argv) == 3 and sys.argv[1] == "--http":
         server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
     else:
         if os.environ.get("MCP_TEST_FAIL_START"):

@@ -223,6 +223,18 @@ def test_failed_starts_are_one_line_each_and_leave_nothing_running(tmp_path):
     assert server_pids() == before
 
 
+@pytest.mark.slow
+def test_a_malformed_result_is_an_error_and_the_server_goes_on(tmp_path):
+    raw = ServerConfig("raw", command=sys.executable, args=(str(SERVER), "--raw"))
+    with McpHub([raw], timeout=20, image_dir=tmp_path) as hub:
+        hub.start()
+        assert hub.servers["raw"].status == "ready", hub.servers["raw"].error
+        out = hub.call(hub.find("broken"), {})
+        assert out.is_error and "does not follow the MCP protocol" in out.text and "\n" not in out.text
+        assert hub.call(hub.find("fine"), {}).text == "fine"
+        assert hub.servers["raw"].status == "ready"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
