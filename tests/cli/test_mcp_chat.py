@@ -27,6 +27,7 @@ from qwen35_lite.runtime import scripted
 
 SERVER = Path(__file__).resolve().parent / "mcp_test_server.py"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+PARTIAL = re.compile(r"\x1b(\[[0-9;?]*)?$")
 
 
 def call(name: str, **args) -> str:
@@ -62,7 +63,9 @@ class PlainTerminal(Terminal):
 
     @property
     def plain(self) -> str:
-        return ANSI.sub("", self.seen)
+        """Only grows: an escape sequence still arriving is left out until it is whole."""
+        partial = PARTIAL.search(self.seen)
+        return ANSI.sub("", self.seen[: partial.start()] if partial else self.seen)
 
     def line(self, text: str) -> None:
         self.send(text + "\n")
