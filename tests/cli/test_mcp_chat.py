@@ -1,7 +1,7 @@
 """`chat --mcp` end to end, through a pseudo-terminal, with the SDK-written test server over stdio and the
 model's replies scripted (runtime/scripted.py: random weights never call tools): a call approved, one
 refused, one approved for good ("a"), one timed out, one stopped by Ctrl+C while it runs, a server crashing
-mid-call; /tools; /save, then a new chat that /loads it and continues; SIGTERM; no server process left.
+mid-call; /tools and /mcp reload; /save, then a new chat that /loads it and continues; SIGTERM; no server process left.
 `run --mcp --yes --json` prints the transcript.
 """
 
@@ -174,6 +174,11 @@ def test_the_agent_loop_on_a_terminal(ckpt, tmp_path, monkeypatch):
         term.line("/tools")
         term.wait_for(r"t \(stdio: .*\): crashed: the server stopped during a call")
         term.wait_for(r"  echo  \[always\]")
+        term.line("/mcp reload")  # the crashed server starts again; "always" was for the old one
+        term.wait_for(r"mcp: t ready, 8 tools")
+        term.line("/tools")
+        term.wait_for(r"t \(stdio: .*\): ready")
+        term.wait_for(r"  echo  \[ask\]")
         term.line(f"/save {saved}")
         term.wait_for(r"saved \d+ messages")
         term.line("/exit")
