@@ -191,6 +191,8 @@ class McpHub:
         for state in self.servers.values():
             with contextlib.suppress(Exception):
                 state.life.result(timeout=10)
+        with contextlib.suppress(Exception):  # a task still running now is cancelled, not waited for
+            self.portal.call(self.portal.stop, True)
         with contextlib.suppress(Exception):
             self._portal_cm.__exit__(None, None, None)
         self.portal = self._portal_cm = None
