@@ -164,14 +164,17 @@ class Agent:
 
     def _end_round(self, done: Finished, printer: ReplyPrinter | None, round_stats: bool) -> None:
         if printer is not None:
+            if not self.loop.runs_all(self.loop.session.last_reply.tool_calls):
+                printer.handled = ()  # a --tools call ends the turn: every call is printed, none is run
             printer.finish()
         if experts := self.loop.session.engine.expert_stats():
             done.stats["experts"] = experts
         if round_stats:
             self.ui.stats_line(format_stats(done.stats, self.loop.session.engine.max_context, done.reason))
 
-    def _handled(self) -> set[str]:
-        return {t.name for t in self.hub.tools()}
+    def _handled(self) -> _AllBut:
+        """The calls the loop shows and answers: every one but those of --tools (printed as before)."""
+        return _AllBut(_names(self.base_tools))
 
     def call_line(self, call: PlannedCall, approved: bool) -> None:
         """The call exactly as it will be sent: server, the server's tool name, the JSON arguments."""
@@ -210,6 +213,14 @@ def _names(tools: list[dict]) -> list[str]:
     return [
         t["function"]["name"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)
     ]
+
+
+class _AllBut:
+    def __init__(self, names: list[str]) -> None:
+        self.names = set(names)
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.names
 
 
 class _Stopping:

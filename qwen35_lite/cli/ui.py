@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
@@ -204,7 +204,7 @@ class ReplyPrinter:
         show_thinking: bool = True,
         stdout_may_close: bool = False,
         tools: list[dict] | None = None,
-        handled: Collection[str] = (),
+        handled: Container[str] = (),
     ) -> None:
         self.ui, self.show_thinking, self.stdout_may_close = ui, show_thinking, stdout_may_close
         self.handled = handled  # tools whose calls are shown (and run) elsewhere: MCP tools, cli/agent.py

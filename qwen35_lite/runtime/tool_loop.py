@@ -107,7 +107,7 @@ class ToolLoop:
         for round_ in range(self.max_rounds + 1):
             done = yield from _relay(events)
             calls = self.session.last_reply.tool_calls
-            if done.reason != "stop" or not calls or not self._runs_all(calls):
+            if done.reason != "stop" or not calls or not self.runs_all(calls):
                 return
             planned = [self._plan(c) for c in calls]
             if round_ == self.max_rounds:
@@ -125,7 +125,7 @@ class ToolLoop:
                 return
             events = self._send_results(messages, cancel, on_prefill, on_encode)
 
-    def _runs_all(self, calls) -> bool:
+    def runs_all(self, calls) -> bool:
         """The loop runs only calls MCP servers answer; a --tools tool (printed, not run) ends the turn."""
         tools = {t["function"]["name"] for t in self.session.tools or [] if isinstance(t, dict)}
         return all(self.hub.find(c.name) is not None or c.name not in tools for c in calls)

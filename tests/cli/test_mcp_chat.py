@@ -236,3 +236,41 @@ def test_run_prints_the_transcript_in_its_json(ckpt, tmp_path):
     assert (record["server"], record["tool"], record["arguments"]) == ("t", "add", '{"a": 2, "b": 40}')
     assert record["approved"] and record["result"] == {"text": "42", "images": [], "is_error": False}
     assert gone(log)
+
+
+# ---- quick: no model, no server ------------------------------------------------------------------------
+
+
+def test_approval_answers():
+    from qwen35_lite.cli.agent import ask_approval
+    from qwen35_lite.cli.ui import UI
+
+    def approve_with(*lines):
+        answers = iter(lines)
+        return ask_approval(UI(), lambda prompt: next(answers))(None)
+
+    assert approve_with("y") == "yes" and approve_with(" YES ") == "yes"
+    assert approve_with("maybe", "a") == "always"  # asked again until the answer is one of them
+    assert approve_with("") == "no" and approve_with("n") == "no"  # Enter alone refuses
+    assert approve_with(None) == "stop"  # end of input
+
+
+@pytest.mark.parametrize(
+    "body, extra, words",
+    [
+        ("{not json", [], ["not JSON"]),
+        ('{"mcpServers": {"a": {"url": "ftp://x"}}}', [], ["http:// or https://"]),
+        ('{"mcpServers": {}}', ["--raw"], ["--mcp", "--raw"]),
+    ],
+)
+def test_a_bad_mcp_file_is_refused_before_the_model_loads(tmp_path, body, extra, words):
+    from typer.testing import CliRunner
+
+    from qwen35_lite.cli import app
+
+    cfg = tmp_path / "servers.json"
+    cfg.write_text(body)
+    r = CliRunner().invoke(app, ["run", "-m", str(tmp_path / "no-model"), "--mcp", str(cfg), *extra, "hi"])
+    assert r.exit_code in (1, 2) and "Traceback" not in r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+    assert "no-model" not in r.stderr  # the model was never looked for
