@@ -266,3 +266,57 @@ def test_streamable_http_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- saves of agent chats (runtime/chat_file.py) ---------------------------------------------------------
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+
+
+@pytest.mark.parametrize(
+    "message, words",
+    [
+        ({"role": "assistant", "content": "", "tool_calls": "x"}, "tool_calls is a string"),
+        ({"role": "assistant", "content": "", "tool_calls": [{"type": "code"}]}, '{"type": "function"}'),
+        (
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]},
+            "has no name",
+        ),
+        (
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "a", "arguments": "{}"}}],
+            },
+            "arguments are a string",
+        ),
+        ({"role": "tool", "content": 5}, "content is a number"),
+        ({"role": "tool", "content": "x", "tool_call_id": 3}, "tool_call_id that is not text"),
+        ({"role": "tool", "content": "x", "extra": 1}, "'extra'"),
+        ({"role": "user", "content": "x", "tool_calls": []}, "'tool_calls'"),
+    ],
+)
+def test_a_save_with_malformed_calls_or_results_is_refused(message, words):
+    from qwen35_lite.runtime.chat_file import NotASave, parse_save
+
+    with pytest.raises(NotASave) as info:
+        parse_save({"messages": [{"role": "user", "content": "hi"}, message]})
+    assert words in str(info.value)
+
+
+def test_a_save_with_calls_and_results_reads_back(tmp_path):
+    from qwen35_lite.runtime.chat_file import parse_save
+
+    pic = tmp_path / "p.png"
+    Image.new("RGB", (4, 4)).save(pic)
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "reasoning_content": "r", "tool_calls": [CALL]},
+        {
+            "role": "tool",
+            "tool_call_id": "call_1",
+            "name": "add",
+            "content": [{"type": "image", "image": str(pic)}, {"type": "text", "text": "1"}],
+        },  # fmt: skip
+    ]
+    assert parse_save({"messages": messages}).messages == messages
