@@ -48,6 +48,7 @@ class Agent:
     hub: McpHub
     loop: ToolLoop
     base_tools: list[dict] = field(default_factory=list)  # --tools: given to the template, printed, not run
+    first_prompt_ids: list[int] = field(default_factory=list)  # the last message's first round's prompt
 
     @classmethod
     @contextlib.contextmanager
@@ -147,6 +148,8 @@ class Agent:
                         if printing:
                             printer().push(event.text, event.thinking)
                     elif isinstance(event, Finished):
+                        if state["done"] is None:  # the message's own prompt, for run --json
+                            self.first_prompt_ids = session.last_reply.prompt_ids
                         self._end_round(event, printer() if printing else None, round_stats)
                         state["printer"], state["done"] = None, event
                     elif isinstance(event, CallStarted):

@@ -201,7 +201,8 @@ def _run_with_tools(ui, session, agent, servers, text, images, show, json_out, w
         first = session.messages.index(next(m for m in session.messages if m["role"] == "user"))
         rounds = sum(1 for m in session.messages[first:] if m["role"] == "assistant")
         transcript = [r.as_json() for r in tools.loop.transcript]
-    return done, session.last_reply, {"transcript": transcript, "rounds": rounds}
+        extra = {"prompt_ids": tools.first_prompt_ids, "transcript": transcript, "rounds": rounds}
+    return done, session.last_reply, extra
 
 
 # ---- chat --------------------------------------------------------------------------------------------

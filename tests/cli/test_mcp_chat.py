@@ -232,6 +232,7 @@ def test_run_prints_the_transcript_in_its_json(ckpt, tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.splitlines()[-1])
     assert out["text"] == "It is 42." and out["rounds"] == 2
+    assert len(out["prompt_ids"]) > 300  # the prompt's, with its 8 tools (not the last round's)
     (record,) = out["transcript"]
     assert (record["server"], record["tool"], record["arguments"]) == ("t", "add", '{"a": 2, "b": 40}')
     assert record["approved"] and record["result"] == {"text": "42", "images": [], "is_error": False}
