@@ -50,9 +50,8 @@ class GenerationRequest:
     # Added to cache.rope_delta once the prompt is fed (image blocks shift every later position).
     rope_delta: int = 0
     max_context: int = 262144
-    script: list[int] | None = (
-        None  # test seam (runtime/scripted.py): emitted instead of sampled, then a stop id
-    )
+    # A test seam (runtime/scripted.py): these ids are emitted instead of sampled, then a stop id.
+    script: list[int] | None = None
 
 
 def check_context(cache: ModelCache, n_prompt: int, max_context: int, model_max: int) -> None:
