@@ -98,9 +98,8 @@ class McpHub:
     ) -> None:
         self.configs, self.timeout = configs, timeout
         self.image_dir = image_dir or tool_image_dir()
-        self.reserved = set(
-            reserved_names
-        )  # names taken already (--tools): an MCP tool of that name is prefixed
+        # Names taken already (--tools): an MCP tool of one of these names is prefixed by its server's.
+        self.reserved = set(reserved_names)
         self.servers: dict[str, ServerState] = {}
         self._portal_cm = None
         self.portal = None
