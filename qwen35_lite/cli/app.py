@@ -139,7 +139,6 @@ def run(
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
     from ..runtime.session import ChatSession
-    from .agent import read_servers
     from .chat_repl import stream_reply
 
     check_flags(reply)
@@ -150,7 +149,7 @@ def run(
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
     tool_list = read_tools(reply.tools)
-    servers = read_servers(agent, reply.raw)
+    servers = _read_servers(agent, reply.raw)
     if images:
         from ..runtime.multimodal import check_images
 
@@ -188,6 +187,15 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def _read_servers(agent: AgentFlags, raw: bool):
+    """The --mcp file's servers (None without --mcp); the MCP modules are imported only for it."""
+    if agent.mcp is None:
+        return None
+    from .agent import read_servers
+
+    return read_servers(agent, raw)
+
+
 def _run_with_tools(ui, session, agent, servers, text, images, show, json_out, words):
     """`run --mcp`: the tool rounds of one prompt; approval on the terminal unless --yes (without a terminal
     to ask on, calls are refused). Returns the last reply's Finished, that reply, and the JSON's extra keys:
@@ -220,7 +228,6 @@ def chat(
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
     from ..runtime.session import ChatSession
-    from .agent import read_servers
     from .chat_repl import Repl
 
     check_flags(reply)
@@ -229,7 +236,7 @@ def chat(
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
     tool_list = read_tools(reply.tools)
-    servers = read_servers(agent, reply.raw)
+    servers = _read_servers(agent, reply.raw)
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
     if servers is None:
