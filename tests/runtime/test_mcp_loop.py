@@ -123,6 +123,7 @@ def run_turn(loop: ToolLoop, text: str) -> tuple[list, list[list[int]]]:
     return events, fed
 
 
+@pytest.mark.slow  # the module's checkpoint, engine and transformers' tokenizer take ~10 s
 def test_mcp_tools_are_given_to_the_template_as_transformers_renders_them(engine, hf):
     s = new_session(engine)
     assert [t.openai() for t in TOOLS] == CONVERTED
