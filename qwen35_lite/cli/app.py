@@ -21,6 +21,7 @@ from ..plan.options import EngineOptions
 from .errors import EXIT_INTERRUPTED, friendly_errors
 from .help import install as install_help
 from .options import (
+    AgentFlags,
     Model,
     Quiet,
     ReplyFlags,
@@ -121,6 +122,7 @@ def run(
     model: Model,
     load: EngineOptions,
     reply: ReplyFlags,
+    agent: AgentFlags,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object on stdout, nothing streamed.")
     ] = False,
@@ -149,6 +151,7 @@ def run(
     text = read_prompt(ui, prompt)
     tool_list = read_tools(reply.tools)
     schema = read_json_schema(reply.json_schema)
+    servers = _read_servers(agent, reply.raw)
     if images:
         from ..runtime.multimodal import check_images
 
@@ -157,8 +160,13 @@ def run(
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
     show = session.settings.think == "on"
-    done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
-    answer = session.last_reply
+    if servers is not None:
+        done, answer, extra = _run_with_tools(
+            ui, session, agent, servers, text, images, show, json_out, prompt
+        )
+    else:
+        done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
+        answer, extra = session.last_reply, {}
     done.stats["load_s"] = load_s
     if json_out:
         ui.json_line(
@@ -171,6 +179,7 @@ def run(
                 "tool_calls": [
                     {"id": c.id, "name": c.name, "arguments": c.arguments} for c in answer.tool_calls
                 ],
+                **extra,
                 "stats": done.stats,
             }
         )
@@ -178,6 +187,32 @@ def run(
         ui.stats_line(format_stats(done.stats, engine.max_context, done.reason))
     if done.reason == "cancelled":
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _read_servers(agent: AgentFlags, raw: bool):
+    """The --mcp file's servers (None without --mcp); the MCP modules are imported only for it."""
+    if agent.mcp is None:
+        return None
+    from .agent import read_servers
+
+    return read_servers(agent, raw)
+
+
+def _run_with_tools(ui, session, agent, servers, text, images, show, json_out, words):
+    """`run --mcp`: the tool rounds of one prompt; approval on the terminal unless --yes (without a terminal
+    to ask on, calls are refused). Returns the last reply's Finished, that reply, and the JSON's extra keys:
+    `transcript` (every call, its approval and its result) and `rounds`."""
+    from .agent import Agent, ask_approval, refuse_all, terminal_line
+
+    can_ask = sys.stdin.isatty() and words != ["-"]
+    approve = ask_approval(ui, terminal_line(ui)) if can_ask else refuse_all(ui)
+    with Agent.started(ui, agent, servers, session, approve) as tools:
+        done = tools.stream(text, images, show_thinking=show, printing=not json_out, round_stats=False)
+        first = session.messages.index(next(m for m in session.messages if m["role"] == "user"))
+        rounds = sum(1 for m in session.messages[first:] if m["role"] == "assistant")
+        transcript = [r.as_json() for r in tools.loop.transcript]
+        extra = {"prompt_ids": tools.first_prompt_ids, "transcript": transcript, "rounds": rounds}
+    return done, session.last_reply, extra
 
 
 # ---- chat --------------------------------------------------------------------------------------------
@@ -190,6 +225,7 @@ def chat(
     model: Model,
     load: EngineOptions,
     reply: ReplyFlags,
+    agent: AgentFlags,
     quiet: Quiet = False,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
@@ -203,16 +239,27 @@ def chat(
     ui = UI(quiet=quiet)
     tool_list = read_tools(reply.tools)
     schema = read_json_schema(reply.json_schema)
+    servers = _read_servers(agent, reply.raw)
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
+    if servers is None:
+        _chat_loop(ui, Repl(ui, session), engine, session, tool_list, load_s)
+        return
+    from .agent import Agent, ask_approval
+
     repl = Repl(ui, session)
+    with Agent.started(ui, agent, servers, session, ask_approval(ui, repl.read_line)) as repl.agent:
+        _chat_loop(ui, repl, engine, session, tool_list, load_s)
+
+
+def _chat_loop(ui: UI, repl, engine, session, tool_list, load_s: float) -> None:
     if repl.tty:
         m = engine.model
         ui.header(
             [
                 f"qwen35-lite · {engine.model_dir.name} · {m.device.type} {str(m.dtype).removeprefix('torch.')}"
                 f" · ctx {engine.max_context} · thinking {session.settings.think}"
-                + (f" · {plural(len(tool_list), 'tool')}" if tool_list else "")
+                + (f" · {plural(len(session.tools), 'tool')}" if session.tools else "")
                 + f" · loaded in {load_s:.1f} s",
                 '/help for commands · """ for multi-line · Ctrl+C stops a reply · Ctrl+D leaves',
             ]

@@ -13,12 +13,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError, Qwen35Error
 from ..runtime.generate import Finished, TokenEvent
 from ..runtime.session import THINK_MODES, ChatSession
 from ..runtime.settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli/options.py)
 from .ui import UI, ReplyPrinter, format_stats, plural
+
+if TYPE_CHECKING:
+    from .agent import Agent
 
 # ---- settings (their table and checks are in settings.py) -----------------------------------------
 
@@ -125,6 +129,8 @@ def _help(repl: Repl, arg: str) -> None:
 def _clear(repl: Repl, arg: str) -> None:
     repl.session.clear()
     repl.pending_images.clear()
+    if repl.agent is not None:
+        repl.agent.loop.always.clear()  # "always" was for this chat
     repl.ui.note("conversation cleared")
 
 
@@ -198,6 +204,25 @@ def _load(repl: Repl, arg: str) -> None:
     repl.ui.note(f"loaded {plural(len(repl.session.messages), 'message')} from {arg}")
 
 
+def _tools(repl: Repl, arg: str) -> None:
+    if repl.agent is None:
+        names = [t["function"]["name"] for t in repl.session.tools or []]
+        repl.ui.note("tools (printed, not run): " + ", ".join(names) if names else "no tools (see --mcp)")
+        return
+    for line in repl.agent.tool_rows():
+        repl.ui.note(line)
+
+
+def _mcp(repl: Repl, arg: str) -> None:
+    if arg != "reload":
+        raise InputError(
+            f"/mcp takes reload, not {arg!r}" if arg else "/mcp needs reload", "e.g. /mcp reload"
+        )
+    if repl.agent is None:
+        raise InputError("no MCP servers in this chat", "start the chat with --mcp FILE")
+    repl.agent.reload(repl.session)
+
+
 def _exit(repl: Repl, arg: str) -> None:
     repl.done = True
 
@@ -217,6 +242,8 @@ COMMANDS: dict[str, Command] = {
         ),
         Command("set", "[KEY VALUE]", "change a setting (" + ", ".join(SETTINGS) + "); alone: list", _set),
         Command("stats", "", "figures of the last reply and the expert caches", _stats),
+        Command("tools", "", "the MCP servers, their tools and whether each call is asked for", _tools),
+        Command("mcp", "reload", "restart the MCP servers (the --mcp file is read again)", _mcp),
         Command("save", "FILE", "write the conversation to a JSON file", _save),
         Command("load", "FILE", "resume a conversation written by /save", _load),
         Command("exit", "", "leave (Ctrl+D does too)", _exit),
@@ -229,8 +256,8 @@ ALIASES = {"quit": "exit", "bye": "exit", "?": "help"}
 
 
 class Repl:
-    def __init__(self, ui: UI, session: ChatSession) -> None:
-        self.ui, self.session = ui, session
+    def __init__(self, ui: UI, session: ChatSession, agent: Agent | None = None) -> None:
+        self.ui, self.session, self.agent = ui, session, agent
         self.done = False
         self.pending_images: list[Path] = []  # attached with /image, sent with the next message
         self.tty = sys.stdin.isatty()
@@ -314,6 +341,9 @@ class Repl:
         show = self.session.settings.think == "on"
         fed = self.session.cache.offset
         try:
+            if self.agent is not None:  # the tool rounds print their own stats lines
+                self.agent.stream(text, images, show_thinking=show, stdout_may_close=True)
+                return
             done = stream_reply(
                 self.ui, self.session, text, show_thinking=show, images=images, stdout_may_close=True
             )

@@ -275,7 +275,69 @@ def _reply_group() -> tuple[list[inspect.Parameter], Callable[[dict[str, Any]], 
     return params, build
 
 
-GROUPS = {"load": _load_group, "reply": _reply_group}
+# ---- MCP tools (runtime/mcp.py, runtime/tool_loop.py) ------------------------------------------------
+TOOLS_PANEL = "Tools (MCP)"
+Mcp = Annotated[
+    Path | None,
+    typer.Option(
+        "--mcp",
+        metavar="FILE",
+        envvar="QWEN35_LITE_MCP",
+        help='MCP servers whose tools the model may call: {"mcpServers": {"NAME": {"command", "args", "env"}'
+        ' | {"url"}}}. Each call is shown and asked for before it runs.',
+        show_default=False,
+        rich_help_panel=TOOLS_PANEL,
+    ),
+]
+Yes = Annotated[
+    bool,
+    typer.Option("--yes", "-y", help="Run every MCP tool call without asking.", rich_help_panel=TOOLS_PANEL),
+]
+MaxToolRounds = Annotated[
+    int,
+    typer.Option(
+        "--max-tool-rounds",
+        min=0,
+        help="Rounds of tool calls one message may lead to.",
+        rich_help_panel=TOOLS_PANEL,
+    ),
+]
+ToolTimeout = Annotated[
+    float,
+    typer.Option(
+        "--tool-timeout",
+        min=0.1,
+        help="Seconds an MCP tool call (or a server's start) may take.",
+        rich_help_panel=TOOLS_PANEL,
+    ),
+]
+
+
+@dataclass
+class AgentFlags:
+    """MCP servers for the model's tool calls, and how their calls are approved and bounded."""
+
+    mcp: Path | None = None
+    yes: bool = False
+    max_tool_rounds: int = 8
+    tool_timeout: float = 60.0
+
+
+AGENT_OPTIONS: dict[str, Any] = {
+    "mcp": Mcp,
+    "yes": Yes,
+    "max_tool_rounds": MaxToolRounds,
+    "tool_timeout": ToolTimeout,
+}
+
+
+def _agent_group() -> tuple[list[inspect.Parameter], Callable[[dict[str, Any]], Any]]:
+    defaults = {f.name: f.default for f in fields(AgentFlags)}
+    params = [_param(name, kind, defaults[name]) for name, kind in AGENT_OPTIONS.items()]
+    return params, lambda values: AgentFlags(**values)
+
+
+GROUPS = {"load": _load_group, "reply": _reply_group, "agent": _agent_group}
 
 
 def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
@@ -204,8 +204,10 @@ class ReplyPrinter:
         show_thinking: bool = True,
         stdout_may_close: bool = False,
         tools: list[dict] | None = None,
+        handled: Container[str] = (),
     ) -> None:
         self.ui, self.show_thinking, self.stdout_may_close = ui, show_thinking, stdout_may_close
+        self.handled = handled  # tools whose calls are shown (and run) elsewhere: MCP tools, cli/agent.py
         self.tool_parser = StreamingToolParser(tools) if tools is not None else None
         self.in_thinking = False
         self.thought = False  # something of the thinking was printed
@@ -290,7 +292,8 @@ class ReplyPrinter:
         if self.answered and not self.answer_tail.endswith("\n"):
             self._answer("\n")
         for call in self.tool_parser.calls if self.tool_parser is not None else []:
-            self._answer(f"tool call: {call.name} {call.arguments}\n")
+            if call.name not in self.handled:
+                self._answer(f"tool call: {call.name} {call.arguments}\n")
 
 
 class HiddenThinking:

@@ -1,7 +1,9 @@
 """The file /save writes and /load reads: written atomically, read back only after checking all of it.
 
 A save is `{"messages": [...], "settings": {...}}`: user and assistant turns as the chat template takes them
-(user content may be text and image parts), and the ChatSettings fields. A file that passes `read_save`
+(user content may be text and image parts), an agent's tool calls (`tool_calls` of an assistant turn, each
+`{"id", "type": "function", "function": {"name", "arguments": {...}}}`) and their results (`tool` turns,
+text or image and text parts), and the ChatSettings fields. A file that passes `read_save`
 renders and runs: wrong types, unknown roles or keys, out-of-range settings and images that are not
 regular files are refused here with the reason, not at every later turn.
 """
@@ -22,7 +24,12 @@ from .settings import THINK_MODES, check_setting
 from .user_files import MiB, check_write_target, default_file_mode, read_user_file
 
 MAX_SAVE_BYTES = 8 * MiB  # the text of a full 262k-token context is ~1 MB: this leaves room for thinking
-ROLES = ("user", "assistant")
+ROLES = ("user", "assistant", "tool")
+MESSAGE_KEYS = {
+    "user": ("role", "content"),
+    "assistant": ("role", "content", "reasoning_content", "tool_calls"),
+    "tool": ("role", "content", "tool_call_id", "name"),
+}
 SETTING_KEYS = ("params", "max_new_tokens", "think", "system", "raw")  # ChatSettings' fields
 
 
@@ -135,17 +142,41 @@ def _check_message(message: object, where: str) -> None:
         raise NotASave(f"{where} is {_kind(message)}, not an object")
     role = message.get("role")
     if role not in ROLES:
-        raise NotASave(f"{where} has role {role!r}; a save holds user and assistant turns")
-    keys = ("role", "content", "reasoning_content") if role == "assistant" else ("role", "content")
-    _no_unknown_keys(message, keys, where)
+        raise NotASave(f"{where} has role {role!r}; a save holds user, assistant and tool turns")
+    _no_unknown_keys(message, MESSAGE_KEYS[role], where)
     content = message.get("content")
-    if role == "user" and isinstance(content, list):
+    if role != "assistant" and isinstance(content, list):
         for j, part in enumerate(content):
             _check_part(part, f"{where}, part {j + 1}")
     elif not isinstance(content, str):
         raise NotASave(f"{where}'s content is {_kind(content)}, not text")
     if not isinstance(message.get("reasoning_content", ""), str):
         raise NotASave(f"{where} has reasoning_content that is not text")
+    for key in ("tool_call_id", "name"):
+        if not isinstance(message.get(key, ""), str):
+            raise NotASave(f"{where} has a {key} that is not text")
+    calls = message.get("tool_calls", [])
+    if not isinstance(calls, list):
+        raise NotASave(f"{where}'s tool_calls is {_kind(calls)}, not a list")
+    for j, call in enumerate(calls):
+        _check_call(call, f"{where}, tool call {j + 1}")
+
+
+def _check_call(call: object, where: str) -> None:
+    """{"id", "type": "function", "function": {"name", "arguments": {...}}}, as the template renders it."""
+    if not isinstance(call, dict) or call.get("type", "function") != "function":
+        raise NotASave(f'{where} is not a {{"type": "function"}} object')
+    _no_unknown_keys(call, ("id", "type", "function"), where)
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise NotASave(f'{where} has no "function" object')
+    _no_unknown_keys(function, ("name", "arguments"), where)
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise NotASave(f"{where} has no name")
+    if not isinstance(function.get("arguments", {}), dict):
+        raise NotASave(f"{where}'s arguments are {_kind(function['arguments'])}, not an object")
+    if not isinstance(call.get("id", ""), str):
+        raise NotASave(f"{where} has an id that is not text")
 
 
 def _check_part(part: object, where: str) -> None:

@@ -53,6 +53,8 @@ class GenerationRequest:
     max_context: int = 262144
     # A grammar the answer must follow (constrain.GrammarConstraint), engaged outside the think block.
     constraint: TokenMask | None = None
+    # A test seam (runtime/scripted.py): these ids are emitted instead of sampled, then a stop id.
+    script: list[int] | None = None
 
 
 def check_context(cache: ModelCache, n_prompt: int, max_context: int, model_max: int) -> None:
@@ -134,6 +136,8 @@ def generate(
     counters.append(expert_counters(experts))
     # logits stay on the model's device; the sampler reads back the id alone (one sync a token on a GPU)
     sample = make_sampler(req.params, history=cache.token_ids, constraint=req.constraint)
+    if req.script is not None:
+        sample = _scripted(req.script, req.stop_ids, sample)
     prefilled_offset = cache.offset
     thinking = req.start_in_thinking
     generated: list[int] = []
@@ -183,3 +187,13 @@ def generate(
         **reply_expert_stats(*counters, expert_counters(experts), cache.offset - prefilled_offset),
     }
     yield Finished(reason, stats, unfed, generated)
+
+
+def _scripted(ids: list[int], stop_ids: tuple[int, ...], sample: Callable) -> Callable:
+    """A sampler that returns `ids`, then the first stop id (the test seam of runtime/scripted.py)."""
+    queue = [*ids, *stop_ids[:1]]
+
+    def next_id(logits: torch.Tensor) -> int:
+        return queue.pop(0) if queue else sample(logits)
+
+    return next_id

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..text.tokenizer import StreamDecoder
 from ..text.tool_calls import ToolCall, parse_tool_calls
+from . import scripted
 from .chat_file import read_save, write_atomic
 from .constrain import answer_constraint
 from .engine import Engine
@@ -55,6 +56,7 @@ class ChatSession:
         self.unfed: list[int] = []
         self.fresh = True  # the cache holds nothing: the next prompt is rendered whole
         self.last_reply: Reply | None = None
+        self.unsent: list[dict] = []  # the end of the history, not yet fed: it goes before the next turn's
 
     # --- history -------------------------------------------------------------------------------------
     def clear(self) -> None:
@@ -68,7 +70,7 @@ class ChatSession:
     def reset_cache(self) -> None:
         """Drop the model state; the next turn re-renders (and re-encodes the images of) the whole history."""
         self.cache = self.engine.model.make_cache()
-        self.unfed, self.fresh = [], True
+        self.unfed, self.fresh, self.unsent = [], True, []
 
     def save(self, path: Path) -> None:
         """Write the conversation as JSON; an existing file is replaced whole or, on any failure, kept."""
@@ -128,25 +130,33 @@ class ChatSession:
 
     def prompt_ids(self, user_text: str, images: Sequence[Path | str] = ()) -> list[int]:
         """The ids to feed for this turn, given what the cache already holds (one <|image_pad|> per image)."""
-        return self._prompt(user_message(user_text, images))[0]
+        return self._prompt([user_message(user_text, images)])[0]
 
-    def _prompt(self, user: dict) -> tuple[list[int], list[str]]:
+    def add_unsent(self, messages: list[dict]) -> None:
+        """Put messages at the end of the history (tool results of a stopped turn); the next turn feeds them."""
+        self.messages.extend(messages)
+        if not self.fresh:
+            self.unsent.extend(messages)
+
+    def _prompt(self, new: list[dict]) -> tuple[list[int], list[str]]:
         """(ids, image paths in the order of their placeholders) for the part of the chat not yet fed."""
         tok = self.engine.tokenizer
         if self.settings.raw:
-            if message_images(user):
+            if message_images(new[0]):
                 raise InputError("images need the chat template", "drop --raw to send images")
-            return [*self.unfed, *self._encode(user["content"])], []
+            return [*self.unfed, *self._encode(new[0]["content"])], []
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-            history = [*system, *self.messages, user]
+            history = [*system, *self.messages, *new]
             return self._encode(self._render(history, whole=True)), [
                 p for m in history for p in message_images(m)
             ]
         closing = (
             [] if self.cache.token_ids[-1:] == [tok.token_id("<|im_end|>")] else tok.encode("<|im_end|>\n")
         )
-        return [*self.unfed, *closing, *self._encode(self._render([user], whole=False))], message_images(user)
+        turn = [*self.unsent, *new]
+        ids = [*self.unfed, *closing, *self._encode(self._render(turn, whole=False))]
+        return ids, [p for m in turn for p in message_images(m)]
 
     def _encode(self, text: str) -> list[int]:
         """Tokenise this turn's text, refusing first (counted in pieces) a text the context cannot hold:
@@ -182,9 +192,27 @@ class ChatSession:
         large for the context raises before anything is fed: the history and the cache are unchanged.
         on_encode(blocks done, total) follows the vision tower over the images.
         """
+        return self._turn([user_message(user_text, images)], cancel, on_prefill, on_encode)
+
+    def send_tool_results(
+        self,
+        messages: list[dict],
+        cancel: threading.Event | None = None,
+        on_prefill: Callable[[int, int], None] | None = None,
+        on_encode: Callable[[int, int], None] | None = None,
+    ) -> Iterator[TokenEvent | Finished]:
+        """Stream the reply to `tool` messages (the results of the last reply's calls), as send() does."""
+        return self._turn(messages, cancel, on_prefill, on_encode)
+
+    def _turn(
+        self,
+        new: list[dict],
+        cancel: threading.Event | None,
+        on_prefill: Callable[[int, int], None] | None,
+        on_encode: Callable[[int, int], None] | None,
+    ) -> Iterator[TokenEvent | Finished]:
         eng, s = self.engine, self.settings
-        user = user_message(user_text, images)
-        ids, paths = self._prompt(user)
+        ids, paths = self._prompt(new)
         embeds = positions = None
         delta = 0
         if paths:
@@ -205,6 +233,7 @@ class ChatSession:
             rope_delta=delta,
             max_context=eng.max_context,
             constraint=answer_constraint(eng, s.grammar),
+            script=scripted.next_reply(eng.tokenizer),
         )
         reply = Reply(prompt_ids=ids)
         self.last_reply = reply
@@ -218,20 +247,32 @@ class ChatSession:
                     reply.text += event.text
             else:
                 reply.tokens, reply.finish_reason, reply.stats = event.tokens, event.reason, event.stats
-                self._finish_turn(user, reply, event)
+                self._finish_turn(new, reply, event)
             yield event
 
-    def _finish_turn(self, user: dict, reply: Reply, done: Finished) -> None:
-        self.unfed, self.fresh = list(done.unfed), False
+    def _finish_turn(self, new: list[dict], reply: Reply, done: Finished) -> None:
+        self.unfed, self.fresh, self.unsent = list(done.unfed), False, []
         # The history takes the reply trimmed, as the chat template renders a turn; reply.text stays the
         # answer exactly as generated (a leading space included), as the server's content is.
-        self.messages.append(user)
+        self.messages.extend(new)
         assistant = {"role": "assistant", "content": reply.text.strip()}
         if thinking := reply.thinking.strip():
             assistant["reasoning_content"] = thinking
-        self.messages.append(assistant)  # markup and all: a re-render gives its tokens
         if self.tools is not None:
             reply.text, reply.tool_calls = parse_tool_calls(reply.text, self.tools)
+        if reply.tool_calls:  # as transformers takes a call: the template writes its markup back
+            assistant["content"] = reply.text
+            assistant["tool_calls"] = [history_call(c) for c in reply.tool_calls]
+        self.messages.append(assistant)  # else markup and all: a re-render gives its tokens
+
+
+def history_call(call: ToolCall) -> dict:
+    """A call as the chat template (and an OpenAI history) takes it, the arguments as an object."""
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.loads(call.arguments)},
+    }
 
 
 def saved_settings(settings: ChatSettings) -> dict:

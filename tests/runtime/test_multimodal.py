@@ -369,8 +369,9 @@ def test_text_only_run_never_loads_the_tower(big_tower, pics):
     # What each reply adds to the memory held after the load: the tower shows in the image run (less than
     # its full size: the allocator reuses pages the load freed) and is absent from the text run.
     added = {name: p["peak_rss"] - p["rss_after_load"] for name, p in probes.items()}
+    # (Each run against its own after-load figure: two processes' after-load RSS differ by tens of MB with
+    # the heap's layout, which moves with what was imported before the load.)
     assert added["text"] < 0.25 * tower_bytes < 0.5 * tower_bytes < added["image"], (added, tower_bytes)
-    assert probes["image"]["peak_rss"] - probes["text"]["peak_rss"] > 0.5 * tower_bytes, probes
 
 
 def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
