@@ -11,6 +11,7 @@ from itertools import groupby
 
 import torch
 
+from ..kernels import compact
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import TextConfig
 from .attention import Attention
@@ -161,20 +162,22 @@ class Qwen35Model:
         cpu_layers: Collection[int] = (),
     ) -> Qwen35Model:
         """cpu_layers: layers whose weights stay in host memory and are copied in as they run (the plan
-        puts there what the GPU budget cannot hold)."""
+        puts there what the GPU budget cannot hold). A Linear stored pack-quantized is held compact: read as
+        stored, fused with its like, and built into the encoding its kernel runs on `device` in `dtype`."""
         names = resident_names(cfg)
         total = sum(ckpt.stored_nbytes(n) for n in names)
         weights, host, done = {}, {}, 0
         for layer, group in _by_layer(names):
             read = {}
             for name in group:
-                read[name] = ckpt.read(name, dtype)
+                read[name] = ckpt.read(name, dtype, packed=True)  # a packed Linear stays packed
                 done += ckpt.stored_nbytes(name)
                 if on_progress:
                     on_progress(done, total)
             # fused and precomputed on the host, before the device or a spilled layer's packing
             read = prepare_layer(f"layers.{layer}.", read) if layer is not None else prepare_top(read)
             for name, t in read.items():
+                t = compact(t, device, dtype)  # a packed Linear in its kernel's encoding (kernels/choose.py)
                 if layer in cpu_layers and not stays_resident(name):
                     host.setdefault(layer, {})[name] = t
                 else:

@@ -1,0 +1,22 @@
+"""Compact Linear layers: a weight held packed in memory and the kernel that multiplies by it (kernels/README
+in docs/ARCHITECTURE.md). Each encoding is one class with its reference (dequantise, then F.linear) beside it."""
+
+from .base import CompactLinear, linear
+from .blocks import RowBlocks, fuse_rows
+from .choose import compact, compact_nbytes
+from .int4 import Int4Kernel
+from .int8 import Int8Kernel, Int8Split
+from .packed import PackedWeight
+
+__all__ = [
+    "CompactLinear",
+    "Int4Kernel",
+    "Int8Kernel",
+    "Int8Split",
+    "PackedWeight",
+    "RowBlocks",
+    "compact",
+    "compact_nbytes",
+    "fuse_rows",
+    "linear",
+]
