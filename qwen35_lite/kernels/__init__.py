@@ -1,7 +1,7 @@
 """Compact Linear layers: a weight held packed in memory and the kernel that multiplies by it (kernels/README
 in docs/ARCHITECTURE.md). Each encoding is one class with its reference (dequantise, then F.linear) beside it."""
 
-from .base import CompactLinear, linear
+from .base import CompactLinear, dequant_transient, linear
 from .blocks import RowBlocks, fuse_rows
 from .choose import compact, compact_nbytes
 from .int4 import Int4Kernel
@@ -17,6 +17,7 @@ __all__ = [
     "RowBlocks",
     "compact",
     "compact_nbytes",
+    "dequant_transient",
     "fuse_rows",
     "linear",
 ]

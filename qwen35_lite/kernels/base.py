@@ -16,8 +16,9 @@ import torch.nn.functional as F
 # Rows from which a call dequantises its weights (a block of rows at a time) and runs the dense GEMM
 # instead of the matvec kernel: a prefill chunk has 512, a decode step 1.
 GEMM_ROWS = 32
-# Weights dequantised at once (a block of rows): bounds the temporaries of a call, ~7 bytes a weight.
-DEQUANT_ELEMS = 1 << 24
+# Weights dequantised at once (a block of rows): bounds the temporaries of a call (dequant_transient).
+DEQUANT_ELEMS = 1 << 22
+DEQUANT_BYTES = 16  # temporaries a dequantised weight takes at most: nibbles, fp32 steps, the result
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | CompactLinear) -> torch.Tensor:
@@ -35,6 +36,12 @@ def rows_per_block(n: int, k: int, multiple: int = 1) -> int:
     """Rows of an [n, k] weight dequantised at once: DEQUANT_ELEMS worth, a multiple of `multiple`."""
     rows = max(multiple, DEQUANT_ELEMS // max(k, 1) // multiple * multiple)
     return min(rows, -(-n // multiple) * multiple)
+
+
+def dequant_transient(shape: tuple[int, ...]) -> int:
+    """Bytes a call that dequantises an [N, K] weight holds at most beside its output (a block of rows)."""
+    n, k = shape
+    return rows_per_block(n, k, 64) * k * DEQUANT_BYTES
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,7 +71,9 @@ class CompactLinear:
         step = rows_per_block(n, k, multiple)
         if step >= n:
             return linear(x, self.dequantize(x.dtype))
-        return torch.cat([linear(x, self.dequantize(x.dtype, slice(s, s + step))) for s in range(0, n, step)], -1)
+        return torch.cat(
+            [linear(x, self.dequantize(x.dtype, slice(s, s + step))) for s in range(0, n, step)], -1
+        )
 
     # ---- the tensors it holds ----------------------------------------------------------------------
 

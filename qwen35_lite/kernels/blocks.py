@@ -31,7 +31,9 @@ class RowBlocks(CompactLinear):
         return torch.cat([linear(x, p) for p in self.parts], dim=-1)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-        w = torch.cat([p.to(dtype) if isinstance(p, torch.Tensor) else p.dequantize(dtype) for p in self.parts])
+        w = torch.cat(
+            [p.to(dtype) if isinstance(p, torch.Tensor) else p.dequantize(dtype) for p in self.parts]
+        )
         return w if rows is None else w[rows]
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -108,7 +108,13 @@ class Int4Kernel(CompactLinear):
 
     @classmethod
     def build(
-        cls, shape: tuple[int, int], u_bytes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, dtype
+        cls,
+        shape: tuple[int, int],
+        u_bytes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group: int,
+        dtype,
     ) -> Int4Kernel:
         """u_bytes uint8 [N, K/2] (nibbles u = q + 8 in compressed-tensors' order), scale and zero [N, G']
         (fp32; G' = K / group, or 1: a scale a row, repeated) such that W = (u - 8) · scale + zero."""

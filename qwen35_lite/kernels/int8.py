@@ -58,7 +58,13 @@ class Int8Split(CompactLinear):
 
     @classmethod
     def build(
-        cls, shape: tuple[int, int], u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, dtype
+        cls,
+        shape: tuple[int, int],
+        u: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        group: int,
+        dtype,
     ) -> Int8Split:
         """u uint8 [N, K] (the stored bytes q + 128), scale [N, G'] and zero points zp [N, G'] or None, with
         G' = K / group or 1 (a scale a row, repeated)."""
@@ -78,7 +84,9 @@ class Int8Split(CompactLinear):
         return self.high(x) + self.low(x)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-        return (self.high.dequantize(torch.float32, rows) + self.low.dequantize(torch.float32, rows)).to(dtype)
+        return (self.high.dequantize(torch.float32, rows) + self.low.dequantize(torch.float32, rows)).to(
+            dtype
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -87,7 +95,10 @@ class Int8Split(CompactLinear):
         }
 
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> Int8Split:
-        part = {p: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(p + ".")} for p in ("high", "low")}
+        part = {
+            p: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(p + ".")}
+            for p in ("high", "low")
+        }
         return dataclasses.replace(
             self, high=self.high.with_tensors(part["high"]), low=self.low.with_tensors(part["low"])
         )

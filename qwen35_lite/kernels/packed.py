@@ -106,4 +106,6 @@ class PackedWeight(CompactLinear):
     def select_rows(self, index: torch.Tensor) -> PackedWeight:
         """Rows `index` (a permutation or a subset), in that order."""
         zero = None if self.zero is None else self.zero[index]
-        return PackedWeight((len(index), self.shape[1]), self.bits, self.packed[index], self.scale[index], zero)
+        return PackedWeight(
+            (len(index), self.shape[1]), self.bits, self.packed[index], self.scale[index], zero
+        )

@@ -21,9 +21,9 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..errors import CheckpointError
+from ..kernels import PackedWeight
 from .fp8 import FP8_DTYPES, dequantize_fp8
 from .packed import quantization_config
-from ..kernels import PackedWeight
 from .resident import PackedLinear, covered_scheme, other_format, resolve_packed
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -339,7 +339,9 @@ class Checkpoint:
     def nbytes(self, prefix: str = "") -> int:
         return sum(i.nbytes for n, i in self.tensors.items() if n.startswith(prefix))
 
-    def read(self, name: str, dtype: torch.dtype | None = None, packed: bool = False) -> torch.Tensor | PackedWeight:
+    def read(
+        self, name: str, dtype: torch.dtype | None = None, packed: bool = False
+    ) -> torch.Tensor | PackedWeight:
         """Read one tensor into a fresh CPU tensor (a copy, so the shard can be unmapped); a Linear stored
         pack-quantized dequantised to `dtype`, or with `packed` as stored (a kernels.PackedWeight)."""
         info = self.resident(name)
