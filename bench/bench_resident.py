@@ -65,21 +65,30 @@ def encodings(n: int, k: int) -> dict:
     return out
 
 
-def matvec_rates(rounds: int, n: int = 16384, k: int = 4096) -> dict[str, float]:
-    """GB/s each encoding streams its bytes at in a one-row product (median over alternated rounds)."""
+def matvec_rates(rounds: int, n: int = 16384, k: int = 4096) -> tuple[dict[str, float], dict[str, float]]:
+    """(GB/s each encoding streams its bytes at in a one-row product, ms of a 512-row product), medians
+    over alternated rounds."""
     from qwen35_lite.kernels import linear
 
     enc = encodings(n, k)
     x = torch.randn(1, k).to(torch.bfloat16)
+    xs = torch.randn(512, k).to(torch.bfloat16)
     times: dict[str, list[float]] = {name: [] for name in enc}
+    block: dict[str, list[float]] = {name: [] for name in enc}
     for _ in range(rounds * 5):
         for name, w in enc.items():
             linear(x, w)
             t = time.perf_counter()
             linear(x, w)
             times[name].append(time.perf_counter() - t)
+    for _ in range(rounds):
+        for name, w in enc.items():
+            t = time.perf_counter()
+            linear(xs, w)
+            block[name].append(time.perf_counter() - t)
     nbytes = {name: (w.numel() * 2 if isinstance(w, torch.Tensor) else w.nbytes) for name, w in enc.items()}
-    return {name: nbytes[name] / statistics.median(ts) / 1e9 for name, ts in times.items()}
+    gbs = {name: nbytes[name] / statistics.median(ts) / 1e9 for name, ts in times.items()}
+    return gbs, {name: 1e3 * statistics.median(ts) for name, ts in block.items()}
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -207,8 +216,9 @@ def main() -> None:
     from qwen35_lite.plan.cpu_features import cpu_has_native_bf16
 
     paths = checkpoints(args.root)
-    rates = matvec_rates(args.rounds)
+    rates, block_ms = matvec_rates(args.rounds)
     print("matvec GB/s:", {k: round(v, 1) for k, v in rates.items()}, file=sys.stderr)
+    print("512 rows, ms:", {k: round(v, 1) for k, v in block_ms.items()}, file=sys.stderr)
     results: dict[str, list[dict]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, path in paths.items():
@@ -220,12 +230,12 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
             results[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1} {name}: {results[name][-1]['tok_s']:.2f} tok/s", file=sys.stderr)
-    text = report(results, rates, machine(), cpu_has_native_bf16(), args)
+    text = report(results, rates, block_ms, machine(), cpu_has_native_bf16(), args)
     write_section(args.out, text, SECTION)
     print(text)
 
 
-def report(results: dict, rates: dict, where: str, bf16: bool | None, args) -> str:
+def report(results: dict, rates: dict, block_ms: dict, where: str, bf16: bool | None, args) -> str:
     med = {n: statistics.median(r["tok_s"] for r in runs) for n, runs in results.items()}
     amx = "AMX" if "amx_bf16" in Path("/proc/cpuinfo").read_text() else "no AMX"
     lines = [
@@ -236,10 +246,11 @@ def report(results: dict, rates: dict, where: str, bf16: bool | None, args) -> s
         f"{args.rounds} rounds alternating the configurations, medians.",
         "",
         "Matvec: one [16384, 4096] weight times one row through `kernels.linear`, GB/s of the bytes each "
-        "encoding holds (int4 and int8 g32 include their (scale, zero) tables):",
+        "encoding holds (int4 and int8 g32 include their (scale, zero) tables); and times 512 rows (a prefill "
+        "chunk: the weight dequantised once, a block of rows at a time, then the bf16 GEMM):",
         "",
-        "| encoding | kernel | GB/s |",
-        "|---|---|---|",
+        "| encoding | one-row kernel | GB/s | 512 rows, ms |",
+        "|---|---|---|---|",
     ]
     kernels = {
         "bf16": "torch.mv",
@@ -247,7 +258,7 @@ def report(results: dict, rates: dict, where: str, bf16: bool | None, args) -> s
         "int8 g32": "two _weight_int4pack_mm_for_cpu calls",
         "int4 g32": "_weight_int4pack_mm_for_cpu",
     }
-    lines += [f"| {n} | {kernels[n]} | {g:.1f} |" for n, g in rates.items()]
+    lines += [f"| {n} | {kernels[n]} | {g:.1f} | {block_ms[n]:.1f} |" for n, g in rates.items()]
     lines += [
         "",
         f"Decode: e512 synthetic checkpoint (8 layers, hidden 1024, vocab 32768, 512 experts top-10 in bf16, "

@@ -1,5 +1,6 @@
-"""Compact Linear layers: a weight held packed in memory and the kernel that multiplies by it (kernels/README
-in docs/ARCHITECTURE.md). Each encoding is one class with its reference (dequantise, then F.linear) beside it."""
+"""Compact Linear layers: a weight held packed in memory and the kernel that multiplies by it (docs/
+ARCHITECTURE.md, "A resident format"). Each encoding is one class with its reference (dequantise, then
+F.linear) beside it; `compact` picks one for a device and dtype, `linear` runs any weight."""
 
 from .base import CompactLinear, dequant_transient, linear
 from .blocks import RowBlocks, fuse_rows

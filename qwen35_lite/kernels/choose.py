@@ -28,7 +28,7 @@ Weight = torch.Tensor | CompactLinear
 
 
 def _kernel(bits: int, group_size: int | None, symmetric: bool, k: int, device: torch.device, dtype) -> str:
-    """ "int4", "int8", "int8split" or "" (the exact path) for this scheme and K on device/dtype."""
+    """The kernel for this scheme and K on device/dtype: int4, int8, int8split, or "" (the exact path)."""
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16:
         return ""
     if bits == 8 and symmetric and group_size is None and k % K_MULTIPLE == 0:
