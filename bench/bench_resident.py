@@ -7,7 +7,7 @@ Matvec: one [16384, 4096] weight (128 MiB in bf16) times one row, each encoding 
 rounds alternated, medians; GB/s of the bytes the encoding holds. Decode: the e512 synthetic checkpoint
 (bench/offload_runs.py) and copies whose resident Linears are quantised with the community recipe's
 targets (every Linear but the router, the shared-expert gate, DeltaNet's in_proj_a/b, lm_head unless
-"head int8", the routed experts here), round-to-nearest; each configuration a fresh process per round,
+"lm_head too", the routed experts here), round-to-nearest; each configuration a fresh process per round,
 rounds alternated, medians. A token's weight bytes are the resident tensors as held in memory (the plan's
 figure) but the embedding table, plus the top-10 experts a layer. Writes the "Resident layers (CPU)"
 section of docs/benchmarks.md.
@@ -36,7 +36,7 @@ VARIANTS = {
     "int8 per-channel": (8, None, False),
     "int8 g32": (8, 32, False),
     "int4 g32": (4, 32, False),
-    "int4 g32, head int8": (4, 32, True),
+    "int4 g32, lm_head too": (4, 32, True),
 }
 IGNORE = [r"re:.*mlp\.gate$", r"re:.*shared_expert_gate$", r"re:.*linear_attn\.in_proj_[ab]$"]
 IGNORE += [r"re:.*mlp\.experts.*", r"re:.*visual.*", r"re:.*mtp.*"]

@@ -77,13 +77,16 @@ def kernel_layout(b: torch.Tensor) -> torch.Tensor:
     return _direct_layout(b) if layout_matches_torch() else _torch_layout(b)
 
 
-def unpack_layout(w: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The kernel's layout uint8 [N, K/2] -> uint8 nibbles u [n, K] of `rows` (whole 64-row blocks):
-    byte (block b, column k, j) holds u[64b + j, k] low and u[64b + 32 + j, k] high."""
+def unpack_layout(w: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's layout uint8 [N, K/2] -> the nibbles u [n, K] of `rows` (whole 64-row blocks) as
+    `dtype` (exact: 0..15): byte (block b, column k, j) holds u[64b + j, k] low and u[64b + 32 + j, k] high.
+    Written in place: two strided copies that convert as they go, the fewest passes over the weight."""
     n, half = w.shape
     blocks = w.view(n // BLOCK_N, 2 * half, BLOCK_N // 2)[rows.start // BLOCK_N : -(-rows.stop // BLOCK_N)]
-    u = torch.stack((blocks & 0xF, blocks >> 4), dim=1)  # [nb, 2, K, 32]
-    return u.transpose(-1, -2).reshape(-1, 2 * half)
+    u = torch.empty(blocks.shape[0], 2, BLOCK_N // 2, 2 * half, dtype=dtype, device=w.device)
+    u[:, 0].copy_((blocks & 0xF).transpose(-1, -2))  # rows 64b + j
+    u[:, 1].copy_((blocks >> 4).transpose(-1, -2))  # rows 64b + 32 + j
+    return u.view(-1, 2 * half)
 
 
 def scale_zero_table(scale: torch.Tensor, zero: torch.Tensor, n_pad: int, dtype: torch.dtype) -> torch.Tensor:
@@ -139,7 +142,8 @@ class Int4Kernel(CompactLinear):
         return y if y.shape[-1] == n else y[:, :n]
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-        """(u - 8) · scale + zero in fp32, rounded once to `dtype` (as the kernel computes a weight)."""
+        """(u - 8) · scale (+ zero) computed in `dtype`: in bf16 each product is rounded once, so a
+        symmetric weight has the bits of compressed-tensors' q · scale (scales stored in bf16)."""
         n = self.shape[0]
         rows = slice(0, n) if rows is None else slice(rows.start or 0, min(rows.stop, n))
         if not self.direct:  # another layout: through the kernel on the identity (slow, tests only)
@@ -148,7 +152,16 @@ class Int4Kernel(CompactLinear):
             w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group, self.table).t()
             return w[rows].to(dtype)
         start = rows.start // BLOCK_N * BLOCK_N
-        u = unpack_layout(self.weight, rows)[rows.start - start : rows.stop - start]  # [n, K]
-        t = self.table[:, rows].float()  # [G, n, 2]
-        w = (u.view(u.shape[0], t.shape[0], -1).float() - 8) * t[..., 0].t().unsqueeze(-1)
-        return (w + t[..., 1].t().unsqueeze(-1)).flatten(-2).to(dtype)
+        u = unpack_layout(self.weight, rows, dtype)[rows.start - start : rows.stop - start]  # [n, K]
+        return apply_table(u, self.table[:, rows], 8)
+
+
+def apply_table(u: torch.Tensor, table: torch.Tensor, offset: int) -> torch.Tensor:
+    """u [n, K] (integers in a float dtype, written over) -> (u - offset) · scale + zero, the (scale, zero)
+    table [G, n, 2] applied per group of K, in u's dtype."""
+    n, k = u.shape
+    g = u.view(n, table.shape[0], k // table.shape[0])  # [n, G, group]
+    g.sub_(offset).mul_(table[..., 0].t().to(u.dtype).unsqueeze(-1))
+    if table[..., 1].any():  # asymmetric: the folded zero points
+        g.add_(table[..., 1].t().to(u.dtype).unsqueeze(-1))
+    return u

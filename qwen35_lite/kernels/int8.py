@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from .base import GEMM_ROWS, CompactLinear
-from .int4 import BLOCK_N, Int4Kernel, nibble_bytes
+from .int4 import BLOCK_N, Int4Kernel, apply_table, nibble_bytes, unpack_layout
 
 K_MULTIPLE = 32  # Int8Kernel's K
 
@@ -43,8 +43,9 @@ class Int8Kernel(CompactLinear):
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+        """q · scale in `dtype` (one rounding: q has 8 bits)."""
         rows = rows or slice(None)
-        return (self.q[rows].float() * self.scale[rows].float().unsqueeze(-1)).to(dtype)
+        return self.q[rows].to(dtype).mul_(self.scale[rows].to(dtype).unsqueeze(-1))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,6 +56,7 @@ class Int8Split(CompactLinear):
 
     high: Int4Kernel
     low: Int4Kernel
+    symmetric: bool = True
 
     @classmethod
     def build(
@@ -72,7 +74,7 @@ class Int8Split(CompactLinear):
         zp = torch.zeros_like(s) if zero is None else zero.float()
         high = Int4Kernel.build(shape, nibble_bytes(u >> 4), 16 * s, (8 - zp) * s, group, dtype)
         low = Int4Kernel.build(shape, nibble_bytes(u & 0xF), s, torch.zeros_like(s), group, dtype)
-        return cls(shape, high, low)
+        return cls(shape, high, low, zero is None)
 
     @property
     def encoding(self) -> str:
@@ -84,9 +86,23 @@ class Int8Split(CompactLinear):
         return self.high(x) + self.low(x)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-        return (self.high.dequantize(torch.float32, rows) + self.low.dequantize(torch.float32, rows)).to(
-            dtype
-        )
+        """The byte u = 16·h + l rebuilt from the two layouts (exact in bf16: at most 255), then
+        (u - 128) · s when symmetric (one rounding: compressed-tensors' q · s), else (u - 136) · s + (8 - zp) · s
+        (u - 136 = 16(h - 8) + (l - 8)), in `dtype`."""
+        n = self.shape[0]
+        rows = slice(0, n) if rows is None else slice(rows.start or 0, min(rows.stop, n))
+        if not self.high.direct:
+            return (self.high.dequantize(torch.float32, rows) + self.low.dequantize(torch.float32, rows)).to(
+                dtype
+            )
+        start = rows.start // BLOCK_N * BLOCK_N
+        cut = slice(rows.start - start, rows.stop - start)
+        u = unpack_layout(self.high.weight, rows, dtype)[cut].mul_(16)
+        u.add_(unpack_layout(self.low.weight, rows, dtype)[cut])
+        low = self.low.table[:, rows]  # (s, 0)
+        if self.symmetric:
+            return apply_table(u, low, 128)
+        return apply_table(u, torch.stack([low[..., 0], self.high.table[:, rows, 1]], dim=-1), 136)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
