@@ -2,7 +2,7 @@
 ARCHITECTURE.md, "A resident format"). Each encoding is one class with its reference (dequantise, then
 F.linear) beside it; `compact` picks one for a device and dtype, `linear` runs any weight."""
 
-from .base import CompactLinear, dequant_transient, linear
+from .base import CompactLinear, dequant_transient, dequantized_once, linear
 from .blocks import RowBlocks, fuse_rows
 from .choose import compact, compact_nbytes
 from .int4 import Int4Kernel
@@ -19,6 +19,7 @@ __all__ = [
     "compact",
     "compact_nbytes",
     "dequant_transient",
+    "dequantized_once",
     "fuse_rows",
     "linear",
 ]

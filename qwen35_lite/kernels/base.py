@@ -8,7 +8,10 @@ through its kernel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,25 @@ def rows_per_block(n: int, k: int, multiple: int = 1) -> int:
     return min(rows, -(-n // multiple) * multiple)
 
 
+_KEPT = threading.local()  # .weights: {id(weight): its dequantised matrix} inside dequantized_once
+
+
+@contextlib.contextmanager
+def dequantized_once() -> Iterator[None]:
+    """Inside it, a weight that a call dequantises is kept for the calls after it and dropped at the end:
+    a prefill block runs a layer's projections once per 512-token chunk, so a layer dequantises each
+    weight once a block instead of once a chunk (Qwen35Model.prefill wraps each layer in it). The kept
+    matrices are one layer's packed weights in the compute dtype (the plan's dequant_bytes)."""
+    outer = getattr(_KEPT, "weights", None)
+    if outer is None:
+        _KEPT.weights = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _KEPT.weights = None
+
+
 def dequant_transient(shape: tuple[int, ...]) -> int:
     """Bytes a call that dequantises an [N, K] weight holds at most beside its output (a block of rows)."""
     n, k = shape
@@ -65,15 +87,31 @@ class CompactLinear:
         return F.linear(x, self.dequantize(x.dtype))
 
     def dequantized_linear(self, x: torch.Tensor, multiple: int = 1) -> torch.Tensor:
-        """x @ Wᵀ through the dense kernels, W dequantised once for the call, a block of rows at a time
-        (the temporaries stay under DEQUANT_ELEMS weights)."""
+        """x @ Wᵀ through the dense kernels, W dequantised once for the call (or once inside
+        `dequantized_once`), a block of rows at a time (the temporaries stay under DEQUANT_ELEMS weights)."""
+        kept = getattr(_KEPT, "weights", None)
+        if kept is not None:
+            w = kept.get(id(self))
+            if w is None or w.dtype != x.dtype:
+                w = kept[id(self)] = self._dequantize_blocks(x.dtype, multiple)
+            return linear(x, w)
         n, k = self.shape
         step = rows_per_block(n, k, multiple)
         if step >= n:
             return linear(x, self.dequantize(x.dtype))
-        return torch.cat(
-            [linear(x, self.dequantize(x.dtype, slice(s, s + step))) for s in range(0, n, step)], -1
-        )
+        parts = [linear(x, self.dequantize(x.dtype, slice(s, s + step))) for s in range(0, n, step)]
+        return torch.cat(parts, -1)
+
+    def _dequantize_blocks(self, dtype: torch.dtype, multiple: int) -> torch.Tensor:
+        """The whole W [N, K] in `dtype`, dequantised a block of rows at a time into one matrix."""
+        n, k = self.shape
+        step = rows_per_block(n, k, multiple)
+        if step >= n:
+            return self.dequantize(dtype)
+        w = torch.empty(n, k, dtype=dtype, device=self.device)
+        for s in range(0, n, step):
+            w[s : s + step] = self.dequantize(dtype, slice(s, s + step))
+        return w
 
     # ---- the tensors it holds ----------------------------------------------------------------------
 

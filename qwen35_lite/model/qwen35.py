@@ -11,7 +11,7 @@ from itertools import groupby
 
 import torch
 
-from ..kernels import compact
+from ..kernels import compact, dequantized_once
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import TextConfig
 from .attention import Attention
@@ -99,12 +99,13 @@ class DecoderLayer:
         the block (each read at most once) instead of once per chunk; every matmul still sees one chunk's
         rows, so the result has the bits of the chunked forward."""
         mixed = torch.empty_like(h)
-        for s in range(0, h.shape[0], chunk):
-            e = min(h.shape[0], s + chunk)
-            mixed[s:e] = h[s:e] + self.mix(
-                rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
-            )
-        return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
+        with dequantized_once():  # a packed weight dequantised once for the block, not once a chunk
+            for s in range(0, h.shape[0], chunk):
+                e = min(h.shape[0], s + chunk)
+                mixed[s:e] = h[s:e] + self.mix(
+                    rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
+                )
+            return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
 
 
 def _by_layer(names: list[str]) -> Iterator[tuple[int | None, list[str]]]:

@@ -157,8 +157,7 @@ class MemoryPlan:
         plan.resident_stored = resident_stored(shapes, ckpt, raw_config, dtype, stored_dtype)
         nbytes = {n: resident_memory(s, plan.resident_stored[n], dev, dtype) for n, s in shapes.items()}
         plan._resident_memory = nbytes
-        packed = [shapes[n] for n, st in plan.resident_stored.items() if st.scheme is not None]
-        plan.dequant_bytes = max(map(dequant_transient, packed), default=0)
+        plan.dequant_bytes = plan._dequant_bytes(shapes, dtype)
         plan._place_weights(nbytes, shapes, ckpt)
         if images is None or images:
             plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
@@ -201,6 +200,18 @@ class MemoryPlan:
             plan._keep_states_from_what_is_left()
         plan._size_slots()
         return plan
+
+    def _dequant_bytes(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+        """A prefill block keeps one layer's packed weights dequantised in the compute dtype
+        (kernels.dequantized_once), made a block of rows at a time (kernels.dequant_transient)."""
+        packed = [n for n, st in self.resident_stored.items() if st.scheme is not None]
+        if not packed:
+            return 0
+        per_layer: dict[str, int] = {}
+        for n in packed:
+            layer = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
+            per_layer[layer] = per_layer.get(layer, 0) + math.prod(shapes[n]) * dtype.itemsize
+        return max(per_layer.values()) + max(dequant_transient(shapes[n]) for n in packed)
 
     def _shrink_prefill_block(self) -> None:
         """Halve the prefill block (down to PREFILL_CHUNK, what the mixers take at once) while the plan

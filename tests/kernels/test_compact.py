@@ -159,3 +159,26 @@ def test_on_cuda_a_packed_weight_runs_dequantised_per_call(scheme):
     assert isinstance(w, PackedWeight) and w.device.type == "cuda"
     x = torch.randn(3, 512).to(BF16)
     assert_near(linear(x.cuda(), w).cpu(), x.float() @ pw.dequantize(F32).T)
+
+
+def test_inside_dequantized_once_a_weight_is_dequantised_once_with_the_same_result(monkeypatch):
+    """A prefill block's chunks (Qwen35Model.prefill): the first call dequantises (a block of rows at a
+    time), the next ones reuse it; the results are those of each call dequantising for itself."""
+    from qwen35_lite.kernels import base, dequantized_once
+
+    pw, _ = random_packed(4, 256, 256, 32, True, scale_dtype=F32)
+    w = compact(pw, "cpu", BF16)
+    xs = [torch.randn(GEMM_ROWS + i, 256).to(BF16) for i in range(3)]
+    want = [linear(x, w) for x in xs] + [linear(x.float(), pw) for x in xs]
+    calls = []
+    monkeypatch.setattr(base, "DEQUANT_ELEMS", 64 * 256)  # blocks of 64 rows
+    for enc in (w, pw):
+        original = type(enc).dequantize
+        monkeypatch.setattr(
+            type(enc), "dequantize", lambda self, *a, f=original: calls.append(1) or f(self, *a)
+        )
+    with dequantized_once():
+        got = [linear(x, w) for x in xs] + [linear(x.float(), pw) for x in xs]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(calls) == 2 * 4  # each weight once, as 4 blocks of 64 rows
+    assert base._KEPT.weights is None  # dropped at the end

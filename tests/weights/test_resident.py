@@ -184,6 +184,8 @@ def test_a_bf16_run_on_the_kernels_decodes_like_the_dequantised_weights(all_line
     err = (logits["ours"] - logits["fp32"]).abs().max()
     bf16_err = (logits["bf16"] - logits["fp32"]).abs().max()
     assert err <= 2 * bf16_err  # the kernels round as bf16 does (here 0.98 against 0.78 on w4 g32 asym)
+    # a layer-by-layer prefill (each packed weight dequantised once a block) has the forward's bits
+    assert torch.equal(ours.prefill(ours.make_cache(), ids), ours.forward(ours.make_cache(), ids))
 
 
 def test_info_on_the_397b_config_with_an_all_linear_w4a16_config():
