@@ -3,14 +3,21 @@ one matrix (one matmul a step instead of several), constants the layers would re
 precomputed.
 
 It runs on the host tensors, before they move to the device or into a spilled layer's packed buffer
-(spill.py), so the layers never build a tensor out of their weights. The plan counts bytes by the
-checkpoint's names; a fused matrix holds exactly its parts' bytes, and the fp32 factors (norms, decay
-rate, dt_bias) take a few KiB a layer more than their sources.
+(spill.py), so the layers never build a tensor out of their weights. A Linear stored pack-quantized
+arrives as a kernels.PackedWeight: parts of one scheme fuse by concatenating their packed rows, parts held
+differently (the community recipe keeps DeltaNet's in_proj_b/a and the shared-expert gate bf16) fuse into
+runs called one after the other (kernels.fuse_rows). The plan counts bytes by the checkpoint's names; a
+fused matrix holds exactly its parts' bytes, and the fp32 factors (norms, decay rate, dt_bias) take a few
+KiB a layer more than their sources.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..kernels import CompactLinear, PackedWeight, fuse_rows
+
+Weight = torch.Tensor | CompactLinear
 
 # (fused name, its parts in row order), relative to "layers.{i}.": each part's rows, one after the other.
 # k before q in attention, and q_proj regrouped first (queries, then gates: `_ungroup_q_gate`), so the
@@ -48,7 +55,7 @@ def norm_scale(w: torch.Tensor) -> torch.Tensor:
     return (1.0 + w.float()).repeat(2)
 
 
-def prepare_layer(prefix: str, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def prepare_layer(prefix: str, w: dict[str, Weight]) -> dict[str, Weight]:
     """One layer's tensors (full names under `prefix`, as read) -> the tensors its code uses."""
     w = dict(w)
     for name in ("input_layernorm", "post_attention_layernorm"):
@@ -59,7 +66,7 @@ def prepare_layer(prefix: str, w: dict[str, torch.Tensor]) -> dict[str, torch.Te
         _prepare_attention(prefix + "self_attn.", w)
     for fused, parts in FUSED:
         if all(prefix + p in w for p in parts):
-            w[prefix + fused] = torch.cat([w.pop(prefix + p) for p in parts])
+            w[prefix + fused] = fuse_rows([w.pop(prefix + p) for p in parts])
     return w
 
 
@@ -78,7 +85,7 @@ def _prepare_deltanet(p: str, w: dict[str, torch.Tensor]) -> None:
     w[p + "conv1d_f32"] = conv.float().reshape(conv.shape[0], conv.shape[-1], 1)  # decode: [C, K, 1] fp32
 
 
-def _prepare_attention(p: str, w: dict[str, torch.Tensor]) -> None:
+def _prepare_attention(p: str, w: dict[str, Weight]) -> None:
     q_norm, k_norm = w.pop(p + "q_norm.weight"), w.pop(p + "k_norm.weight")
     hd = q_norm.shape[0]
     w[p + "q_proj.weight"] = _ungroup_q_gate(w[p + "q_proj.weight"], hd)
@@ -89,8 +96,11 @@ def _prepare_attention(p: str, w: dict[str, torch.Tensor]) -> None:
     )
 
 
-def _ungroup_q_gate(q_proj: torch.Tensor, hd: int) -> torch.Tensor:
+def _ungroup_q_gate(q_proj: Weight, hd: int) -> Weight:
     """q_proj's rows interleave per head [query_h (hd) | gate_h (hd)]: regroup them as all queries, then
-    all gates."""
+    all gates (a packed q_proj: its packed rows, scales and zero points, in the same order)."""
     heads = q_proj.shape[0] // (2 * hd)
+    if isinstance(q_proj, PackedWeight):
+        order = torch.arange(q_proj.shape[0]).view(heads, 2, hd).transpose(0, 1).reshape(-1)
+        return q_proj.select_rows(order)
     return q_proj.view(heads, 2, hd, -1).transpose(0, 1).reshape(2 * heads * hd, -1)

@@ -11,6 +11,7 @@ from itertools import groupby
 
 import torch
 
+from ..kernels import compact, dequantized_once
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import TextConfig
 from .attention import Attention
@@ -98,12 +99,13 @@ class DecoderLayer:
         the block (each read at most once) instead of once per chunk; every matmul still sees one chunk's
         rows, so the result has the bits of the chunked forward."""
         mixed = torch.empty_like(h)
-        for s in range(0, h.shape[0], chunk):
-            e = min(h.shape[0], s + chunk)
-            mixed[s:e] = h[s:e] + self.mix(
-                rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
-            )
-        return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
+        with dequantized_once():  # a packed weight dequantised once for the block, not once a chunk
+            for s in range(0, h.shape[0], chunk):
+                e = min(h.shape[0], s + chunk)
+                mixed[s:e] = h[s:e] + self.mix(
+                    rms_norm_1p(h[s:e], self.input_norm, self.eps), cache, cos[s:e], sin[s:e]
+                )
+            return mixed + self.mlp.prefill(rms_norm_1p(mixed, self.post_norm, self.eps), chunk)
 
 
 def _by_layer(names: list[str]) -> Iterator[tuple[int | None, list[str]]]:
@@ -161,20 +163,22 @@ class Qwen35Model:
         cpu_layers: Collection[int] = (),
     ) -> Qwen35Model:
         """cpu_layers: layers whose weights stay in host memory and are copied in as they run (the plan
-        puts there what the GPU budget cannot hold)."""
+        puts there what the GPU budget cannot hold). A Linear stored pack-quantized is held compact: read as
+        stored, fused with its like, and built into the encoding its kernel runs on `device` in `dtype`."""
         names = resident_names(cfg)
         total = sum(ckpt.stored_nbytes(n) for n in names)
         weights, host, done = {}, {}, 0
         for layer, group in _by_layer(names):
             read = {}
             for name in group:
-                read[name] = ckpt.read(name, dtype)
+                read[name] = ckpt.read(name, dtype, packed=True)  # a packed Linear stays packed
                 done += ckpt.stored_nbytes(name)
                 if on_progress:
                     on_progress(done, total)
             # fused and precomputed on the host, before the device or a spilled layer's packing
             read = prepare_layer(f"layers.{layer}.", read) if layer is not None else prepare_top(read)
             for name, t in read.items():
+                t = compact(t, device, dtype)  # a packed Linear in its kernel's encoding (kernels/choose.py)
                 if layer in cpu_layers and not stays_resident(name):
                     host.setdefault(layer, {})[name] = t
                 else:

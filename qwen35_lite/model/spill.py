@@ -4,7 +4,8 @@ When the always-used path does not fit the GPU (the plan's `cpu_layers`), those 
 one packed (pinned) host buffer per layer. Their tensors on the device are views into one of two device
 buffers; just before a spilled layer runs, its packed bytes are copied into its buffer, so the layer code
 is the same as for a resident one. The copy of the next spilled layer starts on a side stream while this
-one computes. The routers stay resident: the lookahead prefetch reads the next layer's router while the
+one computes. A compact Linear (kernels/) is packed as its tensors and rebuilt over their views. The
+routers stay resident: the lookahead prefetch reads the next layer's router while the
 current layer computes, when the next layer's buffer may still hold another layer.
 """
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import CompactLinear
+
+Weight = torch.Tensor | CompactLinear
 ALIGN = 256  # bytes: every view starts on an aligned address, as the kernels expect of a fresh tensor
 
 
@@ -24,9 +28,32 @@ def stays_resident(name: str) -> bool:
     return name.endswith("mlp.gate.weight")
 
 
+def _flat(weights: dict[str, Weight]) -> dict[str, torch.Tensor]:
+    """Every tensor of a layer's weights, a compact Linear's under `name|part`."""
+    out = {}
+    for name, w in weights.items():
+        items = {"": w}.items() if isinstance(w, torch.Tensor) else w.tensors().items()
+        out.update({f"{name}|{part}" if part else name: t for part, t in items})
+    return out
+
+
+def _unflat(weights: dict[str, Weight], views: dict[str, torch.Tensor]) -> dict[str, Weight]:
+    """The layer's weights over `views` (what _flat listed): compact Linears rebuilt on them."""
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, torch.Tensor):
+            out[name] = views[name]
+        else:
+            parts = {k.split("|", 1)[1]: v for k, v in views.items() if k.split("|", 1)[0] == name}
+            out[name] = w.with_tensors(parts)
+    return out
+
+
 class SpilledLayers:
-    def __init__(self, layers: dict[int, dict[str, torch.Tensor]], device: torch.device) -> None:
-        """layers: layer index -> {name: host tensor}. Afterwards `views[i]` holds layer i's device views."""
+    def __init__(self, weights: dict[int, dict[str, Weight]], device: torch.device) -> None:
+        """weights: layer index -> {name: host tensor or compact Linear}. Afterwards `views[i]` holds layer
+        i's weights on the device (views into its buffer; a compact Linear over views of its tensors)."""
+        layers = {i: _flat(w) for i, w in weights.items()}
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.order = sorted(layers)
@@ -50,10 +77,11 @@ class SpilledLayers:
         self.views: dict[int, dict[str, torch.Tensor]] = {}
         for i in self.order:
             buf = self.buffers[self.buffer_of[i]]
-            self.views[i] = {
+            views = {
                 name: buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
                 for name, off, t in layouts[i]
             }
+            self.views[i] = _unflat(weights[i], views)
         self._next = {a: b for a, b in zip(self.order, self.order[1:])}
         # the one copy started ahead (layer, its event): a forward cut short leaves a stale one behind,
         # which the next forward's first spilled layer replaces

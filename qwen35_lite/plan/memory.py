@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BudgetError
 from ..experts.formats import ALIGN, ExpertFormat, choose
+from ..kernels import dequant_transient
 from ..model.qwen35 import PREFILL_BLOCK, PREFILL_CHUNK
 from ..model.spill import stays_resident
 from ..model.vision.tower import tower_dtype
@@ -41,12 +42,14 @@ from .sizes import (
     TOKENIZER_PARSE,
     TOKENIZER_REUSED,
     GiB,
+    Stored,
     activation_bytes,
     ceil_gib,
+    compact_transient,
     deltanet_state_bytes,
-    dequantise_transient,
     fmt_gib,
     kv_bytes_per_token,
+    resident_memory,
     resident_stored,
     tensor_shapes,
     vision_tower_nbytes,
@@ -98,8 +101,9 @@ class MemoryPlan:
     gpu_slots: int = 0
     cpu_slots_asked: int | None = None
     gpu_slots_asked: int | None = None
-    # every resident tensor: (format as stored, bytes on disk, pack-quantized), sizes.resident_stored
-    resident_stored: dict[str, tuple[str, int, bool]] = field(default_factory=dict, repr=False)
+    dequant_bytes: int = 0  # a call dequantising a packed resident Linear (kernels.dequant_transient)
+    # every resident tensor as stored (format, bytes on disk, scheme): sizes.resident_stored
+    resident_stored: dict[str, Stored] = field(default_factory=dict, repr=False)
     _resident_memory: dict[str, int] = field(default_factory=dict, repr=False)
     _layer_bytes: list[int] = field(default_factory=list, repr=False)
 
@@ -149,11 +153,11 @@ class MemoryPlan:
         shapes = tensor_shapes(cfg)
         if ckpt is not None:
             ckpt.check_resident(shapes)  # the weights must be what config.json describes
-        b = dtype.itemsize
-        # in memory every resident tensor is in the compute dtype: packed Linears dequantised at load
-        nbytes = {n: math.prod(s) * b for n, s in shapes.items()}
+        # in memory a resident tensor is in the compute dtype, a packed Linear in its kernel's encoding
         plan.resident_stored = resident_stored(shapes, ckpt, raw_config, dtype, stored_dtype)
+        nbytes = {n: resident_memory(s, plan.resident_stored[n], dev, dtype) for n, s in shapes.items()}
         plan._resident_memory = nbytes
+        plan.dequant_bytes = plan._dequant_bytes(shapes, dtype)
         plan._place_weights(nbytes, shapes, ckpt)
         if images is None or images:
             plan.vision_bytes = vision_tower_nbytes(vision, tower_dtype(dev, dtype), ckpt)
@@ -197,6 +201,18 @@ class MemoryPlan:
         plan._size_slots()
         return plan
 
+    def _dequant_bytes(self, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+        """A prefill block keeps one layer's packed weights dequantised in the compute dtype
+        (kernels.dequantized_once), made a block of rows at a time (kernels.dequant_transient)."""
+        packed = [n for n, st in self.resident_stored.items() if st.scheme is not None]
+        if not packed:
+            return 0
+        per_layer: dict[str, int] = {}
+        for n in packed:
+            layer = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
+            per_layer[layer] = per_layer.get(layer, 0) + math.prod(shapes[n]) * dtype.itemsize
+        return max(per_layer.values()) + max(dequant_transient(shapes[n]) for n in packed)
+
     def _shrink_prefill_block(self) -> None:
         """Halve the prefill block (down to PREFILL_CHUNK, what the mixers take at once) while the plan
         with one expert slot per layer is over the compute device's budget: a smaller block reads each
@@ -239,11 +255,11 @@ class MemoryPlan:
         else:
             self.weights_gpu, self.weights_cpu = 0, rest + embed
         # Loading reads each tensor into a fresh CPU buffer; converting or moving it makes a second copy,
-        # dequantising a packed Linear its intermediates (sizes.dequantise_transient).
+        # building a packed Linear's kernel encoding its intermediates (sizes.compact_transient).
         held = {}
-        for n, (_fmt, disk, packed) in self.resident_stored.items():
-            if packed:
-                held[n] = disk + dequantise_transient(shapes[n], self.dtype)
+        for n, (_fmt, disk, scheme, _) in self.resident_stored.items():
+            if scheme is not None:
+                held[n] = disk + compact_transient(shapes[n])
             elif self.device == "cuda" or (ckpt is not None and ckpt.info(n).dtype != self.dtype):
                 held[n] = disk
         if held:
@@ -348,7 +364,7 @@ class MemoryPlan:
             self._activations(min(block, ctx), ctx),
             self._activations(1, ctx) + self.decode_gather,
         )
-        return kv, act
+        return kv, act + self.dequant_bytes
 
     @property
     def context_fit(self) -> int:
@@ -498,9 +514,9 @@ class MemoryPlan:
     @property
     def resident_by_format(self) -> dict[str, dict[str, int]]:
         """Resident tensors grouped by how the checkpoint stores them: count, bytes on disk, bytes the load
-        holds (compute dtype: packed Linears are dequantised at load)."""
+        holds (the compute dtype; a packed Linear in its kernel's encoding, kernels.compact)."""
         out: dict[str, dict[str, int]] = {}
-        for n, (fmt, disk, _packed) in self.resident_stored.items():
+        for n, (fmt, disk, _scheme, _) in self.resident_stored.items():
             row = out.setdefault(fmt, {"tensors": 0, "disk_bytes": 0, "memory_bytes": 0})
             row["tensors"] += 1
             row["disk_bytes"] += disk

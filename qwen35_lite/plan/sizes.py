@@ -8,15 +8,17 @@ weights on disk. `plan.MemoryPlan` adds them up against the budgets.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+from ..kernels import compact_nbytes
 from ..model.qwen35 import PREFILL_CHUNK, resident_names
 from ..model.vision.tower import vision_tensor_shapes
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import TextConfig, VisionConfig
 from ..weights.packed import QuantScheme, describe, quantization_config
-from ..weights.resident import covered_scheme
+from ..weights.resident import PackedLinear, covered_scheme
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 KV_STEP = 256  # cache.KV_GROW_STEP: the KV cache grows in steps of this many positions
@@ -186,18 +188,28 @@ def ceil_gib(n: float) -> str:
     return f"{math.ceil(n / GiB * 10) / 10:.1f}"
 
 
+class Stored(NamedTuple):
+    """A resident tensor as the checkpoint stores it: its format (`bfloat16`, `int4 g32 symmetric`), its
+    bytes on disk, and for a pack-quantized Linear its scheme and the dtype of its scales."""
+
+    format: str
+    disk: int
+    scheme: QuantScheme | None = None
+    scale_dtype: torch.dtype | None = None
+
+
 def resident_stored(
     shapes: dict[str, tuple[int, ...]],
     ckpt: Checkpoint | None,
     raw_config: dict | None,
     dtype: torch.dtype,
     stored_dtype: torch.dtype | None = None,
-) -> dict[str, tuple[str, int, bool]]:
-    """(format, bytes on disk, packed) of every resident tensor: as the checkpoint stores it, or, from the config
-    alone, pack-quantized where a compressed-tensors config group selects the Linear (scales in bf16, as
+) -> dict[str, Stored]:
+    """Every resident tensor as stored: as the checkpoint stores it, or, from the config alone,
+    pack-quantized where a compressed-tensors config group selects the Linear (scales in bf16, as
     compressed-tensors writes them from bf16 weights) and `stored_dtype` (else `dtype`) elsewhere."""
     if ckpt is not None:
-        return {n: (ckpt.resident_format(n), ckpt.stored_nbytes(n), ckpt.is_packed(n)) for n in shapes}
+        return {n: _from_checkpoint(ckpt, n) for n in shapes}
     qc = quantization_config(raw_config or {})
     stored_as = stored_dtype or dtype
     prefix = "model.language_model." if (raw_config or {}).get("text_config") else "model."
@@ -209,10 +221,29 @@ def resident_stored(
             stored = module if module == "lm_head" else prefix + module
             scheme = covered_scheme(qc, stored, module)
         if scheme is None:
-            out[name] = (str(stored_as).removeprefix("torch."), math.prod(shape) * stored_as.itemsize, False)
+            out[name] = Stored(str(stored_as).removeprefix("torch."), math.prod(shape) * stored_as.itemsize)
         else:
-            out[name] = (describe(scheme), packed_nbytes(shape, scheme, torch.bfloat16), True)
+            bf16 = torch.bfloat16
+            out[name] = Stored(describe(scheme), packed_nbytes(shape, scheme, bf16), scheme, bf16)
     return out
+
+
+def _from_checkpoint(ckpt: Checkpoint, name: str) -> Stored:
+    r = ckpt.resident(name)
+    if isinstance(r, PackedLinear):
+        return Stored(r.format, r.nbytes, r.scheme, r.parts["weight_scale"].dtype)
+    return Stored(str(r.dtype).removeprefix("torch."), r.nbytes)
+
+
+def resident_memory(
+    shape: tuple[int, ...], stored: Stored, device: torch.device | str, dtype: torch.dtype
+) -> int:
+    """Bytes a resident tensor takes once loaded: a pack-quantized Linear in the encoding its kernel runs
+    in on `device` (kernels.compact_nbytes), anything else in the compute dtype."""
+    if stored.scheme is None:
+        return math.prod(shape) * dtype.itemsize
+    sc = stored.scheme
+    return compact_nbytes(sc.bits, sc.group_size, sc.symmetric, shape, device, dtype, stored.scale_dtype)
 
 
 def packed_nbytes(shape: tuple[int, ...], scheme: QuantScheme, scale_dtype: torch.dtype) -> int:
@@ -223,7 +254,7 @@ def packed_nbytes(shape: tuple[int, ...], scheme: QuantScheme, scale_dtype: torc
     return n + (0 if scheme.symmetric else -(-out_f * scheme.bits // 32) * groups * 4)
 
 
-def dequantise_transient(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """What dequantising one packed Linear holds beside its packed bytes: the int8 values, two matrices in
-    the scale's dtype (at most fp32) and the result in the compute dtype (packed.dequantize's steps)."""
-    return math.prod(shape) * (1 + 2 * 4 + dtype.itemsize)
+def compact_transient(shape: tuple[int, ...]) -> int:
+    """What building one packed Linear's kernel encoding holds beside its packed bytes (kernels.compact:
+    the nibbles or bytes regrouped, padded and laid out), at most ~4 bytes a weight."""
+    return math.prod(shape) * 4

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from ..errors import CheckpointError
+from ..kernels import PackedWeight
 from .fp8 import FP8_DTYPES, dequantize_fp8
 from .packed import quantization_config
 from .resident import PackedLinear, covered_scheme, other_format, resolve_packed
@@ -338,12 +339,17 @@ class Checkpoint:
     def nbytes(self, prefix: str = "") -> int:
         return sum(i.nbytes for n, i in self.tensors.items() if n.startswith(prefix))
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor into a fresh CPU tensor (a copy, so the shard can be unmapped)."""
+    def read(
+        self, name: str, dtype: torch.dtype | None = None, packed: bool = False
+    ) -> torch.Tensor | PackedWeight:
+        """Read one tensor into a fresh CPU tensor (a copy, so the shard can be unmapped); a Linear stored
+        pack-quantized dequantised to `dtype`, or with `packed` as stored (a kernels.PackedWeight)."""
         info = self.resident(name)
         if isinstance(info, PackedLinear):
             out_f, words = info.parts["weight_packed"].shape
             in_f = self._packed_in_features(info, words)
+            if packed:
+                return info.load(read_range, (out_f, in_f))
             return info.read(read_range, (out_f, in_f), dtype)
         t = read_range(info)
         if info.dtype in FP8_DTYPES:

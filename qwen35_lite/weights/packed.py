@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..kernels.packing import INT4_OFFSET, INT8_OFFSET, unpack_int4, unpack_int8
 
 Unpack = Callable[
     [torch.Tensor, int], torch.Tensor
@@ -184,10 +185,7 @@ def dequantize(
     return w.flatten(start_dim=-2).to(dtype)
 
 
-# ---- packing (4 and 8 bits) ---------------------------------------------------------------------------
-
-INT4_OFFSET = 8  # stored nibble = q + 8
-INT8_OFFSET = 128  # stored byte = q + 128
+# ---- packing (4 and 8 bits; unpacking is kernels/packing.py's, which the compact layers share) ----------
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -201,14 +199,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return byte.reshape(-1).view(torch.int32).view(q.shape[0], -1)  # [rows, padded/8]
 
 
-def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int32 [..., rows, words] -> int8 q [..., rows, in_features] in [-8, 7] (leading dims: a stack)."""
-    lead = packed.shape[:-1]
-    byte = packed.contiguous().view(torch.uint8)  # [..., rows, 4*words]
-    nibbles = torch.stack((byte & 0xF, byte >> 4), dim=-1).view(*lead, -1)  # [..., rows, 8*words]
-    return nibbles[..., :in_features].to(torch.int8) - INT4_OFFSET
-
-
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
     """int8 q [rows, cols] in [-128, 127] -> int32 [rows, ceil(cols/4)], element i of each 4 in byte i."""
     u = (q.to(torch.int32) + INT8_OFFSET).to(torch.uint8)  # [rows, cols]
@@ -216,12 +206,6 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     if pad:  # compressed-tensors pads with 0 and keeps ceil(cols*8/32) words
         u = F.pad(u, (0, pad))
     return u.reshape(-1).view(torch.int32).view(q.shape[0], -1)  # [rows, padded/4]
-
-
-def unpack_int8(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [..., rows, words] -> int8 q [..., rows, n] in [-128, 127] (leading dims: a stack)."""
-    u = packed.contiguous().view(torch.uint8)[..., :n]  # [..., rows, n]: q + 128
-    return (u ^ 0x80).view(torch.int8)  # flipping the top bit subtracts 128 in two's complement
 
 
 UNPACK: dict[int, Unpack] = {4: unpack_int4, 8: unpack_int8}  # the widths read, by num_bits

@@ -1,7 +1,9 @@
 """Resident tensors as a checkpoint stores them: dense (a float `.weight`, FP8 included), or a Linear layer
 that compressed-tensors `pack-quantized` quantised (W4A16 / W8A16: weight_packed, weight_scale, and
-weight_zero_point when asymmetric), which the load dequantises to the compute dtype exactly as
-compressed-tensors' `decompress` does (packed.dequantize), before the layers fuse their projections.
+weight_zero_point when asymmetric). The model loads those as they are stored (`PackedLinear.load`: a
+kernels.PackedWeight, which the layers fuse and kernels.compact turns into its kernel's encoding), never
+dequantised in memory; `read` dequantises one exactly as compressed-tensors' `decompress` does
+(packed.dequantize), for whoever wants the dense matrix.
 
 A layer is read as quantised where the checkpoint holds its `weight_packed`, with the scheme of the
 `config_groups` entry whose targets select it (class `Linear` or `re:` patterns, minus `ignore`), as
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import PackedWeight
 from .packed import UNPACK, QuantScheme, covers, dequantize, describe, group_scheme
 
 if TYPE_CHECKING:
@@ -71,6 +74,12 @@ class PackedLinear:
         zp = None if self.scheme.symmetric else read(self.parts["weight_zero_point"])
         unpack = UNPACK[self.scheme.bits]
         return dequantize(unpack, self.scheme.bits, packed, scale, zp, dtype or scale.dtype, shape)
+
+    def load(self, read: Callable[[TensorInfo], torch.Tensor], shape: tuple[int, int]) -> PackedWeight:
+        """The Linear as stored (packed words, scales in their dtype, zero points), for the model to hold."""
+        packed, scale = read(self.parts["weight_packed"]), read(self.parts["weight_scale"])
+        zp = None if self.scheme.symmetric else read(self.parts["weight_zero_point"])
+        return PackedWeight.from_stored(self.scheme.bits, packed, scale, zp, shape)
 
 
 def resolve_packed(

@@ -67,3 +67,29 @@ def test_spilled_layers_on_cuda_give_the_resident_logits(path):
     want = _logits(_load(path, cuda))
     got = _logits(_load(path, cuda, cpu_layers=(2, 3, 4, 5, 6, 7)))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.fixture(scope="module")
+def packed_path(path, tmp_path_factory):
+    """The same checkpoint with every Linear the community recipe quantises in int4 g32 (compressed-tensors)."""
+    from ct_reference import make_ct_checkpoint
+
+    return make_ct_checkpoint(path, tmp_path_factory.mktemp("spill_ct") / "ck", 32, False, all_linear=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_spilled_packed_layers_give_the_resident_bits(packed_path, dtype):
+    """Compact Linears (kernels/) packed into a spilled layer's buffer as their tensors and rebuilt over
+    the views: the bits of the resident layers, in the CPU int4 kernel's encoding (bf16) and the exact one."""
+
+    def load(**kw) -> Qwen35Model:
+        cfg, ckpt = load_config(packed_path), Checkpoint(packed_path)
+        provider = UncachedExperts(ExpertStore(ckpt, cfg.text, raw_config=cfg.raw), CPU, dtype)
+        return Qwen35Model.load(ckpt, cfg.text, provider, CPU, dtype, **kw)
+
+    resident = load()
+    assert not isinstance(resident.layers[0].mixer.w["in_proj_qkvzba"], torch.Tensor)  # held compact
+    want = _logits(resident, 2)
+    got = _logits(load(cpu_layers=(1, 2, 3)), 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -262,3 +262,41 @@ def test_a_budget_past_any_machine_is_no_overflow(cfg397):
         plan = MemoryPlan.build(cfg397, device="cpu", dtype=torch.bfloat16, cpu_mem=gib, context=4096)
         plan.check()
         assert plan.cpu_slots == cfg397.num_experts
+
+
+def w4a16_all_linear() -> dict:
+    """The community recipe's quantization_config: W4A16 g128 on every Linear but the router, the
+    shared-expert gate, DeltaNet's in_proj_a/b, lm_head, the vision tower and MTP (ct_reference)."""
+    from ct_reference import RECIPE_IGNORE
+
+    from qwen35_lite.convert.quantize import quantization_config
+    from qwen35_lite.weights.packed import QuantScheme
+
+    qc = quantization_config(QuantScheme(bits=4, group_size=128, symmetric=True))
+    qc["config_groups"]["group_0"]["targets"] = ["Linear"]
+    qc["ignore"] = RECIPE_IGNORE
+    return qc
+
+
+def test_397b_w4a16_resident_layers_leave_the_gpu_room_for_30_int4_experts_a_layer(tmp_path):
+    """Issue 18's criterion: the plan `info` makes (plan_load on config.json alone) for the 397B with every
+    Linear W4A16 (lm_head bf16), a 24 GB GPU and 110 GiB of RAM: the resident layers held packed take at
+    most 8 GiB of the GPU (16.4 GiB in bf16) and the GPU keeps 30 int4 expert slots a layer or more."""
+    from qwen35_lite.plan.load import plan_load
+    from qwen35_lite.plan.options import EngineOptions
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({**CONFIG_397B, "quantization_config": w4a16_all_linear()})
+    )
+    opts = EngineOptions(device="cuda", gpu_mem=24, cpu_mem=110, offline=True)
+    plan = plan_load(str(tmp_path), opts, config_only=True).plan
+    plan.check()
+    assert plan.expert_format == "int4 g128 symmetric"
+    assert plan.weights_gpu <= 8 * GiB
+    assert plan.gpu_slots >= 30
+    packed = plan.resident_by_format["int4 g128 symmetric"]
+    assert packed["memory_bytes"] <= packed["disk_bytes"]  # held as stored on a GPU
+    # the bf16 head (1.9 GiB) is the only large dense resident on the GPU; the table shows both formats
+    assert plan.resident_by_format["bfloat16"]["memory_bytes"] < 4.2 * GiB
+    text = dict(plan_rows(plan))["resident weights by format"]
+    assert "int4 g128 symmetric" in text and "in memory" in text and "bfloat16" in text
