@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ...weights.packed import pack_int4, unpack_int4
 from . import compressed
+from ..stacks import StackedKernel
 from .base import Expert
 from .compressed import PackedFormat, QuantScheme
 
@@ -171,15 +172,21 @@ class Int4Format(PackedFormat):
     def bind(self, slot: torch.Tensor) -> Expert:
         if not self.kernel:
             return super().bind(slot)
-        gu_w, down_w, gu_sz, down_sz = (p.view(slot) for p in self.slot)
-        g_gu, g_down = self.D // gu_sz.shape[0], self.I // down_sz.shape[0]
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        parts = [p.view(slot) for p in self.slot]
+        return lambda x: kernel_ffn(x, *parts)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            g, u = mm(x.contiguous(), gu_w, g_gu, gu_sz).chunk(2, dim=-1)  # [T, I] each
-            return mm((F.silu(g) * u).contiguous(), down_w, g_down, down_sz)
+    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
+        return StackedKernel(parts, kernel_ffn)
 
-        return run
+
+def kernel_ffn(
+    x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_sz: torch.Tensor, down_sz: torch.Tensor
+) -> torch.Tensor:
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel."""
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    # group size = input width / groups; a weight [N, K/2] holds two inputs a byte
+    g, u = mm(x.contiguous(), gu_w, 2 * gu_w.shape[1] // gu_sz.shape[0], gu_sz).chunk(2, dim=-1)
+    return mm(F.silu(g) * u, down_w, 2 * down_w.shape[1] // down_sz.shape[0], down_sz)  # [T, I] -> [T, D]
 
 
 __all__ = ["Int4Format", "QuantScheme", "dequantize_int4", "quantize_int4"]
