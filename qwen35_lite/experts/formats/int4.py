@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int4, unpack_int4
-from . import compressed
 from ..stacks import StackedKernel
+from . import compressed
 from .base import Expert
 from .compressed import PackedFormat, QuantScheme
 

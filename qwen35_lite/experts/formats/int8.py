@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int8, unpack_int8
-from . import compressed
 from ..stacks import StackedKernel
+from . import compressed
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
