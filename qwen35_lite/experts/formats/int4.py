@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ...weights.packed import pack_int4, unpack_int4
 from ..stacks import StackedKernel
 from . import compressed
-from .base import Expert
+from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
 BITS = 4
@@ -179,14 +179,47 @@ class Int4Format(PackedFormat):
         return StackedKernel(parts, kernel_ffn)
 
 
+# From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
+# a bf16 matmul (oneDNN, AMX where there is one): the int4 kernel's time grows with the rows, the matmul's
+# barely (bench/bench_kernels.py).
+DEQUANTISE_ROWS = 32
+
+
 def kernel_ffn(
     x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_sz: torch.Tensor, down_sz: torch.Tensor
 ) -> torch.Tensor:
-    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel."""
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel, or for
+    many rows two bf16 matmuls over the weights dequantised once (`kernel_dense`)."""
+    if x.shape[0] >= DEQUANTISE_ROWS and dense_layout_known(gu_w) and dense_layout_known(down_w):
+        return ffn(x, kernel_dense(gu_w, gu_sz), kernel_dense(down_w, down_sz))
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     # group size = input width / groups; a weight [N, K/2] holds two inputs a byte
     g, u = mm(x.contiguous(), gu_w, 2 * gu_w.shape[1] // gu_sz.shape[0], gu_sz).chunk(2, dim=-1)
     return mm(F.silu(g) * u, down_w, 2 * down_w.shape[1] // down_sz.shape[0], down_sz)  # [T, I] -> [T, D]
+
+
+def dense_layout_known(w: torch.Tensor) -> bool:
+    """The kernel bytes are `_direct_layout`'s (what `from_kernel_layout` inverts)."""
+    return w.shape[0] % BLOCK_N == 0 and layout_matches_torch()
+
+
+def from_kernel_layout(w: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the CPU kernel's layout -> the stored nibbles u = q + 8, uint8 [N, K]
+    (`_direct_layout` inverted)."""
+    n, half = w.shape
+    b = w.view(n // BLOCK_N, half, 2, BLOCK_N // 2)  # [NB, K/2, column parity p, row j]
+    u = torch.stack([b & 0xF, b >> 4], dim=1)  # [NB, h, K/2, p, j]: rows 32h + j of the block
+    return u.permute(0, 1, 4, 2, 3).reshape(n, 2 * half)  # [NB, h, j, K/2, p] -> [N, K]
+
+
+def kernel_dense(w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """A kernel slot's matrix dequantised: W = (u - 8) * scale + zero per group, [N, K] in sz's dtype."""
+    u = from_kernel_layout(w)
+    n, k = u.shape
+    groups = sz.shape[0]
+    scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [N, G, 1]
+    q = u.view(n, groups, k // groups).to(sz.dtype) - OFFSET
+    return q.mul_(scale).add_(zero).view(n, k)  # q is fresh: in place
 
 
 __all__ = ["Int4Format", "QuantScheme", "dequantize_int4", "quantize_int4"]
