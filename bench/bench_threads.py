@@ -79,9 +79,8 @@ def main() -> None:
 
 def report(res: dict, loads: dict, args) -> str:
     sys.path.insert(0, str(ROOT / "bench"))
-    from offload_runs import machine
-
     import torch
+    from offload_runs import machine
 
     med = {k: statistics.median(v) for k, v in res.items()}
     lines = [
