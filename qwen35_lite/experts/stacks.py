@@ -25,6 +25,9 @@ from .layout import stack_parts
 __all__ = ["StackedDequantised", "StackedExperts", "StackedKernel", "stack_parts"]
 
 GROUPED_MM = hasattr(torch, "_grouped_mm")
+GROUP_COST_BYTES = (
+    64 << 10
+)  # a gather copying this much costs about what the grouped matmul spends on a group
 
 
 def grouped_ffn(
@@ -60,9 +63,17 @@ class StackedExperts:
     def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [1, D], slots [A] (long, on x's device, distinct) -> the A experts' outputs [A, D], in `slots`
         order."""
-        if GROUPED_MM and x.device.type == "cpu" and self._gate_up.dtype == x.dtype:
+        if self._grouped_pays(slots.shape[0]) and x.device.type == "cpu" and self._gate_up.dtype == x.dtype:
             return grouped_ffn(x, self._gate_up, self._down, slots)
         return self.gathered(x, slots)
+
+    def _grouped_pays(self, A: int) -> bool:
+        """torch's CPU grouped matmul visits every group (a few µs each, routed or not): it pays where
+        the A experts' weights that a gather would copy outweigh GROUP_COST_BYTES per slot (the 397B's
+        25 MiB bf16 experts, not the e512 bench's 384 KiB ones, measured in bench/bench_kernels.py)."""
+        S = self._gate_up.shape[0]
+        expert = (self._gate_up[0].numel() + self._down[0].numel()) * self._gate_up.element_size()
+        return GROUPED_MM and A * expert >= S * GROUP_COST_BYTES
 
     def gathered(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """`__call__` by a gather of the A experts' weights and one batched matmul per projection: the

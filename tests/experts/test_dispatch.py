@@ -156,7 +156,7 @@ def _dense_stack(dtype, E, D, I, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("E,A,D,I", [(16, 4, 64, 32), (512, 10, 256, 64)])
-def test_grouped_stack_equals_gathered_and_one_by_one(dtype, E, A, D, I):
+def test_grouped_stack_equals_gathered_and_one_by_one(dtype, E, A, D, I, always_grouped):
     """The CPU's grouped matmul over the whole stack (no weight copied) against the gathered batched
     matmul beside it and the bound experts one by one; `rows` (slots on the host) the same."""
     from qwen35_lite.experts.stacks import GROUPED_MM
@@ -173,10 +173,18 @@ def test_grouped_stack_equals_gathered_and_one_by_one(dtype, E, A, D, I):
         torch.testing.assert_close(got, one_by_one, **tol)
         torch.testing.assert_close(stack.gathered(x, slots), one_by_one, **tol)
         assert torch.equal(stack.rows(x, slots.tolist()), got)
-    assert GROUPED_MM  # torch >= 2.9: the path above was the grouped one
+    assert GROUPED_MM
 
 
-def test_grouped_stack_copies_no_weights():
+@pytest.fixture
+def always_grouped(monkeypatch):
+    """The grouped path whatever the sizes (it runs only where a gather would copy more otherwise)."""
+    from qwen35_lite.experts import stacks
+
+    monkeypatch.setattr(stacks, "GROUP_COST_BYTES", 0)
+
+
+def test_grouped_stack_copies_no_weights(always_grouped):
     """What the grouped decode step allocates is a few rows, not the experts' weights (the gathered
     path allocates the A experts' gate_up)."""
     from torch.profiler import profile
@@ -239,3 +247,14 @@ def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric
         assert torch.equal(
             dispatch_stacked(x, weights, slots, stack), dispatch_decode(x, weights, slots[None], experts)
         )
+
+
+def test_grouped_path_only_where_the_gather_would_copy_more():
+    from qwen35_lite.experts import stacks
+
+    def stack(S, I, D):  # shapes only: expanded views hold no memory
+        gate_up, down = torch.zeros(1, 2 * I, D).expand(S, -1, -1), torch.zeros(1, D, I).expand(S, -1, -1)
+        return stacks.StackedExperts(gate_up, down)
+
+    small, big = stack(512, 64, 1024), stack(16, 1024, 4096)  # e512-like, 397B-like (fewer slots)
+    assert not small._grouped_pays(10) and big._grouped_pays(10) == stacks.GROUPED_MM
