@@ -70,6 +70,10 @@ def int4_stack(n: int):
 def cases(n_slots: int) -> dict:
     """name -> (callable, weight bytes it reads)."""
     from qwen35_lite.experts.dispatch import dispatch_decode
+    from qwen35_lite.experts.formats import Fp8BlockFormat
+    from qwen35_lite.experts.formats.int4 import kernel_ffn
+    from qwen35_lite.experts.slots import SlotTier
+    from qwen35_lite.experts.stacks import StackedKernel, stack_parts
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, D, generator=g).bfloat16()
@@ -81,6 +85,13 @@ def cases(n_slots: int) -> dict:
     t4, f4 = int4_stack(n_slots)
     s4, e4 = t4.stacks[0], dict(enumerate(t4.experts[0]))
     int4_bytes = A * f4.slot_nbytes
+    stride = t4.buffers[0].numel() // n_slots
+    k4 = StackedKernel(stack_parts(f4.slot, t4.buffers[0], n_slots, stride), kernel_ffn)
+    ffmt = Fp8BlockFormat.build(D, I, torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn)
+    t8 = SlotTier(
+        "ram", ffmt, 1, n_slots, lambda: None, lambda k: torch.randint(0, 120, (k,), dtype=torch.uint8)
+    )
+    f8 = t8.stacks[0]
     w = torch.randn(16384, 4096, generator=g).bfloat16()  # 128 MiB
     w8 = torch.randn(4096, 4096, generator=g).to(torch.float8_e4m3fn)
     from qwen35_lite.weights.fp8 import e4m3_to_float
@@ -95,9 +106,14 @@ def cases(n_slots: int) -> dict:
             lambda: dispatch_decode(x, weights, ids, experts),
             bf16_bytes,
         ),
-        "int4 top-10, slots on the host (views)": (lambda: s4.rows(x, host), int4_bytes),
-        "int4 top-10, slots on the device (one copy each, no host read)": (lambda: s4(x, slots), int4_bytes),
+        "int4 top-10, C kernel (int4_cpu.py, now)": (lambda: s4(x, slots), int4_bytes),
+        "int4 top-10, torch's kernel, slots on the host (views)": (lambda: k4.rows(x, host), int4_bytes),
+        "int4 top-10, torch's kernel, slots on the device (one copy each)": (
+            lambda: k4(x, slots),
+            int4_bytes,
+        ),
         "int4 top-10, one by one (before)": (lambda: dispatch_decode(x, weights, ids, e4), int4_bytes),
+        "fp8 top-10, C kernel (fp8_cpu.py, now)": (lambda: f8(x, slots), A * 3 * D * I),
         "fp8 -> bf16, torch .to()": (lambda: w8.to(torch.bfloat16), w8.nbytes),
         "fp8 -> fp32, bit-level (weights/fp8.py)": (lambda: e4m3_to_float(w8), w8.nbytes),
     }

@@ -220,15 +220,16 @@ def _kernel_tier(fmt, E: int, seed: int):
 
 
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 128, False), (8, None, True)])
-def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric):
+def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric, monkeypatch):
     """int4/int8 slots run by torch's CPU kernels, stacked: slots on the device (each slot copied out,
     no host read) and on the host (views) give the bits of each bound expert run alone, and the decode
     dispatch over them equals the one-by-one reference."""
-    from qwen35_lite.experts.formats import QuantScheme
+    from qwen35_lite.experts.formats import QuantScheme, int4_cpu
     from qwen35_lite.experts.formats.registry import PACKED
     from qwen35_lite.experts.stacks import StackedKernel
     from qwen35_lite.weights.packed import CompressedQuantization
 
+    monkeypatch.setattr(int4_cpu, "library", lambda: None)  # torch's kernel (the C one: the test below)
     quant = CompressedQuantization(QuantScheme(bits=bits, group_size=group, symmetric=symmetric), ())
     fmt = PACKED[bits].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
     assert fmt.uses_cpu_kernel
@@ -258,3 +259,29 @@ def test_grouped_path_only_where_the_gather_would_copy_more():
 
     small, big = stack(512, 64, 1024), stack(16, 1024, 4096)  # e512-like, 397B-like (fewer slots)
     assert not small._grouped_pays(10) and big._grouped_pays(10) == stacks.GROUPED_MM
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (128, False), (64, True)])
+def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric):
+    """The C decode kernel (experts/formats/int4_cpu.py: a step's experts in one call, slots read where
+    they are) against torch's int4 kernel on each bound expert: both sum in fp32, in other orders."""
+    from qwen35_lite.experts.formats import QuantScheme, int4_cpu
+    from qwen35_lite.experts.formats.registry import PACKED
+    from qwen35_lite.weights.packed import CompressedQuantization
+
+    if int4_cpu.library() is None:
+        pytest.skip("no C compiler: torch's kernel only")
+    quant = CompressedQuantization(QuantScheme(bits=4, group_size=group, symmetric=symmetric), ())
+    fmt = PACKED[4].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
+    E, A = 12, 5
+    tier, g = _kernel_tier(fmt, E, seed=group + symmetric)
+    stack = tier.stacks[0]
+    assert isinstance(stack, int4_cpu.StackedInt4Cpu)
+    for _ in range(3):
+        x = torch.randn(1, 256, generator=g).bfloat16()
+        slots = torch.randperm(E, generator=g)[:A]
+        want = torch.cat([tier.experts[0][s](x) for s in slots.tolist()]).float()
+        got = stack(x, slots)
+        tol = 2e-2 * float(want.abs().max())
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=tol)
+        assert torch.equal(stack.rows(x, slots.tolist()), got)

@@ -79,7 +79,7 @@ def test_cpu_slots_hold_fp8_bytes_with_the_kernel_and_bf16_without(monkeypatch):
     # fp32 compute keeps the exact path: dequantised into the cache
     assert not Fp8BlockFormat.build(4096, 1024, CPU, torch.float32, torch.float8_e4m3fn).direct
     # no compiler (or a failed build): the path before, bf16 slots
-    monkeypatch.setattr(fp8_cpu, "_library", lambda: None)
+    monkeypatch.setattr(fp8_cpu, "library", lambda: None)
     fallback = Fp8BlockFormat.build(4096, 1024, CPU, torch.bfloat16, torch.float8_e4m3fn)
     assert not fallback.direct and fallback.slot_nbytes == bf16.slot_nbytes
     assert not fp8_cpu.available(4096, 1024) and not fp8_cpu.fits(200, 128)

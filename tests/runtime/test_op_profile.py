@@ -68,9 +68,12 @@ def test_int4_kernel_decode_reads_one_value_a_token_when_every_expert_is_residen
     src = write_checkpoint(tmp_path / "ck", spec)
     q4 = quantize_checkpoint(src, tmp_path / "q4", QuantScheme(group_size=32)).out
     model = load_ours(q4, torch.bfloat16, _preloaded)
-    assert type(model.layers[0].mlp.provider.ram.stacks[0]).__name__ == "StackedKernel"
+    from qwen35_lite.experts.formats import int4_cpu
+
+    c_kernel = int4_cpu.library() is not None  # the C decode kernel: one call a layer, no aten op
+    stack = model.layers[0].mlp.provider.ram.stacks[0]
+    assert type(stack).__name__ == ("StackedInt4Cpu" if c_kernel else "StackedKernel")
     prof = profile_decode(model, list(range(100, 120)), tokens=3)
     assert prof["host_reads_per_token"] == 1
-    assert (
-        prof["top_ops"]["aten::_weight_int4pack_mm_for_cpu"] == 2 * 2 * 2
-    )  # layers x top-k x (gate_up, down)
+    int4_mm = prof["top_ops"].get("aten::_weight_int4pack_mm_for_cpu", 0)
+    assert int4_mm == (0 if c_kernel else 2 * 2 * 2)  # layers x top-k x (gate_up, down)

@@ -10,28 +10,19 @@ into an fp32 dot product with x, and each 128-column block's partial sum scaled 
 A decode step's A experts run in one call (one OpenMP region: gate_up rows, SwiGLU, down rows), the slot
 numbers read by the kernel from the device-side tensor: no host read, no copy of any weight.
 
-No compiler, a failed build, or shapes that are not whole 128-blocks: `available()` is False and the
-format keeps dequantising on entry (the path before). Build: `cc -O3 -march=native -fopenmp`; the
-library is cached under $XDG_CACHE_HOME/qwen35-lite (keyed by the source and the compiler's target).
+No compiler, a failed build (cbuild.py), or shapes that are not whole 128-blocks: `available()` is False
+and the format keeps dequantising on entry (the path before).
 
 Legend: A = experts run, D = hidden, I = expert FFN width, B = 128 (block).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from ...weights.fp8 import FP8_BLOCK, dequantize_block
+from .cbuild import build
 
 SOURCE = r"""
 #include <stdint.h>
@@ -112,42 +103,12 @@ void fp8_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int 
 """
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "qwen35-lite" / "kernels"
+ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "p", "p", "p")
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None without a compiler or when the build fails."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or os.environ.get("QWEN35_LITE_NO_KERNELS"):
-        return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    try:
-        target = subprocess.run([cc, *flags[:2], "-dumpmachine"], capture_output=True, text=True, timeout=30)
-        key = hashlib.sha256((SOURCE + cc + target.stdout + " ".join(flags)).encode()).hexdigest()[:16]
-        lib = _cache_dir() / f"fp8_experts_{key}.so"
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src, out = Path(tmp) / "fp8.c", Path(tmp) / "fp8.so"
-                src.write_text(SOURCE)
-                subprocess.run(
-                    [cc, *flags, str(src), "-o", str(out), "-lm"],
-                    check=True,
-                    capture_output=True,
-                    timeout=120,
-                )
-                os.replace(out, lib)  # atomic: another process may be building the same file
-        dll = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    fn = dll.fp8_experts
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    fn.argtypes += [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
-    return dll
+def library():
+    """The compiled kernel (cbuild.py), None without a compiler or when the build fails."""
+    return build("fp8_experts", SOURCE, "fp8_experts", ARGS)
 
 
 def fits(hidden: int, inter: int) -> bool:
@@ -157,7 +118,7 @@ def fits(hidden: int, inter: int) -> bool:
 
 def available(hidden: int, inter: int) -> bool:
     """The kernel runs these experts here: whole blocks and a library built."""
-    return fits(hidden, inter) and _library() is not None
+    return fits(hidden, inter) and library() is not None
 
 
 class StackedFp8Cpu:
@@ -174,7 +135,7 @@ class StackedFp8Cpu:
         xf = x.reshape(-1).float().contiguous()
         h = torch.empty(A, 2 * self.I)
         y = torch.empty(A, self.D)
-        _library().fp8_experts(
+        library()(
             self.buffer.data_ptr(), self.stride, slots.data_ptr(), A, self.D, self.I, *self.offsets,
             xf.data_ptr(), h.data_ptr(), y.data_ptr(),
         )  # fmt: skip

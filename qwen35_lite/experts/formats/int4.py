@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int4, unpack_int4
-from ..stacks import StackedKernel
-from . import compressed
+from ..stacks import StackedExperts, StackedKernel
+from . import compressed, int4_cpu
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
@@ -177,6 +177,17 @@ class Int4Format(PackedFormat):
 
     def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
         return StackedKernel(parts, kernel_ffn)
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        """Decode through the C kernel (int4_cpu.py) where it builds and the slots are in the layout it
+        reads; torch's kernel one expert at a time (StackedKernel) otherwise."""
+        D, I = self.D, self.I
+        known = self.kernel and (2 * I) % BLOCK_N == 0 and D % BLOCK_N == 0 and layout_matches_torch()
+        if known and buffer.device.type == "cpu" and int4_cpu.library() is not None:
+            offsets = tuple(p.offset for p in self.slot)  # gate_up, down weights; their tables
+            groups = (D // self.groups(D), I // self.groups(I))
+            return int4_cpu.StackedInt4Cpu(buffer, stride, D, I, offsets, groups)
+        return super().stack(buffer, n_slots, stride)
 
 
 # From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
