@@ -72,17 +72,16 @@ def main() -> None:
         " starts, other work shares the machine). The e128 checkpoint (hidden 1024, 128 experts top-8, FFN 256,"
         " 8 layers) in bf16 and with FP8 experts; decode tok/s, medians of alternated rounds.",
         "",
-        "| --cpu-mem | format | expert format | RAM slots / layer | decode tok/s | FP8 / bf16 | rounds |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| --cpu-mem | experts | RAM slots / layer | decode tok/s | FP8 / bf16 | rounds |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for mem in args.cpu_mem:
         base = statistics.median(o["decode_tok_s"] for o in res[("bf16", mem)])
         for name in paths:
             runs = res[(name, mem)]
             tok = statistics.median(o["decode_tok_s"] for o in runs)
-            fmt = runs[0].get("expert_format", name)
             lines.append(
-                f"| {mem} GiB | {name} | {fmt} | {runs[0]['plan']['cpu_slots']} | {tok:.1f} | {tok / base:.2f} |"
+                f"| {mem} GiB | {name} | {runs[0]['plan']['cpu_slots']} | {tok:.1f} | {tok / base:.2f} |"
                 f" {', '.join(str(o['decode_tok_s']) for o in runs)} |"
             )
     text = "\n".join(lines) + "\n"

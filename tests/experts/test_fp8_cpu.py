@@ -99,3 +99,16 @@ def test_info_on_the_397b_fp8_config_counts_fp8_slots(tmp_path):
         plans[name] = ok_json("info", "-m", d, *budgets)
     assert "CPU FP8 kernel" in plans["fp8"]["expert_format"]
     assert plans["fp8"]["cpu_slots"] / plans["bf16"]["cpu_slots"] >= 1.8
+
+
+def test_a_kernel_that_cannot_be_built_is_none(monkeypatch, tmp_path):
+    """No compiler, or a source that does not compile: None, and the callers take their torch path."""
+    from qwen35_lite.experts.formats.cbuild import build
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert build("broken", "this is not C;", "f", ("p",)) is None
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert build("fine", "void f(void* p) {}", "f", ("p",)) is None
+    monkeypatch.setenv("QWEN35_LITE_NO_KERNELS", "1")
+    monkeypatch.delenv("CC")
+    assert build("off", "void f(void* p) {}", "f", ("p",)) is None

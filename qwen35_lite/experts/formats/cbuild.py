@@ -3,7 +3,7 @@ build at `pip install`, and None (the caller's torch path) without a compiler or
 
 `cc -O3 -march=native -fopenmp`: OpenMP resolves to the libgomp torch has loaded already (same soname),
 so the kernels share torch's threads and its `set_num_threads`. Libraries are cached under
-$XDG_CACHE_HOME/qwen35-lite/kernels, keyed by the source, the compiler and its target; QWEN35_LITE_NO_KERNELS=1
+$XDG_CACHE_HOME/qwen35-lite/kernels, keyed by the source, the compiler, its target and the CPU's flags; QWEN35_LITE_NO_KERNELS=1
 turns them all off.
 """
 
@@ -28,6 +28,16 @@ def _cache_dir() -> Path:
     return Path(root) / "qwen35-lite" / "kernels"
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux): -march=native code built on one CPU must not load on another (a
+    cache shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 @functools.cache
 def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callable | None:
     """The C function `symbol` of `source` (argument kinds: "p" pointer, "i" int, "i64" int64), built
@@ -39,7 +49,8 @@ def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callabl
         target = subprocess.run(
             [cc, "-march=native", "-dumpmachine"], capture_output=True, text=True, timeout=30
         )
-        key = hashlib.sha256("\0".join([source, cc, target.stdout, *FLAGS]).encode()).hexdigest()[:16]
+        parts = [source, cc, target.stdout, _cpu_flags(), *FLAGS]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         lib = _cache_dir() / f"{name}_{key}.so"
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
