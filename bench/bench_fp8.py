@@ -67,7 +67,7 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        f"`python bench/bench_fp8.py --rounds {args.rounds}` ({machine()}, torch {torch.__version__},"
+        f"`python bench/bench_fp8.py --rounds {args.rounds}` ({machine()},"
         f" {torch.get_num_threads()} threads, bf16 compute; load average {statistics.median(loads):.1f} at the"
         " starts, other work shares the machine). The e128 checkpoint (hidden 1024, 128 experts top-8, FFN 256,"
         " 8 layers) in bf16 and with FP8 experts; decode tok/s, medians of alternated rounds.",

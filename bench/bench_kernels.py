@@ -144,7 +144,7 @@ def main() -> None:
         SECTION,
         "",
         f"`python bench/bench_kernels.py --rounds {args.rounds} --threads {args.threads}` ({machine()}, native bf16"
-        f" {'yes' if cpu_has_native_bf16() else 'no'}, torch {torch.__version__}, {args.threads} threads; load"
+        f" {'yes' if cpu_has_native_bf16() else 'no'}, {args.threads} threads; load"
         f" average {statistics.median(load):.1f} at the rounds' starts, on a machine other work shares). Expert"
         f" shape of the 397B (hidden {D}, FFN {I}), {A} experts of {args.slots} slots; GB/s of weight bytes"
         " (int4: its slot bytes), medians of alternated rounds.",

@@ -79,7 +79,6 @@ def main() -> None:
 
 def report(res: dict, loads: dict, args) -> str:
     sys.path.insert(0, str(ROOT / "bench"))
-    import torch
     from offload_runs import machine
 
     med = {k: statistics.median(v) for k, v in res.items()}
@@ -87,7 +86,7 @@ def report(res: dict, loads: dict, args) -> str:
         SECTION,
         "",
         f"`python bench/bench_threads.py --model {args.model.name} --rounds {args.rounds} --tokens {args.tokens}`"
-        f" ({machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, GNU OpenMP). Decode tok/s, medians of"
+        f" ({machine()}, GNU OpenMP). Decode tok/s, medians of"
         f' {args.rounds} alternated rounds; "busy": {args.busy} Python busy loop(s) beside the run. Load'
         f" average seen at the starts (other work shares this machine): quiet {statistics.median(loads['quiet']):.1f},"
         f" busy {statistics.median(loads['busy']):.1f}.",
