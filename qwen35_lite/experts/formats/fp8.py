@@ -70,7 +70,13 @@ class Fp8BlockFormat(ExpertFormat):
     Either way W = w.float() * scale_inv per block, then the compute dtype (dequantize_block)."""
 
     def __init__(
-        self, hidden: int, inter: int, dtype: torch.dtype, stored: torch.dtype, dequantise_on_use: bool
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        stored: torch.dtype,
+        dequantise_on_use: bool,
+        cpu: bool = True,
     ) -> None:
         super().__init__(hidden, inter, dtype)
         D, I, b = hidden, inter, FP8_BLOCK
@@ -86,7 +92,8 @@ class Fp8BlockFormat(ExpertFormat):
         self.name = f"fp8 block-{b}" + (
             "" if dequantise_on_use else f" (dequantised into the cache: {dtype_name(dtype)})"
         )
-        self.cpu_kernel = dequantise_on_use and _cpu_kernel(dtype, stored, D, I)
+        # cpu: computing on the CPU (a CUDA run's RAM slots keep the GPU's FP8 path and its scratch sizes)
+        self.cpu_kernel = cpu and dequantise_on_use and _cpu_kernel(dtype, stored, D, I)
         if self.cpu_kernel:
             self.name += " (CPU FP8 kernel)"
 
@@ -96,7 +103,9 @@ class Fp8BlockFormat(ExpertFormat):
     ) -> Fp8BlockFormat:
         """Dequantised on use on a GPU; on the CPU kept FP8 and run by the FP8 kernel (fp8_cpu.py) for
         bf16/fp16 compute where it builds, else dequantised into the cache (fp32 compute: the exact path)."""
-        return cls(hidden, inter, dtype, stored, _on_use(torch.device(device), dtype, stored, hidden, inter))
+        cpu = torch.device(device).type == "cpu"
+        on_use = not cpu or _cpu_kernel(dtype, stored, hidden, inter)
+        return cls(hidden, inter, dtype, stored, on_use, cpu=cpu)
 
     def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> Fp8BlockFormat:
         return Fp8BlockFormat.build(self.D, self.I, torch.device(device), dtype, self.stored)
@@ -143,10 +152,6 @@ def _cpu_kernel(dtype: torch.dtype, stored: torch.dtype, hidden: int, inter: int
     exact dequantise-into-the-cache path), whole 128-blocks, and the kernel built."""
     half = dtype in (torch.bfloat16, torch.float16)
     return half and stored == torch.float8_e4m3fn and fp8_cpu.available(hidden, inter)
-
-
-def _on_use(device: torch.device, dtype, stored, hidden: int, inter: int) -> bool:
-    return device.type != "cpu" or _cpu_kernel(dtype, stored, hidden, inter)
 
 
 class StackedFp8(StackedDequantised):
