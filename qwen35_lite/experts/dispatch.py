@@ -77,8 +77,7 @@ def stacked_rows(out, x, picked: list[int], slot: dict[int, int], stack: Stacked
     """out[a] = expert picked[a](x) for the picked experts in `slot`, as one stacked call."""
     rows = [a for a, e in enumerate(picked) if e in slot]
     if rows:
-        slots = torch.tensor([slot[picked[a]] for a in rows], device=x.device)
-        out[rows] = stack(x, slots)
+        out[rows] = stack.rows(x, [slot[picked[a]] for a in rows])
 
 
 def dispatch_decode(x, weights, ids, experts: Mapping[int, Expert]) -> torch.Tensor:

@@ -144,8 +144,7 @@ class Lookup(Mapping):
             raise ValueError("a lookup that is not static needs the routing read back (picked)")
         if self.misses:
             return self._run_split(x, weights, picked)
-        slots = torch.tensor([self.slot[e] for e in picked], device=x.device)
-        return dispatch_stacked(x, weights, slots, self.stack)
+        return weighted_sum(self.stack.rows(x, [self.slot[e] for e in picked]), weights)
 
     def _run_split(self, x: torch.Tensor, weights: torch.Tensor, picked: list[int]) -> torch.Tensor:
         """The hits' rows are queued first; `place_misses` then reads and copies the misses (overlapping
@@ -161,6 +160,6 @@ class Lookup(Mapping):
         stacked_rows(out, x, picked, placed.slot, self.stack)
         if placed.cpu_slot:
             rows = [a for a, e in enumerate(picked) if e in placed.cpu_slot]
-            ram_slots = torch.tensor([placed.cpu_slot[picked[a]] for a in rows])
-            out[rows] = placed.cpu_stack(x_host, ram_slots).to(x.device)
+            ram_slots = [placed.cpu_slot[picked[a]] for a in rows]
+            out[rows] = placed.cpu_stack.rows(x_host, ram_slots).to(x.device)
         return weighted_sum(out, weights)

@@ -69,8 +69,8 @@ def measure_rates(
     x = torch.randn(1, provider.store.cfg.hidden_size).to(provider.dtype)
     stack = ram.stacks[layer]
     if stack is not None:
-        slots = torch.tensor([s])
-        cpu_s = _best(lambda: stack(x, slots), repeats)
+        slots = [s]
+        cpu_s = _best(lambda: stack.rows(x, slots), repeats)
     else:
         expert = ram.experts[layer][s]
         cpu_s = _best(lambda: expert(x), repeats)

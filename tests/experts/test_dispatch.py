@@ -142,3 +142,146 @@ def test_stacked_int4_slots_equal_the_int4_experts_one_by_one(symmetric, group):
         return torch.rand(part.shape, generator=g) / 16 + 1e-3
 
     _check_stacked_raw_slots(fmt, fill, seed=3 + symmetric)
+
+
+def _dense_stack(dtype, E, D, I, seed=0):
+    fmt = DenseFormat(D, I, dtype, dtype, fused=True)
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(seed)
+    for s in range(E):
+        gate_up, down = torch.randn(2 * I, D, generator=g), torch.randn(D, I, generator=g) / 4
+        fmt.prepare([gate_up.to(dtype), down.to(dtype)], tier.pools[0].slots[s])
+    return tier, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("E,A,D,I", [(16, 4, 64, 32), (512, 10, 256, 64)])
+def test_grouped_stack_equals_gathered_and_one_by_one(dtype, E, A, D, I, always_grouped):
+    """The CPU's grouped matmul over the whole stack (no weight copied) against the gathered batched
+    matmul beside it and the bound experts one by one; `rows` (slots on the host) the same."""
+    from qwen35_lite.experts.stacks import GROUPED_MM
+
+    tier, g = _dense_stack(dtype, E, D, I, seed=E)
+    stack = tier.stacks[0]
+    eps = 1e-5 if dtype == torch.float32 else 1e-2
+    for _ in range(5):
+        x = torch.randn(1, D, generator=g).to(dtype)
+        slots = torch.randperm(E, generator=g)[:A]
+        one_by_one = torch.cat([tier.experts[0][s](x) for s in slots.tolist()])
+        got = stack(x, slots)
+        tol = {"atol": eps * float(one_by_one.abs().max()), "rtol": eps}
+        torch.testing.assert_close(got, one_by_one, **tol)
+        torch.testing.assert_close(stack.gathered(x, slots), one_by_one, **tol)
+        assert torch.equal(stack.rows(x, slots.tolist()), got)
+    assert GROUPED_MM
+
+
+@pytest.fixture
+def always_grouped(monkeypatch):
+    """The grouped path whatever the sizes (it runs only where a gather would copy more otherwise)."""
+    from qwen35_lite.experts import stacks
+
+    monkeypatch.setattr(stacks, "GROUP_COST_BYTES", 0)
+
+
+def test_grouped_stack_copies_no_weights(always_grouped):
+    """What the grouped decode step allocates is a few rows, not the experts' weights (the gathered
+    path allocates the A experts' gate_up)."""
+    from torch.profiler import profile
+
+    E, A, D, I = 32, 8, 256, 128
+    tier, g = _dense_stack(torch.bfloat16, E, D, I)
+    stack, x = tier.stacks[0], torch.randn(1, D, generator=g).bfloat16()
+    slots = torch.randperm(E, generator=g)[:A]
+    one_expert = 3 * I * D * 2
+
+    def allocated(fn) -> int:
+        with profile(profile_memory=True) as prof:
+            fn()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    assert allocated(lambda: stack(x, slots)) < one_expert // 8
+    assert allocated(lambda: stack.gathered(x, slots)) >= A * 2 * I * D * 2
+
+
+def _kernel_tier(fmt, E: int, seed: int):
+    """A RAM tier of E kernel slots, each prepared from random raw bytes as a cache fill would."""
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
+    for s in range(E):
+        for part, view in zip(fmt.raw, fmt.raw_views(raw)):
+            if part.dtype == torch.int32:
+                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
+            else:
+                view.copy_(torch.rand(part.shape, generator=g) / 64 + 1e-3)
+        fmt.prepare(fmt.raw_views(raw), tier.pools[0].slots[s])
+    return tier, g
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 128, False), (8, None, True)])
+def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric, monkeypatch):
+    """int4/int8 slots run by torch's CPU kernels, stacked: slots on the device (each slot copied out,
+    no host read) and on the host (views) give the bits of each bound expert run alone, and the decode
+    dispatch over them equals the one-by-one reference."""
+    from qwen35_lite.experts.formats import QuantScheme, int4_cpu
+    from qwen35_lite.experts.formats.registry import PACKED
+    from qwen35_lite.experts.stacks import StackedKernel
+    from qwen35_lite.weights.packed import CompressedQuantization
+
+    monkeypatch.setattr(int4_cpu, "library", lambda: None)  # torch's kernel (the C one: the test below)
+    quant = CompressedQuantization(QuantScheme(bits=bits, group_size=group, symmetric=symmetric), ())
+    fmt = PACKED[bits].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
+    assert fmt.uses_cpu_kernel
+    E, A = 12, 4
+    tier, g = _kernel_tier(fmt, E, seed=bits + (group or 0))
+    stack = tier.stacks[0]
+    assert isinstance(stack, StackedKernel)
+    experts = {s: tier.experts[0][s] for s in range(E)}
+    for _ in range(3):
+        x = torch.randn(1, 256, generator=g).bfloat16()
+        slots = torch.randperm(E, generator=g)[:A]
+        want = torch.cat([experts[s](x) for s in slots.tolist()])
+        assert torch.equal(stack(x, slots), want)
+        assert torch.equal(stack.rows(x, slots.tolist()), want)
+        weights = torch.softmax(torch.randn(1, A, generator=g), -1).bfloat16()
+        assert torch.equal(
+            dispatch_stacked(x, weights, slots, stack), dispatch_decode(x, weights, slots[None], experts)
+        )
+
+
+def test_grouped_path_only_where_the_gather_would_copy_more():
+    from qwen35_lite.experts import stacks
+
+    def stack(S, I, D):  # shapes only: expanded views hold no memory
+        gate_up, down = torch.zeros(1, 2 * I, D).expand(S, -1, -1), torch.zeros(1, D, I).expand(S, -1, -1)
+        return stacks.StackedExperts(gate_up, down)
+
+    small, big = stack(512, 64, 1024), stack(16, 1024, 4096)  # e512-like, 397B-like (fewer slots)
+    assert not small._grouped_pays(10) and big._grouped_pays(10) == stacks.GROUPED_MM
+
+
+@pytest.mark.parametrize("group,symmetric", [(32, True), (128, False), (64, True)])
+def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric):
+    """The C decode kernel (experts/formats/int4_cpu.py: a step's experts in one call, slots read where
+    they are) against torch's int4 kernel on each bound expert: both sum in fp32, in other orders."""
+    from qwen35_lite.experts.formats import QuantScheme, int4_cpu
+    from qwen35_lite.experts.formats.registry import PACKED
+    from qwen35_lite.weights.packed import CompressedQuantization
+
+    if int4_cpu.library() is None:
+        pytest.skip("no C compiler: torch's kernel only")
+    quant = CompressedQuantization(QuantScheme(bits=4, group_size=group, symmetric=symmetric), ())
+    fmt = PACKED[4].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
+    E, A = 12, 5
+    tier, g = _kernel_tier(fmt, E, seed=group + symmetric)
+    stack = tier.stacks[0]
+    assert isinstance(stack, int4_cpu.StackedInt4Cpu)
+    for _ in range(3):
+        x = torch.randn(1, 256, generator=g).bfloat16()
+        slots = torch.randperm(E, generator=g)[:A]
+        want = torch.cat([tier.experts[0][s](x) for s in slots.tolist()]).float()
+        got = stack(x, slots)
+        tol = 2e-2 * float(want.abs().max())
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=tol)
+        assert torch.equal(stack.rows(x, slots.tolist()), got)

@@ -211,3 +211,39 @@ def test_mse_clip_never_loses_to_min_max_and_wins_somewhere(symmetric):
     rtn, mse = group_errors(False), group_errors(True)
     assert (mse <= rtn).all()
     assert mse.sum() < 0.95 * rtn.sum()
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 64), (128, 256)])
+def test_kernel_layout_unpacks_back_to_the_stored_nibbles(rows, cols):
+    from qwen35_lite.experts.formats import int4 as fmt4
+    from qwen35_lite.weights.packed import unpack_int4
+
+    g = torch.Generator().manual_seed(rows)
+    packed = torch.randint(-(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=g)
+    want = (unpack_int4(packed, cols).int() + fmt4.OFFSET).to(torch.uint8)
+    assert torch.equal(fmt4.from_kernel_layout(fmt4.to_kernel_layout(packed)), want)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_many_rows_run_dequantised_once_as_the_kernel_computes(symmetric):
+    """A prefill block's rows (>= DEQUANTISE_ROWS) go through the weights dequantised once and a bf16
+    matmul: the kernel's numbers up to bf16 rounding of the weights, the same expert either way."""
+    from qwen35_lite.experts.formats import int4 as fmt4
+
+    g = torch.Generator().manual_seed(5)
+    D, I, group = 256, 128, 32
+    ws = [torch.randn(o, i, generator=g).bfloat16() / 8 for o, i in ((2 * I, D), (D, I))]
+    parts = []
+    for w in ws:
+        packed, scale, zp = fmt4.quantize_int4(w, group, symmetric)
+        zp_q = None if zp is None else fmt4.unpack_zero_point(zp, w.shape[0])
+        parts.append((fmt4.to_kernel_layout(packed), fmt4.scales_zeros(scale, zp_q, torch.bfloat16)))
+        dense = fmt4.dequantize_int4(packed, scale, zp, group, torch.float32, tuple(w.shape))
+        torch.testing.assert_close(fmt4.kernel_dense(*parts[-1]).float(), dense, rtol=1e-2, atol=1e-3)
+    (gu_w, gu_sz), (d_w, d_sz) = parts
+    x = torch.randn(fmt4.DEQUANTISE_ROWS, D, generator=g).bfloat16()
+    many = fmt4.kernel_ffn(x, gu_w, d_w, gu_sz, d_sz)  # dequantised once
+    one_by_one = torch.cat([fmt4.kernel_ffn(x[t : t + 1], gu_w, d_w, gu_sz, d_sz) for t in range(len(x))])
+    torch.testing.assert_close(
+        many.float(), one_by_one.float(), rtol=2e-2, atol=2e-2 * float(one_by_one.abs().max())
+    )

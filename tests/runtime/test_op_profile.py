@@ -52,3 +52,28 @@ def test_bench_profile_counts_ops_and_host_reads_per_token(tmp_path):
         app, ["bench", "-m", str(ckpt), "--prompt-tokens", "16", "--new-tokens", "2", "--profile"]
     )
     assert "kernel-launching ops" in table.stdout
+
+
+@pytest.mark.slow
+def test_int4_kernel_decode_reads_one_value_a_token_when_every_expert_is_resident(tmp_path):
+    """int4 experts run by torch's CPU kernel (bf16): with every expert resident, a decode step picks
+    their slots on the device, as the dense stack does: the sampled id is the one host read a token, and
+    the experts cost a handful of ops each, not a Python loop over the routing."""
+    from conftest import load_ours
+
+    from qwen35_lite.convert.quantize import quantize_checkpoint
+    from qwen35_lite.experts.formats import QuantScheme
+
+    spec = SyntheticSpec(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64)
+    src = write_checkpoint(tmp_path / "ck", spec)
+    q4 = quantize_checkpoint(src, tmp_path / "q4", QuantScheme(group_size=32)).out
+    model = load_ours(q4, torch.bfloat16, _preloaded)
+    from qwen35_lite.experts.formats import int4_cpu
+
+    c_kernel = int4_cpu.library() is not None  # the C decode kernel: one call a layer, no aten op
+    stack = model.layers[0].mlp.provider.ram.stacks[0]
+    assert type(stack).__name__ == ("StackedInt4Cpu" if c_kernel else "StackedKernel")
+    prof = profile_decode(model, list(range(100, 120)), tokens=3)
+    assert prof["host_reads_per_token"] == 1
+    int4_mm = prof["top_ops"].get("aten::_weight_int4pack_mm_for_cpu", 0)
+    assert int4_mm == (0 if c_kernel else 2 * 2 * 2)  # layers x top-k x (gate_up, down)

@@ -25,7 +25,7 @@ from ...weights.packed import (
     q_range,
 )
 from ..layout import pack_layout, stack_parts
-from ..stacks import StackedDequantised, StackedExperts
+from ..stacks import StackedDequantised, StackedExperts, StackedKernel
 from .base import Expert, ExpertFormat, dequantised_gather, per_expert
 
 if TYPE_CHECKING:
@@ -240,11 +240,16 @@ class PackedFormat(ExpertFormat):
         return self._dequantising(self.raw_views(slot))
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
-        # a CPU kernel takes one matrix at a time: its experts run one by one
-        return None if self.kernel else StackedPacked(self, stack_parts(self.raw, buffer, n_slots, stride))
+        if self.kernel:  # a CPU kernel takes one matrix at a time: the experts run one by one
+            return self.kernel_stack(stack_parts(self.slot, buffer, n_slots, stride))
+        return StackedPacked(self, stack_parts(self.raw, buffer, n_slots, stride))
+
+    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
+        raise NotImplementedError
 
     def gather_nbytes(self, top_k: int) -> int:
-        return 0 if self.kernel else dequantised_gather(self, top_k)
+        # kernel: one expert's slot copied out at a time (StackedKernel with slots on the device)
+        return self.slot_nbytes if self.kernel else dequantised_gather(self, top_k)
 
     # ---- writing (the `quantize` command) ----
 

@@ -25,6 +25,7 @@ from ...weights.fp8 import (  # the numbers live beside the checkpoint reader
 )
 from ..layout import pack_layout, stack_parts
 from ..stacks import StackedDequantised, StackedExperts
+from . import fp8_cpu
 from .base import (
     DenseExpert,
     Expert,
@@ -69,7 +70,13 @@ class Fp8BlockFormat(ExpertFormat):
     Either way W = w.float() * scale_inv per block, then the compute dtype (dequantize_block)."""
 
     def __init__(
-        self, hidden: int, inter: int, dtype: torch.dtype, stored: torch.dtype, dequantise_on_use: bool
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        stored: torch.dtype,
+        dequantise_on_use: bool,
+        cpu: bool = True,
     ) -> None:
         super().__init__(hidden, inter, dtype)
         D, I, b = hidden, inter, FP8_BLOCK
@@ -85,13 +92,20 @@ class Fp8BlockFormat(ExpertFormat):
         self.name = f"fp8 block-{b}" + (
             "" if dequantise_on_use else f" (dequantised into the cache: {dtype_name(dtype)})"
         )
+        # cpu: computing on the CPU (a CUDA run's RAM slots keep the GPU's FP8 path and its scratch sizes)
+        self.cpu_kernel = cpu and dequantise_on_use and _cpu_kernel(dtype, stored, D, I)
+        if self.cpu_kernel:
+            self.name += " (CPU FP8 kernel)"
 
     @classmethod
     def build(
         cls, hidden: int, inter: int, device: torch.device, dtype: torch.dtype, stored: torch.dtype
     ) -> Fp8BlockFormat:
-        """Dequantised on use on a GPU, into the cache on the CPU."""
-        return cls(hidden, inter, dtype, stored, torch.device(device).type != "cpu")
+        """Dequantised on use on a GPU; on the CPU kept FP8 and run by the FP8 kernel (fp8_cpu.py) for
+        bf16/fp16 compute where it builds, else dequantised into the cache (fp32 compute: the exact path)."""
+        cpu = torch.device(device).type == "cpu"
+        on_use = not cpu or _cpu_kernel(dtype, stored, hidden, inter)
+        return cls(hidden, inter, dtype, stored, on_use, cpu=cpu)
 
     def for_compute(self, device: torch.device | str, dtype: torch.dtype) -> Fp8BlockFormat:
         return Fp8BlockFormat.build(self.D, self.I, torch.device(device), dtype, self.stored)
@@ -115,12 +129,29 @@ class Fp8BlockFormat(ExpertFormat):
         return self._dequantising(self.raw_views(slot))
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        if self.direct and buffer.device.type == "cpu" and self.cpu_kernel:
+            # gate and up (weights, then scales) lie back to back in the raw layout
+            offsets = (self.raw[0].offset, self.raw[2].offset, self.raw[3].offset, self.raw[5].offset)
+            return fp8_cpu.StackedFp8Cpu(buffer, stride, self.D, self.I, offsets)
         if self.direct:  # the FP8 bytes and scales: gathered, then dequantised together
             return StackedFp8(stack_parts(self.raw, buffer, n_slots, stride), FP8_BLOCK)
         return StackedExperts(*stack_parts(self.slot, buffer, n_slots, stride))
 
+    @property
+    def uses_cpu_kernel(self) -> bool:
+        return self.cpu_kernel
+
     def gather_nbytes(self, top_k: int) -> int:
+        if self.cpu_kernel:
+            return top_k * (2 * self.I + self.D) * 4  # the kernel's fp32 rows
         return dequantised_gather(self, top_k) if self.direct else dense_gather(self, top_k)
+
+
+def _cpu_kernel(dtype: torch.dtype, stored: torch.dtype, hidden: int, inter: int) -> bool:
+    """The CPU FP8 kernel runs these experts: e4m3 weights, a half-precision compute dtype (fp32 keeps the
+    exact dequantise-into-the-cache path), whole 128-blocks, and the kernel built."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return half and stored == torch.float8_e4m3fn and fp8_cpu.available(hidden, inter)
 
 
 class StackedFp8(StackedDequantised):

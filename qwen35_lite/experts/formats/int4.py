@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int4, unpack_int4
-from . import compressed
-from .base import Expert
+from ..stacks import StackedExperts, StackedKernel
+from . import compressed, int4_cpu
+from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
 BITS = 4
@@ -171,15 +172,65 @@ class Int4Format(PackedFormat):
     def bind(self, slot: torch.Tensor) -> Expert:
         if not self.kernel:
             return super().bind(slot)
-        gu_w, down_w, gu_sz, down_sz = (p.view(slot) for p in self.slot)
-        g_gu, g_down = self.D // gu_sz.shape[0], self.I // down_sz.shape[0]
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        parts = [p.view(slot) for p in self.slot]
+        return lambda x: kernel_ffn(x, *parts)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            g, u = mm(x.contiguous(), gu_w, g_gu, gu_sz).chunk(2, dim=-1)  # [T, I] each
-            return mm((F.silu(g) * u).contiguous(), down_w, g_down, down_sz)
+    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
+        return StackedKernel(parts, kernel_ffn)
 
-        return run
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        """Decode through the C kernel (int4_cpu.py) where it builds and the slots are in the layout it
+        reads; torch's kernel one expert at a time (StackedKernel) otherwise."""
+        D, I = self.D, self.I
+        known = self.kernel and (2 * I) % BLOCK_N == 0 and D % BLOCK_N == 0 and layout_matches_torch()
+        if known and buffer.device.type == "cpu" and int4_cpu.library() is not None:
+            offsets = tuple(p.offset for p in self.slot)  # gate_up, down weights; their tables
+            groups = (D // self.groups(D), I // self.groups(I))
+            return int4_cpu.StackedInt4Cpu(buffer, stride, D, I, offsets, groups)
+        return super().stack(buffer, n_slots, stride)
+
+
+# From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
+# a bf16 matmul (oneDNN, AMX where there is one): the int4 kernel's time grows with the rows, the matmul's
+# barely (bench/bench_kernels.py).
+DEQUANTISE_ROWS = 32
+
+
+def kernel_ffn(
+    x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_sz: torch.Tensor, down_sz: torch.Tensor
+) -> torch.Tensor:
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel, or for
+    many rows two bf16 matmuls over the weights dequantised once (`kernel_dense`)."""
+    if x.shape[0] >= DEQUANTISE_ROWS and dense_layout_known(gu_w) and dense_layout_known(down_w):
+        return ffn(x, kernel_dense(gu_w, gu_sz), kernel_dense(down_w, down_sz))
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    # group size = input width / groups; a weight [N, K/2] holds two inputs a byte
+    g, u = mm(x.contiguous(), gu_w, 2 * gu_w.shape[1] // gu_sz.shape[0], gu_sz).chunk(2, dim=-1)
+    return mm(F.silu(g) * u, down_w, 2 * down_w.shape[1] // down_sz.shape[0], down_sz)  # [T, I] -> [T, D]
+
+
+def dense_layout_known(w: torch.Tensor) -> bool:
+    """The kernel bytes are `_direct_layout`'s (what `from_kernel_layout` inverts)."""
+    return w.shape[0] % BLOCK_N == 0 and layout_matches_torch()
+
+
+def from_kernel_layout(w: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the CPU kernel's layout -> the stored nibbles u = q + 8, uint8 [N, K]
+    (`_direct_layout` inverted)."""
+    n, half = w.shape
+    b = w.view(n // BLOCK_N, half, 2, BLOCK_N // 2)  # [NB, K/2, column parity p, row j]
+    u = torch.stack([b & 0xF, b >> 4], dim=1)  # [NB, h, K/2, p, j]: rows 32h + j of the block
+    return u.permute(0, 1, 4, 2, 3).reshape(n, 2 * half)  # [NB, h, j, K/2, p] -> [N, K]
+
+
+def kernel_dense(w: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """A kernel slot's matrix dequantised: W = (u - 8) * scale + zero per group, [N, K] in sz's dtype."""
+    u = from_kernel_layout(w)
+    n, k = u.shape
+    groups = sz.shape[0]
+    scale, zero = sz[..., 0].t()[:, :, None], sz[..., 1].t()[:, :, None]  # [N, G, 1]
+    q = u.view(n, groups, k // groups).to(sz.dtype) - OFFSET
+    return q.mul_(scale).add_(zero).view(n, k)  # q is fresh: in place
 
 
 __all__ = ["Int4Format", "QuantScheme", "dequantize_int4", "quantize_int4"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int8, unpack_int8
+from ..stacks import StackedKernel
 from . import compressed
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
@@ -66,14 +67,11 @@ class Int8Format(PackedFormat):
     def bind(self, slot: torch.Tensor) -> Expert:
         if not self.kernel:
             return super().bind(slot)
-        gu_w, down_w, gu_s, down_s = (p.view(slot) for p in self.slot)
-        mm = torch.ops.aten._weight_int8pack_mm
+        parts = [p.view(slot) for p in self.slot]
+        return lambda x: kernel_ffn(x, *parts)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            g, u = mm(x.contiguous(), gu_w, gu_s).chunk(2, dim=-1)  # [T, I] each
-            return mm((F.silu(g) * u).contiguous(), down_w, down_s)
-
-        return run
+    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
+        return StackedKernel(parts, kernel_ffn)
 
     def dequantised_ffn(self, slot: torch.Tensor) -> Expert:
         """The kernel slot's expert by the reference path: q * scale dequantised, then F.linear."""
@@ -85,6 +83,15 @@ class Int8Format(PackedFormat):
             return ffn(x, gate_up, down)
 
         return run
+
+
+def kernel_ffn(
+    x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_s: torch.Tensor, down_s: torch.Tensor
+) -> torch.Tensor:
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int8 kernel."""
+    mm = torch.ops.aten._weight_int8pack_mm
+    g, u = mm(x.contiguous(), gu_w, gu_s).chunk(2, dim=-1)  # [T, I] each
+    return mm(F.silu(g) * u, down_w, down_s)
 
 
 def dequantize_int8(packed, scale, zero_point, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Small C kernels built on first use with the machine's C compiler and loaded through ctypes: nothing to
+build at `pip install`, and None (the caller's torch path) without a compiler or when a build fails.
+
+`cc -O3 -march=native -fopenmp`: OpenMP resolves to the libgomp torch has loaded already (same soname),
+so the kernels share torch's threads and its `set_num_threads`. Libraries are cached under
+$XDG_CACHE_HOME/qwen35-lite/kernels, keyed by the source, the compiler, its target and the CPU's flags; QWEN35_LITE_NO_KERNELS=1
+turns them all off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "i64": ctypes.c_int64}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "qwen35-lite" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux): -march=native code built on one CPU must not load on another (a
+    cache shared between machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callable | None:
+    """The C function `symbol` of `source` (argument kinds: "p" pointer, "i" int, "i64" int64), built
+    once per source and machine; None without a compiler or when the build or the load fails."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None or os.environ.get("QWEN35_LITE_NO_KERNELS"):
+        return None
+    try:
+        target = subprocess.run(
+            [cc, "-march=native", "-dumpmachine"], capture_output=True, text=True, timeout=30
+        )
+        parts = [source, cc, target.stdout, _cpu_flags(), *FLAGS]
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+        lib = _cache_dir() / f"{name}_{key}.so"
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+                src.write_text(source)
+                cmd = [cc, *FLAGS, str(src), "-o", str(out), "-lm"]
+                subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+                os.replace(out, lib)  # atomic: another process may be building the same file
+        fn = getattr(ctypes.CDLL(str(lib)), symbol)
+    except (OSError, subprocess.SubprocessError, AttributeError):
+        return None
+    fn.restype = None
+    fn.argtypes = [CTYPES[a] for a in args]
+    return fn
