@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..model.vision.preprocess import MAX_IMAGE_PIXELS
-from ..model.vision.video import (
-    VideoProcessorConfig,
-    group_timestamps,
-    normalise,
-    patchify,
-    resize_frame,
-    sample_count,
-    sample_indices,
-    video_smart_resize,
-)
 
+if (
+    TYPE_CHECKING
+):  # torch and the vision code load with the first clip: session.py imports Video for every chat
+    import torch
+
+    from ..model.vision.video import VideoProcessorConfig
+
+MAX_FRAME_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # the image limit (vision/preprocess.MAX_FRAME_PIXELS)
 MIN_SIDE = 16  # one patch: a smaller stream shows the model nothing
 MAX_DECODED_FRAMES = 360_000  # frames decoded to reach the last sample: 100 min at 60 fps, 4 h at 25 fps
 MAX_COUNTED_PACKETS = MAX_DECODED_FRAMES  # containers that do not store a frame count are counted up to this
@@ -180,10 +176,10 @@ def _check_info(info: ClipInfo) -> None:
         raise InputError(
             f"{path} is {w}x{h}: smaller than one {MIN_SIDE}-pixel patch", "use a video at least 32x32"
         )
-    if w * h > MAX_IMAGE_PIXELS:
+    if w * h > MAX_FRAME_PIXELS:
         raise InputError(
             f"{path} is {w}x{h}, {w * h / 1e6:.0f} megapixels a frame: over the"
-            f" {MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit",
+            f" {MAX_FRAME_PIXELS / 1e6:.0f}-megapixel limit",
             "downscale it first (the model sees well under a megapixel of each frame)",
         )
 
@@ -192,8 +188,10 @@ def plan_clip(
     info: ClipInfo, cfg: VideoProcessorConfig, fps: float | None = None, max_frames: int | None = None
 ) -> ClipPlan:
     """Frames to sample (at `fps`, at most `max_frames`; the checkpoint's values when None) and their size."""
+    from ..model.vision.video import sample_indices, video_smart_resize
+
     if max_frames is not None:
-        cfg = _with(cfg, max_frames=max_frames, min_frames=min(cfg.min_frames, max_frames))
+        cfg = replace(cfg, max_frames=max_frames, min_frames=min(cfg.min_frames, max_frames))
     fps = cfg.fps if fps is None else fps
     indices = sample_indices(info.frames, info.fps, fps, cfg)
     if indices[-1] >= MAX_DECODED_FRAMES:
@@ -208,12 +206,6 @@ def plan_clip(
     grid = (t, size[0] // cfg.patch_size, size[1] // cfg.patch_size)
     wanted = int(info.frames / (info.fps or 24) * fps)
     return ClipPlan(info, indices, size, grid, cfg.merge_size, wanted)
-
-
-def _with(cfg: VideoProcessorConfig, **kw) -> VideoProcessorConfig:
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
 
 
 def _minutes(seconds: float) -> str:
@@ -248,6 +240,10 @@ def decode(
 ) -> tuple[torch.Tensor, list[str]]:
     """Decode up to the last sampled frame; each sampled one converted to RGB and resized at once.
     Returns (frames uint8 [n, 3, h, w], notes). on_progress(frames decoded, frames to decode)."""
+    import torch
+
+    from ..model.vision.video import resize_frame
+
     av, info = _av(), plan.info
     wanted: dict[int, int] = {}
     for i in plan.indices:
@@ -319,6 +315,8 @@ def load_video(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> VideoInput:
     """Probe, plan, check the room, decode and preprocess one clip."""
+    from ..model.vision.video import group_timestamps, normalise, patchify
+
     fps = getattr(video, "fps", None)
     plan = plan_clip(probe(video), cfg, fps, getattr(video, "max_frames", None))
     check_room(plan, room)
@@ -360,6 +358,5 @@ __all__ = [
     "plan_clip",
     "plan_video",
     "probe",
-    "sample_count",
     "video_nbytes",
 ]
