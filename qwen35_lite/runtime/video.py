@@ -228,10 +228,10 @@ def sampling_note(plan: ClipPlan, fps: float) -> str | None:
     n = len(plan.indices)
     if plan.wanted <= n:
         return None
-    got = n / plan.info.duration if plan.info.duration else 0
+    every = plan.info.duration / n
     return (
-        f"{plan.info.path.name} is {_minutes(plan.info.duration)} long: {n} frames sampled "
-        f"(--max-frames), about {got:.2g} a second instead of {fps:g}"
+        f"{plan.info.path.name} is {_minutes(plan.info.duration)} long: {n} frames sampled (--max-frames), "
+        f"one every {every:.1f} s instead of {fps:g} a second"
     )
 
 
