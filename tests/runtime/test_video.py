@@ -108,3 +108,51 @@ def test_cli_image_and_videos_in_order_equal_transformers(vlm, engine, picture, 
     assert result["prompt_ids"] == ref["input_ids"]
     assert result["tokens"] == ref["tokens"]
     assert result["stats"]["video_frames"] == 9
+
+
+@pytest.mark.slow
+def test_server_video_url_parts(engine, tmp_path):
+    """A video_url data URL gives the reference prompt; local paths only under --allowed-local-media-path;
+    vLLM's mm_processor_kwargs sample it; a bad clip is a 400 naming it by its place."""
+    import base64
+
+    from test_server import ThreadServer, post
+
+    from qwen35_lite.server.app import create_app
+
+    ref = CASES["rate10"]
+    url = "data:video/mp4;base64," + base64.b64encode(clip("rate10").read_bytes()).decode()
+
+    def body(url, **extra):
+        parts = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": ref["text"]}]
+        return {"model": "vlm", "messages": [{"role": "user", "content": parts}], "max_tokens": 6, **extra}
+
+    s = ThreadServer(create_app(engine, "vlm", api_key="k"))
+    try:
+        r = post(s, {**body(url), "temperature": 0}, key="k")
+        assert r.status == 200, r.body
+        assert r.body["usage"]["prompt_tokens"] == len(ref["input_ids"])
+        r = post(s, body(str(clip("rate10"))), key="k")
+        assert (
+            r.status == 400 and "a video_url that is a local path was refused" in r.body["error"]["message"]
+        )
+        long = "data:video/mp4;base64," + base64.b64encode(clip("long").read_bytes()).decode()
+        full = post(s, body(long), key="k").body["usage"]["prompt_tokens"]
+        fewer = post(s, body(long, mm_processor_kwargs={"fps": 0.5}), key="k").body["usage"]["prompt_tokens"]
+        assert full == len(CASES["long"]["input_ids"]) and fewer < full
+        r = post(s, body(long, mm_processor_kwargs={"num_frames": 3}), key="k")
+        assert (
+            r.status == 400
+            and "mm_processor_kwargs.num_frames is not supported" in r.body["error"]["message"]
+        )
+        bad = "data:video/mp4;base64," + base64.b64encode(b"not a video").decode()
+        r = post(s, body(bad), key="k")
+        assert r.status == 400 and r.body["error"]["message"].startswith("video 1 is not a video we read")
+    finally:
+        s.stop()
+    s = ThreadServer(create_app(engine, "vlm", api_key="k", media_dir=FIXTURES.resolve()))
+    try:
+        r = post(s, body(str(clip("rate10"))), key="k")
+        assert r.status == 200 and r.body["usage"]["prompt_tokens"] == len(ref["input_ids"])
+    finally:
+        s.stop()
