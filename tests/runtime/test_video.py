@@ -156,3 +156,38 @@ def test_server_video_url_parts(engine, tmp_path):
         assert r.status == 200 and r.body["usage"]["prompt_tokens"] == len(ref["input_ids"])
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_chat_video_command_save_and_load(engine, picture, tmp_path, capsys):
+    """/video attaches (metadata checked now), the message sends it with /image's in order; the stats
+    line shows the frames; /save and /load keep the video part; a bad clip is one error line."""
+    from qwen35_lite.cli.chat_repl import Repl
+    from qwen35_lite.cli.ui import UI
+
+    ref = CASES["mixed"]
+    s = ChatSession(
+        engine, ChatSettings(params=SamplingParams(temperature=0.0), max_new_tokens=REFS["n_new"])
+    )
+    repl = Repl(UI(), s)
+    repl.handle(f"/image {picture}")
+    repl.handle(f"/video {clip('rate10')}")
+    repl.handle(f"/video {FIXTURES / 'refs.json'}")  # refused now, not attached
+    repl.handle(f"/video {clip('odd')}")
+    repl.handle("/video")
+    err = capsys.readouterr().err
+    assert "attached rate10.mp4 (100x70, 2.0 s; 4 frames, 12 tokens) to the next message" in err
+    assert "images for the next message: pic.png, rate10.mp4, odd.mkv" in err
+    assert err.count("error: ") == 1 and "not a video we read" in err and "Traceback" not in err
+    repl.handle(ref["text"])
+    err = capsys.readouterr().err
+    assert "video 9 frames, 24 tok" in err
+    assert s.last_reply.prompt_ids == ref["input_ids"] and s.last_reply.tokens == ref["tokens"]
+    parts = s.messages[0]["content"]
+    assert [p["type"] for p in parts] == ["image", "video", "video", "text"]
+    s.save(tmp_path / "chat.json")
+    other = ChatSession(engine, ChatSettings(params=SamplingParams(temperature=0.0), max_new_tokens=2))
+    other.load(tmp_path / "chat.json")
+    assert other.messages == s.messages
+    list(other.send("And then?"))  # the history re-rendered whole: its clips decoded again
+    assert other.last_reply.prompt_ids[: len(ref["input_ids"]) - 3] == ref["input_ids"][:-3]
