@@ -106,8 +106,9 @@ def report(r: dict, args, width: int, height: int) -> str:
                 SECTION,
                 "",
                 f"Machine: {machine()}, {torch.get_num_threads()} threads; the cores are shared with other work, so "
-                f"figures can vary by tens of percent. Written by `python bench/bench_video.py` on "
-                f"{time.strftime('%Y-%m-%d')}.",
+                f"figures can vary a lot (load average {r['load']:.1f} at the end of this run, on 2 cores: the "
+                f"times below are inflated by that). Written by "
+                f"`python bench/bench_video.py` on {time.strftime('%Y-%m-%d')}.",
                 "",
                 f"A {args.seconds:g} s {width}x{height} H.264 clip at {args.rate} fps, sampled at {args.fps:g} fps "
                 "with the release's video config (Qwen3VLVideoProcessor defaults), as `run --video` handles it: "
@@ -123,9 +124,11 @@ def report(r: dict, args, width: int, height: int) -> str:
                 f"| {'×'.join(map(str, r['grid']))} → {r['tokens']} | {r['probe']:.2f} | {r['decode']:.2f} "
                 f"| {r['pre']:.3f} | {r['tower']:.1f} | {total:.1f} | {r['nbytes'] / 2**20:.0f} MiB |",
                 "",
-                "The release config shares one pixel budget (768×32×32) among all the frames of a clip, so "
-                "20 frames of 720p come down to small frames and few tokens: the tower's time is small next "
-                "to an image's, and decoding every frame up to the last sampled one is a large share.",
+                f"The release config shares one pixel budget (768×32×32) among all the frames of a clip, so "
+                f"{r['frames']} frames of {height}p come down to {w}×{h} and {r['tokens']} tokens. Of the total, "
+                f"the tower is {100 * r['tower'] / total:.0f}% and decoding (every frame up to the last sampled "
+                f"one) {100 * r['decode'] / total:.0f}%; the planned bytes are what the memory budget is asked "
+                "for (the resized frames are all that is held, never the clip at its own size).",
             ]
         )
         + "\n"

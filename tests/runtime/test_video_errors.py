@@ -147,3 +147,13 @@ def test_decode_reports_progress():
     frames, _ = decode(plan, lambda done, total: seen.append((done, total)))
     assert frames.dtype == torch.uint8 and frames.shape[0] == 8
     assert seen[-1] == (96, 96) and all(t == 96 for _, t in seen)
+
+
+def test_a_template_without_video_parts_is_one_line():
+    from qwen35_lite.runtime.multimodal import _check_video_placeholders
+
+    with pytest.raises(InputError, match=r"the chat template does not render video parts") as e:
+        _check_video_placeholders([1, 2, 3], 1, 248057)
+    assert "official Qwen3.5 chat template" in e.value.hint
+    with pytest.raises(InputError, match="2 video placeholder"):
+        _check_video_placeholders([248057, 5, 248057], 1, 248057)
