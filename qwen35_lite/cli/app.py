@@ -234,6 +234,8 @@ def chat(
     load: EngineOptions,
     reply: ReplyFlags,
     quiet: Quiet = False,
+    video_fps: VideoFps = None,
+    max_frames: MaxFrames = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
     from ..runtime.session import ChatSession
@@ -241,6 +243,7 @@ def chat(
 
     check_flags(reply)
     check_load_flags(load)
+    video_parts(None, video_fps, max_frames, reply.raw)  # the flags checked before the load
     if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
@@ -248,6 +251,7 @@ def chat(
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply), tools=tool_list)
     repl = Repl(ui, session)
+    repl.video_sampling = (video_fps, max_frames)  # for /video
     if repl.tty:
         m = engine.model
         ui.header(

@@ -161,7 +161,7 @@ def _video(repl: Repl, arg: str) -> None:
 
     path = user_path(arg, "video")
     repl.session.engine.check_vision()
-    video = Video(str(path))
+    video = Video(str(path), *repl.video_sampling)
     plan = plan_video(video, repl.video_config)  # metadata only: a bad file is reported now
     repl.pending_images.append(video)
     info = plan.info
@@ -247,7 +247,7 @@ COMMANDS: dict[str, Command] = {
         Command(
             "video",
             "[PATH|clear]",
-            "attach a video clip to the next message (sampled as --video is); alone: list",
+            "attach a video clip to the next message (sampled at --video-fps, --max-frames); alone: list",
             _video,
         ),
         Command("set", "[KEY VALUE]", "change a setting (" + ", ".join(SETTINGS) + "); alone: list", _set),
@@ -267,7 +267,8 @@ class Repl:
     def __init__(self, ui: UI, session: ChatSession) -> None:
         self.ui, self.session = ui, session
         self.done = False
-        self.pending_images: list[Path] = []  # attached with /image, sent with the next message
+        self.pending_images: list = []  # attached with /image and /video, sent with the next message
+        self.video_sampling: tuple[float | None, int | None] = (None, None)  # --video-fps, --max-frames
         self.tty = sys.stdin.isatty()
         if self.tty:
             try:

@@ -157,3 +157,24 @@ def test_a_template_without_video_parts_is_one_line():
     assert "official Qwen3.5 chat template" in e.value.hint
     with pytest.raises(InputError, match="2 video placeholder"):
         _check_video_placeholders([248057, 5, 248057], 1, 248057)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["chat", "--max-frames", "0"], "--max-frames"),
+        (["run", "--video-fps", "-1", "--video", "x.mp4", "hi"], "--video-fps"),
+        (["run", "--raw", "--video", "x.mp4", "hi"], "videos need the chat template"),
+        (["run", "--video", "/nonexistent/clip.mp4", "hi"], "video file not found"),
+    ],
+)
+def test_cli_video_flags_checked_before_the_load(args, words, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qwen35_lite.cli import app
+    from qwen35_lite.runtime.engine import Engine
+
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    r = CliRunner().invoke(app, [args[0], "-m", "/nonexistent-model", *args[1:]])
+    assert r.exit_code != 0 and words in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ")
