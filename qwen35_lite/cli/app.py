@@ -7,6 +7,7 @@ Anything else is our bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import shutil
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperCommand
 
 from .. import __version__
 from ..errors import InputError
@@ -22,9 +24,11 @@ from .errors import EXIT_INTERRUPTED, friendly_errors
 from .help import install as install_help
 from .options import (
     AgentFlags,
+    MaxFrames,
     Model,
     Quiet,
     ReplyFlags,
+    VideoFps,
     chat_settings,
     check_flags,
     check_load_flags,
@@ -32,6 +36,7 @@ from .options import (
     read_json_schema,
     read_tools,
     timed_load,
+    video_parts,
 )
 from .ui import UI, format_stats, human_bytes, plural
 
@@ -107,7 +112,27 @@ def read_stdin() -> str:
     return stream.read().decode("utf-8", errors="replace")
 
 
-@app.command()
+MEDIA_ORDER: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("media_order", default=None)
+
+
+class MediaOrderCommand(TyperCommand):
+    """Keeps the command line's order of --image and --video, which click's per-option lists lose."""
+
+    def parse_args(self, ctx, args):
+        _, _, order = self.make_parser(ctx).parse_args(args=list(args))  # no side effects: parsed again below
+        MEDIA_ORDER.set([p.name for p in order if p.name in ("image", "video")])
+        return super().parse_args(ctx, args)
+
+
+def ordered_media(images: list[Path], videos: list, order: list[str] | None) -> list:
+    """--image and --video values interleaved as they were typed (images first without an order)."""
+    if not order or len(order) != len(images) + len(videos):
+        return [*images, *videos]
+    its = {"image": iter(images), "video": iter(videos)}
+    return [next(its[name]) for name in order]
+
+
+@app.command(cls=MediaOrderCommand)
 @friendly_errors
 @flag_groups
 def run(
@@ -137,6 +162,18 @@ def run(
             show_default=False,
         ),
     ] = None,
+    video: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--video",
+            metavar="PATH",
+            help="A video clip to show the model (MP4, MOV, MKV, WebM; repeat for several; mixes with"
+            " --image in the order given).",
+            show_default=False,
+        ),
+    ] = None,
+    video_fps: VideoFps = None,
+    max_frames: MaxFrames = None,
 ) -> None:
     """Answer one prompt: the answer alone on stdout; thinking and stats on stderr."""
     from ..runtime.session import ChatSession
@@ -147,6 +184,7 @@ def run(
     images = list(image or [])
     if images and reply.raw:
         raise typer.BadParameter("images need the chat template, which --raw turns off", param_hint="--image")
+    videos = video_parts(video, video_fps, max_frames, reply.raw)
     ui = UI(quiet=quiet or json_out)
     text = read_prompt(ui, prompt)
     tool_list = read_tools(reply.tools)
@@ -156,16 +194,23 @@ def run(
         from ..runtime.multimodal import check_images
 
         check_images(images)  # a wrong path fails now, not after loading the model (decoded after it)
-    load.image_paths = tuple(images)  # the plan reserves what these take, and nothing without any
+    if videos:
+        from ..runtime.multimodal import check_videos
+
+        check_videos(videos, model if Path(model).is_dir() else None)  # metadata only, before the load
+    # The plan reserves what the images take, and nothing without any; with videos it reserves the tower
+    # (None: media may come), and a clip's decoding takes its room when it comes (multimodal.room_for_images).
+    load.image_paths = tuple(images) if not videos else None
+    media = ordered_media(images, videos, MEDIA_ORDER.get())
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
     show = session.settings.think == "on"
     if servers is not None:
         done, answer, extra = _run_with_tools(
-            ui, session, agent, servers, text, images, show, json_out, prompt
+            ui, session, agent, servers, text, media, show, json_out, prompt
         )
     else:
-        done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=images)
+        done = stream_reply(ui, session, text, show_thinking=show, printing=not json_out, images=media)
         answer, extra = session.last_reply, {}
     done.stats["load_s"] = load_s
     if json_out:
@@ -227,6 +272,8 @@ def chat(
     reply: ReplyFlags,
     agent: AgentFlags,
     quiet: Quiet = False,
+    video_fps: VideoFps = None,
+    max_frames: MaxFrames = None,
 ) -> None:
     """Chat interactively (/help lists the commands; reads lines from a pipe too)."""
     from ..runtime.session import ChatSession
@@ -234,6 +281,7 @@ def chat(
 
     check_flags(reply)
     check_load_flags(load)
+    video_parts(None, video_fps, max_frames, reply.raw)  # the flags checked before the load
     if isinstance(sys.stdin, io.TextIOWrapper):  # bytes that are not UTF-8 become U+FFFD, not an error
         sys.stdin.reconfigure(errors="replace")
     ui = UI(quiet=quiet)
@@ -242,12 +290,13 @@ def chat(
     servers = _read_servers(agent, reply.raw)
     engine, load_s = timed_load(ui, model, load)
     session = ChatSession(engine, chat_settings(engine, reply, schema, tool_list), tools=tool_list)
+    repl = Repl(ui, session)
+    repl.video_sampling = (video_fps, max_frames)  # for /video
     if servers is None:
-        _chat_loop(ui, Repl(ui, session), engine, session, tool_list, load_s)
+        _chat_loop(ui, repl, engine, session, tool_list, load_s)
         return
     from .agent import Agent, ask_approval
 
-    repl = Repl(ui, session)
     with Agent.started(ui, agent, servers, session, ask_approval(ui, repl.read_line)) as repl.agent:
         _chat_loop(ui, repl, engine, session, tool_list, load_s)
 

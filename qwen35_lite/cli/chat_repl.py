@@ -19,7 +19,9 @@ from ..errors import InputError, Qwen35Error
 from ..runtime.generate import Finished, TokenEvent
 from ..runtime.session import THINK_MODES, ChatSession
 from ..runtime.settings import SETTINGS, check_setting, parse_setting  # noqa: F401  (check_setting: cli/options.py)
-from .ui import UI, ReplyPrinter, format_stats, plural
+from .ui import UI, PrefillBar, ReplyPrinter, format_stats, plural
+
+VIDEO_BAR_MIN_FRAMES = 64  # a clip decoding fewer frames is done before a bar would be seen
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -85,11 +87,18 @@ def stream_reply(
     cancel = threading.Event()
     printer = ReplyPrinter(ui, show_thinking, stdout_may_close=stdout_may_close, tools=session.tools)
     prefill_bar, image_bar = ui.prefill_progress(), ui.image_progress()
+    decode_bar = PrefillBar(ui, label="video frames", min_total=VIDEO_BAR_MIN_FRAMES)
     done: Finished | None = None
     try:
         with cancel_on_sigint(cancel, on_first=printer.stopping):
             events = session.send(
-                text, cancel=cancel, on_prefill=prefill_bar, images=images, on_encode=image_bar
+                text,
+                cancel=cancel,
+                on_prefill=prefill_bar,
+                images=images,
+                on_encode=image_bar,
+                on_decode=decode_bar,
+                on_note=ui.note,
             )
             for event in events:
                 if isinstance(event, TokenEvent):
@@ -98,6 +107,7 @@ def stream_reply(
                 else:
                     done = event
     finally:
+        decode_bar.close()
         image_bar.close()
         prefill_bar.close()
         if printing:
@@ -136,7 +146,7 @@ def _clear(repl: Repl, arg: str) -> None:
 
 def _image(repl: Repl, arg: str) -> None:
     if not arg:
-        names = ", ".join(p.name for p in repl.pending_images)
+        names = ", ".join(Path(p).name for p in repl.pending_images)
         repl.ui.note(f"images for the next message: {names}" if names else "no image attached")
         return
     if arg == "clear":
@@ -146,6 +156,25 @@ def _image(repl: Repl, arg: str) -> None:
     path = user_path(arg, "image")
     repl.session.engine.check_vision()  # a text-only checkpoint says so now, not at the next message
     repl.attach([path])
+
+
+def _video(repl: Repl, arg: str) -> None:
+    if not arg or arg == "clear":
+        _image(repl, arg)  # one list of attachments, images and videos in order
+        return
+    from ..runtime.multimodal import plan_video
+    from ..runtime.video import Video
+
+    path = user_path(arg, "video")
+    repl.session.engine.check_vision()
+    video = Video(str(path), *repl.video_sampling)
+    plan = plan_video(video, repl.video_config)  # metadata only: a bad file is reported now
+    repl.pending_images.append(video)
+    info = plan.info
+    repl.ui.note(
+        f"attached {path.name} ({info.width}x{info.height}, {info.duration:.1f} s; "
+        f"{len(plan.indices)} frames, {plan.tokens} tokens) to the next message"
+    )
 
 
 def _system(repl: Repl, arg: str) -> None:
@@ -240,6 +269,12 @@ COMMANDS: dict[str, Command] = {
             "attach an image to the next message (a path typed in a message works too); alone: list",
             _image,
         ),
+        Command(
+            "video",
+            "[PATH|clear]",
+            "attach a video clip to the next message (sampled at --video-fps, --max-frames); alone: list",
+            _video,
+        ),
         Command("set", "[KEY VALUE]", "change a setting (" + ", ".join(SETTINGS) + "); alone: list", _set),
         Command("stats", "", "figures of the last reply and the expert caches", _stats),
         Command("tools", "", "the MCP servers, their tools and whether each call is asked for", _tools),
@@ -259,7 +294,8 @@ class Repl:
     def __init__(self, ui: UI, session: ChatSession, agent: Agent | None = None) -> None:
         self.ui, self.session, self.agent = ui, session, agent
         self.done = False
-        self.pending_images: list[Path] = []  # attached with /image, sent with the next message
+        self.pending_images: list = []  # attached with /image and /video, sent with the next message
+        self.video_sampling: tuple[float | None, int | None] = (None, None)  # --video-fps, --max-frames
         self.tty = sys.stdin.isatty()
         if self.tty:
             try:
@@ -313,6 +349,12 @@ class Repl:
                 f"/{cmd.name} failed: {type(e).__name__}: {e}",
                 "the conversation is kept; please report this with the command you typed",
             )
+
+    @functools.cached_property
+    def video_config(self):
+        from ..model.vision.video import VideoProcessorConfig
+
+        return VideoProcessorConfig.from_dir(self.session.engine.model_dir)
 
     @functools.cached_property
     def can_see(self) -> bool:
@@ -411,7 +453,7 @@ def user_path(arg: str, command: str) -> Path:
     if not arg:
         raise InputError(
             f"/{command} needs a file name",
-            f"e.g. /{command} {'cat.png' if command == 'image' else 'chat.json'}",
+            f"e.g. /{command} " + {"image": "cat.png", "video": "clip.mp4"}.get(command, "chat.json"),
         )
     name = _unquote(arg)
     if "\0" in name:

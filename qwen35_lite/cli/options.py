@@ -152,6 +152,41 @@ Offline = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No stats line.")]
+VideoFps = Annotated[
+    float | None,
+    typer.Option(
+        "--video-fps",
+        metavar="FPS",
+        help="Frames a second sampled from each --video (default: the checkpoint's video config, 2).",
+        show_default=False,
+    ),
+]
+MaxFrames = Annotated[
+    int | None,
+    typer.Option(
+        "--max-frames",
+        metavar="N",
+        help="The most frames sampled from one --video (default: the checkpoint's video config, 768).",
+        show_default=False,
+    ),
+]
+
+
+def video_parts(paths: list[Path] | None, fps: float | None, max_frames: int | None, raw: bool) -> list:
+    """--video paths as Video parts with the sampling flags; the flags checked (also without a video)."""
+    from ..runtime.video import Video
+
+    if fps is not None and not (math.isfinite(fps) and 0 < fps <= 1000):
+        raise typer.BadParameter(
+            "must be a number of frames a second above 0 (at most 1000)", param_hint="--video-fps"
+        )
+    if max_frames is not None and max_frames < 1:
+        raise typer.BadParameter("must be 1 or more", param_hint="--max-frames")
+    if paths and raw:
+        raise typer.BadParameter("videos need the chat template, which --raw turns off", param_hint="--video")
+    return [Video(str(p.expanduser()), fps, max_frames) for p in paths or []]
+
+
 # Memory budgets: the plan (plan.MemoryPlan) fits everything into them; expert slots get what is left.
 GpuMem = Annotated[
     float | None,

@@ -365,6 +365,8 @@ def format_stats(stats: dict, max_context: int | None = None, finish_reason: str
     parts.append(f"prompt {p} tok" + (f" @ {prefill:.1f} tok/s" if prefill else ""))
     decode = stats.get("decode_tok_s")
     parts.append(f"reply {g} tok" + (f" @ {decode:.1f} tok/s" if decode else ""))
+    if stats.get("video_frames"):
+        parts.append(f"video {stats['video_frames']} frames, {stats.get('video_tokens', 0)} tok")
     if stats.get("ttft_s") is not None:
         parts.append(f"ttft {stats['ttft_s']:.2f} s")
     if stats.get("context_tokens") is not None and max_context:

@@ -180,28 +180,32 @@ def _check_call(call: object, where: str) -> None:
 
 
 def _check_part(part: object, where: str) -> None:
-    if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-        raise NotASave(f'{where} is not a {{"type": "text"}} or {{"type": "image"}} part')
+    if not isinstance(part, dict) or part.get("type") not in ("text", "image", "video"):
+        raise NotASave(
+            f'{where} is not a {{"type": "text"}}, {{"type": "image"}} or {{"type": "video"}} part'
+        )
     kind = part["type"]
-    _no_unknown_keys(part, ("type", kind), where)
+    # a video part may carry its sampling (session.user_message writes them; session._video_part checks them)
+    _no_unknown_keys(part, ("type", kind, "fps", "max_frames") if kind == "video" else ("type", kind), where)
     value = part.get(kind)
-    if not isinstance(value, str) or (kind == "image" and not value):
-        raise NotASave(f"{where} has no {'file path' if kind == 'image' else 'text'}")
-    if kind == "image":
-        _check_image_file(value, where)
+    if not isinstance(value, str) or (kind != "text" and not value):
+        raise NotASave(f"{where} has no {'text' if kind == 'text' else 'file path'}")
+    if kind != "text":
+        _check_image_file(value, where, kind)
 
 
-def _check_image_file(name: str, where: str) -> None:
-    """The image must still be a regular file (not gone, not /dev/zero); ChatSession.load then decodes it."""
+def _check_image_file(name: str, where: str, kind: str = "image") -> None:
+    """The image (or video) must still be a regular file (not gone, not /dev/zero); ChatSession.load then
+    decodes it (a video: reads its metadata)."""
     if "\0" in name:
-        raise NotASave(f"{where}: an image path holds a NUL byte")
+        raise NotASave(f"{where}: an {kind} path holds a NUL byte".replace("an video", "a video"))
     try:
         path = Path(name).expanduser()
         exists, regular = path.exists(), path.is_file()
     except (OSError, RuntimeError):  # an unknown ~user, a name too long
         exists = regular = False
     if not regular:
-        raise NotASave(f"{where}: image {name} {'is not a regular file' if exists else 'no longer exists'}")
+        raise NotASave(f"{where}: {kind} {name} {'is not a regular file' if exists else 'no longer exists'}")
 
 
 def _check_settings(settings: object) -> None:

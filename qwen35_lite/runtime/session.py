@@ -23,6 +23,7 @@ from .engine import Engine
 from .generate import Finished, GenerationRequest, TokenEvent, context_hint, generate
 from .sampling import REQUEST_ONLY, SamplingParams
 from .settings import THINK_MODES  # noqa: F401  (chat_repl takes it from here)
+from .video import Video
 
 
 @dataclass
@@ -93,9 +94,11 @@ class ChatSession:
             # Else every later turn would fail on them: the model must see, and each image must decode
             # (through the same restricted open as --image; the next turn re-encodes them anyway).
             self.engine.check_vision()
-            from .multimodal import image_room, load_images  # PIL only for chats with images
+            from .multimodal import check_videos, image_room, load_images, split_media  # PIL: with images
 
-            load_images(images, self.engine.image_config(), image_room(self.engine))
+            pictures, videos = split_media(images)
+            load_images(pictures, self.engine.image_config(), image_room(self.engine))
+            check_videos(videos, self.engine.model_dir)  # metadata only: the next turn decodes them
         think = saved.settings.get("think", self.settings.think)
         system = saved.settings.get("system", self.settings.system)
         self._check_fits(saved.messages, system, think)
@@ -143,7 +146,7 @@ class ChatSession:
         tok = self.engine.tokenizer
         if self.settings.raw:
             if message_images(new[0]):
-                raise InputError("images need the chat template", "drop --raw to send images")
+                raise InputError("images and videos need the chat template", "drop --raw to send them")
             return [*self.unfed, *self._encode(new[0]["content"])], []
         if self.fresh:
             system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
@@ -183,16 +186,20 @@ class ChatSession:
         user_text: str,
         cancel: threading.Event | None = None,
         on_prefill: Callable[[int, int], None] | None = None,
-        images: Sequence[Path | str] = (),
+        images: Sequence[Path | str | Video] = (),
         on_encode: Callable[[int, int], None] | None = None,
+        on_decode: Callable[[int, int], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> Iterator[TokenEvent | Finished]:
         """Stream one reply; the history is updated when the reply ends (even if cancelled).
 
-        `images` (file paths) go before the text in the user turn, as content parts. A bad image or one too
-        large for the context raises before anything is fed: the history and the cache are unchanged.
-        on_encode(blocks done, total) follows the vision tower over the images.
+        `images` (file paths, and Video parts for videos) go before the text in the user turn, as content
+        parts, in order. A bad image or video or one too large for the context raises before anything is
+        fed: the history and the cache are unchanged. on_encode(blocks done, total) follows the vision
+        tower, on_decode(frames, total) a video's decoding; on_note(line) says what a clip became.
         """
-        return self._turn([user_message(user_text, images)], cancel, on_prefill, on_encode)
+        new = [user_message(user_text, images)]
+        return self._turn(new, cancel, on_prefill, on_encode, on_decode, on_note)
 
     def send_tool_results(
         self,
@@ -210,16 +217,20 @@ class ChatSession:
         cancel: threading.Event | None,
         on_prefill: Callable[[int, int], None] | None,
         on_encode: Callable[[int, int], None] | None,
+        on_decode: Callable[[int, int], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> Iterator[TokenEvent | Finished]:
         eng, s = self.engine, self.settings
         ids, paths = self._prompt(new)
         embeds = positions = None
-        delta = 0
+        delta, video_stats = 0, {}
         if paths:
             from .multimodal import image_prompt  # PIL and the tower only for prompts with images
 
-            mm = image_prompt(eng, ids, paths, self.cache, on_encode)
+            mm = image_prompt(eng, ids, paths, self.cache, on_encode, on_decode, on_note)
             ids, embeds, positions, delta = mm.ids, mm.embeds, mm.positions, mm.rope_delta
+            if mm.video_frames:
+                video_stats = {"video_frames": mm.video_frames, "video_tokens": mm.video_tokens}
         think_open, think_close = eng.tokenizer.token_id("<think>"), eng.tokenizer.token_id("</think>")
         req = GenerationRequest(
             prompt_ids=ids,
@@ -246,6 +257,7 @@ class ChatSession:
                 else:
                     reply.text += event.text
             else:
+                event.stats.update(video_stats)
                 reply.tokens, reply.finish_reason, reply.stats = event.tokens, event.reason, event.stats
                 self._finish_turn(new, reply, event)
             yield event
@@ -285,28 +297,57 @@ def saved_settings(settings: ChatSettings) -> dict:
     return data
 
 
-def user_message(text: str, images: Sequence[Path | str] = ()) -> dict:
-    """A user turn: plain text, or image parts (each keeps its absolute path, for /save and re-rendering)
-    followed by the text part, the layout Qwen's chat template and processor expect."""
+def user_message(text: str, images: Sequence[Path | str | Video] = ()) -> dict:
+    """A user turn: plain text, or image and video parts (each keeps its absolute path, for /save and
+    re-rendering; a video its sampling too) followed by the text part, the layout Qwen's chat template and
+    processor expect."""
     if not images:
         return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": str(Path(p).expanduser().absolute())} for p in images]
+    parts = [_media_part(p) for p in images]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-def message_images(message: dict) -> list[str]:
-    """The image paths of a message, in order (parts written by user_message, or by hand in a /save file)."""
+def _media_part(p: Path | str | Video) -> dict:
+    path = str(Path(p).expanduser().absolute())
+    if not isinstance(p, Video):
+        return {"type": "image", "image": path}
+    part: dict = {"type": "video", "video": path}
+    if p.fps is not None:
+        part["fps"] = p.fps
+    if p.max_frames is not None:
+        part["max_frames"] = p.max_frames
+    return part
+
+
+def message_images(message: dict) -> list[str | Video]:
+    """The media of a message in order: image paths, and Video for video parts (parts written by
+    user_message, or by hand in a /save file)."""
     content = message.get("content")
     if not isinstance(content, list):
         return []
-    found = []
+    found: list[str | Video] = []
     for part in content:
-        if isinstance(part, dict) and (part.get("type") == "image" or "image" in part):
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "video" or "video" in part:
+            found.append(_video_part(part))
+        elif part.get("type") == "image" or "image" in part:
             path = part.get("image")
             if not isinstance(path, str) or not path:
                 raise InputError("an image part in the chat has no file path", "give each image part a path")
             found.append(path)
     return found
+
+
+def _video_part(part: dict) -> Video:
+    path, fps, frames = part.get("video"), part.get("fps"), part.get("max_frames")
+    if not isinstance(path, str) or not path:
+        raise InputError("a video part in the chat has no file path", "give each video part a path")
+    if fps is not None and not (isinstance(fps, int | float) and 0 < fps <= 1000):
+        raise InputError("a video part's fps must be a number above 0", "fix or drop its fps")
+    if frames is not None and not (isinstance(frames, int) and frames >= 1):
+        raise InputError("a video part's max_frames must be a whole number of 1 or more", "fix or drop it")
+    return Video(path, float(fps) if fps is not None else None, frames)
 
 
 def _ends_in_thinking(ids: list[int], open_id: int | None, close_id: int | None) -> bool:

@@ -266,13 +266,17 @@ def create_app(
         try:
             folder = Path(images_dir.name)
             messages, images = template_messages(
-                req.messages, lambda url, n: image_file(url, folder, n, media_dir)
+                req.messages,
+                lambda url, n, kind="image": image_file(url, folder, n, media_dir, kind),
+                req.video_sampling(),
             )
             if images:  # an unreadable image is the client's 400, found before the request waits in line
-                from ..runtime.multimodal import load_images
+                from ..runtime.multimodal import check_videos, load_images, split_media
 
+                pictures, videos = split_media(images)
                 try:
-                    await run_in_threadpool(load_images, images)
+                    await run_in_threadpool(load_images, pictures)
+                    await run_in_threadpool(check_videos, videos, engine.model_dir)  # metadata only
                 except Qwen35Error as e:
                     raise hide_paths(e, images) from None
             await run_in_threadpool(check_text_fits, messages)

@@ -86,6 +86,30 @@ class ChatRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's: fps and max_frames of the video parts
+
+    def video_sampling(self) -> tuple[float | None, int | None]:
+        """(fps, max_frames) for every video of the request (None: the checkpoint's)."""
+        kwargs = self.mm_processor_kwargs or {}
+        for key in kwargs:
+            if key not in ("fps", "max_frames", "do_sample_frames"):
+                raise bad_request(
+                    f"mm_processor_kwargs.{key} is not supported (fps, max_frames)", "mm_processor_kwargs"
+                )
+        fps, frames = kwargs.get("fps"), kwargs.get("max_frames")
+        if kwargs.get("do_sample_frames", True) is not True:
+            raise bad_request("mm_processor_kwargs.do_sample_frames must be true", "mm_processor_kwargs")
+        if fps is not None and not (
+            isinstance(fps, int | float) and not isinstance(fps, bool) and 0 < fps <= 1000
+        ):
+            raise bad_request("mm_processor_kwargs.fps must be a number above 0", "mm_processor_kwargs")
+        if frames is not None and not (
+            isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1
+        ):
+            raise bad_request(
+                "mm_processor_kwargs.max_frames must be a whole number of 1 or more", "mm_processor_kwargs"
+            )
+        return (float(fps) if fps is not None else None), frames
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -263,12 +287,16 @@ def template_tools(req: ChatRequest) -> list[dict] | None:
 
 
 def template_messages(
-    messages: list[dict], to_file: Callable[[Any, int], str]
-) -> tuple[list[dict], list[str]]:
-    """OpenAI messages → what the chat template takes, and the image files in placeholder order.
+    messages: list[dict],
+    to_file: Callable[..., str],
+    video_sampling: tuple[float | None, int | None] = (None, None),
+) -> tuple[list[dict], list[Any]]:
+    """OpenAI messages → what the chat template takes, and the media in placeholder order (image paths,
+    and Video parts sampled at video_sampling's (fps, max_frames)).
 
     Image parts become {"type": "image", "image": path}, the path being what to_file(url, n) makes of the
-    n-th image's url (media.image_file: a data URL decoded, an allowed local file resolved); assistant
+    n-th image's url (media.image_file: a data URL decoded, an allowed local file resolved); video_url
+    parts become {"type": "video", "video": path} from to_file(url, n, "video"); assistant
     tool calls whose arguments are a JSON string are parsed to objects, as vLLM does, since Qwen's
     template iterates over them (anything but an object is refused)."""
     out, images = [], []
@@ -283,7 +311,9 @@ def template_messages(
             m["role"] = "system"
         content = m.get("content")
         if isinstance(content, list):
-            m["content"] = [_content_part(part, f"messages[{i}]", to_file, images) for part in content]
+            m["content"] = [
+                _content_part(part, f"messages[{i}]", to_file, images, video_sampling) for part in content
+            ]
         elif content is not None and not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
         calls = m.get("tool_calls")
@@ -295,7 +325,13 @@ def template_messages(
     return out, images
 
 
-def _content_part(part: Any, where: str, to_file: Callable[[Any, int], str], images: list[str]) -> dict:
+def _content_part(
+    part: Any,
+    where: str,
+    to_file: Callable[..., str],
+    images: list[Any],
+    video_sampling: tuple[float | None, int | None] = (None, None),
+) -> dict:
     if not isinstance(part, dict):
         raise bad_request(f"{where}: a content part must be an object", "messages")
     kind = part.get("type")
@@ -307,7 +343,17 @@ def _content_part(part: Any, where: str, to_file: Callable[[Any, int], str], ima
         path = to_file(url, len(images))
         images.append(path)
         return {"type": "image", "image": path}
-    raise bad_request(f"{where}: content part type {kind!r} is not supported (text, image_url)", "messages")
+    if kind == "video_url":
+        from ..runtime.video import Video
+
+        url = part.get("video_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        path = to_file(url, len(images), "video")
+        images.append(Video(path, *video_sampling))
+        return {"type": "video", "video": path}
+    raise bad_request(
+        f"{where}: content part type {kind!r} is not supported (text, image_url, video_url)", "messages"
+    )
 
 
 def _tool_call(call: Any, where: str) -> dict:

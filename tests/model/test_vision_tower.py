@@ -20,6 +20,7 @@ from qwen35_lite.weights.checkpoint import Checkpoint
 from qwen35_lite.weights.config import load_config
 
 IMAGE, START, END = 248056, 248053, 248054
+VIDEO = 248057
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,28 @@ def test_positions_match_get_rope_index(ref32):
     assert positions.dtype == torch.long and positions.shape == (3, len(expanded))
     assert torch.equal(positions, ref_pos[:, 0])
     assert delta == int(ref_delta) and delta < 0
+
+
+def test_video_positions_match_get_rope_index(ref32):
+    """An image, then a video of 3 temporal groups (timestamps between them) and one of 2: each group is
+    its own (1, h, w) block, as get_rope_index splits video_grid_thw."""
+    from qwen35_lite.model.vision.video import expand_video_placeholders, video_placeholder_ids
+
+    image_grid, video_grid = torch.tensor([[1, 4, 6]]), [(3, 4, 4), (2, 6, 2)]
+    ids = [11, START, IMAGE, END, 22, START, VIDEO, END, 33, START, VIDEO, END, 44]
+    expanded = expand_image_placeholders(ids, image_grid, IMAGE, 2)
+    stamp = lambda text: [900 + len(text)]  # noqa: E731  (a timestamp's tokens: any text ids)
+    clips = [video_placeholder_ids(g, [0.5, 1.5, 2.5], 2, stamp, VIDEO, START, END) for g in video_grid]
+    expanded = expand_video_placeholders(expanded, clips, VIDEO)
+    assert expanded.count(VIDEO) == 3 * 4 + 2 * 3
+    positions, delta = mrope_positions(expanded, image_grid, IMAGE, 2, video_grid, VIDEO)
+    input_ids = torch.tensor([expanded])
+    mm_types = (input_ids == IMAGE).int() + 2 * (input_ids == VIDEO).int()
+    ref_pos, ref_delta = ref32.model.get_rope_index(
+        input_ids, mm_types, image_grid_thw=image_grid, video_grid_thw=torch.tensor(video_grid)
+    )
+    assert torch.equal(positions, ref_pos[:, 0])
+    assert delta == int(ref_delta)
 
 
 def test_positions_text_only():

@@ -1,4 +1,4 @@
-"""Images in prompts: loading and preprocessing, the vision tower, placeholder expansion and 3-D positions."""
+"""Images and video frames in prompts: preprocessing, the vision tower, placeholder expansion and 3-D positions."""
 
 from .positions import expand_image_placeholders, mrope_positions, scatter_image_features, tokens_per_image
 from .preprocess import ImageProcessorConfig, load_image, preprocess, smart_resize, to_rgb

@@ -65,39 +65,49 @@ def mrope_positions(
     image_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None,
     image_token_id: int,
     spatial_merge_size: int,
+    video_grid_thw: torch.Tensor | Sequence[Sequence[int]] | None = None,
+    video_token_id: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Expanded prompt ids -> (positions int64 [3, T] rows (t, h, w), rope_delta).
 
     A text token takes (cur, cur, cur) and advances cur by 1. The k-th image's block of
     t * gh/m * gw/m tokens takes, in raster order over (frame, row, col), (cur + frame, cur + row,
     cur + col); afterwards cur advances by max(gh, gw) / m (the frame count is not added).
+    A video's grid (t, gh, gw) is split into t grids (1, gh, gw), one per temporal group (its
+    timestamps separate them in the prompt), each a block like an image's, as get_rope_index does.
     rope_delta = max(position) + 1 - T, used for every later token (see the module docstring).
     """
     ids = _as_list(input_ids)
-    grids = _grid_list(image_grid_thw)
     m = spatial_merge_size
+    blocks = {image_token_id: _grid_list(image_grid_thw)}
+    if video_token_id is not None:
+        blocks[video_token_id] = [(1, h, w) for t, h, w in _grid_list(video_grid_thw) for _ in range(t)]
+    used = dict.fromkeys(blocks, 0)
     rows: list[torch.Tensor] = []
-    cur, i, k = 0, 0, 0
+    cur, i = 0, 0
     while i < len(ids):
-        if ids[i] != image_token_id:
+        if ids[i] not in blocks:
             j = i
-            while j < len(ids) and ids[j] != image_token_id:
+            while j < len(ids) and ids[j] not in blocks:
                 j += 1
             rows.append(torch.arange(cur, cur + j - i).expand(3, -1))  # [3, run]
             cur += j - i
             i = j
             continue
-        if k >= len(grids):
+        tok = ids[i]
+        kind = "image" if tok == image_token_id else "video"
+        k = used[tok]
+        if k >= len(blocks[tok]):
             raise InputError(
-                "the prompt has more image tokens than the images given produce",
-                "do not type <|image_pad|> in the prompt; attach images with --image",
+                f"the prompt has more {kind} tokens than the {kind}s given produce",
+                f"do not type <|{kind}_pad|> in the prompt; attach {kind}s with --{kind}",
             )
-        t, gh, gw = grids[k]
-        n = tokens_per_image(grids[k], m)
-        if ids[i : i + n] != [image_token_id] * n:
+        t, gh, gw = blocks[tok][k]
+        n = tokens_per_image(blocks[tok][k], m)
+        if ids[i : i + n] != [tok] * n:
             raise InputError(
-                f"image {k + 1} needs {n} consecutive image tokens in the prompt",
-                "expand placeholders with expand_image_placeholders before computing positions",
+                f"{kind} block {k + 1} needs {n} consecutive {kind} tokens in the prompt",
+                "expand placeholders before computing positions",
             )
         frame, row, col = torch.meshgrid(
             torch.arange(t), torch.arange(gh // m), torch.arange(gw // m), indexing="ij"
@@ -105,12 +115,14 @@ def mrope_positions(
         rows.append(torch.stack([frame, row, col]).reshape(3, -1) + cur)  # [3, n]
         cur += max(gh, gw) // m
         i += n
-        k += 1
-    if k != len(grids):
-        raise InputError(
-            f"{len(grids)} image(s) given but the prompt has image tokens for only {k}",
-            "give one image per <|image_pad|> placeholder",
-        )
+        used[tok] = k + 1
+    for tok, grids in blocks.items():
+        if used[tok] != len(grids):
+            kind = "image" if tok == image_token_id else "video frame group"
+            raise InputError(
+                f"{len(grids)} {kind}(s) given but the prompt has tokens for only {used[tok]}",
+                "give one image per <|image_pad|> and one video per <|video_pad|> placeholder",
+            )
     if not rows:
         return torch.zeros(3, 0, dtype=torch.long), 0
     positions = torch.cat(rows, dim=1)  # [3, T]
