@@ -496,7 +496,16 @@ def create_app(
     register_responses(
         app,
         Pipeline(
-            model_id, authorize, prepare_chat, launch, collect, relay, deltas, worker.prefix, error_body
+            model_id,
+            authorize,
+            prepare_chat,
+            launch,
+            collect,
+            relay,
+            deltas,
+            worker.prefix,
+            error_body,
+            logprobs_body,
         ),
     )
     return app

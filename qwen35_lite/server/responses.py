@@ -44,6 +44,7 @@ class Pipeline:
     deltas: Callable  # (Job, ReplyText, Outcome) -> AsyncIterator[Delta]
     prefix: PrefixCache
     error_body: Callable[[Exception], dict]
+    logprobs: Callable  # (ChatRequest, kind, Delta, offset) -> the chat `logprobs` body, or None
 
 
 @dataclass
@@ -104,7 +105,13 @@ def register_responses(app: FastAPI, pipe: Pipeline) -> None:
         if isinstance(launched, Response):
             return launched
         outcome, done = launched
-        output = Output(skeleton(req, pipe.model_id, job.params))
+        shape = None
+        if chat.logprob_count() is not None:  # output_text.logprobs: Chat Completions' content entries
+
+            def shape(entries: list) -> list[dict]:
+                return pipe.logprobs(chat, "chat", Delta(logprobs=entries), 0)["content"]
+
+        output = Output(skeleton(req, pipe.model_id, job.params), shape)
 
         def finish() -> dict:
             reason = finish_reason(outcome.finished.reason, reply.stopped, output.saw_calls)
@@ -193,12 +200,14 @@ class Output:
     whitespace alone never opens a message; at the end of the reply it is the message's."""
 
     response: dict
+    shape_logprobs: Callable[[list], list[dict]] | None = None  # TokenLogprobs -> output_text entries
     events: list[dict] = field(default_factory=list)
     saw_calls: bool = False
     _seq: int = 0
     _open: dict | None = None  # the item being written
     _call_index: dict[int, dict] = field(default_factory=dict)  # tool-call delta index -> its item
     _held: str = ""  # whitespace not yet given to a message
+    _held_logprobs: list[dict] = field(default_factory=list)  # entries of answer tokens not yet sent
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -215,6 +224,8 @@ class Output:
     def feed(self, delta: Delta) -> list[dict]:
         if delta.reasoning:
             self._text("reasoning", delta.reasoning)
+        if delta.logprobs and self.shape_logprobs is not None:
+            self._held_logprobs += self.shape_logprobs(delta.logprobs)
         if delta.content:
             self._content(delta.content)
         for call in delta.tool_calls:
@@ -263,7 +274,10 @@ class Output:
         part = item["content"][0]
         part["text"] += text
         name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
-        extra = {"logprobs": []} if kind == "message" else {}
+        extra = {}
+        if kind == "message":  # the entries of the tokens this text came from
+            extra["logprobs"], self._held_logprobs = self._held_logprobs, []
+            part["logprobs"] += extra["logprobs"]
         self._emit(name, item_id=item["id"], output_index=self._index(), content_index=0, delta=text, **extra)
 
     def _start(self, kind: str) -> None:

@@ -160,6 +160,39 @@ def test_a_string_input_with_thinking_off_is_the_chat_reply(server, monkeypatch)
     assert [item.type for item in r.output] == ["message"]
 
 
+def test_top_logprobs_are_the_chat_replys_streamed_or_not(server):
+    """output_text.logprobs carry what Chat Completions returns for the same request (the same fp32
+    logits), in the final response and, summed over its delta events, in the stream."""
+    client = server.client()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    expected = chat(client, messages=messages, extra_body=NO_THINK, logprobs=True, top_logprobs=2)
+    want = [
+        (e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in expected.choices[0].logprobs.content
+    ]
+    body = dict(
+        model="tiny",
+        instructions=SYSTEM,
+        input=QUESTION,
+        reasoning=NO_THINKING,
+        max_output_tokens=8,
+        temperature=0,
+        top_logprobs=2,
+    )
+    r = client.responses.create(**body)
+    part = r.output[-1].content[0]
+    got = [(e.token, e.logprob, [t.token for t in e.top_logprobs]) for e in part.logprobs]
+    assert len(want) == 8 and [(t, round(lp, 4), top) for t, lp, top in got] == [
+        (t, round(lp, 4), top) for t, lp, top in want
+    ]
+    streamed = [
+        e.token
+        for ev in client.responses.create(**body, stream=True)
+        if ev.type == "response.output_text.delta"
+        for e in ev.logprobs
+    ]
+    assert streamed == [t for t, _, _ in want]
+
+
 # ---- streaming --------------------------------------------------------------------------------------
 
 
