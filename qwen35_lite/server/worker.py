@@ -227,10 +227,13 @@ class Prompt:
         )
 
 
-def image_key(paths: list[str]) -> str:
-    """A hash of the images' bytes, in order: equal placeholder ids do not mean equal pictures."""
+def image_key(paths: list) -> str:
+    """A hash of the images' and videos' bytes, in order, and of each video's sampling (fps, max_frames):
+    equal placeholder ids do not mean equal pictures or equal frames."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(Path(path).expanduser().read_bytes())
+        if hasattr(path, "fps"):  # a runtime.video.Video: other sampling, other frames
+            digest.update(repr((path.fps, path.max_frames)).encode())
         digest.update(b"\0")
     return digest.hexdigest()

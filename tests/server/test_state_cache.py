@@ -196,3 +196,17 @@ def test_max_bytes_evicts_the_oldest_and_a_too_large_state_is_not_kept():
 def test_a_state_saved_under_other_ids_is_refused():
     with pytest.raises(ValueError, match="fed 5 tokens"):
         PrefixCache(BIG).save(_seq(4), _state(5))
+
+
+def test_a_videos_sampling_is_part_of_its_state_key(tmp_path):
+    """One clip sampled at another fps or max_frames gives other frames: its states must not match."""
+    from qwen35_lite.runtime.video import Video
+    from qwen35_lite.server.worker import image_key
+
+    clip = tmp_path / "c.mp4"
+    clip.write_bytes(b"not decoded here")
+    keys = {
+        image_key([Video(str(clip), fps, frames)]) for fps, frames in [(None, None), (1.0, None), (None, 8)]
+    }
+    assert len(keys) == 3
+    assert image_key([Video(str(clip), 1.0, None)]) == image_key([Video(str(clip), 1.0, None)])
