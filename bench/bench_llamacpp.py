@@ -29,7 +29,8 @@ One command does it all, each step skipped when its output is already in the cac
             decodes run after the 512-token prompt, which adds 512 keys to the 2 attention layers: well
             under 1% of a token's bytes here).
 Writes the "llama.cpp side by side" section of docs/benchmarks.md and CACHE/results.json (--steps picks
-steps: e.g. `--steps build`, `--steps greedy`, `--steps speed --rounds 1`).
+steps: e.g. `--steps build`, `--steps greedy`, `--steps speed --rounds 1 --pairs bf16`, `--steps report`;
+a speed run replaces the rows of the pairs it ran and keeps the others).
 
 Pairs (ours : llama.cpp): bf16 : BF16; int8 : Q8_0 (head q8_0); int4 g32 head int8 : Q4_0 (head q8_0);
 int4 g32 head bf16 : Q4_0 (head bf16). Ours is quantized with `--scope all` (every Linear layer but the
@@ -361,21 +362,20 @@ def greedy(cache: Path, bins: Path, threads: int, keep_f32: bool) -> dict:
 # ---- step 4: speed ---------------------------------------------------------------------------------------
 
 
-def pairs(scope_all: bool) -> list[tuple[str, str, str]]:
-    """(label, our checkpoint dir name, GGUF name)."""
-    if scope_all:
-        return [
-            ("bf16 : BF16", "hf-bf16", "bf16"),
-            ("int8 all, head int8 : Q8_0, head q8_0", "ours-int8", "q8_0"),
-            ("int4 g32 all, head int8 : Q4_0, head q8_0", "ours-int4-g32-h8", "q4_0-h8"),
-            ("int4 g32 all, head bf16 : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
-        ]
-    return [
-        ("bf16 : BF16", "hf-bf16", "bf16"),
-        ("int8 experts only (rest bf16) : Q8_0, head q8_0", "ours-int8", "q8_0"),
-        ("int4 g32 experts only (rest bf16) : Q4_0, head q8_0", "ours-int4-g32", "q4_0-h8"),
-        ("int4 g32 experts only (rest bf16) : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
-    ]
+def pairs(scope_all: bool) -> dict[str, tuple[str, str, str]]:
+    """key -> (label, our checkpoint dir name, GGUF name)."""
+    ours = "all" if scope_all else "experts only (rest bf16)"
+    int4 = "ours-int4-g32-h8" if scope_all else "ours-int4-g32"  # experts only: the head stays bf16
+    return {
+        "bf16": ("bf16 : BF16", "hf-bf16", "bf16"),
+        "int8": (f"int8 {ours}{', head int8' if scope_all else ''} : Q8_0, head q8_0", "ours-int8", "q8_0"),
+        "int4-h8": (
+            f"int4 g32 {ours}{', head int8' if scope_all else ''} : Q4_0, head q8_0",
+            int4,
+            "q4_0-h8",
+        ),
+        "int4-hbf16": (f"int4 g32 {ours}, head bf16 : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
+    }
 
 
 def ours_env() -> dict:
@@ -413,22 +413,25 @@ def llama_speed(bins: Path, gguf: Path, threads: int) -> dict:
     return {"pp": by["pp"], "tg": by["tg"]}
 
 
-def speed(cache: Path, bins: Path, threads: int, rounds: int, scope_all: bool) -> dict:
+def speed(cache: Path, bins: Path, threads: int, rounds: int, scope_all: bool, keys: list[str]) -> dict:
+    """label -> {"ours": [per round], "llama": [per round], "load_1min": [...], "seconds": s}."""
     models = cache / "models"
-    out: dict[str, dict] = {label: {"ours": [], "llama": []} for label, _, _ in pairs(scope_all)}
-    loads = []
+    chosen = [pairs(scope_all)[k] for k in keys]
+    out = {label: {"ours": [], "llama": [], "load_1min": [], "seconds": 0.0} for label, _, _ in chosen}
     for r in range(rounds):
-        for label, ours_dir, gguf in pairs(scope_all):
+        for label, ours_dir, gguf in chosen:
             sides = [("ours", ours_dir), ("llama", gguf)]
             for side, name in sides if r % 2 == 0 else sides[::-1]:
-                loads.append(os.getloadavg()[0])
+                out[label]["load_1min"].append(os.getloadavg()[0])
+                t = time.perf_counter()
                 if side == "ours":
                     res = ours_speed(models / name, threads)
                 else:
                     res = llama_speed(bins, models / f"llama-{name}.gguf", threads)
+                out[label]["seconds"] += time.perf_counter() - t
                 out[label][side].append(res)
                 log(f"round {r + 1} {label} {side}: pp512 {res['pp']:.1f} tg64 {res['tg']:.2f} tok/s")
-    return {"pairs": out, "load_1min": loads}
+    return out
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -440,6 +443,12 @@ def cpu_flags() -> str:
     return " ".join(shown) or "none of avx512f/avx512_bf16/amx"
 
 
+NO_AMX_NOTE = (
+    "built without AMX: GGML_NATIVE off, this CPU's AVX-512 (VBMI, VNNI, BF16) and AVX-VNNI named, GGML_AMX_* "
+    "off, since its AMX kernel died with SIGILL at `tileloadd` on this VM"
+)
+
+
 def report(res: dict) -> str:
     lines = [
         SECTION,
@@ -447,7 +456,7 @@ def report(res: dict) -> str:
         f"`python bench/bench_llamacpp.py --cache DIR --threads {res['threads']} --rounds {res['rounds']}` on "
         f"{res['date']}: {res['cpu']} ({os.cpu_count()} cores; {res['flags']}), torch {res['torch']}, "
         f"llama.cpp {res['llama_commit']} (vendored in the llama-cpp-python 0.3.36 sdist; "
-        f"{'GGML_AMX_* off' if res['no_amx'] else 'GGML_NATIVE, AMX on'}), {res['threads']} threads both sides.",
+        f"{NO_AMX_NOTE if res['no_amx'] else 'GGML_NATIVE, AMX on'}), {res['threads']} threads both sides.",
         "",
         f"Synthetic Qwen3.5-MoE ({res['ckpt_gb']:.1f} GB bf16: hidden 1024, 8 layers, 512 experts top-10, "
         "expert width 128, vocab 248,320). pp512: one 512-token prompt; tg64: 64 single-token decodes "
@@ -463,29 +472,31 @@ def report(res: dict) -> str:
             + ("." if g["first_diff"] is None else f" (first difference at token {g['first_diff']})."),
             "",
         ]
-    if "speed" in res:
-        sp = res["speed"]
+    if res.get("speed"):
         lines += [
-            "| ours : llama.cpp | ours tg64 | llama.cpp tg64 | tg ours/theirs | ours pp512 | llama.cpp pp512 "
-            "| pp ours/theirs |",
-            "|---|---|---|---|---|---|---|",
+            "| ours : llama.cpp | rounds | ours tg64 | llama.cpp tg64 | tg ours/theirs | ours pp512 | llama.cpp "
+            "pp512 | pp ours/theirs |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for label, sides in sp["pairs"].items():
+        loads, seconds = [], 0.0
+        for label, sides in res["speed"].items():
             m = {
-                s: {k: statistics.median(r[k] for r in runs) for k in ("tg", "pp")}
-                for s, runs in sides.items()
+                s: {k: statistics.median(r[k] for r in sides[s]) for k in ("tg", "pp")}
+                for s in ("ours", "llama")
             }
             o, t = m["ours"], m["llama"]
             lines.append(
-                f"| {label} | {o['tg']:.1f} | {t['tg']:.1f} | **{o['tg'] / t['tg']:.2f}x** | {o['pp']:.0f} | "
-                f"{t['pp']:.0f} | **{o['pp'] / t['pp']:.2f}x** |"
+                f"| {label} | {len(sides['ours'])} | {o['tg']:.1f} | {t['tg']:.1f} | **{o['tg'] / t['tg']:.2f}x** "
+                f"| {o['pp']:.0f} | {t['pp']:.0f} | **{o['pp'] / t['pp']:.2f}x** |"
             )
-        ld = sp["load_1min"]
+            loads += sides["load_1min"]
+            seconds += sides["seconds"]
+        busy = max(loads) > 1.5 * res["threads"]
         lines += [
             "",
-            f"Load (1-minute average at each run's start): median {statistics.median(ld):.1f}, max "
-            f"{max(ld):.1f} on {os.cpu_count()} cores"
-            + (" (a shared machine: other jobs ran beside)." if max(ld) > 1.5 * res["threads"] else "."),
+            f"The runs took {seconds / 60:.0f} min. Load (1-minute average at each run's start): median "
+            f"{statistics.median(loads):.1f}, max {max(loads):.1f} on {os.cpu_count()} cores"
+            + (" (a shared machine: other jobs ran beside, so the figures are noisy)." if busy else "."),
         ]
     if not res.get("llama_tools", True):
         lines += [
@@ -541,11 +552,18 @@ def main() -> None:
                     help="where the sdist, the build and the checkpoints go (~27 GB)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    ap.add_argument("--no-amx", action="store_true", help="build llama.cpp with GGML_AMX_* off")
+    ap.add_argument("--steps", nargs="+", choices=[*STEPS, "report"], default=list(STEPS),
+                    help="report: only rewrite the docs section from CACHE/results.json")  # fmt: skip
+    ap.add_argument(
+        "--no-amx",
+        action="store_true",
+        help="build llama.cpp without AMX (for VMs where it dies with SIGILL)",
+    )
     ap.add_argument("--lib-only", action="store_true",
                     help="build libllama alone (not llama-bench/llama-quantize and their `common` library): "
                     "bench/llamacpp_tool.cpp's bench and quantize modes stand in")  # fmt: skip
+    ap.add_argument("--pairs", nargs="+", choices=list(pairs(True)), default=list(pairs(True)),
+                    help="which pairs the speed step runs")  # fmt: skip
     ap.add_argument("--keep-f32", action="store_true", help="keep the 8.6 GB f32 GGUF")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
@@ -558,6 +576,9 @@ def main() -> None:
     cache = args.cache.expanduser().resolve()
     results_file = cache / "results.json"
     res = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if args.steps == ["report"]:
+        write_section(args.out, report(res))
+        return
     no_amx = args.no_amx or res.get("no_amx", False)  # a SIGILL seen before is remembered
     bins = build(cache, no_amx, args.lib_only)
     src = source_dir(cache)
@@ -577,9 +598,11 @@ def main() -> None:
         res["greedy"] = greedy(cache, bins, args.threads, args.keep_f32)
         log(f"greedy f32: {res['greedy']['agree']}/{res['greedy']['n']} agree")
     if "speed" in args.steps:
-        t = time.perf_counter()
-        res["speed"] = speed(cache, bins, args.threads, args.rounds, scope_all)
-        res["speed"]["seconds"] = round(time.perf_counter() - t)
+        # pairs run now replace their earlier rows; the others are kept (a subset can be rerun alone)
+        res["speed"] = {
+            **res.get("speed", {}),
+            **speed(cache, bins, args.threads, args.rounds, scope_all, args.pairs),
+        }
     results_file.write_text(json.dumps(res, indent=1))
     text = report(res)
     write_section(args.out, text)
