@@ -364,17 +364,19 @@ def greedy(cache: Path, bins: Path, threads: int, keep_f32: bool) -> dict:
 
 def pairs(scope_all: bool) -> dict[str, tuple[str, str, str]]:
     """key -> (label, our checkpoint dir name, GGUF name)."""
-    ours = "all" if scope_all else "experts only (rest bf16)"
-    int4 = "ours-int4-g32-h8" if scope_all else "ours-int4-g32"  # experts only: the head stays bf16
+    if scope_all:
+        return {
+            "bf16": ("bf16 : BF16", "hf-bf16", "bf16"),
+            "int8": ("int8 all, head int8 : Q8_0, head q8_0", "ours-int8", "q8_0"),
+            "int4-h8": ("int4 g32 all, head int8 : Q4_0, head q8_0", "ours-int4-g32-h8", "q4_0-h8"),
+            "int4-hbf16": ("int4 g32 all, head bf16 : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
+        }
+    only = "experts only (rest and head bf16)"  # a checkout without --scope all: no int8 head either
     return {
         "bf16": ("bf16 : BF16", "hf-bf16", "bf16"),
-        "int8": (f"int8 {ours}{', head int8' if scope_all else ''} : Q8_0, head q8_0", "ours-int8", "q8_0"),
-        "int4-h8": (
-            f"int4 g32 {ours}{', head int8' if scope_all else ''} : Q4_0, head q8_0",
-            int4,
-            "q4_0-h8",
-        ),
-        "int4-hbf16": (f"int4 g32 {ours}, head bf16 : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
+        "int8": (f"int8 {only} : Q8_0, head q8_0", "ours-int8", "q8_0"),
+        "int4-h8": (f"int4 g32 {only} : Q4_0, head q8_0", "ours-int4-g32", "q4_0-h8"),
+        "int4-hbf16": (f"int4 g32 {only} : Q4_0, head bf16", "ours-int4-g32", "q4_0-hbf16"),
     }
 
 
@@ -414,12 +416,18 @@ def llama_speed(bins: Path, gguf: Path, threads: int) -> dict:
 
 
 def speed(cache: Path, bins: Path, threads: int, rounds: int, scope_all: bool, keys: list[str]) -> dict:
-    """label -> {"ours": [per round], "llama": [per round], "load_1min": [...], "seconds": s}."""
+    """ "threads:label" -> {"label", "threads", "ours": [per round], "llama": [per round], "load_1min": [...],
+    "seconds"}: a pair measured at another thread count is a row of its own."""
     models = cache / "models"
     chosen = [pairs(scope_all)[k] for k in keys]
-    out = {label: {"ours": [], "llama": [], "load_1min": [], "seconds": 0.0} for label, _, _ in chosen}
+    out = {
+        f"{threads}:{label}": {"label": label, "threads": threads, "ours": [], "llama": [], "load_1min": [],
+                               "seconds": 0.0}
+        for label, _, _ in chosen
+    }  # fmt: skip
     for r in range(rounds):
         for label, ours_dir, gguf in chosen:
+            label = f"{threads}:{label}"
             sides = [("ours", ours_dir), ("llama", gguf)]
             for side, name in sides if r % 2 == 0 else sides[::-1]:
                 out[label]["load_1min"].append(os.getloadavg()[0])
@@ -430,7 +438,9 @@ def speed(cache: Path, bins: Path, threads: int, rounds: int, scope_all: bool, k
                     res = llama_speed(bins, models / f"llama-{name}.gguf", threads)
                 out[label]["seconds"] += time.perf_counter() - t
                 out[label][side].append(res)
-                log(f"round {r + 1} {label} {side}: pp512 {res['pp']:.1f} tg64 {res['tg']:.2f} tok/s")
+                log(
+                    f"round {r + 1} {label} ({threads} threads) {side}: pp512 {res['pp']:.1f} tg64 {res['tg']:.2f} tok/s"
+                )
     return out
 
 
@@ -453,10 +463,10 @@ def report(res: dict) -> str:
     lines = [
         SECTION,
         "",
-        f"`python bench/bench_llamacpp.py --cache DIR --threads {res['threads']} --rounds {res['rounds']}` on "
+        "`python bench/bench_llamacpp.py --cache DIR [--threads N]` (see its docstring) on "
         f"{res['date']}: {res['cpu']} ({os.cpu_count()} cores; {res['flags']}), torch {res['torch']}, "
         f"llama.cpp {res['llama_commit']} (vendored in the llama-cpp-python 0.3.36 sdist; "
-        f"{NO_AMX_NOTE if res['no_amx'] else 'GGML_NATIVE, AMX on'}), {res['threads']} threads both sides.",
+        f"{NO_AMX_NOTE if res['no_amx'] else 'GGML_NATIVE, AMX on'}), the same threads on both sides (the table's column).",
         "",
         f"Synthetic Qwen3.5-MoE ({res['ckpt_gb']:.1f} GB bf16: hidden 1024, 8 layers, 512 experts top-10, "
         "expert width 128, vocab 248,320). pp512: one 512-token prompt; tg64: 64 single-token decodes "
@@ -474,30 +484,35 @@ def report(res: dict) -> str:
         ]
     if res.get("speed"):
         lines += [
-            "| ours : llama.cpp | rounds | ours tg64 | llama.cpp tg64 | tg ours/theirs | ours pp512 | llama.cpp "
-            "pp512 | pp ours/theirs |",
-            "|---|---|---|---|---|---|---|---|",
+            "| ours : llama.cpp | threads | rounds | ours tg64 | llama.cpp tg64 | tg ours/theirs | ours pp512 | "
+            "llama.cpp pp512 | pp ours/theirs |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         loads, seconds = [], 0.0
-        for label, sides in res["speed"].items():
+        for key, sides in sorted(res["speed"].items(), key=lambda kv: (-kv[1].get("threads", 0), kv[0])):
+            label, threads = sides.get("label", key), sides.get("threads", res["threads"])
             m = {
                 s: {k: statistics.median(r[k] for r in sides[s]) for k in ("tg", "pp")}
                 for s in ("ours", "llama")
             }
             o, t = m["ours"], m["llama"]
             lines.append(
-                f"| {label} | {len(sides['ours'])} | {o['tg']:.1f} | {t['tg']:.1f} | **{o['tg'] / t['tg']:.2f}x** "
+                f"| {label} | {threads} | {len(sides['ours'])} | {o['tg']:.1f} | {t['tg']:.1f} | **{o['tg'] / t['tg']:.2f}x** "
                 f"| {o['pp']:.0f} | {t['pp']:.0f} | **{o['pp'] / t['pp']:.2f}x** |"
             )
             loads += sides["load_1min"]
             seconds += sides["seconds"]
-        busy = max(loads) > 1.5 * res["threads"]
+        busy = max(loads) > 0.75 * (os.cpu_count() or 1)
         lines += [
             "",
             f"The runs took {seconds / 60:.0f} min. Load (1-minute average at each run's start): median "
             f"{statistics.median(loads):.1f}, max {max(loads):.1f} on {os.cpu_count()} cores"
             + (" (a shared machine: other jobs ran beside, so the figures are noisy)." if busy else "."),
         ]
+    for note in res.get(
+        "notes", []
+    ):  # hand-written in CACHE/results.json: what a run saw that the table does not
+        lines += ["", note]
     if not res.get("llama_tools", True):
         lines += [
             "",
