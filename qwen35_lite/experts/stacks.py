@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .layout import stack_parts
 
-__all__ = ["StackedDequantised", "StackedExperts", "StackedKernel", "stack_parts"]
+__all__ = ["StackedDequantised", "StackedExperts", "StackedKernel", "one_row_by", "stack_parts"]
 
 GROUPED_MM = hasattr(torch, "_grouped_mm")
 GROUP_COST_BYTES = (
@@ -127,3 +127,16 @@ class StackedKernel(StackedExperts):
     def rows(self, x: torch.Tensor, slots: Sequence[int]) -> torch.Tensor:
         """Slots on the host: each expert straight from its slot's views, no copy."""
         return torch.cat([self.ffn(x, *(p[s] for p in self.parts)) for s in slots])
+
+
+def one_row_by(stack: Callable, expert: Callable) -> Callable:
+    """One expert bound alone (the uncached provider, a prefill's experts) that runs a single row as
+    `stack` runs its slot 0 and more rows as `expert`: a decode step then does the same arithmetic
+    whether the expert sat in a cache slot (run by the layer's stack) or was read for this step alone,
+    so where an expert lives never changes the tokens (a C kernel's fp32 sums differ from torch's)."""
+    zero = torch.zeros(1, dtype=torch.int64)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return stack(x, zero) if x.shape[0] == 1 else expert(x)
+
+    return run

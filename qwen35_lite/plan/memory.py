@@ -94,6 +94,7 @@ class MemoryPlan:
     )
     expert_format: str = ""  # experts.formats: how a routed expert is encoded in its slots
     decode_gather: int = 0  # a decode step's stacked experts (ExpertFormat.gather_nbytes)
+    prefill_expert: int = 0  # one expert dequantised for a prefill block's rows (ExpertFormat.prefill_nbytes)
     expert_disk_bytes: int = 0
     slot_bytes: int = 0
     moe_layers: int = 0
@@ -183,6 +184,7 @@ class MemoryPlan:
             plan.staging_bytes = 2 * fmt.staging_nbytes
             plan.experts_by_linear = not fmt.uses_cpu_kernel
             plan.decode_gather = fmt.gather_nbytes(cfg.num_experts_per_tok)
+            plan.prefill_expert = fmt.prefill_nbytes()
         plan.prefill_block = plan._prefill_block(ctx)
         plan.kv_bytes, plan.activations = plan._context_bytes(ctx)
         plan.state_bytes = deltanet_state_bytes(cfg, dtype)
@@ -361,7 +363,7 @@ class MemoryPlan:
         steps = -(-ctx // KV_STEP) * KV_STEP
         kv = self.kv_per_token * steps + self.kv_per_token // n_full * steps  # + one layer's regrowth copy
         act = max(
-            self._activations(min(block, ctx), ctx),
+            self._activations(min(block, ctx), ctx) + self.prefill_expert,
             self._activations(1, ctx) + self.decode_gather,
         )
         return kv, act + self.dequant_bytes

@@ -15,6 +15,14 @@ from qwen35_lite.experts.slots import SlotTier
 from qwen35_lite.weights.fp8 import FP8_CONFIG
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def kernel_asked_for(monkeypatch):
+    """The FP8 CPU kernel is opt-in (experts/formats/fp8.py KERNEL_ENV): these tests ask for it."""
+    monkeypatch.setenv("QWEN35_LITE_FP8_CPU_KERNEL", "1")
+
+
 needs_kernel = pytest.mark.skipif(not fp8_cpu.available(256, 128), reason="no C compiler: fallback path only")
 
 

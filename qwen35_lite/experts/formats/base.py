@@ -109,6 +109,12 @@ class ExpertFormat:
         matrices gathered; formats dequantised per use also their raw bytes and fp32 intermediates)."""
         return 0
 
+    def prefill_nbytes(self) -> int:
+        """What one expert run on a prefill block's rows holds besides the activations: the expert
+        dequantised for the call, where the format dequantises per call (formats whose slots hold dense
+        weights: nothing)."""
+        return 0
+
     def raw_views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         return [p.view(buf) for p in self.raw]
 

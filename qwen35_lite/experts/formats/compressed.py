@@ -251,6 +251,15 @@ class PackedFormat(ExpertFormat):
         # kernel: one expert's slot copied out at a time (StackedKernel with slots on the device)
         return self.slot_nbytes if self.kernel else dequantised_gather(self, top_k)
 
+    def prefill_nbytes(self) -> int:
+        # kernel formats dequantise an expert run on many rows (int4.kernel_dense): the dense gate_up and
+        # down in the compute dtype, and the unpacking's byte and compute-dtype copies of the larger one;
+        # the others dequantise every call, as a one-expert gather
+        if not self.kernel:
+            return dequantised_gather(self, 1)
+        big = 2 * self.I * self.D
+        return 3 * self.I * self.D * self.dtype.itemsize + big * (3 + self.dtype.itemsize)
+
     # ---- writing (the `quantize` command) ----
 
     @classmethod

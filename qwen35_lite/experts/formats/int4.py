@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...weights.packed import pack_int4, unpack_int4
-from ..stacks import StackedExperts, StackedKernel
+from ..stacks import StackedExperts, StackedKernel, one_row_by
 from . import compressed, int4_cpu
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
@@ -173,7 +173,9 @@ class Int4Format(PackedFormat):
         if not self.kernel:
             return super().bind(slot)
         parts = [p.view(slot) for p in self.slot]
-        return lambda x: kernel_ffn(x, *parts)
+        stack = self.stack(slot, 1, slot.numel())
+        expert = lambda x: kernel_ffn(x, *parts)  # noqa: E731
+        return one_row_by(stack, expert) if isinstance(stack, int4_cpu.StackedInt4Cpu) else expert
 
     def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
         return StackedKernel(parts, kernel_ffn)
