@@ -142,6 +142,7 @@ def generate(
     thinking = req.start_in_thinking
     generated: list[int] = []
     reason, unfed, ttft = "length", [], None
+    fed = 0  # decode forward passes: the time after the first token is theirs (the last one's too)
     while len(generated) < req.max_new_tokens:
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
@@ -168,11 +169,11 @@ def generate(
             break
         logits = model.forward(cache, ids=torch.tensor([token]))[-1].float()
         cache.token_ids.append(token)
+        fed += 1
     tail = decoder.flush()
     if tail:
         yield TokenEvent(-1, tail, thinking)
     total = time.perf_counter() - t0
-    n_decoded = max(len(generated) - 1, 0)  # the first token comes from prefill
     decode_s = total - (ttft or total)
     stats = {
         "prompt_tokens": len(req.prompt_ids),
@@ -180,7 +181,7 @@ def generate(
         "prefill_s": round(t_prefill, 4),
         "prefill_tok_s": round(len(req.prompt_ids) / t_prefill, 2) if t_prefill > 0 else None,
         "decode_s": round(decode_s, 4),
-        "decode_tok_s": round(n_decoded / decode_s, 2) if decode_s > 0 and n_decoded else None,
+        "decode_tok_s": round(fed / decode_s, 2) if decode_s > 0 and fed else None,
         "ttft_s": round(ttft, 4) if ttft is not None else None,
         "context_tokens": cache.offset,
         **peak_memory(model.device),
