@@ -71,23 +71,8 @@ class ImageProcessorConfig:
     @classmethod
     def from_dir(cls, model_dir: Path | str) -> ImageProcessorConfig:
         """Read `preprocessor_config.json` (or the `image_processor` part of `processor_config.json`)."""
-        model_dir = Path(model_dir)
-        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            path = model_dir / name
-            if not path.is_file():
-                continue
-            try:
-                d = json.loads(path.read_text())
-                if key is not None:
-                    d = d.get(key)
-                    if d is None:
-                        continue
-                return cls.from_dict(d)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
-                raise ConfigError(
-                    f"{name} in {model_dir} is malformed ({e})", "re-download the checkpoint"
-                ) from e
-        return cls()
+        files = (("preprocessor_config.json", None), ("processor_config.json", "image_processor"))
+        return read_processor_config(Path(model_dir), files, cls.from_dict) or cls()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -255,3 +240,24 @@ def preprocess(
         )
     pixel_values = torch.from_numpy(np.concatenate(patches, axis=0))
     return pixel_values, torch.tensor(grids, dtype=torch.long)
+
+
+def read_processor_config(model_dir: Path, files, from_dict):
+    """from_dict of the first of `files` ((file name, key or None for the whole file)) that the checkpoint
+    has and that holds the key; None when none does. A malformed one is a ConfigError naming it."""
+    for name, key in files:
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            d = json.loads(path.read_text())
+            if key is not None:
+                d = d.get(key)
+                if d is None:
+                    continue
+            return from_dict(d)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(
+                f"{name} in {model_dir} is malformed ({e})", "re-download the checkpoint"
+            ) from e
+    return None

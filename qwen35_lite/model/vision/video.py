@@ -19,7 +19,6 @@ The decoding itself (PyAV) is runtime/video.py's; nothing here reads a file but 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...errors import ConfigError, InputError
+from ...errors import InputError
+from .preprocess import read_processor_config
 
 CONFIG_FILES = (  # transformers' order: the nested processor config, the video one, then the image one
     ("processor_config.json", "video_processor"),
@@ -90,23 +90,7 @@ class VideoProcessorConfig:
         """The first of processor_config.json's `video_processor`, video_preprocessor_config.json and
         preprocessor_config.json that the checkpoint has (transformers' own order: a checkpoint without a
         video config gets its image config's values); the class defaults when it has none."""
-        model_dir = Path(model_dir)
-        for name, key in CONFIG_FILES:
-            path = model_dir / name
-            if not path.is_file():
-                continue
-            try:
-                d = json.loads(path.read_text())
-                if key is not None:
-                    d = d.get(key)
-                    if d is None:
-                        continue
-                return cls.from_dict(d)
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
-                raise ConfigError(
-                    f"{name} in {model_dir} is malformed ({e})", "re-download the checkpoint"
-                ) from e
-        return cls()
+        return read_processor_config(Path(model_dir), CONFIG_FILES, cls.from_dict) or cls()
 
 
 def sample_count(total: int, clip_fps: float | None, fps: float, cfg: VideoProcessorConfig) -> int:
