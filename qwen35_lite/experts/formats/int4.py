@@ -15,12 +15,13 @@ falls back to torch's when the layout of this torch build differs.
 
 from __future__ import annotations
 
-import functools
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ...kernels import int4 as kernel_int4
+from ...kernels.int4 import layout_matches_torch
 from ...weights.packed import pack_int4, unpack_int4
 from ..stacks import StackedExperts, StackedKernel, one_row_by
 from . import compressed, int4_cpu
@@ -31,7 +32,7 @@ BITS = 4
 Q_MIN, Q_MAX = compressed.q_range(BITS)
 OFFSET = 8  # stored nibble = q + OFFSET
 PER_WORD = 32 // BITS
-BLOCK_N = 64  # rows per block of the CPU kernel's layout
+BLOCK_N = kernel_int4.BLOCK_N  # rows per block of the CPU kernel's layout
 
 
 # ---- packing ----------------------------------------------------------------------------------------
@@ -71,39 +72,21 @@ def quantize_int4(
 # ---- torch's CPU int4 kernel layout -----------------------------------------------------------------
 
 
-def _direct_layout(packed: torch.Tensor) -> torch.Tensor:
-    b = packed.contiguous().view(torch.uint8)  # [N, K/2]
-    n, half = b.shape
-    rows = b.view(n // BLOCK_N, 2, BLOCK_N // 2, half)  # [NB, 2, 32, K/2]: rows j and 32 + j of a block
-    lo_rows, hi_rows = rows[:, 0], rows[:, 1]
-    out = torch.empty(n // BLOCK_N, half, 2, BLOCK_N // 2, dtype=torch.uint8)  # [NB, K/2, 2, 32]
-    by_row = out.permute(0, 3, 1, 2)  # [NB, 32, K/2, 2]: the same bytes, indexed like the inputs
-    # input column 2m sits in the low nibbles, 2m + 1 in the high ones; written straight into place
-    torch.bitwise_or(lo_rows & 0xF, hi_rows << 4, out=by_row[..., 0])
-    torch.bitwise_or(lo_rows >> 4, hi_rows & 0xF0, out=by_row[..., 1])
-    return out.view(n, half)
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] compressed-tensors packing -> its uint8 [N, K/2] bytes (little-endian nibbles: the
+    byte order kernels/int4.py converts)."""
+    return packed.contiguous().view(torch.uint8)
 
 
 def _torch_layout(packed: torch.Tensor) -> torch.Tensor:
-    u = unpack_int4(packed, 8 * packed.shape[1]).int() + OFFSET  # the stored nibbles q + 8
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-
-
-@functools.cache
-def layout_matches_torch() -> bool:
-    """Our byte conversion gives torch's layout (probed once on a random matrix)."""
-    g = torch.Generator().manual_seed(0)
-    packed = torch.randint(-(2**31), 2**31 - 1, (2 * BLOCK_N, 32), dtype=torch.int32, generator=g)
-    try:
-        return torch.equal(_direct_layout(packed), _torch_layout(packed))
-    except RuntimeError:
-        return False
+    return kernel_int4._torch_layout(_bytes(packed))
 
 
 def to_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K/8] compressed-tensors packing -> uint8 [N, K/2] in the CPU kernel's layout."""
-    if packed.shape[0] % BLOCK_N == 0 and layout_matches_torch():
-        return _direct_layout(packed)
+    """int32 [N, K/8] compressed-tensors packing -> uint8 [N, K/2] in the CPU kernel's layout (the
+    conversion the resident layers use, kernels/int4.py; torch's own where N is not whole blocks)."""
+    if packed.shape[0] % BLOCK_N == 0:
+        return kernel_int4.kernel_layout(_bytes(packed))
     return _torch_layout(packed)
 
 
