@@ -111,7 +111,7 @@ def test_info_on_the_397b_fp8_config_counts_fp8_slots(tmp_path):
 
 def test_a_kernel_that_cannot_be_built_is_none(monkeypatch, tmp_path):
     """No compiler, or a source that does not compile: None, and the callers take their torch path."""
-    from qwen35_lite.experts.formats.cbuild import build
+    from qwen35_lite.kernels.cbuild import build
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert build("broken", "this is not C;", "f", ("p",)) is None

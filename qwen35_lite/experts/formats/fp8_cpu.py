@@ -10,7 +10,7 @@ into an fp32 dot product with x, and each 128-column block's partial sum scaled 
 A decode step's A experts run in one call (one OpenMP region: gate_up rows, SwiGLU, down rows), the slot
 numbers read by the kernel from the device-side tensor: no host read, no copy of any weight.
 
-No compiler, a failed build (cbuild.py), or shapes that are not whole 128-blocks: `available()` is False
+No compiler, a failed build (kernels/cbuild.py), or shapes that are not whole 128-blocks: `available()` is False
 and the format keeps dequantising on entry (the path before).
 
 Legend: A = experts run, D = hidden, I = expert FFN width, B = 128 (block).
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...kernels.cbuild import build
 from ...weights.fp8 import FP8_BLOCK, dequantize_block
-from .cbuild import build
 
 SOURCE = r"""
 #include <stdint.h>
@@ -107,7 +107,7 @@ ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "p", "p", "p
 
 
 def library():
-    """The compiled kernel (cbuild.py), None without a compiler or when the build fails."""
+    """The compiled kernel (kernels/cbuild.py), None without a compiler or when the build fails."""
     return build("fp8_experts", SOURCE, "fp8_experts", ARGS)
 
 

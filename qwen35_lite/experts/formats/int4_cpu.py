@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .cbuild import build
+from ...kernels.cbuild import build
 
 SOURCE = r"""
 #include <stdint.h>
@@ -90,7 +90,7 @@ ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "i", "i", "p
 
 
 def library():
-    """The compiled kernel (cbuild.py), None without a compiler or when the build fails."""
+    """The compiled kernel (kernels/cbuild.py), None without a compiler or when the build fails."""
     return build("int4_experts", SOURCE, "int4_experts", ARGS)
 
 
