@@ -31,7 +31,7 @@ from ..convert.quantize import (
     default_group_size,
     quantize_checkpoint,
 )
-from ..convert.recipe import KEPT, Recipe
+from ..convert.recipe import KEPT, Recipe, head_scheme
 from ..errors import InputError
 from ..experts.formats import QuantScheme
 from ..weights.hub import resolve_model
@@ -87,7 +87,8 @@ def quantize(
         int | None,
         typer.Option(
             "--head-bits",
-            help="With --scope all: quantise lm_head too, e.g. 8 (W8A16). Default: lm_head kept as it is.",
+            help="With --scope all: quantise lm_head too, e.g. 8 (W8A16: int8, one scale a row). Default: lm_head "
+            "kept as it is.",
             show_default=False,
         ),
     ] = None,
@@ -134,7 +135,7 @@ def quantize(
     recipe = Recipe(
         scheme,
         resident=replace(scheme, bits=resident_bits or bits) if scope is Scope.all else None,
-        head=replace(scheme, bits=head_bits) if head_bits is not None else None,
+        head=head_scheme(scheme, head_bits),
     )
     bar = Progress(
         TextColumn("quantizing"),

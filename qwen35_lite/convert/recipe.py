@@ -87,6 +87,15 @@ class Recipe:
         return m["module"], (m["family"], m["proj"]), self.resident
 
 
+def head_scheme(scheme: QuantScheme, bits: int | None) -> QuantScheme | None:
+    """lm_head's scheme for `--head-bits`: at 8 bits compressed-tensors' W8A16 preset (one scale a row: the
+    248K-row head is most of a small model's bytes a token, and the per-channel int8 kernel streams it),
+    at 4 bits the experts' groups; None keeps it as it is."""
+    if bits is None:
+        return None
+    return replace(scheme, bits=8, group_size=None) if bits == 8 else replace(scheme, bits=bits)
+
+
 def per_channel_unless_divided(scheme: QuantScheme, in_features: int) -> QuantScheme:
     """`scheme` for a resident Linear of `in_features` inputs: per channel where its group does not divide."""
     if scheme.group_size and in_features % scheme.group_size:
