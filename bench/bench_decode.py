@@ -153,70 +153,6 @@ def main() -> None:
     print(text)
 
 
-CPU_GBS = 50.0  # reference box: what a CPU expert kernel can stream from dual-channel DDR5 (anchors §3.2)
-
-
-def projection_397b() -> list[str]:
-    """Qwen3.5-397B on the reference box (and with 256 GB of RAM), from the plan (uniform routing) and the
-    anchors' planning rates: copy-only (every miss copied to the GPU) against CPU and GPU together (the
-    GPU computes its hits, the CPU the rest: RAM slots, and disk misses once read into RAM)."""
-    from bench_formats import FP8_CONFIG, GPU_GBS, NVME_GBS, PCIE_GBS, W4_G128
-
-    from qwen35_lite.plan.memory import MemoryPlan
-    from qwen35_lite.plan.table import expert_split
-    from qwen35_lite.weights.config import TextConfig
-
-    cfg = TextConfig()
-    lookups = cfg.num_experts_per_tok * cfg.num_hidden_layers  # 600 experts a token
-    lines = [
-        "### Qwen3.5-397B, CPU and GPU together against copy-only, projected",
-        "",
-        "| experts | RAM | GPU / RAM slots | experts a token: GPU / RAM / disk | copy-only tok/s "
-        "(serial / overlapped) | CPU+GPU tok/s (serial / overlapped) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, qc, stored in (
-        ("bf16", None, torch.bfloat16),
-        ("fp8 block-128", FP8_CONFIG, torch.float8_e4m3fn),
-        ("int4 g128", W4_G128, torch.bfloat16),
-    ):
-        for ram in (110, 230):
-            plan = MemoryPlan.build(
-                cfg, device="cuda", dtype=torch.bfloat16, stored_dtype=stored,
-                raw_config={"quantization_config": qc} if qc else {}, gpu_mem=22.5, cpu_mem=ram, context=8192,
-            )  # fmt: skip
-            split = expert_split(plan)
-            slot, disk_b = plan.slot_bytes, plan.expert_disk_bytes
-            resident_s = plan.weights_gpu / (GPU_GBS * 1e9)
-            disk_s = lookups * split["disk"] * disk_b / (NVME_GBS * 1e9)
-            # copy-only: the GPU computes all 600; every miss crosses PCIe
-            gpu_all = resident_s + lookups * slot / (GPU_GBS * 1e9)
-            pcie_s = lookups * (1 - split["gpu"]) * slot / (PCIE_GBS * 1e9)
-            copy = (1 / (gpu_all + disk_s + pcie_s), 1 / max(gpu_all, disk_s, pcie_s))
-            # together: the GPU its hits, the CPU the others (after their disk reads when serial)
-            gpu_hits = resident_s + lookups * split["gpu"] * slot / (GPU_GBS * 1e9)
-            cpu_s = lookups * (1 - split["gpu"]) * slot / (CPU_GBS * 1e9)
-            both = (1 / max(gpu_hits, cpu_s + disk_s), 1 / max(gpu_hits, cpu_s, disk_s))
-            n = {k: round(lookups * v) for k, v in split.items()}
-            lines.append(
-                f"| {name} | {ram} GB | {plan.gpu_slots} / {plan.cpu_slots} | {n['gpu']} / {n['ram']} / "
-                f"{n['disk']} | {copy[0]:.2f} / {copy[1]:.2f} | {both[0]:.2f} / {both[1]:.2f} |"
-            )
-    lines += [
-        "",
-        f"Rates: GPU {GPU_GBS:g} GB/s (RTX 4090), PCIe {PCIE_GBS:g} GB/s (4.0 x16, pinned), NVMe {NVME_GBS:g} "
-        f"GB/s, CPU {CPU_GBS:g} GB/s (dual-channel DDR5: an expert kernel at memory speed); `--gpu-mem 22.5`, "
-        "`--cpu-mem` as shown, 8K context. Serial: the terms one after the other (CPU+GPU: the GPU beside "
-        "the CPU's reads and compute); overlapped: the slowest term alone. Planning rates, not measured here "
-        "(no GPU): the CPU term assumes a kernel at memory speed, which this code has for no format yet on "
-        "the CPU side of a GPU run (its RAM slots hold the GPU's format; see Expert formats (CPU) for "
-        "per-expert times). Where the disk dominates (110 GB) the two are alike; where RAM holds the experts "
-        "(230 GB) computing them in place beats copying them over PCIe by about DDR5 / PCIe.",
-        "",
-    ]
-    return lines
-
-
 def report(results: dict, path: Path, gbs: float, where: str, bf16: bool | None, args) -> str:
     from bench_offload import weight_bytes_per_token
 
@@ -271,7 +207,7 @@ def report(results: dict, path: Path, gbs: float, where: str, bf16: bool | None,
         )
         + ".",
         "",
-        *projection_397b(),
+        "The Qwen3.5-397B projection (CPU and GPU together against copy-only): `bench/bench_projection.py`.",
     ]
     return "\n".join(lines)
 

@@ -10,9 +10,7 @@
    experts in bf16, FP8 block-128 and int4 (our `quantize`, group 64: the expert width is 64) under the
    same RAM budget for expert slots: a quarter of the bf16 experts. Warm page cache; decode tok/s from
    the first generated token to the last, bytes read from the shards per token, slots per layer.
-3. Qwen3.5-397B on the reference box (RTX 4090 24 GB, 128 GB DDR5, PCIe 4.0 NVMe 6.5 GB/s), projected
-   per format from the memory plan (`info --device cuda --gpu-mem 22.5 --cpu-mem 110 --ctx 8192`) and
-   the rates above.
+(The Qwen3.5-397B projection per format is bench/bench_projection.py.)
 
 The figures go to the "Expert formats" section of docs/benchmarks.md (the rest of the file is kept).
 """
@@ -37,11 +35,10 @@ from qwen35_lite.convert.quantize import quantization_config, quantize_checkpoin
 from qwen35_lite.convert.synthetic import FP8_CONFIG, fp8_block_experts, write_checkpoint  # noqa: E402
 from qwen35_lite.experts.formats import expert_format, int4  # noqa: E402
 from qwen35_lite.plan.cpu_features import cpu_has_native_bf16  # noqa: E402
-from qwen35_lite.plan.memory import MemoryPlan  # noqa: E402
 from qwen35_lite.runtime.engine import Engine, EngineOptions  # noqa: E402
-from qwen35_lite.weights.config import TextConfig, load_config  # noqa: E402
+from qwen35_lite.weights.config import load_config  # noqa: E402
 
-NVME_GBS, PCIE_GBS, GPU_GBS = 6.5, 25.0, 1008.0  # reference box: NVMe read, PCIe 4.0 x16 copies, 4090 memory
+NVME_GBS = 6.5  # reference box: NVMe read
 D397, I397 = 4096, 1024
 W4_G128 = quantization_config(int4.QuantScheme(group_size=128, symmetric=True))  # as `quantize` writes it
 FORMATS = {  # name -> (quantization_config, device the format is chosen for)
@@ -155,48 +152,7 @@ def decode(paths: dict[str, Path], n_new: int, prompt: int) -> list[dict]:
     return rows
 
 
-def projection() -> list[dict]:
-    """Qwen3.5-397B on the reference box, per format, from the memory plan. On CUDA every format's slots
-    hold the bytes as read (nothing to prepare on the CPU). Serial: one token's resident weights and
-    experts read by the GPU, its misses read from NVMe and copied over PCIe, one after the other;
-    overlapped: the slowest of those alone."""
-    cfg397 = TextConfig()
-    rows = []
-    for name, qc, stored in (
-        ("bf16", None, torch.bfloat16),
-        ("fp8 block-128", FP8_CONFIG, torch.float8_e4m3fn),
-        ("int4 g128", W4_G128, torch.bfloat16),
-    ):
-        raw = {"quantization_config": qc} if qc else {}
-        plan = MemoryPlan.build(
-            cfg397,
-            device="cuda",
-            dtype=torch.bfloat16,
-            stored_dtype=stored,
-            raw_config=raw,
-            gpu_mem=22.5,
-            cpu_mem=110,
-            context=8192,
-        )
-        disk, to_gpu = plan.bytes_per_token()
-        lookups = cfg397.num_experts_per_tok * cfg397.num_hidden_layers  # 600 experts a token
-        gpu_s = (plan.weights_gpu + lookups * plan.slot_bytes) / (GPU_GBS * 1e9)
-        disk_s, pcie_s = disk / (NVME_GBS * 1e9), to_gpu / (PCIE_GBS * 1e9)
-        rows.append(
-            {
-                "format": name,
-                "gpu_slots": plan.gpu_slots,
-                "cpu_slots": plan.cpu_slots,
-                "disk_gb_per_token": disk / 1e9,
-                "pcie_gb_per_token": to_gpu / 1e9,
-                "serial_tok_s": 1 / (gpu_s + disk_s + pcie_s),
-                "overlapped_tok_s": 1 / max(gpu_s, disk_s, pcie_s),
-            }
-        )
-    return rows
-
-
-def render(per: list[dict], dec: list[dict], proj: list[dict], n_new: int) -> str:
+def render(per: list[dict], dec: list[dict], n_new: int) -> str:
     bf16 = {True: "yes", False: "no", None: "unknown"}[cpu_has_native_bf16()]
     lines = [
         "## Expert formats (CPU)",
@@ -236,22 +192,7 @@ def render(per: list[dict], dec: list[dict], proj: list[dict], n_new: int) -> st
         "The e512 experts are tiny (1024 x 64), so per-expert overheads (a slot fill, a kernel call) weigh",
         "more than bytes here; int4 reads a tenth of bf16's bytes per token at four times the hit rate.",
         "",
-        "### Qwen3.5-397B on the reference box, projected (uniform routing: hit = slots / experts)",
-        "",
-        "| experts | GPU / RAM slots per layer | NVMe GB per token | PCIe GB per token | serial tok/s | overlapped tok/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in proj:
-        lines.append(
-            f"| {r['format']} | {r['gpu_slots']} / {r['cpu_slots']} | {r['disk_gb_per_token']:.2f} "
-            f"| {r['pcie_gb_per_token']:.2f} | {r['serial_tok_s']:.2f} | {r['overlapped_tok_s']:.2f} |"
-        )
-    lines += [
-        "",
-        "Serial: the GPU reading its resident weights and the token's experts (at 1008 GB/s), NVMe misses",
-        "(6.5 GB/s) and PCIe copies (25 GB/s) one after the other; overlapped: the slowest alone (what the",
-        "pipeline issue aims at). FP8 and int4 dequantisation on the GPU is not in these figures (no GPU here).",
-        "Real routing has more locality than uniform, so both are floors for the hit rates they assume.",
+        "The Qwen3.5-397B on the reference box, projected per format: `bench/bench_projection.py`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -274,10 +215,9 @@ def main() -> None:
     args = ap.parse_args()
     per = per_expert()
     dec = decode(checkpoints(args.root), args.tokens, args.prompt)
-    proj = projection()
-    text = render(per, dec, proj, args.tokens)
+    text = render(per, dec, args.tokens)
     print(text)
-    print(json.dumps({"per_expert": per, "decode": dec, "projection": proj}))
+    print(json.dumps({"per_expert": per, "decode": dec}))
     write_section(args.out, text)
 
 
