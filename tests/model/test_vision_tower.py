@@ -169,7 +169,8 @@ def our_prefill(model, vt, cache, ids, pv, grid):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_prefill_and_decode_logits_match(vlm_dir, cfg, ref32, dtype):
-    """Image prompt prefill then two decode steps at offset + rope_delta: ~1e-5 in fp32, bit-equal in bf16."""
+    """Image prompt prefill then two decode steps at offset + rope_delta: ~1e-5 in fp32; in bf16 the prefill
+    bit-equal, the decode steps within bf16 rounding (their dense rows run another kernel than transformers')."""
     from conftest import load_ours
 
     ref = ref32 if dtype == torch.float32 else load_tiny_vlm(vlm_dir, dtype)
@@ -188,11 +189,14 @@ def test_prefill_and_decode_logits_match(vlm_dir, cfg, ref32, dtype):
             out = ref(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
         theirs.append(out.logits[0, -1:])
         past = out.past_key_values
-    for a, b in zip(ours, theirs):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
         if dtype == torch.float32:
             assert (a - b).abs().max() < 1e-4
-        else:
-            assert torch.equal(a, b)
+        elif i == 0:
+            assert torch.equal(a, b)  # prefill: the same GEMMs as transformers
+        else:  # decode: dense bf16 rows through dense_cpu's kernel (fp32 sums in another order)
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=0.05)
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_second_turn_with_image(vlm_dir, cfg, ref32):
