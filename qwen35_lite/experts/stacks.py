@@ -1,9 +1,11 @@
 """A layer's expert slots run stacked: the slots of one buffer viewed as [S, ...] tensors without a copy,
 and a decode step's top-k experts run in a fixed handful of ops whatever the routing.
 
-- `StackedExperts` (dense slots): on the CPU one grouped matmul per projection over the whole stack
-  (`torch._grouped_mm`, the routed slots' rows grouped by slot: no copy of any weight); elsewhere, or
-  without it, the top-k gathered and run by one batched matmul (`gathered`, also the reference).
+- `StackedExperts` (dense slots): on a bf16 CPU with AVX512-BF16 one C kernel call per projection over
+  the routed slots where they are (`kernel`: kernels/dense_cpu.py); otherwise on the CPU one grouped
+  matmul per projection over the whole stack (`torch._grouped_mm`, the routed slots' rows grouped by
+  slot: no copy of any weight) where it pays; elsewhere the top-k gathered and run by one batched matmul
+  (`gathered`, also the reference).
 - `StackedKernel` (slots a CPU kernel runs one matrix at a time: int4, int8): the experts run one by
   one from their slot views (`rows`, when the slots are on the host already) or, with the slots given
   on the device, each expert's slot copied out first (no host read).
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels import dense_cpu
 from .layout import stack_parts
 
 __all__ = ["StackedDequantised", "StackedExperts", "StackedKernel", "one_row_by", "stack_parts"]
@@ -63,9 +66,19 @@ class StackedExperts:
     def __call__(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [1, D], slots [A] (long, on x's device, distinct) -> the A experts' outputs [A, D], in `slots`
         order."""
+        if x.device.type == "cpu" and dense_cpu.stacked_usable(self._gate_up, x):
+            return self.kernel(x, slots)
         if self._grouped_pays(slots.shape[0]) and x.device.type == "cpu" and self._gate_up.dtype == x.dtype:
             return grouped_ffn(x, self._gate_up, self._down, slots)
         return self.gathered(x, slots)
+
+    def kernel(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """`__call__` on a bf16 CPU by dense_cpu's kernel: each projection one call over the A slots where
+        they are (no weight copied), each row summed as a bound expert's one-row `linear` sums it, so a
+        step's arithmetic does not depend on where its experts sit."""
+        h = dense_cpu.bf16_stacked(self._gate_up, slots, x[0])  # [A, 2I]
+        g, u = h.chunk(2, dim=-1)
+        return dense_cpu.bf16_stacked(self._down, slots, F.silu(g) * u)  # [A, D]
 
     def _grouped_pays(self, A: int) -> bool:
         """torch's CPU grouped matmul visits every group (a few µs each, routed or not): it pays where

@@ -77,6 +77,19 @@ static void rows(const uint16_t* w, int64_t ld, const uint16_t* x, int K, int64_
     }
 }
 
+/* A products: y[a] = W_a x_a for W_a = base + slots[a] * stride (bf16 [N, K], rows of K) and x_a = x + a * xs
+   (xs = 0: one x for all), y bf16 [A, N]: a decode step's experts, each row summed as bf16_matvec sums it. */
+void bf16_stacked(const uint16_t* base, int64_t stride, const int64_t* slots, int A, int N, int K,
+                  const uint16_t* x, int64_t xs, uint16_t* y) {
+    const int64_t blocks = (N + 63) / 64;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < (int64_t)A * blocks; r++) {
+        int64_t a = r / blocks, b = r % blocks;
+        int64_t r1 = (b + 1) * 64 < N ? (b + 1) * 64 : N;
+        rows(base + slots[a] * stride, K, x + a * xs, K, b * 64, r1, y + a * N);
+    }
+}
+
 void bf16_matvec(const uint16_t* w, int64_t ld, const uint16_t* x, int N, int K, uint16_t* y, int parallel) {
     if (!parallel) { rows(w, ld, x, K, 0, N, y); return; }
     #pragma omp parallel
@@ -91,11 +104,43 @@ void bf16_matvec(const uint16_t* w, int64_t ld, const uint16_t* x, int N, int K,
 """
 
 ARGS = ("p", "i64", "p", "i", "i", "p", "i")
+STACKED_ARGS = ("p", "i64", "p", "i", "i", "i", "p", "i64", "p")
 
 
 def library():
     """The compiled kernel (cbuild.py), None without a compiler, without AVX512-BF16 or when the build fails."""
     return build("bf16_matvec", SOURCE, "bf16_matvec", ARGS)
+
+
+def stacked_library():
+    return build("bf16_matvec", SOURCE, "bf16_stacked", STACKED_ARGS) if library() is not None else None
+
+
+def stacked_usable(stack: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether bf16_stacked can take the stack [S, N, K] (slots of one buffer: K-contiguous rows, N rows
+    of K apart) and x: bf16 on the CPU."""
+    return (
+        stack.dtype == torch.bfloat16
+        and x.dtype == torch.bfloat16
+        and stack.device.type == "cpu"
+        and stack.stride(2) == 1
+        and stack.stride(1) == stack.shape[2]
+        and stacked_library() is not None
+    )
+
+
+def bf16_stacked(stack: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """stack [S, N, K] bf16, slots [A] int64 (CPU), x [K] (one for all) or [A, K] -> [A, N] bf16: row n of
+    result a is stack[slots[a]] row n times x (or x[a]), each row summed exactly as bf16_mv sums it."""
+    a, (_, n, k) = slots.shape[0], stack.shape
+    slots = slots.contiguous()
+    x = x.contiguous()
+    y = torch.empty(a, n, dtype=torch.bfloat16)
+    xs = k if x.dim() == 2 else 0
+    stacked_library()(
+        stack.data_ptr(), stack.stride(0), slots.data_ptr(), a, n, k, x.data_ptr(), xs, y.data_ptr()
+    )
+    return y
 
 
 def usable(w: torch.Tensor, x: torch.Tensor) -> bool:

@@ -285,3 +285,24 @@ def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric):
         tol = 2e-2 * float(want.abs().max())
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=tol)
         assert torch.equal(stack.rows(x, slots.tolist()), got)
+
+
+def test_the_bf16_stack_kernel_equals_its_bound_experts_and_the_gathered_reference():
+    """On an AVX512-BF16 CPU a bf16 stack runs by dense_cpu's kernel: each expert's output equals the
+    same expert bound alone (one row through `linear`) bit for bit, and the gathered batched matmul
+    within bf16 rounding."""
+    from qwen35_lite.experts.formats.base import DenseExpert
+    from qwen35_lite.experts.stacks import StackedExperts
+    from qwen35_lite.kernels import dense_cpu
+
+    if dense_cpu.stacked_library() is None:
+        pytest.skip("no C compiler or no AVX512-BF16")
+    g = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(12, 2 * 48, 256, generator=g) * 0.05).bfloat16()
+    down = (torch.randn(12, 256, 48, generator=g) * 0.05).bfloat16()
+    stack, x = StackedExperts(gate_up, down), torch.randn(1, 256, generator=g).bfloat16()
+    slots = torch.tensor([7, 2, 11, 0])
+    got = stack(x, slots)
+    bound = torch.cat([DenseExpert(gate_up[s], down[s])(x) for s in slots.tolist()])
+    assert torch.equal(got, bound)
+    torch.testing.assert_close(got.float(), stack.gathered(x, slots).float(), rtol=2**-6, atol=2e-3)

@@ -45,3 +45,19 @@ def test_linear_takes_the_kernel_for_one_bf16_row_only(monkeypatch):
     linear(x.expand(3, 256), w)  # several rows: F.linear
     linear(x, w[:2])  # a couple of rows: torch.mv's dot path
     assert calls == [(64, 256)]
+
+
+def test_stacked_rows_equal_one_row_products_of_each_slot():
+    """bf16_stacked over slots of one buffer = bf16_mv of each slot's matrix, bit for bit (a bound
+    expert's one-row product and its layer's stack must round alike), with x shared or one per slot."""
+    g = torch.Generator().manual_seed(3)
+    stack = torch.randn(7, 96, 160, generator=g).bfloat16()
+    slots = torch.tensor([5, 0, 3])
+    x = torch.randn(160, generator=g).bfloat16()
+    xs = torch.randn(3, 160, generator=g).bfloat16()
+    assert dense_cpu.stacked_usable(stack, x)
+    shared, each = dense_cpu.bf16_stacked(stack, slots, x), dense_cpu.bf16_stacked(stack, slots, xs)
+    for a, s in enumerate(slots.tolist()):
+        assert torch.equal(shared[a], dense_cpu.bf16_mv(stack[s], x))
+        assert torch.equal(each[a], dense_cpu.bf16_mv(stack[s], xs[a]))
+        check(each[a], stack[s], xs[a])
