@@ -4,7 +4,9 @@ build at `pip install`, and None (the caller's torch path) without a compiler or
 `cc -O3 -march=native -fopenmp`: OpenMP resolves to the libgomp torch has loaded already (same soname),
 so the kernels share torch's threads and its `set_num_threads`. Libraries are cached under
 $XDG_CACHE_HOME/qwen35-lite/kernels, keyed by the source, the compiler, its target and the CPU's flags; QWEN35_LITE_NO_KERNELS=1
-turns them all off.
+turns them all off. A source that does not build on this machine (one that needs an instruction set the CPU
+lacks says so with #error) leaves a `.failed` file beside where its library would be, so later processes
+do not try again.
 """
 
 from __future__ import annotations
@@ -52,13 +54,19 @@ def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callabl
         parts = [source, cc, target.stdout, _cpu_flags(), *FLAGS]
         key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
         lib = _cache_dir() / f"{name}_{key}.so"
+        failed = lib.with_suffix(".failed")  # a source this machine cannot build (e.g. an ISA it lacks)
+        if failed.exists():
+            return None
         if not lib.exists():
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as tmp:
                 src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
                 src.write_text(source)
                 cmd = [cc, *FLAGS, str(src), "-o", str(out), "-lm"]
-                subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+                done = subprocess.run(cmd, capture_output=True, timeout=300)
+                if done.returncode:
+                    failed.write_bytes(done.stderr[-4000:])  # not retried by every process
+                    return None
                 os.replace(out, lib)  # atomic: another process may be building the same file
         fn = getattr(ctypes.CDLL(str(lib)), symbol)
     except (OSError, subprocess.SubprocessError, AttributeError):
