@@ -1,5 +1,6 @@
 """CPU threads on a busy machine: decode speed with nothing else running and beside one busy process,
-for the ways OpenMP threads can wait (torch's default spin, passive, a short spin) and 1 or 2 threads.
+for the ways OpenMP threads can wait (torch's default spin, passive), 1 or 2 threads, and the default (passive,
+decode threads chosen by measuring the steps: runtime/threads.py).
 
     python bench/bench_threads.py --model /tmp/qwen35-tiny [--rounds 3] [--tokens 64] [--busy 1]
 
@@ -23,19 +24,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Busy machine (CPU threads)"
 
-# name -> (threads, environment); qwen35_lite asks for passive waiting unless one of these is set
+# name -> (threads or None for the default, environment); qwen35_lite asks for passive waiting unless one
+# of these is set, and without --cpu-threads its decode steps measure 1 thread against the most
 CONFIGS = {
     "2 threads, spin (torch's default)": (2, {"GOMP_SPINCOUNT": "300000"}),
-    "2 threads, passive (default now)": (2, {}),
-    "2 threads, short spin (10k polls)": (2, {"GOMP_SPINCOUNT": "10000"}),
+    "2 threads, passive": (2, {}),
+    "default: passive, decode threads measured": (None, {}),
     "1 thread": (1, {}),
 }
+DEFAULT = "default: passive, decode threads measured"
 
 
-def bench(model: Path, threads: int, env: dict, tokens: int, prompt: int) -> float:
+def bench(model: Path, threads: int | None, env: dict, tokens: int, prompt: int) -> float:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     cmd = [sys.executable, str(ROOT / "cli.py"), "bench", "-m", str(model), "--device", "cpu", "--json"]
-    cmd += ["--prompt-tokens", str(prompt), "--new-tokens", str(tokens), "--cpu-threads", str(threads)]
+    cmd += ["--prompt-tokens", str(prompt), "--new-tokens", str(tokens)]
+    cmd += ["--cpu-threads", str(threads)] if threads else []
     p = subprocess.run(cmd, capture_output=True, text=True, env={**clean, "PYTHONPATH": str(ROOT), **env})
     if p.returncode:
         sys.exit(f"bench failed:\n{p.stderr[-2000:]}")
@@ -98,9 +102,24 @@ def report(res: dict, loads: dict, args) -> str:
         q, b = med[(name, "quiet")], med[(name, "busy")]
         runs = "; ".join(", ".join(f"{v:.1f}" for v in res[(name, c)]) for c in ("quiet", "busy"))
         lines.append(f"| {name} | {q:.1f} | {b:.1f} | {b / q:.2f} | {runs} |")
-    one, two = med[("1 thread", "quiet")], med[("2 threads, passive (default now)", "quiet")]
-    lines += ["", f"From 1 to 2 threads (passive, quiet): {two / one:.2f}x."]
+    one, two = med[("1 thread", "quiet")], med[("2 threads, passive", "quiet")]
+    lines += ["", f"From 1 to 2 threads (passive, quiet): {two / one:.2f}x.", "", *EXPLAINED]
     return "\n".join(lines) + "\n"
+
+
+EXPLAINED = [
+    "Why: torch's CPU wheels use GNU OpenMP (libgomp), whose threads poll for 300,000 iterations at the end",
+    "of every parallel region before they sleep, and a decode step is a few hundred small regions. When",
+    "another runnable process holds one of the cores, the thread that lost it reaches each barrier a",
+    "scheduler time slice late while its partner polls: the step waits for time slices instead of work.",
+    "`qwen35_lite/openmp.py` sets `OMP_WAIT_POLICY=PASSIVE` when the package is imported, before torch",
+    "loads libgomp, unless `OMP_WAIT_POLICY`, `GOMP_SPINCOUNT` or `KMP_BLOCKTIME` is set already (the",
+    "user's choice stands). Passive waiting stops the polling, not the waiting: each region still waits",
+    "for its second thread to be scheduled. So by default a CPU run's decode steps also measure themselves",
+    "(`runtime/threads.py`, `ThreadTuner`): the most threads, a few steps at fewer now and then (less",
+    "often while the choice holds, at once when a step takes twice the estimate), and the fastest is",
+    "kept; prefill keeps the most threads. `--cpu-threads N` fixes N, as asked.",
+]
 
 
 if __name__ == "__main__":

@@ -229,7 +229,9 @@ CpuThreads = Annotated[
     typer.Option(
         "--cpu-threads",
         min=1,
-        help="Threads torch uses for CPU compute (default: torch's own, usually one per physical core).",
+        help="Threads torch uses for CPU compute, every step. Default: torch's own count (usually one per"
+        " physical core) for prefill, and decode steps measure fewer against it and keep the fastest (a busy"
+        " machine's cores make a second thread wait).",
         rich_help_panel=HARDWARE,
     ),
 ]

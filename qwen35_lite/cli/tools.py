@@ -58,7 +58,8 @@ def info(model: Model, load: EngineOptions, json_out: JsonOut = False) -> None:
     else:
         from ..plan.table import plan_rows
 
-        rows = plan_rows(plan, threads, "--cpu-threads" if load.cpu_threads else "torch's default")
+        source = "--cpu-threads" if load.cpu_threads else "torch's default; decode steps measure 1 to it"
+        rows = plan_rows(plan, threads, source)
         ui.table(rows, title=f"memory plan for {planned.model_dir.name}", stdout=True)
     if note:
         ui.note("note: " + note)
@@ -126,6 +127,8 @@ def bench(
             f"{result['cpu']} ({bf16[result['cpu_native_bf16']]}, {plural(result['cpu_threads'], 'thread')})",
         ),
     ]
+    if result.get("decode_threads") is not None:
+        rows.append(("decode threads", f"{result['decode_threads']} (chosen by measuring the steps)"))
     if plan := result.get("plan"):
         slots = f"{plan['cpu_slots']} RAM" + (
             f", {plan['gpu_slots']} GPU" if result["device"] == "cuda" else ""

@@ -77,7 +77,8 @@ def run_benchmark(
     on_prefill = (lambda done, total: on_progress("prefill", done, total)) if on_progress else None
     done: Finished | None = None
     decoded = 0
-    for event in generate(engine.model, cache, req, StreamDecoder(engine.tokenizer), on_prefill=on_prefill):
+    decoder = StreamDecoder(engine.tokenizer)
+    for event in generate(engine.model, cache, req, decoder, on_prefill=on_prefill, threads=engine.threads):
         if isinstance(event, TokenEvent):
             if event.id >= 0:  # -1: the decoder's tail, not a token
                 decoded += 1
@@ -92,7 +93,8 @@ def run_benchmark(
         "dtype": str(m.dtype).removeprefix("torch."),
         "cpu": cpu_model_name(),
         "cpu_native_bf16": cpu_has_native_bf16(),
-        "cpu_threads": torch.get_num_threads(),  # --cpu-threads, else torch's default
+        # --cpu-threads, else torch's default (the most the decode thread tuner uses)
+        "cpu_threads": engine.threads.most if engine.threads is not None else torch.get_num_threads(),
         "seed": seed,
         **done.stats,
         "tokens": done.tokens,

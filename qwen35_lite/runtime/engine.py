@@ -23,6 +23,7 @@ from ..text.tokenizer import Tokenizer
 from ..weights.checkpoint import Checkpoint
 from ..weights.config import ModelConfig
 from .sampling import SamplingParams
+from .threads import ThreadTuner
 
 if TYPE_CHECKING:  # imported on first use: a text-only run needs neither PIL nor the tower code
     from ..model.vision.preprocess import ImageProcessorConfig
@@ -160,6 +161,7 @@ class Engine:
         self.defaults, self.max_context = defaults, max_context
         self.plan: MemoryPlan | None = None  # the plan it was loaded under
         self.expert_rates: ExpertRates | None = None  # measured at load on a CUDA run with GPU misses
+        self.threads: ThreadTuner | None = None  # a CPU run's decode thread count, chosen by measurement
         # Loaded on the first image only: a text-only run never reads the tower (0.9 GB in bf16 for 397B).
         self._vision: VisionTower | None = None
         self._image_config: ImageProcessorConfig | None = None
@@ -218,6 +220,8 @@ class Engine:
             plan.context,
         )
         engine.plan, engine.expert_rates = plan, rates
+        if device.type == "cpu" and opts.cpu_threads is None and torch.get_num_threads() > 1:
+            engine.threads = ThreadTuner(torch.get_num_threads())  # --cpu-threads N fixes N instead
         return engine
 
     @property

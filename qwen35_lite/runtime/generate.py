@@ -6,6 +6,7 @@ Thinking is tracked from the `<think>`/`</think>` ids, so the UI can dim, hide o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from ..model.cache import ModelCache
 from ..model.qwen35 import PREFILL_CHUNK, Qwen35Model
 from .sampling import SamplingParams, TokenLogprobs, TokenMask, make_sampler
 from .stats import expert_counters, peak_memory, reply_expert_stats
+from .threads import ThreadTuner
 
 
 @dataclass
@@ -124,13 +126,17 @@ def generate(
     *,
     cancel: threading.Event | None = None,
     on_prefill: Callable[[int, int], None] | None = None,
+    threads: ThreadTuner | None = None,
 ) -> Iterator[TokenEvent | Finished]:
-    """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text)."""
+    """Run one reply. `decoder` is a StreamDecoder (push(id) -> text, flush() -> text); `threads` (a
+    CPU run's ThreadTuner) picks each decode step's thread count."""
     check_context(cache, len(req.prompt_ids), req.max_context, model.cfg.max_position_embeddings)
     check_vocab(req.prompt_ids, model.cfg.vocab_size)
     experts = model.provider
     counters = [expert_counters(experts)]
     t0 = time.perf_counter()
+    if threads is not None:
+        threads.for_prefill()
     logits = prefill(model, cache, req, on_prefill)
     t_prefill = time.perf_counter() - t0
     counters.append(expert_counters(experts))
@@ -167,7 +173,8 @@ def generate(
         if cancel is not None and cancel.is_set():
             reason, unfed = "cancelled", [token]
             break
-        logits = model.forward(cache, ids=torch.tensor([token]))[-1].float()
+        with threads.step() if threads is not None else contextlib.nullcontext():
+            logits = model.forward(cache, ids=torch.tensor([token]))[-1].float()
         cache.token_ids.append(token)
         fed += 1
     tail = decoder.flush()
@@ -183,6 +190,7 @@ def generate(
         "decode_s": round(decode_s, 4),
         "decode_tok_s": round(fed / decode_s, 2) if decode_s > 0 and fed else None,
         "ttft_s": round(ttft, 4) if ttft is not None else None,
+        "decode_threads": threads.current if threads is not None else None,  # the tuner's last choice
         "context_tokens": cache.offset,
         **peak_memory(model.device),
         **reply_expert_stats(*counters, expert_counters(experts), cache.offset - prefilled_offset),

@@ -249,7 +249,13 @@ class ChatSession:
         reply = Reply(prompt_ids=ids)
         self.last_reply = reply
         for event in generate(
-            eng.model, self.cache, req, StreamDecoder(eng.tokenizer), cancel=cancel, on_prefill=on_prefill
+            eng.model,
+            self.cache,
+            req,
+            StreamDecoder(eng.tokenizer),
+            cancel=cancel,
+            on_prefill=on_prefill,
+            threads=eng.threads,
         ):
             if isinstance(event, TokenEvent):
                 if event.thinking:

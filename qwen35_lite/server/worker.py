@@ -170,7 +170,8 @@ class Worker:
             for event in self._scripted(prompt.ids, job.max_new_tokens):
                 job.emit(event)
             return
-        for event in generate(model, cache, req, StreamDecoder(eng.tokenizer), cancel=job.cancel):
+        decoder = StreamDecoder(eng.tokenizer)
+        for event in generate(model, cache, req, decoder, cancel=job.cancel, threads=eng.threads):
             if isinstance(event, Finished):  # a copy is kept: the next turn of the conversation starts there
                 self.prefix.save(list(cache.token_ids), cache, prompt.key)
                 job.kept = (prompt.key, tuple(cache.token_ids))

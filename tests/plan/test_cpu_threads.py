@@ -49,9 +49,24 @@ def test_info_shows_the_threads_a_run_would_use(ckpt):
     torch.set_num_threads(2)
     table = cli("info", "-m", ckpt, "--device", "cpu", "--cpu-threads", "1").stdout
     assert "CPU threads" in table and "1 (--cpu-threads)" in table
-    assert "2 (torch's default)" in cli("info", "-m", ckpt, "--device", "cpu").stdout
+    assert (
+        "2 (torch's default; decode steps measure 1 to it)"
+        in cli("info", "-m", ckpt, "--device", "cpu").stdout
+    )
     plan = json.loads(cli("info", "-m", ckpt, "--device", "cpu", "--cpu-threads", "1", "--json").stdout)
     assert plan["cpu_threads"] == 1
+
+
+def test_the_decode_threads_are_measured_unless_cpu_threads_fixes_them(ckpt):
+    """By default a CPU engine's decode steps go through a ThreadTuner (1 to torch's count, chosen by
+    the step times); --cpu-threads N keeps N for every step, as asked."""
+    torch.set_num_threads(2)
+    eng = Engine.load(str(ckpt), EngineOptions(device="cpu"))
+    assert eng.threads is not None and eng.threads.counts == [2, 1]
+    r = cli("bench", "-m", ckpt, "--device", "cpu", "--prompt-tokens", "4", "--new-tokens", "3", "--json")
+    got = json.loads(r.stdout)
+    assert got["cpu_threads"] == 2 and got["decode_threads"] in (1, 2)
+    assert Engine.load(str(ckpt), EngineOptions(device="cpu", cpu_threads=2)).threads is None
 
 
 @pytest.mark.slow

@@ -449,7 +449,7 @@ def scripted(monkeypatch):
     pieces += ["</parameter>\n</function>\n", "</tool_call>"]
     assert "".join(pieces[1:]) == CALL_MARKUP
 
-    def fake(model, cache, req, decoder, cancel=None):
+    def fake(model, cache, req, decoder, cancel=None, threads=None):
         for i, text in enumerate(pieces):
             yield TokenEvent(i, text, False)
         yield Finished("stop", {}, [], list(range(len(pieces) + 1)))
@@ -571,7 +571,7 @@ def test_an_image_as_a_data_url_or_a_path_gives_runs_answer(tmp_path, monkeypatc
 
 
 def test_a_failure_in_generation_is_json_and_the_server_keeps_serving(server, monkeypatch):
-    def broken(model, cache, req, decoder, cancel=None):
+    def broken(model, cache, req, decoder, cancel=None, threads=None):
         yield TokenEvent(1, "Hi", False)
         raise RuntimeError("boom")
 

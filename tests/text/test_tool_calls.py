@@ -351,7 +351,7 @@ def cli(*args, input: str | None = None):
 def fake_reply(monkeypatch, pieces: list[str]) -> None:
     """The model 'writes' these pieces of answer (after a little thinking), then stops."""
 
-    def generate(model, cache, request, decoder, cancel=None, on_prefill=None):
+    def generate(model, cache, request, decoder, cancel=None, on_prefill=None, threads=None):
         yield TokenEvent(1, "hmm", thinking=True)
         for piece in pieces:
             yield TokenEvent(2, piece, thinking=False)
