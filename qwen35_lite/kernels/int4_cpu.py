@@ -1,0 +1,285 @@
+"""The CPU int4 decode kernel in C: y = x Wᵀ for a few rows x (bf16) and a weight in the int4 kernel layout
+(int4.py), and a decode step's routed experts (gate_up, SwiGLU, down for A experts) in one call. Built on
+first use (cbuild.py); None without a compiler, and the callers keep torch's `_weight_int4pack_mm_for_cpu`
+(the reference).
+
+Layout: block b of 64 rows, input column pair m: 64 bytes, 32 for column 2m then 32 for 2m + 1; byte j
+holds row 64b + j in its low nibble and row 64b + 32 + j in its high one. Table [G][N][2] (scale, zero),
+W = (u - 8) · scale + zero. Per block and group the kernel sums in fp32 and adds
+scale · Σ (u - 8) x + zero · Σ x, as torch's kernel does.
+
+One inner function (`block_rows`) runs 64 rows of a weight for up to 4 input rows; both entries use it.
+Its fast path (AVX512-BF16 and VBMI: Sapphire Rapids, Zen 4) decodes each 64-byte column pair into four
+vectors of 16 rows × (column 2m, 2m + 1) bf16 pairs with one byte permute per 32 rows, a shift and a
+ternary logic op (the nibble u in the top mantissa bits of 1.0: v = 1 + u/16, exact), and accumulates
+with `vdpbf16ps` against x's pair (bf16 already: exact products): Σ (u - 8) x = 16 Σ v x - 24 Σ x, so the
+value a column contributes is well conditioned (v in [1, 2)). Elsewhere (or built with QL_PORTABLE)
+plain loops that any C compiler takes and vectorises as it can.
+
+OpenMP over blocks of 64 rows: torch's libgomp, so the threads follow `torch.set_num_threads`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import torch
+
+from .cbuild import build
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+static inline float bf16_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* Σ x over each group of g inputs: x [T][ldx] bf16 -> xsum [T][K/g] fp32 */
+static void group_sums(const uint16_t* x, int64_t ldx, int T, int K, int g, float* xsum) {
+    for (int t = 0; t < T; t++)
+        for (int gi = 0; gi < K / g; gi++) {
+            float s = 0;
+            for (int k = gi * g; k < (gi + 1) * g; k++) s += bf16_f(x[t * ldx + k]);
+            xsum[t * (K / g) + gi] = s;
+        }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && !defined(QL_PORTABLE)
+#include <immintrin.h>
+#define QL_FAST 1
+#define IDX(i) ((48 + (i)) << 24 | (32 + (i)) << 16 | (16 + (i)) << 8 | (i))
+
+/* 64 rows (block nb) for NT <= 4 input rows: out[t][r] = Σ_k W[64 nb + r, k] x[t][k]. */
+static inline __attribute__((always_inline)) void block_nt(
+        const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, const int NT,
+        const uint16_t* x, int64_t ldx, const float* xsum, float out[4][64]) {
+    /* dword i of the permute: column 2m's bytes of rows i and 16 + i, then column 2m + 1's */
+    const __m512i idx = _mm512_set_epi32(
+        IDX(15), IDX(14), IDX(13), IDX(12), IDX(11), IDX(10), IDX(9), IDX(8),
+        IDX(7), IDX(6), IDX(5), IDX(4), IDX(3), IDX(2), IDX(1), IDX(0));
+    const __m512i nib = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);  /* bf16 128 */
+    const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
+    const int ng = K / g;
+    const int NA = NT == 1 ? 2 : 1;  /* one row: two accumulator sets (even, odd m): dpbf16's latency */
+    const uint8_t* wb = w + nb * (int64_t)(K / 2) * 64;
+    for (int t = 0; t < NT; t++) memset(out[t], 0, 64 * sizeof(float));
+    for (int gi = 0; gi < ng; gi++) {
+        __m512 acc[2][4][4];
+        for (int t = 0; t < NT; t++)
+            for (int q = 0; q < 4; q++) {
+                acc[0][t][q] = _mm512_set1_ps(-136.0f * xsum[t * ng + gi]);  /* Σ (128 + u) x - 136 Σ x */
+                acc[1][t][q] = _mm512_setzero_ps();
+            }
+        for (int m = gi * g / 2; m < (gi + 1) * g / 2; m += NA) {
+            for (int a = 0; a < NA; a++) {
+                __m512i v = _mm512_loadu_si512((const void*)(wb + (int64_t)(m + a) * 64));
+                __m512i p = _mm512_permutexvar_epi8(idx, v);
+                __m512i u[4] = {  /* rows 0-15, 16-31, 32-47, 48-63: (column 2m, 2m + 1) as bf16 128 + u */
+                    _mm512_ternarylogic_epi32(p, nib, bias, 0xea),
+                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, bias, 0xea),
+                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, bias, 0xea),
+                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 12), nib, bias, 0xea)};
+                for (int t = 0; t < NT; t++) {
+                    uint32_t xv;
+                    memcpy(&xv, x + t * ldx + 2 * (m + a), 4);
+                    __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xv);
+                    for (int q = 0; q < 4; q++) acc[a][t][q] = _mm512_dpbf16_ps(acc[a][t][q], (__m512bh)u[q], xb);
+                }
+            }
+        }
+        const uint16_t* s = sz + ((int64_t)gi * N + nb * 64) * 2;
+        for (int q = 0; q < 4; q++) {
+            __m512i d = _mm512_loadu_si512((const void*)(s + 32 * q));  /* 16 rows' (scale, zero) */
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+            __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(d, zmask));
+            for (int t = 0; t < NT; t++) {
+                __m512 sum = NA == 2 ? _mm512_add_ps(acc[0][t][q], acc[1][t][q]) : acc[0][t][q];
+                __m512 xs = _mm512_set1_ps(xsum[t * ng + gi]);
+                __m512 tot = _mm512_loadu_ps(out[t] + 16 * q);
+                _mm512_storeu_ps(out[t] + 16 * q, _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(zr, xs, tot)));
+            }
+        }
+    }
+}
+
+static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int NT,
+                       const uint16_t* x, int64_t ldx, const float* xsum, float out[4][64]) {
+    switch (NT) {  /* one specialisation per row count: the accumulators stay in registers */
+    case 1: block_nt(w, sz, N, K, g, nb, 1, x, ldx, xsum, out); break;
+    case 2: block_nt(w, sz, N, K, g, nb, 2, x, ldx, xsum, out); break;
+    case 3: block_nt(w, sz, N, K, g, nb, 3, x, ldx, xsum, out); break;
+    default: block_nt(w, sz, N, K, g, nb, 4, x, ldx, xsum, out); break;
+    }
+}
+
+#else
+#define QL_FAST 0
+
+static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int NT,
+                       const uint16_t* x, int64_t ldx, const float* xsum, float out[4][64]) {
+    const int ng = K / g;
+    float xf[256];
+    for (int t = 0; t < NT; t++) {
+        float total[64] = {0};
+        for (int gi = 0; gi < ng; gi++) {
+            float acc[64] = {0};
+            for (int k = 0; k < g; k++) xf[k] = bf16_f(x[t * ldx + gi * g + k]);
+            for (int m = 0; m < g / 2; m++) {
+                const uint8_t* b = w + (nb * (K / 2) + gi * g / 2 + m) * 64;
+                float x0 = xf[2 * m], x1 = xf[2 * m + 1];
+                for (int j = 0; j < 32; j++) {
+                    acc[j] += ((int)(b[j] & 15) - 8) * x0 + ((int)(b[32 + j] & 15) - 8) * x1;
+                    acc[32 + j] += ((int)(b[j] >> 4) - 8) * x0 + ((int)(b[32 + j] >> 4) - 8) * x1;
+                }
+            }
+            const uint16_t* s = sz + ((int64_t)gi * N + nb * 64) * 2;
+            for (int r = 0; r < 64; r++) total[r] += bf16_f(s[2 * r]) * acc[r] + bf16_f(s[2 * r + 1]) * xsum[t * ng + gi];
+        }
+        memcpy(out[t], total, sizeof total);
+    }
+}
+#endif
+
+void int4_fast_path(int* out) { *out = QL_FAST; }
+
+/* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows, four at a time: y [T][ldy] fp32 or bf16, first n rows. */
+static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int T,
+                        const uint16_t* x, int64_t ldx, const float* xsum, int64_t n, void* y, int64_t ldy,
+                        int y_bf16) {
+    float out[4][64];
+    int rows = n - nb * 64 < 64 ? (int)(n - nb * 64) : 64;
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        int nt = T - t0 < 4 ? T - t0 : 4;
+        block_rows(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), out);
+        for (int t = 0; t < nt; t++) {
+            int64_t o = (t0 + t) * ldy + nb * 64;
+            if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[o + r] = f_bf16(out[t][r]);
+            else memcpy((float*)y + o, out[t], rows * sizeof(float));
+        }
+    }
+}
+
+/* y [T][n] (bf16 if y_bf16, else fp32) = x [T][K] (bf16) @ Wᵀ for W [N][K] in the kernel layout (N a
+   multiple of 64, n <= N rows kept), sz [K/g][N][2] bf16. */
+void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int T, const uint16_t* x,
+                 int64_t n, void* y, int y_bf16) {
+    float* xsum = malloc(sizeof(float) * T * (K / g));
+    group_sums(x, K, T, K, g, xsum);
+    int64_t blocks = (n + 63) / 64;
+    #pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < blocks; nb++) block_store(w, sz, N, K, g, nb, T, x, K, xsum, n, y, n, y_bf16);
+    free(xsum);
+}
+
+/* A experts (slot a at base + slots[a] * stride): gate_up [2I, D] and down [D, I] in the kernel layout,
+   their [G, N, 2] bf16 tables; x [D] bf16 -> y [A, D] fp32. Scratch: h [A, 2I] fp32, hb [A, I] bf16
+   (SwiGLU's output rounded to bf16, as the two-call path rounds it), xs [D/g_gu + A * I/g_d]. */
+void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int A, int D, int I,
+                  int64_t off_gu, int64_t off_down, int64_t off_gusz, int64_t off_dsz, int g_gu, int g_d,
+                  const uint16_t* x, float* h, uint16_t* hb, float* xs, float* y) {
+    float* xs_gu = xs;
+    float* xs_d = xs + D / g_gu;
+    group_sums(x, D, 1, D, g_gu, xs_gu);
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < (int64_t)A * (2 * I / 64); r++) {
+            int64_t a = r / (2 * I / 64), nb = r % (2 * I / 64);
+            const uint8_t* slot = base + slots[a] * stride;
+            block_store(slot + off_gu, (const uint16_t*)(slot + off_gusz), 2 * I, D, g_gu, nb, 1, x, D, xs_gu,
+                        2 * I, h + a * 2 * I, 2 * I, 0);
+        }
+        #pragma omp for schedule(static)
+        for (int64_t a = 0; a < A; a++) {
+            const float* ha = h + a * 2 * I;
+            for (int i = 0; i < I; i++) {
+                float gt = ha[i];
+                hb[a * I + i] = f_bf16(gt / (1.0f + expf(-gt)) * ha[I + i]);
+            }
+            group_sums(hb + a * I, I, 1, I, g_d, xs_d + a * (I / g_d));
+        }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < (int64_t)A * (D / 64); r++) {
+            int64_t a = r / (D / 64), nb = r % (D / 64);
+            const uint8_t* slot = base + slots[a] * stride;
+            block_store(slot + off_down, (const uint16_t*)(slot + off_dsz), D, I, g_d, nb, 1, hb + a * I, I,
+                        xs_d + a * (I / g_d), D, y + a * D, D, 0);
+        }
+    }
+}
+"""
+
+MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i")
+EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "i", "i", "p", "p", "p", "p", "p")
+GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the fast path's scratch holds 256 inputs)
+
+PORTABLE = False  # build the plain-C path even where the fast one compiles (tests set it)
+
+
+def _source(portable: bool) -> str:
+    return ("#define QL_PORTABLE 1\n" if portable else "") + SOURCE
+
+
+def _name(portable: bool) -> str:
+    return "int4_cpu_portable" if portable else "int4_cpu"
+
+
+def _fn(symbol: str, args: tuple[str, ...]) -> Callable | None:
+    return build(_name(PORTABLE), _source(PORTABLE), symbol, args)
+
+
+def matvec_library() -> Callable | None:
+    """`int4_matvec`, None without a compiler (callers use torch's kernel)."""
+    return _fn("int4_matvec", MATVEC_ARGS)
+
+
+def experts_library() -> Callable | None:
+    """`int4_experts`, None without a compiler."""
+    return _fn("int4_experts", EXPERTS_ARGS)
+
+
+def fast_path() -> bool:
+    """The library was built with the AVX512-BF16 path (False: the plain-C one, or no library)."""
+    fn = _fn("int4_fast_path", ("p",))
+    if fn is None:
+        return False
+    out = ctypes.c_int(0)
+    fn(ctypes.addressof(out))
+    return bool(out.value)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> bool:
+    """The C kernel takes this call: bf16 on the CPU, whole 64-row blocks, a group size it knows."""
+    n_pad, half = weight.shape
+    groups = table.shape[0]
+    return (
+        x.dtype == torch.bfloat16
+        and table.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and n_pad % 64 == 0
+        and (2 * half) % groups == 0
+        and (2 * half) // groups in GROUPS
+    )
+
+
+def matvec(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor | None:
+    """x [T, K] bf16 @ Wᵀ -> [T, n] bf16, W uint8 [N_pad, K/2] in the kernel layout with its [G, N_pad, 2]
+    bf16 table; None where the library does not build (the caller runs torch's kernel)."""
+    fn = matvec_library()
+    if fn is None:
+        return None
+    x = x.contiguous()
+    t, k = x.shape
+    y = torch.empty(t, n, dtype=torch.bfloat16)
+    group = k // table.shape[0]
+    fn(weight.data_ptr(), table.data_ptr(), weight.shape[0], k, group, t, x.data_ptr(), n, y.data_ptr(), 1)
+    return y
