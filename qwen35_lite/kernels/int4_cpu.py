@@ -219,7 +219,7 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
 
 MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i")
 EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "i", "i", "p", "p", "p", "p", "p")
-GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the fast path's scratch holds 256 inputs)
+GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the plain-C path holds a group of x: 256 at most)
 
 PORTABLE = False  # build the plain-C path even where the fast one compiles (tests set it)
 
