@@ -57,15 +57,25 @@ static void group_sums(const uint16_t* x, int64_t ldx, int T, int K, int g, floa
 #define QL_FAST 1
 #define IDX(i) ((48 + (i)) << 24 | (32 + (i)) << 16 | (16 + (i)) << 8 | (i))
 
-/* 64 rows (block nb) for NT <= 4 input rows: out[t][r] = Σ_k W[64 nb + r, k] x[t][k]. */
-static inline __attribute__((always_inline)) void block_nt(
-        const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, const int NT,
-        const uint16_t* x, int64_t ldx, const float* xsum, float out[4][64]) {
-    /* dword i of the permute: column 2m's bytes of rows i and 16 + i, then column 2m + 1's */
+/* Column pair m's 64 bytes -> rows 0-15, 16-31, 32-47, 48-63 of the block: 16 (column 2m, 2m + 1) pairs
+   each, as bf16 128 + u (u in the low mantissa bits: one mask, exact). The permute puts in dword i column
+   2m's bytes of rows i and 16 + i, then column 2m + 1's. */
+static inline __attribute__((always_inline)) void decode(const uint8_t* b, __m512i u[4]) {
     const __m512i idx = _mm512_set_epi32(
         IDX(15), IDX(14), IDX(13), IDX(12), IDX(11), IDX(10), IDX(9), IDX(8),
         IDX(7), IDX(6), IDX(5), IDX(4), IDX(3), IDX(2), IDX(1), IDX(0));
     const __m512i nib = _mm512_set1_epi16(0x000f), bias = _mm512_set1_epi16(0x4300);  /* bf16 128 */
+    __m512i p = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512((const void*)b));
+    u[0] = _mm512_ternarylogic_epi32(p, nib, bias, 0xea);  /* (p & nib) | bias */
+    u[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, bias, 0xea);
+    u[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, bias, 0xea);
+    u[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 12), nib, bias, 0xea);
+}
+
+/* 64 rows (block nb) for NT <= 4 input rows: out[t][r] = Σ_k W[64 nb + r, k] x[t][k]. */
+static inline __attribute__((always_inline)) void block_nt(
+        const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, const int NT,
+        const uint16_t* x, int64_t ldx, const float* xsum, float out[4][64]) {
     const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
     const int ng = K / g;
     const int NA = NT == 1 ? 2 : 1;  /* one row: two accumulator sets (even, odd m): dpbf16's latency */
@@ -80,13 +90,8 @@ static inline __attribute__((always_inline)) void block_nt(
             }
         for (int m = gi * g / 2; m < (gi + 1) * g / 2; m += NA) {
             for (int a = 0; a < NA; a++) {
-                __m512i v = _mm512_loadu_si512((const void*)(wb + (int64_t)(m + a) * 64));
-                __m512i p = _mm512_permutexvar_epi8(idx, v);
-                __m512i u[4] = {  /* rows 0-15, 16-31, 32-47, 48-63: (column 2m, 2m + 1) as bf16 128 + u */
-                    _mm512_ternarylogic_epi32(p, nib, bias, 0xea),
-                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, bias, 0xea),
-                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, bias, 0xea),
-                    _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 12), nib, bias, 0xea)};
+                __m512i u[4];
+                decode(wb + (int64_t)(m + a) * 64, u);
                 for (int t = 0; t < NT; t++) {
                     uint32_t xv;
                     memcpy(&xv, x + t * ldx + 2 * (m + a), 4);
@@ -120,6 +125,84 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
     }
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QL_AMX 1
+
+typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg;
+
+/* The process may use AMX tiles (Linux asks for it once; torch's oneDNN asks as well). */
+static int amx_allowed(void) {
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state > 0;
+}
+
+/* This thread's tiles for M input rows: C 0-3 [M][16] fp32, A 4 [M][32] bf16, B 5-7 [16][32] bf16. The
+   thread's own configuration (oneDNN's) is saved and put back by amx_end. */
+static void amx_begin(int M, tilecfg* saved) {
+    tilecfg c;
+    _tile_storeconfig(saved);
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = t < 5 ? M : 16; }
+    _tile_loadconfig(&c);
+}
+
+static void amx_end(const tilecfg* saved) {
+    if (saved->palette) _tile_loadconfig(saved); else _tile_release();
+}
+
+/* 64 rows (block nb) for M <= 16 input rows through the tile unit: each 16 column pairs decoded (as the
+   vector path does) into four B tiles of 16 pairs × 16 rows, multiplied by x's 32 columns (A); a group's
+   sums stored and scaled as in block_nt. */
+static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int M,
+                      const uint16_t* x, int64_t ldx, const float* xsum, float out[16][64]) {
+    const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
+    const int ng = K / g;
+    const uint8_t* wb = w + nb * (int64_t)(K / 2) * 64;
+    uint8_t stage[2][4 * 16 * 64] __attribute__((aligned(64)));
+    float cb[4][16][16] __attribute__((aligned(64)));
+    int sb = 0;
+    for (int t = 0; t < M; t++) memset(out[t], 0, 64 * sizeof(float));
+    for (int gi = 0; gi < ng; gi++) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int m0 = gi * g / 2; m0 < (gi + 1) * g / 2; m0 += 16, sb ^= 1) {
+            uint8_t* st = stage[sb];  /* two buffers: the next decode need not wait for these loads */
+            for (int j = 0; j < 16; j++) {
+                __m512i u[4];
+                decode(wb + (int64_t)(m0 + j) * 64, u);
+                for (int q = 0; q < 4; q++) _mm512_store_si512((void*)(st + (q * 16 + j) * 64), u[q]);
+            }
+            _tile_loadd(4, x + 2 * m0, ldx * 2);
+            _tile_loadd(5, st, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, st + 1024, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, st + 2048, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, st + 3072, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, cb[0], 64); _tile_stored(1, cb[1], 64); _tile_stored(2, cb[2], 64); _tile_stored(3, cb[3], 64);
+        const uint16_t* s = sz + ((int64_t)gi * N + nb * 64) * 2;
+        for (int q = 0; q < 4; q++) {
+            __m512i d = _mm512_loadu_si512((const void*)(s + 32 * q));
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+            __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(d, zmask));
+            for (int t = 0; t < M; t++) {
+                __m512 xs = _mm512_set1_ps(xsum[t * ng + gi]);
+                __m512 sum = _mm512_fmadd_ps(xs, _mm512_set1_ps(-136.0f), _mm512_load_ps(cb[q][t]));
+                __m512 tot = _mm512_loadu_ps(out[t] + 16 * q);
+                _mm512_storeu_ps(out[t] + 16 * q, _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(zr, xs, tot)));
+            }
+        }
+    }
+}
+#endif
+
 #else
 #define QL_FAST 0
 
@@ -148,17 +231,37 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
 }
 #endif
 
-void int4_fast_path(int* out) { *out = QL_FAST; }
+#ifndef QL_AMX
+#define QL_AMX 0
+typedef int tilecfg;
+static int amx_allowed(void) { return 0; }
+static void amx_begin(int M, tilecfg* saved) { (void)M; (void)saved; }
+static void amx_end(const tilecfg* saved) { (void)saved; }
+static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int M,
+                      const uint16_t* x, int64_t ldx, const float* xsum, float out[16][64]) {
+    (void)w; (void)sz; (void)N; (void)K; (void)g; (void)nb; (void)M; (void)x; (void)ldx; (void)xsum; (void)out;
+}
+#endif
 
-/* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows, four at a time: y [T][ldy] fp32 or bf16, first n rows. */
+/* out[0]: the AVX512-BF16 path was compiled, out[1]: the AMX one */
+void int4_fast_path(int* out) { out[0] = QL_FAST; out[1] = QL_AMX; }
+
+/* The tile path for T rows: compiled, asked for (use), 2 to 16 rows (one row runs faster on the vector
+   path: the tiles load what the decode stored, a wait the vector path does not have), and the OS lets us. */
+static int amx_for(int use, int T) { return QL_AMX && use && T >= 2 && T <= 16 && amx_allowed(); }
+
+/* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows (through the tiles where amx, else four at a time): y [T][ldy]
+   fp32 or bf16, first n rows. */
 static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int T,
                         const uint16_t* x, int64_t ldx, const float* xsum, int64_t n, void* y, int64_t ldy,
-                        int y_bf16) {
-    float out[4][64];
+                        int y_bf16, int amx) {
+    float out[16][64] __attribute__((aligned(64)));
     int rows = n - nb * 64 < 64 ? (int)(n - nb * 64) : 64;
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        int nt = T - t0 < 4 ? T - t0 : 4;
-        block_rows(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), out);
+    int step = amx ? T : 4;
+    for (int t0 = 0; t0 < T; t0 += step) {
+        int nt = T - t0 < step ? T - t0 : step;
+        if (amx) block_amx(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), out);
+        else block_rows(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), (float (*)[64])out);
         for (int t = 0; t < nt; t++) {
             int64_t o = (t0 + t) * ldy + nb * 64;
             if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[o + r] = f_bf16(out[t][r]);
@@ -170,12 +273,20 @@ static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, 
 /* y [T][n] (bf16 if y_bf16, else fp32) = x [T][K] (bf16) @ Wᵀ for W [N][K] in the kernel layout (N a
    multiple of 64, n <= N rows kept), sz [K/g][N][2] bf16. */
 void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int T, const uint16_t* x,
-                 int64_t n, void* y, int y_bf16) {
+                 int64_t n, void* y, int y_bf16, int use_amx) {
     float* xsum = malloc(sizeof(float) * T * (K / g));
     group_sums(x, K, T, K, g, xsum);
     int64_t blocks = (n + 63) / 64;
-    #pragma omp parallel for schedule(static)
-    for (int64_t nb = 0; nb < blocks; nb++) block_store(w, sz, N, K, g, nb, T, x, K, xsum, n, y, n, y_bf16);
+    int amx = amx_for(use_amx, T);
+    #pragma omp parallel
+    {
+        tilecfg saved;
+        if (amx) amx_begin(T, &saved);
+        #pragma omp for schedule(static)
+        for (int64_t nb = 0; nb < blocks; nb++)
+            block_store(w, sz, N, K, g, nb, T, x, K, xsum, n, y, n, y_bf16, amx);
+        if (amx) amx_end(&saved);
+    }
     free(xsum);
 }
 
@@ -195,7 +306,7 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             int64_t a = r / (2 * I / 64), nb = r % (2 * I / 64);
             const uint8_t* slot = base + slots[a] * stride;
             block_store(slot + off_gu, (const uint16_t*)(slot + off_gusz), 2 * I, D, g_gu, nb, 1, x, D, xs_gu,
-                        2 * I, h + a * 2 * I, 2 * I, 0);
+                        2 * I, h + a * 2 * I, 2 * I, 0, 0);
         }
         #pragma omp for schedule(static)
         for (int64_t a = 0; a < A; a++) {
@@ -211,17 +322,18 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             int64_t a = r / (D / 64), nb = r % (D / 64);
             const uint8_t* slot = base + slots[a] * stride;
             block_store(slot + off_down, (const uint16_t*)(slot + off_dsz), D, I, g_d, nb, 1, hb + a * I, I,
-                        xs_d + a * (I / g_d), D, y + a * D, D, 0);
+                        xs_d + a * (I / g_d), D, y + a * D, D, 0, 0);
         }
     }
 }
 """
 
-MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i")
+MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i", "i")
 EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "i", "i", "p", "p", "p", "p", "p")
 GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the plain-C path holds a group of x: 256 at most)
 
 PORTABLE = False  # build the plain-C path even where the fast one compiles (tests set it)
+AMX = True  # 2-16 rows through the tile unit where the CPU has one (tests turn it off to test the other)
 
 
 def _source(portable: bool) -> str:
@@ -246,14 +358,20 @@ def experts_library() -> Callable | None:
     return _fn("int4_experts", EXPERTS_ARGS)
 
 
-def fast_path() -> bool:
-    """The library was built with the AVX512-BF16 path (False: the plain-C one, or no library)."""
+def paths() -> tuple[bool, bool]:
+    """(the AVX512-BF16 path, the AMX one) the library was built with: (False, False) for the plain-C
+    one, or without a library."""
     fn = _fn("int4_fast_path", ("p",))
     if fn is None:
-        return False
-    out = ctypes.c_int(0)
+        return False, False
+    out = (ctypes.c_int * 2)()
     fn(ctypes.addressof(out))
-    return bool(out.value)
+    return bool(out[0]), bool(out[1])
+
+
+def fast_path() -> bool:
+    """The library was built with the AVX512-BF16 path (False: the plain-C one, or no library)."""
+    return paths()[0]
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> bool:
@@ -281,5 +399,6 @@ def matvec(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, n: int) -
     t, k = x.shape
     y = torch.empty(t, n, dtype=torch.bfloat16)
     group = k // table.shape[0]
-    fn(weight.data_ptr(), table.data_ptr(), weight.shape[0], k, group, t, x.data_ptr(), n, y.data_ptr(), 1)
+    args = (weight.data_ptr(), table.data_ptr(), weight.shape[0], k, group, t, x.data_ptr(), n, y.data_ptr())
+    fn(*args, 1, int(AMX))
     return y

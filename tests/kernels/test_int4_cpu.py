@@ -1,6 +1,7 @@
-"""The C int4 kernel (kernels/int4_cpu.py) against the reference, each of its paths: the AVX512-BF16 one
-(where the CPU has it) and the plain-C one (built with QL_PORTABLE), and the torch fallback without a
-compiler. Reference: the weight dequantised as compressed-tensors does, then x @ Wᵀ in fp32."""
+"""The C int4 kernel (kernels/int4_cpu.py) against the reference, each of its paths: AMX tiles (2-16 rows)
+and AVX512-BF16 (where the CPU has them), the plain-C one (built with QL_PORTABLE), and the torch
+fallback without a compiler. Reference: the weight dequantised as compressed-tensors does, then x @ Wᵀ in
+fp32."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ BF16, F32 = torch.bfloat16, torch.float32
 SHAPES = [(96, 256, 32, True), (200, 512, 64, False), (64, 512, 128, False), (130, 1024, 256, True)]
 
 
-@pytest.fixture(params=["fast", "portable"])
+@pytest.fixture(params=["amx", "avx512", "portable"])
 def path(request, monkeypatch):
-    """The library built one way or the other (skipped where it does not build, or where the CPU has no
-    fast path to test)."""
+    """The library built and run one way (skipped where it does not build, or where the CPU lacks the
+    path to test)."""
     monkeypatch.setattr(int4_cpu, "PORTABLE", request.param == "portable")
+    monkeypatch.setattr(int4_cpu, "AMX", request.param == "amx")
     if int4_cpu.matvec_library() is None:
         pytest.skip("no C compiler: torch's kernel only")
-    if request.param == "fast" and not int4_cpu.fast_path():
-        pytest.skip("no AVX512-BF16 + VBMI on this CPU")
+    fast, amx = int4_cpu.paths()
+    if request.param == "avx512" and not fast or request.param == "amx" and not amx:
+        pytest.skip(f"no {request.param} path on this CPU")
     return request.param
 
 
@@ -37,9 +40,9 @@ def _weight(n: int, k: int, group: int, symmetric: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-g{s[2]}-{'sym' if s[3] else 'asym'}")
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
 def test_matvec_equals_the_dequantised_linear(path, shape, rows):
-    """A few rows (four at a time and the rest) through the C kernel: within bf16 rounding of the output
+    """A few rows (the vector paths four at a time and the rest, the tiles up to 16) through the C kernel: within bf16 rounding of the output
     of compressed-tensors' weights times x in fp32, and as close to torch's int4 kernel."""
     n, k, group, symmetric = shape
     pw, w = _weight(n, k, group, symmetric, seed=rows)
@@ -52,17 +55,32 @@ def test_matvec_equals_the_dequantised_linear(path, shape, rows):
     assert torch.equal(linear(x, w), y)  # the resident layer's decode rows run it
 
 
-def test_both_paths_agree(monkeypatch):
-    """The fast and the plain-C path sum the same products in other orders: fp32 apart, then rounded."""
-    monkeypatch.setattr(int4_cpu, "PORTABLE", False)
+def test_the_paths_agree(monkeypatch):
+    """The paths sum the same products in other orders: fp32 apart, then rounded to bf16."""
     if not int4_cpu.fast_path():
         pytest.skip("no AVX512-BF16 + VBMI on this CPU")
     pw, w = _weight(256, 2048, 32, False)
     x = torch.randn(2, 2048, generator=torch.Generator().manual_seed(5)).to(BF16)
-    fast = int4_cpu.matvec(x, w.weight, w.table, 256)
-    monkeypatch.setattr(int4_cpu, "PORTABLE", True)
-    portable = int4_cpu.matvec(x, w.weight, w.table, 256)
-    assert_near(fast, portable, rel=8e-3)  # at most a bf16 rounding step of the largest output
+    ys = []
+    for portable, amx in [(False, True), (False, False), (True, False)]:
+        monkeypatch.setattr(int4_cpu, "PORTABLE", portable)
+        monkeypatch.setattr(int4_cpu, "AMX", amx)
+        ys.append(int4_cpu.matvec(x, w.weight, w.table, 256))
+    for y in ys[1:]:
+        assert_near(y, ys[0], rel=8e-3)  # at most a bf16 rounding step of the largest output
+
+
+def test_torchs_gemm_after_the_tiles_is_unchanged():
+    """The tile path puts back each thread's tile configuration: torch's bf16 GEMM (oneDNN, AMX where
+    there is one) gives the same bits before and after it."""
+    if not int4_cpu.paths()[1]:
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(64, 512, generator=g).to(BF16), torch.randn(256, 512, generator=g).to(BF16)
+    before = torch.nn.functional.linear(a, b)
+    _, w = _weight(256, 512, 32, True)
+    int4_cpu.matvec(a[:4], w.weight, w.table, 256)
+    assert torch.equal(torch.nn.functional.linear(a, b), before)
 
 
 def test_without_a_compiler_torchs_kernel_runs(monkeypatch):
