@@ -130,6 +130,7 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
 #include <sys/syscall.h>
 #include <unistd.h>
 #define QL_AMX 1
+#define LEAD 2  /* column-pair tiles decoded ahead of the tile multiply that reads them */
 
 typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg;
 
@@ -155,51 +156,65 @@ static void amx_end(const tilecfg* saved) {
     if (saved->palette) _tile_loadconfig(saved); else _tile_release();
 }
 
-/* 64 rows (block nb) for M <= 16 input rows through the tile unit: each 16 column pairs decoded (as the
-   vector path does) into four B tiles of 16 pairs × 16 rows, multiplied by x's 32 columns (A); a group's
-   sums stored and scaled as in block_nt. */
-static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int M,
-                      const uint16_t* x, int64_t ldx, const float* xsum, float out[16][64]) {
+/* 16 column pairs from m0 decoded into the four B tiles' rows (stage: [4][16][64] bytes). */
+static inline __attribute__((always_inline)) void decode16(const uint8_t* wb, int m0, uint8_t* st) {
+    for (int j = 0; j < 16; j++) {
+        __m512i u[4];
+        decode(wb + (int64_t)(m0 + j) * 64, u);
+        for (int q = 0; q < 4; q++) _mm512_store_si512((void*)(st + (q * 16 + j) * 64), u[q]);
+    }
+}
+
+/* out[t][16 q + i] += scale · (Σ (128 + u) x - 136 Σ x) + zero · Σ x: a group's sums cb [4][16][16]. */
+static inline void amx_scale(const float cb[4][16][16], const uint16_t* s, int M, const float* xsum, int ng,
+                             int gi, float out[16][64]) {
     const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
-    const int ng = K / g;
-    const uint8_t* wb = w + nb * (int64_t)(K / 2) * 64;
-    uint8_t stage[2][4 * 16 * 64] __attribute__((aligned(64)));
-    float cb[4][16][16] __attribute__((aligned(64)));
-    int sb = 0;
-    for (int t = 0; t < M; t++) memset(out[t], 0, 64 * sizeof(float));
-    for (int gi = 0; gi < ng; gi++) {
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int m0 = gi * g / 2; m0 < (gi + 1) * g / 2; m0 += 16, sb ^= 1) {
-            uint8_t* st = stage[sb];  /* two buffers: the next decode need not wait for these loads */
-            for (int j = 0; j < 16; j++) {
-                __m512i u[4];
-                decode(wb + (int64_t)(m0 + j) * 64, u);
-                for (int q = 0; q < 4; q++) _mm512_store_si512((void*)(st + (q * 16 + j) * 64), u[q]);
-            }
-            _tile_loadd(4, x + 2 * m0, ldx * 2);
-            _tile_loadd(5, st, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, st + 1024, 64);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(7, st + 2048, 64);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, st + 3072, 64);
-            _tile_dpbf16ps(3, 4, 5);
-        }
-        _tile_stored(0, cb[0], 64); _tile_stored(1, cb[1], 64); _tile_stored(2, cb[2], 64); _tile_stored(3, cb[3], 64);
-        const uint16_t* s = sz + ((int64_t)gi * N + nb * 64) * 2;
-        for (int q = 0; q < 4; q++) {
-            __m512i d = _mm512_loadu_si512((const void*)(s + 32 * q));
-            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
-            __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(d, zmask));
-            for (int t = 0; t < M; t++) {
-                __m512 xs = _mm512_set1_ps(xsum[t * ng + gi]);
-                __m512 sum = _mm512_fmadd_ps(xs, _mm512_set1_ps(-136.0f), _mm512_load_ps(cb[q][t]));
-                __m512 tot = _mm512_loadu_ps(out[t] + 16 * q);
-                _mm512_storeu_ps(out[t] + 16 * q, _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(zr, xs, tot)));
-            }
+    for (int q = 0; q < 4; q++) {
+        __m512i d = _mm512_loadu_si512((const void*)(s + 32 * q));
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+        __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(d, zmask));
+        for (int t = 0; t < M; t++) {
+            __m512 xs = _mm512_set1_ps(xsum[t * ng + gi]);
+            __m512 sum = _mm512_fmadd_ps(xs, _mm512_set1_ps(-136.0f), _mm512_load_ps(cb[q][t]));
+            __m512 tot = _mm512_loadu_ps(out[t] + 16 * q);
+            _mm512_storeu_ps(out[t] + 16 * q, _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(zr, xs, tot)));
         }
     }
+}
+
+/* 64 rows (block nb) for M <= 16 input rows through the tile unit: each 16 column pairs decoded (as the
+   vector path does) into four B tiles of 16 pairs × 16 rows, multiplied by x's 32 columns (A); a group's
+   sums stored and scaled as in block_nt. Software-pipelined: the next 16 pairs are decoded before the
+   tiles load this one's (the tiles read what the stores wrote), a group's sums scaled one group later. */
+static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int M,
+                      const uint16_t* x, int64_t ldx, const float* xsum, float out[16][64]) {
+    const int ng = K / g, S = K / 32, spg = g / 32;  /* tiles of 16 pairs: in all, a group */
+    const uint8_t* wb = w + nb * (int64_t)(K / 2) * 64;
+    uint8_t stage[4][4 * 16 * 64] __attribute__((aligned(64)));
+    float cb[2][4][16][16] __attribute__((aligned(64)));
+    for (int t = 0; t < M; t++) memset(out[t], 0, 64 * sizeof(float));
+    for (int d = 0; d < LEAD && d < S; d++) decode16(wb, 16 * d, stage[d & 3]);
+    for (int si = 0; si < S; si++) {
+        const uint8_t* st = stage[si & 3];
+        int gi = si / spg;
+        if (si % spg == 0) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+        _tile_loadd(4, x + 32 * si, ldx * 2);
+        _tile_loadd(5, st, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, st + 1024, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, st + 2048, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, st + 3072, 64);
+        _tile_dpbf16ps(3, 4, 5);
+        if (si + LEAD < S) decode16(wb, 16 * (si + LEAD), stage[(si + LEAD) & 3]);
+        if ((si + 1) % spg == 0) {
+            float (*c)[16][16] = cb[gi & 1];
+            _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+            if (gi > 0) amx_scale(cb[(gi - 1) & 1], sz + ((int64_t)(gi - 1) * N + nb * 64) * 2, M, xsum, ng, gi - 1, out);
+        }
+    }
+    amx_scale(cb[(ng - 1) & 1], sz + ((int64_t)(ng - 1) * N + nb * 64) * 2, M, xsum, ng, ng - 1, out);
 }
 #endif
 
@@ -246,9 +261,12 @@ static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, in
 /* out[0]: the AVX512-BF16 path was compiled, out[1]: the AMX one */
 void int4_fast_path(int* out) { out[0] = QL_FAST; out[1] = QL_AMX; }
 
-/* The tile path for T rows: compiled, asked for (use), 2 to 16 rows (one row runs faster on the vector
-   path: the tiles load what the decode stored, a wait the vector path does not have), and the OS lets us. */
-static int amx_for(int use, int T) { return QL_AMX && use && T >= 2 && T <= 16 && amx_allowed(); }
+/* The tile path for T rows and groups of g: compiled, asked for (use), up to 16 rows, and the OS lets us.
+   One row of groups under 128 runs as fast on the vector path (a group's sums leave the tiles through
+   memory: at g = 32 that is every 16 column pairs). */
+static int amx_for(int use, int T, int g) {
+    return QL_AMX && use && T <= 16 && (T >= 2 || g >= 128) && amx_allowed();
+}
 
 /* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows (through the tiles where amx, else four at a time): y [T][ldy]
    fp32 or bf16, first n rows. */
@@ -277,7 +295,7 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
     float* xsum = malloc(sizeof(float) * T * (K / g));
     group_sums(x, K, T, K, g, xsum);
     int64_t blocks = (n + 63) / 64;
-    int amx = amx_for(use_amx, T);
+    int amx = amx_for(use_amx, T, g);
     #pragma omp parallel
     {
         tilecfg saved;
@@ -295,18 +313,21 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
    (SwiGLU's output rounded to bf16, as the two-call path rounds it), xs [D/g_gu + A * I/g_d]. */
 void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int A, int D, int I,
                   int64_t off_gu, int64_t off_down, int64_t off_gusz, int64_t off_dsz, int g_gu, int g_d,
-                  const uint16_t* x, float* h, uint16_t* hb, float* xs, float* y) {
+                  const uint16_t* x, float* h, uint16_t* hb, float* xs, float* y, int use_amx) {
     float* xs_gu = xs;
     float* xs_d = xs + D / g_gu;
     group_sums(x, D, 1, D, g_gu, xs_gu);
+    int amx_gu = amx_for(use_amx, 1, g_gu), amx_d = amx_for(use_amx, 1, g_d);
     #pragma omp parallel
     {
+        tilecfg saved;
+        if (amx_gu || amx_d) amx_begin(1, &saved);
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < (int64_t)A * (2 * I / 64); r++) {
             int64_t a = r / (2 * I / 64), nb = r % (2 * I / 64);
             const uint8_t* slot = base + slots[a] * stride;
             block_store(slot + off_gu, (const uint16_t*)(slot + off_gusz), 2 * I, D, g_gu, nb, 1, x, D, xs_gu,
-                        2 * I, h + a * 2 * I, 2 * I, 0, 0);
+                        2 * I, h + a * 2 * I, 2 * I, 0, amx_gu);
         }
         #pragma omp for schedule(static)
         for (int64_t a = 0; a < A; a++) {
@@ -322,18 +343,38 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             int64_t a = r / (D / 64), nb = r % (D / 64);
             const uint8_t* slot = base + slots[a] * stride;
             block_store(slot + off_down, (const uint16_t*)(slot + off_dsz), D, I, g_d, nb, 1, hb + a * I, I,
-                        xs_d + a * (I / g_d), D, y + a * D, D, 0, 0);
+                        xs_d + a * (I / g_d), D, y + a * D, D, 0, amx_d);
         }
+        if (amx_gu || amx_d) amx_end(&saved);
     }
 }
 """
 
 MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i", "i")
-EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "i", "i", "p", "p", "p", "p", "p")
+EXPERTS_ARGS = (
+    "p",
+    "i64",
+    "p",
+    "i",
+    "i",
+    "i",
+    "i64",
+    "i64",
+    "i64",
+    "i64",
+    "i",
+    "i",
+    "p",
+    "p",
+    "p",
+    "p",
+    "p",
+    "i",
+)
 GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the plain-C path holds a group of x: 256 at most)
 
 PORTABLE = False  # build the plain-C path even where the fast one compiles (tests set it)
-AMX = True  # 2-16 rows through the tile unit where the CPU has one (tests turn it off to test the other)
+AMX = True  # the tile path where the CPU has one and it pays (tests turn it off to test the other)
 
 
 def _source(portable: bool) -> str:

@@ -261,23 +261,25 @@ def test_grouped_path_only_where_the_gather_would_copy_more():
     assert not small._grouped_pays(10) and big._grouped_pays(10) == stacks.GROUPED_MM
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["fast", "portable"])
+@pytest.mark.parametrize("path", ["amx", "avx512", "portable"])
 @pytest.mark.parametrize("group,symmetric", [(32, True), (128, False), (64, True), (256, False)])
-def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric, portable, monkeypatch):
+def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric, path, monkeypatch):
     """The C decode kernel (kernels/int4_cpu.py int4_experts: a step's experts in one call, slots read
-    where they are), its AVX512-BF16 path and its plain-C one, against torch's int4 kernel on each
-    expert's slot (both sum in fp32, in other orders), and a bound expert's one row: the stack's bits."""
+    where they are), each of its paths (AMX tiles take one row of groups from 128), against torch's int4
+    kernel on each expert's slot (both sum in fp32, in other orders), and a bound expert's one row: the
+    stack's bits."""
     from qwen35_lite.experts.formats import QuantScheme, int4_cpu
     from qwen35_lite.experts.formats.registry import PACKED
     from qwen35_lite.kernels import int4_cpu as kernel
     from qwen35_lite.kernels.int4 import torch_matmul
     from qwen35_lite.weights.packed import CompressedQuantization
 
-    monkeypatch.setattr(kernel, "PORTABLE", portable)
+    monkeypatch.setattr(kernel, "PORTABLE", path == "portable")
+    monkeypatch.setattr(kernel, "AMX", path == "amx")
     if int4_cpu.library() is None:
         pytest.skip("no C compiler: torch's kernel only")
-    if not portable and not kernel.fast_path():
-        pytest.skip("no AVX512-BF16 + VBMI on this CPU")
+    if path != "portable" and not kernel.paths()[path == "amx"]:
+        pytest.skip(f"no {path} path on this CPU")
     quant = CompressedQuantization(QuantScheme(bits=4, group_size=group, symmetric=symmetric), ())
     fmt = PACKED[4].build(quant, 512, 256, "cpu", torch.bfloat16, torch.bfloat16)
     E, A = 12, 5

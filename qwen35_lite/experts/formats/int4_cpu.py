@@ -41,6 +41,7 @@ class StackedInt4Cpu:
         library()(
             self.buffer.data_ptr(), self.stride, slots.data_ptr(), A, self.D, self.I, *self.offsets,
             g_gu, g_d, xb.data_ptr(), h.data_ptr(), hb.data_ptr(), xs.data_ptr(), y.data_ptr(),
+            int(int4_cpu.AMX),
         )  # fmt: skip
         return y.to(x.dtype)
 
