@@ -72,6 +72,19 @@ static inline __attribute__((always_inline)) void decode(const uint8_t* b, __m51
     u[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 12), nib, bias, 0xea);
 }
 
+/* The table's 256 bytes for block nb's group gi + PF (or the next block's first groups): the table is
+   [G][N][2], one 256-byte piece a group N * 4 bytes from the next, too many streams for the hardware
+   prefetcher, each a miss to memory otherwise. */
+#define PF 8
+#define WPF 64  /* weights: 4 KB ahead of the decode (one stream a thread: the hardware's runs short) */
+static inline void prefetch_table(const uint16_t* sz, int64_t N, int ng, int64_t nb, int gi) {
+    gi += PF;
+    if (gi >= ng) { gi -= ng; nb += 1; }
+    if (nb * 64 >= N || gi >= ng) return;
+    const char* s = (const char*)(sz + ((int64_t)gi * N + nb * 64) * 2);
+    for (int l = 0; l < 256; l += 64) _mm_prefetch(s + l, _MM_HINT_T0);
+}
+
 /* 64 rows (block nb) for NT <= 4 input rows: out[t][r] = Σ_k W[64 nb + r, k] x[t][k]. */
 static inline __attribute__((always_inline)) void block_nt(
         const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, const int NT,
@@ -83,6 +96,7 @@ static inline __attribute__((always_inline)) void block_nt(
     for (int t = 0; t < NT; t++) memset(out[t], 0, 64 * sizeof(float));
     for (int gi = 0; gi < ng; gi++) {
         __m512 acc[2][4][4];
+        prefetch_table(sz, N, ng, nb, gi);
         for (int t = 0; t < NT; t++)
             for (int q = 0; q < 4; q++) {
                 acc[0][t][q] = _mm512_set1_ps(-136.0f * xsum[t * ng + gi]);  /* Σ (128 + u) x - 136 Σ x */
@@ -91,6 +105,7 @@ static inline __attribute__((always_inline)) void block_nt(
         for (int m = gi * g / 2; m < (gi + 1) * g / 2; m += NA) {
             for (int a = 0; a < NA; a++) {
                 __m512i u[4];
+                _mm_prefetch((const char*)(wb + (int64_t)(m + a + WPF) * 64), _MM_HINT_T0);
                 decode(wb + (int64_t)(m + a) * 64, u);
                 for (int t = 0; t < NT; t++) {
                     uint32_t xv;
@@ -160,6 +175,7 @@ static void amx_end(const tilecfg* saved) {
 static inline __attribute__((always_inline)) void decode16(const uint8_t* wb, int m0, uint8_t* st) {
     for (int j = 0; j < 16; j++) {
         __m512i u[4];
+        _mm_prefetch((const char*)(wb + (int64_t)(m0 + j + WPF) * 64), _MM_HINT_T0);
         decode(wb + (int64_t)(m0 + j) * 64, u);
         for (int q = 0; q < 4; q++) _mm512_store_si512((void*)(st + (q * 16 + j) * 64), u[q]);
     }
@@ -197,6 +213,7 @@ static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, in
     for (int si = 0; si < S; si++) {
         const uint8_t* st = stage[si & 3];
         int gi = si / spg;
+        if (si % spg == 0) prefetch_table(sz, N, ng, nb, gi);
         if (si % spg == 0) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
         _tile_loadd(4, x + 32 * si, ldx * 2);
         _tile_loadd(5, st, 64);
@@ -296,11 +313,13 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
     group_sums(x, K, T, K, g, xsum);
     int64_t blocks = (n + 63) / 64;
     int amx = amx_for(use_amx, T, g);
+    /* blocks handed out ~256 KB at a time: a thread that another process slows takes fewer */
+    int64_t chunk = (1 << 18) / ((int64_t)K * 32) > 1 ? (1 << 18) / ((int64_t)K * 32) : 1;
     #pragma omp parallel
     {
         tilecfg saved;
         if (amx) amx_begin(T, &saved);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, chunk)
         for (int64_t nb = 0; nb < blocks; nb++)
             block_store(w, sz, N, K, g, nb, T, x, K, xsum, n, y, n, y_bf16, amx);
         if (amx) amx_end(&saved);
