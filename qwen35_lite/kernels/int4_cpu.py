@@ -42,6 +42,8 @@ static inline uint16_t f_bf16(float f) {  /* round to nearest even, as torch's .
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
+#define CB 4  /* blocks of 64 rows a task: one row runs them group by group */
+
 /* Σ x over each group of g inputs: x [T][ldx] bf16 -> xsum [T][K/g] fp32 */
 static void group_sums(const uint16_t* x, int64_t ldx, int T, int K, int g, float* xsum) {
     for (int t = 0; t < T; t++)
@@ -140,6 +142,53 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
     }
 }
 
+
+/* One input row through CB consecutive blocks, group by group: a group's (scale, zero) pieces of the CB
+   blocks are contiguous, where block by block each group is a piece N * 4 bytes from the last (out of
+   cache that pattern halved the rate). out[c][r] = Σ_k W[64 (nb0 + c) + r, k] x[k]. */
+static void blocks_row1(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb0, int nbc,
+                        const uint16_t* x, const float* xsum, float out[CB][64]) {
+    const __m512i zmask = _mm512_set1_epi32((int)0xffff0000);
+    const int ng = K / g;
+    __m512 tot[CB][4];
+    for (int c = 0; c < CB; c++)
+        for (int q = 0; q < 4; q++) tot[c][q] = _mm512_setzero_ps();
+    for (int gi = 0; gi < ng; gi++) {
+        if (gi + PF < ng) {
+            const char* p = (const char*)(sz + ((int64_t)(gi + PF) * N + nb0 * 64) * 2);
+            for (int l = 0; l < nbc * 256; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+        }
+        const float xs = xsum[gi];
+        for (int c = 0; c < nbc; c++) {
+            const uint8_t* wb = w + (nb0 + c) * (int64_t)(K / 2) * 64;
+            __m512 acc[2][4];  /* two sets (even, odd m): dpbf16's latency */
+            for (int q = 0; q < 4; q++) {
+                acc[0][q] = _mm512_set1_ps(-136.0f * xs);  /* Σ (128 + u) x - 136 Σ x */
+                acc[1][q] = _mm512_setzero_ps();
+            }
+            for (int m = gi * g / 2; m < (gi + 1) * g / 2; m += 2)
+                for (int a = 0; a < 2; a++) {
+                    __m512i u[4];
+                    uint32_t xv;
+                    _mm_prefetch((const char*)(wb + (int64_t)(m + a + WPF) * 64), _MM_HINT_T0);
+                    decode(wb + (int64_t)(m + a) * 64, u);
+                    memcpy(&xv, x + 2 * (m + a), 4);
+                    __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xv);
+                    for (int q = 0; q < 4; q++) acc[a][q] = _mm512_dpbf16_ps(acc[a][q], (__m512bh)u[q], xb);
+                }
+            const uint16_t* s = sz + ((int64_t)gi * N + (nb0 + c) * 64) * 2;
+            for (int q = 0; q < 4; q++) {
+                __m512i d = _mm512_loadu_si512((const void*)(s + 32 * q));
+                __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
+                __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(d, zmask));
+                __m512 sum = _mm512_add_ps(acc[0][q], acc[1][q]);
+                tot[c][q] = _mm512_fmadd_ps(sc, sum, _mm512_fmadd_ps(zr, _mm512_set1_ps(xs), tot[c][q]));
+            }
+        }
+    }
+    for (int c = 0; c < nbc; c++)
+        for (int q = 0; q < 4; q++) _mm512_storeu_ps(out[c] + 16 * q, tot[c][q]);
+}
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -261,6 +310,11 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
         memcpy(out[t], total, sizeof total);
     }
 }
+
+static void blocks_row1(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb0, int nbc,
+                        const uint16_t* x, const float* xsum, float out[CB][64]) {
+    for (int c = 0; c < nbc; c++) block_rows(w, sz, N, K, g, nb0 + c, 1, x, K, xsum, (float (*)[64])out[c]);
+}
 #endif
 
 #ifndef QL_AMX
@@ -305,23 +359,43 @@ static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, 
     }
 }
 
+/* Blocks nb0 .. nb0 + nbc - 1 (nbc <= CB) as block_store, one row of the vector path CB blocks at once. */
+static void run_blocks(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb0, int nbc,
+                       int T, const uint16_t* x, int64_t ldx, const float* xsum, int64_t n, void* y,
+                       int64_t ldy, int y_bf16, int amx) {
+    if (T > 1 || amx) {
+        for (int c = 0; c < nbc; c++) block_store(w, sz, N, K, g, nb0 + c, T, x, ldx, xsum, n, y, ldy, y_bf16, amx);
+        return;
+    }
+    float out[CB][64] __attribute__((aligned(64)));
+    blocks_row1(w, sz, N, K, g, nb0, nbc, x, xsum, out);
+    for (int c = 0; c < nbc; c++) {
+        int64_t nb = nb0 + c;
+        int rows = n - nb * 64 < 64 ? (int)(n - nb * 64) : 64;
+        if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[nb * 64 + r] = f_bf16(out[c][r]);
+        else memcpy((float*)y + nb * 64, out[c], rows * sizeof(float));
+    }
+}
+
 /* y [T][n] (bf16 if y_bf16, else fp32) = x [T][K] (bf16) @ Wᵀ for W [N][K] in the kernel layout (N a
    multiple of 64, n <= N rows kept), sz [K/g][N][2] bf16. */
 void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int T, const uint16_t* x,
                  int64_t n, void* y, int y_bf16, int use_amx) {
     float* xsum = malloc(sizeof(float) * T * (K / g));
     group_sums(x, K, T, K, g, xsum);
-    int64_t blocks = (n + 63) / 64;
+    int64_t blocks = (n + 63) / 64, tasks = (blocks + CB - 1) / CB;
     int amx = amx_for(use_amx, T, g);
-    /* blocks handed out ~256 KB at a time: a thread that another process slows takes fewer */
-    int64_t chunk = (1 << 18) / ((int64_t)K * 32) > 1 ? (1 << 18) / ((int64_t)K * 32) : 1;
+    /* tasks handed out ~256 KB at a time: a thread that another process slows takes fewer */
+    int64_t chunk = (1 << 18) / ((int64_t)K * 32 * CB) > 1 ? (1 << 18) / ((int64_t)K * 32 * CB) : 1;
     #pragma omp parallel
     {
         tilecfg saved;
         if (amx) amx_begin(T, &saved);
         #pragma omp for schedule(dynamic, chunk)
-        for (int64_t nb = 0; nb < blocks; nb++)
-            block_store(w, sz, N, K, g, nb, T, x, K, xsum, n, y, n, y_bf16, amx);
+        for (int64_t i = 0; i < tasks; i++) {
+            int nbc = blocks - i * CB < CB ? (int)(blocks - i * CB) : CB;
+            run_blocks(w, sz, N, K, g, i * CB, nbc, T, x, K, xsum, n, y, n, y_bf16, amx);
+        }
         if (amx) amx_end(&saved);
     }
     free(xsum);
@@ -337,16 +411,18 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
     float* xs_d = xs + D / g_gu;
     group_sums(x, D, 1, D, g_gu, xs_gu);
     int amx_gu = amx_for(use_amx, 1, g_gu), amx_d = amx_for(use_amx, 1, g_d);
+    int64_t tasks_gu = (2 * I / 64 + CB - 1) / CB, tasks_d = (D / 64 + CB - 1) / CB;
     #pragma omp parallel
     {
         tilecfg saved;
         if (amx_gu || amx_d) amx_begin(1, &saved);
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < (int64_t)A * (2 * I / 64); r++) {
-            int64_t a = r / (2 * I / 64), nb = r % (2 * I / 64);
+        for (int64_t r = 0; r < (int64_t)A * tasks_gu; r++) {
+            int64_t a = r / tasks_gu, nb = r % tasks_gu * CB;
+            int nbc = 2 * I / 64 - nb < CB ? (int)(2 * I / 64 - nb) : CB;
             const uint8_t* slot = base + slots[a] * stride;
-            block_store(slot + off_gu, (const uint16_t*)(slot + off_gusz), 2 * I, D, g_gu, nb, 1, x, D, xs_gu,
-                        2 * I, h + a * 2 * I, 2 * I, 0, amx_gu);
+            run_blocks(slot + off_gu, (const uint16_t*)(slot + off_gusz), 2 * I, D, g_gu, nb, nbc, 1, x, D, xs_gu,
+                       2 * I, h + a * 2 * I, 2 * I, 0, amx_gu);
         }
         #pragma omp for schedule(static)
         for (int64_t a = 0; a < A; a++) {
@@ -358,11 +434,12 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             group_sums(hb + a * I, I, 1, I, g_d, xs_d + a * (I / g_d));
         }
         #pragma omp for schedule(static)
-        for (int64_t r = 0; r < (int64_t)A * (D / 64); r++) {
-            int64_t a = r / (D / 64), nb = r % (D / 64);
+        for (int64_t r = 0; r < (int64_t)A * tasks_d; r++) {
+            int64_t a = r / tasks_d, nb = r % tasks_d * CB;
+            int nbc = D / 64 - nb < CB ? (int)(D / 64 - nb) : CB;
             const uint8_t* slot = base + slots[a] * stride;
-            block_store(slot + off_down, (const uint16_t*)(slot + off_dsz), D, I, g_d, nb, 1, hb + a * I, I,
-                        xs_d + a * (I / g_d), D, y + a * D, D, 0, amx_d);
+            run_blocks(slot + off_down, (const uint16_t*)(slot + off_dsz), D, I, g_d, nb, nbc, 1, hb + a * I, I,
+                       xs_d + a * (I / g_d), D, y + a * D, D, 0, amx_d);
         }
         if (amx_gu || amx_d) amx_end(&saved);
     }
