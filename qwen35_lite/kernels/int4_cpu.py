@@ -8,15 +8,20 @@ holds row 64b + j in its low nibble and row 64b + 32 + j in its high one. Table 
 W = (u - 8) · scale + zero. Per block and group the kernel sums in fp32 and adds
 scale · Σ (u - 8) x + zero · Σ x, as torch's kernel does.
 
-One inner function (`block_rows`) runs 64 rows of a weight for up to 4 input rows; both entries use it.
-Its fast path (AVX512-BF16 and VBMI: Sapphire Rapids, Zen 4) decodes each 64-byte column pair into four
-vectors of 16 rows × (column 2m, 2m + 1) bf16 pairs with one byte permute per 32 rows, a shift and a
-ternary logic op (the nibble u in the top mantissa bits of 1.0: v = 1 + u/16, exact), and accumulates
-with `vdpbf16ps` against x's pair (bf16 already: exact products): Σ (u - 8) x = 16 Σ v x - 24 Σ x, so the
-value a column contributes is well conditioned (v in [1, 2)). Elsewhere (or built with QL_PORTABLE)
-plain loops that any C compiler takes and vectorises as it can.
+The fast path (AVX512-BF16 and VBMI: Sapphire Rapids, Zen 4) decodes each 64-byte column pair into four
+vectors of 16 rows × (column 2m, 2m + 1) bf16 pairs: one byte permute puts a row's two columns in a dword,
+a mask and an or make each nibble u the bf16 128 + u (exact), and `vdpbf16ps` multiplies them by x's pair
+(bf16 already: exact products, fp32 sums); Σ (u - 8) x = Σ (128 + u) x - 136 Σ x, the accumulator starting
+at -136 Σ x. `block_rows` runs 64 rows for up to 4 input rows, `blocks_row1` one row through 4 blocks
+group by group (the table is [G][N][2]: block by block each group's piece is N * 4 bytes from the last, a
+pattern that halved the rate out of cache); weights are prefetched 4 KB ahead, table pieces 8 groups
+ahead. With AMX (`block_amx`): 2-16 rows, or one row of groups from 128, through the tile unit, the decoded
+vectors stored as B tiles (vdpbf16ps takes 2 cycles here: the tiles multiply a decoded block once for all
+rows); each thread's tile configuration (oneDNN's) is saved and put back. Elsewhere (or built with
+QL_PORTABLE) plain loops that any C compiler takes.
 
-OpenMP over blocks of 64 rows: torch's libgomp, so the threads follow `torch.set_num_threads`.
+OpenMP over tasks of 4 blocks (dynamic, ~256 KB a hand-out: a thread another process slows takes fewer):
+torch's libgomp, so the threads follow `torch.set_num_threads`.
 """
 
 from __future__ import annotations
@@ -447,26 +452,7 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
 """
 
 MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i", "i")
-EXPERTS_ARGS = (
-    "p",
-    "i64",
-    "p",
-    "i",
-    "i",
-    "i",
-    "i64",
-    "i64",
-    "i64",
-    "i64",
-    "i",
-    "i",
-    "p",
-    "p",
-    "p",
-    "p",
-    "p",
-    "i",
-)
+EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i") + ("i64",) * 4 + ("i", "i") + ("p",) * 5 + ("i",)
 GROUPS = (32, 64, 128, 256)  # group sizes the kernel takes (the plain-C path holds a group of x: 256 at most)
 
 PORTABLE = False  # build the plain-C path even where the fast one compiles (tests set it)
@@ -520,6 +506,8 @@ def fits(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> bool:
         and table.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and table.is_contiguous()
         and n_pad % 64 == 0
         and (2 * half) % groups == 0
         and (2 * half) // groups in GROUPS
