@@ -15,7 +15,7 @@ a mask and an or make each nibble u the bf16 128 + u (exact), and `vdpbf16ps` mu
 at -136 Σ x. `block_rows` runs 64 rows for up to 4 input rows, `blocks_row1` one row through 4 blocks
 group by group (the table is [G][N][2]: block by block each group's piece is N * 4 bytes from the last, a
 pattern that halved the rate out of cache); weights are prefetched 4 KB ahead, table pieces 8 groups
-ahead. With AMX (`block_amx`): 2-16 rows, or one row of groups from 128, through the tile unit, the decoded
+ahead. With AMX (`block_amx`): 2 rows or more, or one of groups from 128, through the tile unit, the decoded
 vectors stored as B tiles (vdpbf16ps takes 2 cycles here: the tiles multiply a decoded block once for all
 rows); each thread's tile configuration (oneDNN's) is saved and put back. Elsewhere (or built with
 QL_PORTABLE) plain loops that any C compiler takes.
@@ -252,10 +252,11 @@ static inline void amx_scale(const float cb[4][16][16], const uint16_t* s, int M
     }
 }
 
-/* 64 rows (block nb) for M <= 16 input rows through the tile unit: each 16 column pairs decoded (as the
-   vector path does) into four B tiles of 16 pairs × 16 rows, multiplied by x's 32 columns (A); a group's
-   sums stored and scaled as in block_nt. Software-pipelined: the next 16 pairs are decoded before the
-   tiles load this one's (the tiles read what the stores wrote), a group's sums scaled one group later. */
+/* 64 rows (block nb) for M <= 16 input rows through the tile unit (configured for M rows, or for 16 with x
+   padded to whole tiles): each 16 column pairs decoded (as the vector path does) into four B tiles of 16
+   pairs × 16 rows, multiplied by x's 32 columns (A); a group's sums stored and scaled as in block_nt.
+   Software-pipelined: the pairs two tiles on are decoded before the tiles load this one's (the tiles read
+   what the stores wrote), a group's sums scaled one group later. */
 static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int M,
                       const uint16_t* x, int64_t ldx, const float* xsum, float out[16][64]) {
     const int ng = K / g, S = K / 32, spg = g / 32;  /* tiles of 16 pairs: in all, a group */
@@ -337,21 +338,21 @@ static void block_amx(const uint8_t* w, const uint16_t* sz, int64_t N, int K, in
 /* out[0]: the AVX512-BF16 path was compiled, out[1]: the AMX one */
 void int4_fast_path(int* out) { out[0] = QL_FAST; out[1] = QL_AMX; }
 
-/* The tile path for T rows and groups of g: compiled, asked for (use), up to 16 rows, and the OS lets us.
-   One row of groups under 128 runs as fast on the vector path (a group's sums leave the tiles through
-   memory: at g = 32 that is every 16 column pairs). */
+/* The tile path for T rows and groups of g: compiled, asked for (use), and the OS lets us. One row of
+   groups under 128 runs as fast on the vector path (a group's sums leave the tiles through memory: at
+   g = 32 that is every 16 column pairs). */
 static int amx_for(int use, int T, int g) {
-    return QL_AMX && use && T <= 16 && (T >= 2 || g >= 128) && amx_allowed();
+    return QL_AMX && use && (T >= 2 || g >= 128) && amx_allowed();
 }
 
-/* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows (through the tiles where amx, else four at a time): y [T][ldy]
-   fp32 or bf16, first n rows. */
+/* Rows 64 nb .. of x [T][ldx] @ Wᵀ, all T rows (through the tiles 16 at a time where amx: x then holds
+   whole tiles of rows, else four at a time): y [T][ldy] fp32 or bf16, first n rows. */
 static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, int64_t nb, int T,
                         const uint16_t* x, int64_t ldx, const float* xsum, int64_t n, void* y, int64_t ldy,
                         int y_bf16, int amx) {
     float out[16][64] __attribute__((aligned(64)));
     int rows = n - nb * 64 < 64 ? (int)(n - nb * 64) : 64;
-    int step = amx ? T : 4;
+    int step = amx ? 16 : 4;
     for (int t0 = 0; t0 < T; t0 += step) {
         int nt = T - t0 < step ? T - t0 : step;
         if (amx) block_amx(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), out);
@@ -390,12 +391,18 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
     group_sums(x, K, T, K, g, xsum);
     int64_t blocks = (n + 63) / 64, tasks = (blocks + CB - 1) / CB;
     int amx = amx_for(use_amx, T, g);
+    uint16_t* xpad = NULL;  /* more than 16 rows: tiles of 16 rows, x padded to whole tiles with zeros */
+    if (amx && T > 16) {
+        xpad = calloc((size_t)(T + 15) / 16 * 16 * K, sizeof(uint16_t));
+        memcpy(xpad, x, (size_t)T * K * sizeof(uint16_t));
+        x = xpad;
+    }
     /* tasks handed out ~256 KB at a time: a thread that another process slows takes fewer */
     int64_t chunk = (1 << 18) / ((int64_t)K * 32 * CB) > 1 ? (1 << 18) / ((int64_t)K * 32 * CB) : 1;
     #pragma omp parallel
     {
         tilecfg saved;
-        if (amx) amx_begin(T, &saved);
+        if (amx) amx_begin(T < 16 ? T : 16, &saved);
         #pragma omp for schedule(dynamic, chunk)
         for (int64_t i = 0; i < tasks; i++) {
             int nbc = blocks - i * CB < CB ? (int)(blocks - i * CB) : CB;
@@ -404,6 +411,7 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
         if (amx) amx_end(&saved);
     }
     free(xsum);
+    free(xpad);
 }
 
 /* A experts (slot a at base + slots[a] * stride): gate_up [2I, D] and down [D, I] in the kernel layout,
