@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from qwen35_lite.openmp import wait_passively  # noqa: E402
+
+wait_passively()  # OpenMP threads wait as in a run (spinning, every 2-thread row here read 2-8x slower)
+import torch  # noqa: E402
+
 SECTION = "## Expert kernels (CPU)"
 D, I, A = 4096, 1024, 10
 
