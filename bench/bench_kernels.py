@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from qwen35_lite.openmp import wait_passively  # noqa: E402
+
+wait_passively()  # OpenMP threads wait as in a run (spinning, every 2-thread row here read 2-8x slower)
+import torch  # noqa: E402
+
 SECTION = "## Expert kernels (CPU)"
 D, I, A = 4096, 1024, 10
 
@@ -65,6 +69,34 @@ def int4_stack(n: int):
             else:
                 v.copy_(torch.rand(v.shape, generator=g) / 64)
     return tier, fmt
+
+
+# Resident int4 Linears at decode (one row): a projection of the 397B's size and an lm_head-like one
+INT4_RESIDENT = ((16384, 4096, 32), (248320, 1024, 32))
+
+
+def int4_resident_cases() -> dict:
+    """name -> (callable, bytes it reads): each INT4_RESIDENT shape through the C kernel
+    (kernels/int4_cpu.py, what Int4Kernel runs), torch's int4pack kernel, and the bf16 matvec of the same
+    shape (int4: the bytes held, nibbles and the (scale, zero) table)."""
+    from qwen35_lite.kernels.int4 import Int4Kernel, torch_matmul
+
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for n, k, group in INT4_RESIDENT:
+        u = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+        scale = torch.rand(n, k // group, generator=g) / 64 + 1e-3
+        w4 = Int4Kernel.build((n, k), u, scale, torch.zeros_like(scale), group, torch.bfloat16)
+        wb = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(1, k, generator=g).bfloat16()
+        shape = f"[{n}, {k}]"
+        out[f"bf16 matvec {shape}"] = (lambda wb=wb, x=x: torch.mv(wb, x[0]), wb.nbytes)
+        out[f"int4 g{group} {shape}, C kernel (int4_cpu.py)"] = (lambda w4=w4, x=x: w4(x), w4.nbytes)
+        out[f"int4 g{group} {shape}, torch's int4pack kernel"] = (
+            lambda w4=w4, x=x, n=n: torch_matmul(x, w4.weight, w4.table, n),
+            w4.nbytes,
+        )
+    return out
 
 
 def cases(n_slots: int) -> dict:
@@ -116,6 +148,7 @@ def cases(n_slots: int) -> dict:
         "fp8 top-10, C kernel (fp8_cpu.py, now)": (lambda: f8(x, slots), A * 3 * D * I),
         "fp8 -> bf16, torch .to()": (lambda: w8.to(torch.bfloat16), w8.nbytes),
         "fp8 -> fp32, bit-level (weights/fp8.py)": (lambda: e4m3_to_float(w8), w8.nbytes),
+        **int4_resident_cases(),
     }
 
 

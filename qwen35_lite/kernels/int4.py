@@ -1,5 +1,7 @@
-"""int4 on the CPU through torch's `aten._weight_int4pack_mm_for_cpu` (bf16 activations), a weight of 4-bit
-values u in [0, 15] with a (scale, zero) pair per group of K: W[n, k] = (u - 8) · scale + zero.
+"""int4 on the CPU (bf16 activations), a weight of 4-bit values u in [0, 15] with a (scale, zero) pair per
+group of K: W[n, k] = (u - 8) · scale + zero, in the layout of torch's `aten._weight_int4pack_mm_for_cpu`.
+Decode rows run the C kernel of int4_cpu.py where it builds (at memory speed; torch's kernel is
+compute-bound), torch's kernel otherwise (`matmul`: the one entry the resident layers and the experts use).
 
 The kernel's layout (`aten._convert_weight_to_int4pack_for_cpu`: uint8 [N, K/2] in blocks of 64 rows: for
 block b and input column k, 32 bytes whose low nibbles are rows 64b + j and high nibbles rows 64b + 32 + j)
@@ -20,6 +22,7 @@ import functools
 
 import torch
 
+from . import int4_cpu
 from .base import GEMM_ROWS, CompactLinear
 
 BLOCK_N = 64  # rows per block of the kernel's layout
@@ -89,6 +92,24 @@ def unpack_layout(w: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Ten
     return u.view(-1, 2 * half)
 
 
+def torch_matmul(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """x [T, K] @ Wᵀ -> [T, n] through torch's kernel (the reference and the path without a compiler)."""
+    group = x.shape[-1] // table.shape[0]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, group, table)
+    return y if y.shape[-1] == n else y[:, :n]
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, n: int, direct: bool) -> torch.Tensor:
+    """x [T, K] @ Wᵀ -> [T, n] in x's dtype for W uint8 [N_pad, K/2] in the kernel layout and its
+    [G, N_pad, 2] (scale, zero) table: the C kernel where it takes the call (bf16, the bytes in
+    `_direct_layout`'s order: `direct`), torch's otherwise."""
+    if direct and int4_cpu.fits(x, weight, table):
+        y = int4_cpu.matvec(x, weight, table, n)
+        if y is not None:
+            return y
+    return torch_matmul(x, weight, table, n)
+
+
 def scale_zero_table(scale: torch.Tensor, zero: torch.Tensor, n_pad: int, dtype: torch.dtype) -> torch.Tensor:
     """scale, zero [N, G] (fp32) -> the kernel's [G, N_pad, 2] (scale, zero) table in `dtype` (padded rows 0)."""
     n, groups = scale.shape
@@ -100,7 +121,7 @@ def scale_zero_table(scale: torch.Tensor, zero: torch.Tensor, n_pad: int, dtype:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Int4Kernel(CompactLinear):
-    """int4 group-wise (symmetric or not) for `_weight_int4pack_mm_for_cpu`."""
+    """int4 group-wise (symmetric or not): decode rows through `matmul`, more dequantised a block at a time."""
 
     TENSORS = ("weight", "table")
 
@@ -135,11 +156,9 @@ class Int4Kernel(CompactLinear):
         return f"int4 g{self.group}, CPU int4 kernel"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.shape[0]
         if x.shape[0] >= GEMM_ROWS and self.direct:
             return self.dequantized_linear(x, BLOCK_N)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.group, self.table)
-        return y if y.shape[-1] == n else y[:, :n]
+        return matmul(x, self.weight, self.table, self.shape[0], self.direct)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
         """(u - 8) · scale (+ zero) computed in `dtype`: in bf16 each product is rounded once, so a

@@ -261,30 +261,45 @@ def test_grouped_path_only_where_the_gather_would_copy_more():
     assert not small._grouped_pays(10) and big._grouped_pays(10) == stacks.GROUPED_MM
 
 
-@pytest.mark.parametrize("group,symmetric", [(32, True), (128, False), (64, True)])
-def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric):
-    """The C decode kernel (experts/formats/int4_cpu.py: a step's experts in one call, slots read where
-    they are) against torch's int4 kernel on each bound expert: both sum in fp32, in other orders."""
+@pytest.mark.parametrize("path", ["amx", "avx512", "portable"])
+@pytest.mark.parametrize("group,symmetric", [(32, True), (128, False), (64, True), (256, False)])
+def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric, path, monkeypatch):
+    """The C decode kernel (kernels/int4_cpu.py int4_experts: a step's experts in one call, slots read
+    where they are), each of its paths (AMX tiles take one row of groups from 128), against torch's int4
+    kernel on each expert's slot (both sum in fp32, in other orders), and a bound expert's one row: the
+    stack's bits."""
     from qwen35_lite.experts.formats import QuantScheme, int4_cpu
     from qwen35_lite.experts.formats.registry import PACKED
+    from qwen35_lite.kernels import int4_cpu as kernel
+    from qwen35_lite.kernels.int4 import torch_matmul
     from qwen35_lite.weights.packed import CompressedQuantization
 
+    monkeypatch.setattr(kernel, "PORTABLE", path == "portable")
+    monkeypatch.setattr(kernel, "AMX", path == "amx")
     if int4_cpu.library() is None:
         pytest.skip("no C compiler: torch's kernel only")
+    if path != "portable" and not kernel.paths()[path == "amx"]:
+        pytest.skip(f"no {path} path on this CPU")
     quant = CompressedQuantization(QuantScheme(bits=4, group_size=group, symmetric=symmetric), ())
-    fmt = PACKED[4].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
+    fmt = PACKED[4].build(quant, 512, 256, "cpu", torch.bfloat16, torch.bfloat16)
     E, A = 12, 5
     tier, g = _kernel_tier(fmt, E, seed=group + symmetric)
     stack = tier.stacks[0]
     assert isinstance(stack, int4_cpu.StackedInt4Cpu)
+
+    def torchs(x, s):  # one expert through torch's kernel, as before the C kernel
+        gu_w, down_w, gu_sz, down_sz = (p.view(tier.pools[0].slots[s]) for p in fmt.slot)
+        gate, up = torch_matmul(x, gu_w, gu_sz, gu_w.shape[0]).chunk(2, dim=-1)
+        return torch_matmul(torch.nn.functional.silu(gate) * up, down_w, down_sz, down_w.shape[0])
+
     for _ in range(3):
-        x = torch.randn(1, 256, generator=g).bfloat16()
+        x = torch.randn(1, 512, generator=g).bfloat16()
         slots = torch.randperm(E, generator=g)[:A]
-        want = torch.cat([tier.experts[0][s](x) for s in slots.tolist()]).float()
+        want = torch.cat([torchs(x, s) for s in slots.tolist()]).float()
         got = stack(x, slots)
-        tol = 2e-2 * float(want.abs().max())
-        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=tol)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
         assert torch.equal(stack.rows(x, slots.tolist()), got)
+        assert torch.equal(torch.cat([tier.experts[0][s](x) for s in slots.tolist()]), got)
 
 
 def test_the_bf16_stack_kernel_equals_its_bound_experts_and_the_gathered_reference():

@@ -1,5 +1,6 @@
 """int4 experts: compressed-tensors pack-quantized W4A16 (compressed.py has the layout and the scheme),
-its packing, and torch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`) for bf16 compute.
+its packing, and the CPU int4 kernel of the resident layers (kernels/int4.py: the C kernel, or torch's
+`aten._weight_int4pack_mm_for_cpu` without a compiler) for bf16 compute.
 
 Packing: eight 4-bit values per int32 word, element i of each 8 at bits 4i..4i+3, each stored as q + 8
 (q in [-8, 7]); zero points packed the same way down the rows.
@@ -184,14 +185,14 @@ DEQUANTISE_ROWS = 32
 def kernel_ffn(
     x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_sz: torch.Tensor, down_sz: torch.Tensor
 ) -> torch.Tensor:
-    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel, or for
-    many rows two bf16 matmuls over the weights dequantised once (`kernel_dense`)."""
-    if x.shape[0] >= DEQUANTISE_ROWS and dense_layout_known(gu_w) and dense_layout_known(down_w):
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int4 kernel
+    (`kernels.int4.matmul`: the C kernel where it builds, torch's otherwise), or for many rows two bf16
+    matmuls over the weights dequantised once (`kernel_dense`)."""
+    gu_known, down_known = dense_layout_known(gu_w), dense_layout_known(down_w)
+    if x.shape[0] >= DEQUANTISE_ROWS and gu_known and down_known:
         return ffn(x, kernel_dense(gu_w, gu_sz), kernel_dense(down_w, down_sz))
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    # group size = input width / groups; a weight [N, K/2] holds two inputs a byte
-    g, u = mm(x.contiguous(), gu_w, 2 * gu_w.shape[1] // gu_sz.shape[0], gu_sz).chunk(2, dim=-1)
-    return mm(F.silu(g) * u, down_w, 2 * down_w.shape[1] // down_sz.shape[0], down_sz)  # [T, I] -> [T, D]
+    g, u = kernel_int4.matmul(x, gu_w, gu_sz, gu_w.shape[0], gu_known).chunk(2, dim=-1)  # [T, 2I]
+    return kernel_int4.matmul(F.silu(g) * u, down_w, down_sz, down_w.shape[0], down_known)  # [T, I] -> [T, D]
 
 
 def dense_layout_known(w: torch.Tensor) -> bool:
