@@ -59,11 +59,11 @@ def test_the_kernels_conversion_is_exact_on_every_code(portable):
     w = codes.view(128, 256)[torch.randperm(128)].contiguous().view(torch.float8_e4m3fn)
     scale = torch.tensor([[0.75, 3.0]])
     want = dequantize_fp8(w, scale)
-    got = torch.empty(256, 128)
+    got, scratch = torch.empty(256, 128), torch.empty(256)
     for j in range(256):
         x = torch.zeros(256)
         x[j] = 1.0
-        fn(w.data_ptr(), scale.data_ptr(), 128, 256, x.data_ptr(), got[j].data_ptr())
+        fn(w.data_ptr(), scale.data_ptr(), 128, 256, x.data_ptr(), scratch.data_ptr(), got[j].data_ptr())
     assert torch.equal(got.T, want)
     assert torch.equal(fp8_cpu.dequantize_into(w, scale, torch.empty(128, 256)), dequantize_block(w, scale))
 

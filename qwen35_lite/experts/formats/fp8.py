@@ -132,7 +132,10 @@ class Fp8BlockFormat(ExpertFormat):
         raw = self.raw_views(slot)
         if self.cpu_kernel and slot.device.type == "cpu":
             D, I = self.D, self.I
-            rows = lambda x: fp8_cpu.prefill_ffn(x, raw, D, I)  # noqa: E731
+
+            def rows(x: torch.Tensor) -> torch.Tensor:  # a prefill's rows: fp32 on the expert made dense
+                return fp8_cpu.prefill_ffn(x, raw, D, I)
+
             return one_row_by(self.stack(slot, 1, slot.numel()), rows)
         return self._dequantising(raw)
 
@@ -157,7 +160,7 @@ class Fp8BlockFormat(ExpertFormat):
 
     def gather_nbytes(self, top_k: int) -> int:
         if self.cpu_kernel:
-            return top_k * (2 * self.I + self.D) * 4  # the kernel's fp32 rows
+            return fp8_cpu.decode_nbytes(self.D, self.I, top_k, self.dtype)
         return dequantised_gather(self, top_k) if self.direct else dense_gather(self, top_k)
 
 

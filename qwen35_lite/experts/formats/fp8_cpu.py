@@ -34,7 +34,6 @@ from ...weights.fp8 import FP8_BLOCK, dequantize_block
 
 SOURCE = r"""
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && !defined(FP8_PORTABLE)
@@ -137,25 +136,26 @@ void fp8_fast(int32_t* fast) {
 }
 
 /* y [rows] = W x for one FP8 matrix W [rows, cols] with block scales s [rows/128, cols/128]; x [cols]
-   fp32 (the kernel's own row loop, exposed for its tests). */
-void fp8_matvec(const uint8_t* w, const float* s, int rows, int cols, const float* x, float* y) {
+   fp32; scratch [cols] fp32 (the kernel's own row loop, exposed for its tests). */
+void fp8_matvec(const uint8_t* w, const float* s, int rows, int cols, const float* x, float* scratch,
+                float* y) {
     TABLES
-    xval* xp = malloc(sizeof(xval) * cols);
+    xval* xp = (xval*)scratch;
     for (int64_t c = 0; c < cols; c++) xp[xpos(c)] = to_x(x[c]);
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++)
         y[r] = row_dot(w + r * cols, s + (r / 128) * (cols / 128), xp, cols, t);
-    free(xp);
 }
 
 /* A experts of one layer's FP8 slots (slot k at base + slots[k] * stride; parts at the given offsets:
    gate_up weights [2I, D], down [D, I], their fp32 block scales [2I/128, D/128] and [D/128, I/128]).
-   x [D] fp32 -> y [A, D] fp32; h [A, 2I] scratch. */
+   x [D] fp32 -> y [A, D] fp32; h [A * 2I + D + A * I] fp32 scratch (gate_up's outputs, then x and the A
+   down inputs as the row loop reads them). */
 void fp8_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int A, int D, int I,
                  int64_t off_gu, int64_t off_down, int64_t off_gus, int64_t off_ds,
                  const float* x, float* h, float* y) {
     TABLES
-    xval* xp = malloc(sizeof(xval) * ((int64_t)D + (int64_t)A * I));  /* x, then the A down inputs */
+    xval* xp = (xval*)(h + (int64_t)A * 2 * I);
     xval* hp = xp + D;
     for (int64_t c = 0; c < D; c++) xp[xpos(c)] = to_x(x[c]);
     #pragma omp parallel
@@ -181,7 +181,6 @@ void fp8_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int 
                            hp + a * I, I, t);
         }
     }
-    free(xp);
 }
 
 /* out [rows, cols] fp32 = lut[w] * s per 128-block (s [ceil(rows/128), ceil(cols/128)]): an FP8 matrix
@@ -202,7 +201,7 @@ void fp8_dequant(const uint8_t* w, const float* s, int rows, int cols, const flo
 
 ARGS = ("p", "i64", "p", "i", "i", "i", "i64", "i64", "i64", "i64", "p", "p", "p")
 DEQUANT_ARGS = ("p", "p", "i", "i", "p", "p")
-MATVEC_ARGS = ("p", "p", "i", "i", "p", "p")
+MATVEC_ARGS = ("p", "p", "i", "i", "p", "p", "p")
 PORTABLE = "#define FP8_PORTABLE 1\n"  # the plain-C path on any machine (its tests)
 PREFILL_ROWS = 64  # a prefill call's rows go through the fp32 FFN this many at a time (bounded temporaries)
 
@@ -251,7 +250,7 @@ class StackedFp8Cpu:
         slots = slots.to(torch.int64).contiguous()
         A = slots.shape[0]
         xf = x.reshape(-1).float().contiguous()
-        h = torch.empty(A, 2 * self.I)
+        h = torch.empty(A * 2 * self.I + self.D + A * self.I)  # scratch: fp8_experts' h
         y = torch.empty(A, self.D)
         library()(
             self.buffer.data_ptr(), self.stride, slots.data_ptr(), A, self.D, self.I, *self.offsets,
@@ -296,6 +295,11 @@ def prefill_ffn(x: torch.Tensor, raw: list[torch.Tensor], D: int, I: int) -> tor
         g, u = F.linear(x[r : r + PREFILL_ROWS].float(), gate_up).chunk(2, dim=-1)  # [R, I] each
         out[r : r + PREFILL_ROWS] = F.linear(F.silu(g) * u, down)
     return out
+
+
+def decode_nbytes(D: int, I: int, A: int, dtype: torch.dtype) -> int:
+    """What a StackedFp8Cpu call holds: x in fp32, the kernel's scratch, its fp32 output and the cast."""
+    return (D + A * 2 * I + D + A * I + A * D) * 4 + A * D * dtype.itemsize
 
 
 def prefill_nbytes(D: int, I: int) -> int:
