@@ -65,10 +65,12 @@ class Fp8BlockFormat(ExpertFormat):
     """float8_e4m3fn weights + fp32 weight_scale_inv [ceil(out/128), ceil(in/128)], per expert.
 
     On CUDA (`dequantise_on_use`) slots hold the raw FP8 bytes and scales (half the bytes of bf16 in RAM,
-    on the bus and on the GPU) and the GPU dequantises an expert when it runs. On the CPU a per-use
-    dequantisation would cost more than the matmul many times over, so the expert is dequantised once,
-    when it enters the cache, into a compute-dtype slot (the disk still reads half the bytes of bf16).
-    Either way W = w.float() * scale_inv per block, then the compute dtype (dequantize_block)."""
+    on the bus and on the GPU) and the GPU dequantises an expert when it runs. On the CPU with bf16/fp16
+    compute, slots hold the FP8 bytes too: a decode step's experts run by the C kernel straight from them
+    (fp8_cpu.py), a prefill's rows by fp32 matmuls on the expert dequantised once a call. Elsewhere on the
+    CPU (fp32 compute, no kernel) the expert is dequantised once, when it enters the cache, into a
+    compute-dtype slot (the disk still reads half the bytes of bf16). Either way W = w.float() *
+    scale_inv per block (dequantize_block)."""
 
     def __init__(
         self,
@@ -127,10 +129,15 @@ class Fp8BlockFormat(ExpertFormat):
     def bind(self, slot: torch.Tensor) -> Expert:
         if not self.direct:
             return DenseExpert(*(p.view(slot) for p in self.slot))
-        expert = self._dequantising(self.raw_views(slot))
+        raw = self.raw_views(slot)
         if self.cpu_kernel and slot.device.type == "cpu":
-            return one_row_by(self.stack(slot, 1, slot.numel()), expert)
-        return expert
+            D, I = self.D, self.I
+
+            def rows(x: torch.Tensor) -> torch.Tensor:  # a prefill's rows: fp32 on the expert made dense
+                return fp8_cpu.prefill_ffn(x, raw, D, I)
+
+            return one_row_by(self.stack(slot, 1, slot.numel()), rows)
+        return self._dequantising(raw)
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         if self.direct and buffer.device.type == "cpu" and self.cpu_kernel:
@@ -146,28 +153,32 @@ class Fp8BlockFormat(ExpertFormat):
         return self.cpu_kernel
 
     def prefill_nbytes(self) -> int:
+        if self.cpu_kernel:  # the expert in fp32 and one row block's fp32 temporaries (fp8_cpu.prefill_ffn)
+            return fp8_cpu.prefill_nbytes(self.D, self.I)
         # dequantised on use: each call makes the expert dense (fp32, then the compute dtype)
         return dequantised_gather(self, 1) if self.direct else 0
 
     def gather_nbytes(self, top_k: int) -> int:
         if self.cpu_kernel:
-            return top_k * (2 * self.I + self.D) * 4  # the kernel's fp32 rows
+            return fp8_cpu.decode_nbytes(self.D, self.I, top_k, self.dtype)
         return dequantised_gather(self, top_k) if self.direct else dense_gather(self, top_k)
 
 
-# Opt-in for now: with FP8 slots a prefill dequantises its experts on every call, and a 600-token prefill
-# under --cpu-mem 0.5 peaked 8% above the budget (tests/plan/test_budget.py) by memory the plan does not
-# count yet; off, FP8 experts are dequantised into bf16 cache slots on the CPU, as before the kernel.
+# "0": FP8 experts dequantised into bf16 cache slots on the CPU (the path before the kernel); "1": the
+# kernel even where only its portable C path builds (several times slower than memory); unset: the kernel
+# where its AVX512-BF16 path builds. QWEN35_LITE_NO_KERNELS=1 turns it off with the other C kernels.
 KERNEL_ENV = "QWEN35_LITE_FP8_CPU_KERNEL"
 
 
 def _cpu_kernel(dtype: torch.dtype, stored: torch.dtype, hidden: int, inter: int) -> bool:
-    """The CPU FP8 kernel runs these experts: asked for (KERNEL_ENV=1), e4m3 weights, a half-precision
-    compute dtype (fp32 keeps the exact dequantise-into-the-cache path), whole 128-blocks, the kernel built."""
-    if os.environ.get(KERNEL_ENV) != "1":
+    """The CPU FP8 kernel runs these experts: not turned off (KERNEL_ENV), e4m3 weights, a half-precision
+    compute dtype (fp32 keeps the exact dequantise-into-the-cache path), whole 128-blocks, the kernel built
+    (its fast path unless KERNEL_ENV=1)."""
+    asked = os.environ.get(KERNEL_ENV)
+    if asked == "0":
         return False
     half = dtype in (torch.bfloat16, torch.float16)
-    return half and stored == torch.float8_e4m3fn and fp8_cpu.available(hidden, inter)
+    return half and stored == torch.float8_e4m3fn and fp8_cpu.available(hidden, inter, asked != "1")
 
 
 class StackedFp8(StackedDequantised):
