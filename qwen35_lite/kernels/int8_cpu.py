@@ -143,22 +143,28 @@ static void rows(const int8_t* q, const uint16_t* s, const int8_t* zp, int64_t K
     if (buf != out) free(buf);
 }
 
+/* row block b (rows 4b .. 4b + 3, fewer at the end) of an [N][K] weight */
+static void row_block(const int8_t* q, const uint16_t* s, const int8_t* zp, int64_t N, int64_t K, int G, int64_t b,
+                      const float* xf, const float* xsum, int T, void* y, int64_t ystride, int ybf16) {
+    int64_t n0 = b * RB;
+    int R = N - n0 < RB ? (int)(N - n0) : RB;
+    if (R == RB) rows(q, s, zp, K, G, n0, RB, xf, xsum, T, y, ystride, ybf16);
+    else for (int r = 0; r < R; r++) rows(q, s, zp, K, G, n0 + r, 1, xf, xsum, T, y, ystride, ybf16);
+}
+
+static float* fp32_buffer(int64_t n) { return (float*)aligned_alloc(64, ((sizeof(float) * n + 63) / 64) * 64); }
+
 /* y bf16 [T][N] = x bf16 [T][K] @ W^T, W = (q - zp) * s: q int8 [N][K], s bf16 [N][G], zp int8 [N][G] or NULL */
 void int8_linear(const int8_t* q, const uint16_t* s, const int8_t* zp, const uint16_t* x, uint16_t* y,
                  int64_t N, int64_t K, int T, int G) {
-    int64_t blocks = (N + RB - 1) / RB;
     #pragma omp parallel
     {
-        float* xf = (float*)aligned_alloc(64, ((sizeof(float) * T * K + 63) / 64) * 64);
+        /* each thread widens x for itself: no barrier, and K·T is small beside its rows */
+        float* xf = fp32_buffer((int64_t)T * K);
         float* xsum = zp ? (float*)malloc(sizeof(float) * T * G) : NULL;
         prepare_x(x, T, K, G, xf, xsum);
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t n0 = b * RB;
-            int R = N - n0 < RB ? (int)(N - n0) : RB;
-            if (R == RB) rows(q, s, zp, K, G, n0, RB, xf, xsum, T, y, N, 1);
-            else for (int r = 0; r < R; r++) rows(q, s, zp, K, G, n0 + r, 1, xf, xsum, T, y, N, 1);
-        }
+        for (int64_t b = 0; b < (N + RB - 1) / RB; b++) row_block(q, s, zp, N, K, G, b, xf, xsum, T, y, N, 1);
         free(xf); free(xsum);
     }
 }

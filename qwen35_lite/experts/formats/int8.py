@@ -6,6 +6,9 @@ each stored as q + 128 (q in [-128, 127]); zero points packed the same way down 
 of bf16 (plus a scale per group or row): twice the expert slots, and near lossless.
 
 The kernel computes y = x @ (q * scale).T with one scale per output row: the symmetric channel strategy.
+A decode step's experts run in one call of the C kernel (int8_cpu.py) where it builds, from their slots;
+a few rows of one expert through kernels/int8_cpu.py's matmul, a prefill block's rows (DEQUANTISE_ROWS
+and up) dequantised once and run by the bf16 matmul; torch's `_weight_int8pack_mm` without a compiler.
 Other schemes (group scales, zero points) run the exact path: the slot keeps the packed bytes and the
 expert is dequantised as compressed-tensors does when it runs (`PackedFormat`), still half the bytes.
 `dequantised_ffn` is the kernel's reference: the same expert dequantised, then F.linear.
@@ -20,9 +23,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ...kernels import int8_cpu as kernel_int8
 from ...weights.packed import pack_int8, unpack_int8
-from ..stacks import StackedKernel
-from . import compressed
+from ..stacks import StackedExperts, StackedKernel, one_row_by
+from . import compressed, int8_cpu
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
 
@@ -68,10 +72,21 @@ class Int8Format(PackedFormat):
         if not self.kernel:
             return super().bind(slot)
         parts = [p.view(slot) for p in self.slot]
-        return lambda x: kernel_ffn(x, *parts)
+        stack = self.stack(slot, 1, slot.numel())
+        expert = lambda x: kernel_ffn(x, *parts)  # noqa: E731
+        # one row as the layer's stack runs it: where an expert sits never changes the tokens
+        return one_row_by(stack, expert) if isinstance(stack, int8_cpu.StackedInt8Cpu) else expert
 
     def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
         return StackedKernel(parts, kernel_ffn)
+
+    def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
+        """Decode through the C kernel (int8_cpu.py) where it builds; torch's kernel one expert at a time
+        (StackedKernel) otherwise."""
+        if self.kernel and buffer.device.type == "cpu" and int8_cpu.library() is not None:
+            offsets = tuple(p.offset for p in self.slot)  # gate_up, down weights; their scales
+            return int8_cpu.StackedInt8Cpu(buffer, stride, self.D, self.I, offsets)
+        return super().stack(buffer, n_slots, stride)
 
     def dequantised_ffn(self, slot: torch.Tensor) -> Expert:
         """The kernel slot's expert by the reference path: q * scale dequantised, then F.linear."""
@@ -85,11 +100,22 @@ class Int8Format(PackedFormat):
         return run
 
 
+# From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
+# the bf16 matmul (oneDNN, AMX where there is one): the int8 kernels' time grows with the rows.
+DEQUANTISE_ROWS = 32
+
+
 def kernel_ffn(
     x: torch.Tensor, gu_w: torch.Tensor, down_w: torch.Tensor, gu_s: torch.Tensor, down_s: torch.Tensor
 ) -> torch.Tensor:
-    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of the int8 kernel."""
-    mm = torch.ops.aten._weight_int8pack_mm
+    """One expert from its kernel slot's parts: x [T, D] -> [T, D], two calls of an int8 kernel (the C
+    one where it builds, else torch's), or for many rows two bf16 matmuls over the weights dequantised."""
+    if x.shape[0] >= DEQUANTISE_ROWS:
+        return ffn(x, gu_w.to(x.dtype) * gu_s[:, None], down_w.to(x.dtype) * down_s[:, None])
+    if x.dtype == torch.bfloat16 and gu_s.dtype == torch.bfloat16 and kernel_int8.library() is not None:
+        mm = kernel_int8.int8_linear
+    else:
+        mm = torch.ops.aten._weight_int8pack_mm
     g, u = mm(x.contiguous(), gu_w, gu_s).chunk(2, dim=-1)  # [T, I] each
     return mm(F.silu(g) * u, down_w, down_s)
 

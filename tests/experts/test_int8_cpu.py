@@ -1,0 +1,94 @@
+"""int8 routed experts run by the C decode kernel (experts/formats/int8_cpu.py: a step's experts in one
+call, slots read where they are) against torch's int8 kernel one expert at a time and against the
+dequantised reference; a bound expert's row runs as its stack runs it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen35_lite.experts.dispatch import dispatch_decode, dispatch_stacked
+from qwen35_lite.experts.formats import QuantScheme, int8_cpu
+from qwen35_lite.experts.formats.registry import PACKED
+from qwen35_lite.experts.slots import SlotTier
+from qwen35_lite.weights.packed import CompressedQuantization
+
+pytestmark = pytest.mark.skipif(int8_cpu.library() is None, reason="no C compiler: torch's kernel runs")
+D, I = 256, 96  # I * 2 and D: whole 4-row blocks; the test below takes odd ones
+
+
+def kernel_tier(D: int, I: int, E: int, seed: int):
+    """A format and a RAM tier of E int8 kernel slots prepared from random packed bytes (a cache fill)."""
+    quant = CompressedQuantization(QuantScheme(bits=8, group_size=None, symmetric=True), ())
+    fmt = PACKED[8].build(quant, D, I, "cpu", torch.bfloat16, torch.bfloat16)
+    assert fmt.uses_cpu_kernel
+    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
+    for s in range(E):
+        for part, view in zip(fmt.raw, fmt.raw_views(raw)):
+            if part.dtype == torch.int32:
+                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
+            else:
+                view.copy_(torch.rand(part.shape, generator=g) / 400 + 1e-4)
+        fmt.prepare(fmt.raw_views(raw), tier.pools[0].slots[s])
+    return fmt, tier, g
+
+
+def near(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32 sums in another order (and the SwiGLU input kept fp32 instead of bf16): within bf16's
+    rounding of the outputs' scale."""
+    err = (got.float() - want.float()).norm()
+    assert err <= 1e-2 * want.float().norm(), (err, want.float().norm())
+
+
+def torch_kernel_ffn(fmt, slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One expert by torch's `_weight_int8pack_mm` (the path without a compiler)."""
+    gu_w, down_w, gu_s, down_s = (p.view(slot) for p in fmt.slot)
+    mm = torch.ops.aten._weight_int8pack_mm
+    gate, up = mm(x, gu_w, gu_s).chunk(2, dim=-1)
+    return mm(F.silu(gate) * up, down_w, down_s)
+
+
+@pytest.mark.parametrize("shape", [(D, I), (100, 36)], ids=["whole", "k-tails"])
+def test_stacked_c_kernel_equals_torchs_kernel_expert_by_expert(shape):
+    d, i = shape
+    fmt, tier, g = kernel_tier(d, i, 12, seed=d + i)
+    stack = tier.stacks[0]
+    assert isinstance(stack, int8_cpu.StackedInt8Cpu)
+    slot_of = tier.pools[0].slots
+    for A in (1, 5, 10):
+        x = torch.randn(1, d, generator=g).bfloat16()
+        slots = torch.randperm(12, generator=g)[:A]
+        got = stack(x, slots)
+        assert got.shape == (A, d) and got.dtype == torch.bfloat16
+        assert torch.equal(stack.rows(x, slots.tolist()), got)
+        near(got, torch.cat([fmt.dequantised_ffn(slot_of[s])(x) for s in slots.tolist()]))
+        if d % 32 == 0 and i % 32 == 0:  # torch's bf16 int8 kernel wants K a multiple of 16
+            near(got, torch.cat([torch_kernel_ffn(fmt, slot_of[s], x) for s in slots.tolist()]))
+
+
+def test_a_bound_expert_runs_one_row_as_its_stack_and_the_dispatch_equals_one_by_one():
+    """one_row_by: an expert read for one step alone gives the bits of its cache slot's run."""
+    fmt, tier, g = kernel_tier(D, I, 8, seed=3)
+    stack, experts = tier.stacks[0], {s: tier.experts[0][s] for s in range(8)}
+    for _ in range(3):
+        x = torch.randn(1, D, generator=g).bfloat16()
+        slots = torch.randperm(8, generator=g)[:4]
+        want = torch.cat([experts[s](x) for s in slots.tolist()])
+        assert torch.equal(stack(x, slots), want)
+        alone = fmt.bind(tier.pools[0].slots[int(slots[0])].clone())
+        assert torch.equal(alone(x), want[:1])
+        weights = torch.softmax(torch.randn(1, 4, generator=g), -1).bfloat16()
+        assert torch.equal(
+            dispatch_stacked(x, weights, slots, stack), dispatch_decode(x, weights, slots[None], experts)
+        )
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_more_rows_of_one_expert_run_the_matmul_kernel_or_dequantised(rows):
+    fmt, tier, g = kernel_tier(D, I, 2, seed=rows)
+    x = torch.randn(rows, D, generator=g).bfloat16()
+    slot = tier.pools[0].slots[1]
+    near(fmt.bind(slot)(x), fmt.dequantised_ffn(slot)(x))
