@@ -92,3 +92,36 @@ def test_more_rows_of_one_expert_run_the_matmul_kernel_or_dequantised(rows):
     x = torch.randn(rows, D, generator=g).bfloat16()
     slot = tier.pools[0].slots[1]
     near(fmt.bind(slot)(x), fmt.dequantised_ffn(slot)(x))
+
+
+@pytest.fixture(scope="module")
+def w8_channel(hf_checkpoint, tmp_path_factory):
+    """A small MoE checkpoint with int8 symmetric per-channel experts, quantised by compressed-tensors."""
+    from ct_reference import make_ct_checkpoint
+
+    return make_ct_checkpoint(
+        hf_checkpoint("moe_int4"), tmp_path_factory.mktemp("w8c") / "w8", None, True, bits=8
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cpu_slots", [2, 10**6], ids=["some-slots", "every-expert"])
+def test_cached_and_uncached_int8_experts_decode_the_same_tokens(w8_channel, cpu_slots):
+    """Experts in RAM slots run by the layer's C stack and experts read for one step alone (UncachedExperts:
+    bound, one row as the stack runs it) give the same greedy tokens and logits bit for bit in bf16."""
+    from conftest import greedy, load_ours
+
+    from qwen35_lite.experts.cache import TieredExperts
+
+    ids = torch.randint(0, 248000, (12,), generator=torch.Generator().manual_seed(2))
+    uncached = load_ours(w8_channel, torch.bfloat16)
+    assert uncached.provider.store.for_compute("cpu", torch.bfloat16).format.uses_cpu_kernel
+    cached = load_ours(
+        w8_channel,
+        torch.bfloat16,
+        lambda s, d, t: TieredExperts(s, d, t, cpu_slots=cpu_slots, prefetch=False),
+    )
+    assert isinstance(cached.provider.ram.stacks[0], int8_cpu.StackedInt8Cpu)
+    want, want_logits = greedy(uncached, ids, 6)
+    got, got_logits = greedy(cached, ids, 6)
+    assert got == want and torch.equal(got_logits, want_logits)
