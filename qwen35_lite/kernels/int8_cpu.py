@@ -48,15 +48,16 @@ static inline uint16_t f_bf16(float f) {  /* round to nearest even, as torch's c
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
 }
 
-/* x bf16 [T][K] -> xf fp32 [T][K]; xsum [T][G]: the sums of x over each group (zero points only) */
+/* the sums of x fp32 [K] over each of G groups -> sums [G] (the zero points' term) */
+static void group_sums(const float* x, int64_t K, int G, float* sums) {
+    int64_t g = K / G;
+    for (int gi = 0; gi < G; gi++) { float s = 0; for (int64_t k = gi * g; k < (gi + 1) * g; k++) s += x[k]; sums[gi] = s; }
+}
+
+/* x bf16 [T][K] -> xf fp32 [T][K]; xsum [T][G] (or NULL: symmetric) its group sums */
 static void prepare_x(const uint16_t* x, int T, int64_t K, int G, float* xf, float* xsum) {
     for (int64_t i = 0; i < (int64_t)T * K; i++) xf[i] = bf16_f(x[i]);
-    if (!xsum) return;
-    int64_t g = K / G;
-    for (int t = 0; t < T; t++)
-        for (int gi = 0; gi < G; gi++) {
-            float s = 0; for (int64_t k = gi * g; k < (gi + 1) * g; k++) s += xf[t * K + k]; xsum[t * G + gi] = s;
-        }
+    if (xsum) for (int t = 0; t < T; t++) group_sums(xf + t * K, K, G, xsum + t * G);
 }
 
 #ifdef INT8_FAST

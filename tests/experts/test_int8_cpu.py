@@ -15,25 +15,36 @@ from qwen35_lite.experts.slots import SlotTier
 from qwen35_lite.weights.packed import CompressedQuantization
 
 pytestmark = pytest.mark.skipif(int8_cpu.library() is None, reason="no C compiler: torch's kernel runs")
-D, I = 256, 96  # I * 2 and D: whole 4-row blocks; the test below takes odd ones
+D, I = 256, 128  # whole 4-row blocks and groups of up to 128; a test below takes K tails
 
 
-def kernel_tier(D: int, I: int, E: int, seed: int):
-    """A format and a RAM tier of E int8 kernel slots prepared from random packed bytes (a cache fill)."""
-    quant = CompressedQuantization(QuantScheme(bits=8, group_size=None, symmetric=True), ())
+CHANNEL = (None, True)
+SCHEMES = [CHANNEL, (None, False), (32, True), (64, False)]  # (group size or a scale a row, symmetric)
+
+
+def _ids(scheme) -> str:
+    return f"{'g' + str(scheme[0]) if scheme[0] else 'row'}-{'sym' if scheme[1] else 'asym'}"
+
+
+def kernel_tier(D: int, I: int, E: int, seed: int, scheme=CHANNEL):
+    """A format, a RAM tier of E int8 kernel slots prepared from random packed bytes (a cache fill), the
+    generator, and the raw bytes of each slot (for the exact path)."""
+    quant = CompressedQuantization(QuantScheme(bits=8, group_size=scheme[0], symmetric=scheme[1]), ())
     fmt = PACKED[8].build(quant, D, I, "cpu", torch.bfloat16, torch.bfloat16)
     assert fmt.uses_cpu_kernel
     tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
     g = torch.Generator().manual_seed(seed)
-    raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
+    raws = []
     for s in range(E):
+        raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
         for part, view in zip(fmt.raw, fmt.raw_views(raw)):
             if part.dtype == torch.int32:
                 view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
             else:
                 view.copy_(torch.rand(part.shape, generator=g) / 400 + 1e-4)
         fmt.prepare(fmt.raw_views(raw), tier.pools[0].slots[s])
-    return fmt, tier, g
+        raws.append(raw)
+    return fmt, tier, g, raws
 
 
 def near(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -54,7 +65,7 @@ def torch_kernel_ffn(fmt, slot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(D, I), (100, 36)], ids=["whole", "k-tails"])
 def test_stacked_c_kernel_equals_torchs_kernel_expert_by_expert(shape):
     d, i = shape
-    fmt, tier, g = kernel_tier(d, i, 12, seed=d + i)
+    fmt, tier, g, _ = kernel_tier(d, i, 12, seed=d + i)
     stack = tier.stacks[0]
     assert isinstance(stack, int8_cpu.StackedInt8Cpu)
     slot_of = tier.pools[0].slots
@@ -69,9 +80,29 @@ def test_stacked_c_kernel_equals_torchs_kernel_expert_by_expert(shape):
             near(got, torch.cat([torch_kernel_ffn(fmt, slot_of[s], x) for s in slots.tolist()]))
 
 
-def test_a_bound_expert_runs_one_row_as_its_stack_and_the_dispatch_equals_one_by_one():
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_ids)
+def test_the_stacked_kernel_computes_what_compressed_tensors_dequantisation_gives(scheme):
+    """Every scheme the C kernel takes (group scales, zero points) against the exact path on the raw
+    bytes (compressed-tensors' dequantisation, then F.linear in fp32)."""
+    quant = CompressedQuantization(QuantScheme(bits=8, group_size=scheme[0], symmetric=scheme[1]), ())
+    exact = PACKED[8].build(quant, D, I, "cpu", torch.float32, torch.bfloat16)
+    assert not exact.uses_cpu_kernel
+    fmt, tier, g, raws = kernel_tier(D, I, 6, seed=7, scheme=scheme)
+    stack = tier.stacks[0]
+    assert isinstance(stack, int8_cpu.StackedInt8Cpu)
+    x = torch.randn(1, D, generator=g).bfloat16()
+    slots = torch.tensor([4, 0, 5])
+    want = torch.cat([exact.bind(raws[s])(x.float()) for s in slots.tolist()])
+    near(stack(x, slots), want)
+    for rows in (3, 40):  # one expert, a few rows (the C matmul) and a prefill block (dequantised)
+        xs = torch.randn(rows, D, generator=g).bfloat16()
+        near(tier.experts[0][2](xs), exact.bind(raws[2])(xs.float()))
+
+
+@pytest.mark.parametrize("scheme", [CHANNEL, (64, False)], ids=_ids)
+def test_a_bound_expert_runs_one_row_as_its_stack_and_the_dispatch_equals_one_by_one(scheme):
     """one_row_by: an expert read for one step alone gives the bits of its cache slot's run."""
-    fmt, tier, g = kernel_tier(D, I, 8, seed=3)
+    fmt, tier, g, _ = kernel_tier(D, I, 8, seed=3, scheme=scheme)
     stack, experts = tier.stacks[0], {s: tier.experts[0][s] for s in range(8)}
     for _ in range(3):
         x = torch.randn(1, D, generator=g).bfloat16()
@@ -88,7 +119,7 @@ def test_a_bound_expert_runs_one_row_as_its_stack_and_the_dispatch_equals_one_by
 
 @pytest.mark.parametrize("rows", [3, 40])
 def test_more_rows_of_one_expert_run_the_matmul_kernel_or_dequantised(rows):
-    fmt, tier, g = kernel_tier(D, I, 2, seed=rows)
+    fmt, tier, g, _ = kernel_tier(D, I, 2, seed=rows)
     x = torch.randn(rows, D, generator=g).bfloat16()
     slot = tier.pools[0].slots[1]
     near(fmt.bind(slot)(x), fmt.dequantised_ffn(slot)(x))
