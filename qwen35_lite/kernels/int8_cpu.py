@@ -19,6 +19,8 @@ a decode step's experts from their slots in one OpenMP region.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .cbuild import build
@@ -179,6 +181,7 @@ void int8_linear(const int8_t* q, const uint16_t* s, const int8_t* zp, const uin
 ARGS = ("p", "p", "p", "p", "p", "i64", "i64", "i", "i")
 
 
+@functools.cache
 def library(portable: bool = False):
     """The compiled `int8_linear` (kernels/cbuild.py), None without a compiler or when the build fails;
     `portable`: the plain-C path only (its test)."""
