@@ -88,10 +88,10 @@ class Int8Group(CompactLinear):
         q = self.q[rows]
         n, k = q.shape
         groups = self.scale.shape[1]
-        w = q.view(n, groups, k // groups).float()
+        w = q.view(n, groups, k // groups).float()  # fresh: the steps in place
         if self.zero is not None:
-            w = w - self.zero[rows].float().unsqueeze(-1)
-        return (w * self.scale[rows].float().unsqueeze(-1)).view(n, k).to(dtype)
+            w.sub_(self.zero[rows].float().unsqueeze(-1))
+        return w.mul_(self.scale[rows].float().unsqueeze(-1)).view(n, k).to(dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

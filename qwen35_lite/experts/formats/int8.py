@@ -142,14 +142,15 @@ def kernel_ffn(
 def dense(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A kernel slot's matrix dequantised: (q - zero) * scale per row and group, [N, K] in `dtype` (fp32
-    steps: exact, one rounding)."""
+    """A kernel slot's matrix dequantised: (q - zero) * scale per row and group, [N, K] in `dtype`, made in
+    place in one matrix of `dtype` (the prefill's memory plan): q - zero (at most 255) is exact in bf16 and
+    the product rounds once, as in fp32 then cast."""
     n, k = w.shape
     groups = scale.numel() // n
-    q = w.view(n, groups, k // groups).float()
+    q = w.view(n, groups, k // groups).to(dtype)
     if zero is not None:
-        q = q - zero.view(n, groups, 1).float()
-    return q.mul_(scale.reshape(n, groups, 1).float()).view(n, k).to(dtype)
+        q.sub_(zero.view(n, groups, 1).to(dtype))
+    return q.mul_(scale.reshape(n, groups, 1).to(dtype)).view(n, k)
 
 
 def unpack_zero_point(packed: torch.Tensor, out_features: int) -> torch.Tensor:
