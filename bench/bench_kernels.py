@@ -119,14 +119,15 @@ def cases(n_slots: int) -> dict:
     }
 
 
-def int8_stack(n: int):
-    """A RAM tier of n int8 (symmetric, a scale a row) kernel slots, random bytes and small scales."""
+def int8_stack(n: int, group: int | None = None):
+    """A RAM tier of n int8 symmetric kernel slots (a scale a row, or per group), random bytes and small
+    scales."""
     from qwen35_lite.experts.formats import QuantScheme
     from qwen35_lite.experts.formats.registry import PACKED
     from qwen35_lite.experts.slots import SlotTier
     from qwen35_lite.weights.packed import CompressedQuantization
 
-    quant = CompressedQuantization(QuantScheme(bits=8, group_size=None, symmetric=True), ())
+    quant = CompressedQuantization(QuantScheme(bits=8, group_size=group, symmetric=True), ())
     fmt = PACKED[8].build(quant, D, I, "cpu", torch.bfloat16, torch.bfloat16)
     tier = SlotTier("ram", fmt, 1, n, lambda: None, lambda k: torch.empty(k, dtype=torch.uint8))
     g = torch.Generator().manual_seed(2)
@@ -190,6 +191,12 @@ def int8_cases(n_slots: int) -> dict:
     out["int8 top-10 experts, torch's kernel one by one (before)"] = (
         lambda: one_by_one.rows(x, slots.tolist()),
         A * fmt.slot_nbytes,
+        bf16,
+    )
+    g128, fmt128 = int8_stack(n_slots, 128)  # what `quantize --bits 8` writes (before: dequantised per use)
+    out["int8 g128 top-10 experts, C kernel, one call (now)"] = (
+        lambda: g128.stacks[0](x, slots),
+        A * fmt128.slot_nbytes,
         bf16,
     )
     return out
