@@ -171,7 +171,7 @@ void int8_linear(const int8_t* q, const uint16_t* s, const int8_t* zp, const uin
         float* xf = fp32_buffer((int64_t)T * K);
         float* xsum = zp ? (float*)malloc(sizeof(float) * T * G) : NULL;
         prepare_x(x, T, K, G, xf, xsum);
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait  /* the region's end is the one barrier */
         for (int64_t b = 0; b < (N + RB - 1) / RB; b++) row_block(q, s, zp, N, K, G, b, xf, xsum, T, y, N, 1);
         free(xf); free(xsum);
     }

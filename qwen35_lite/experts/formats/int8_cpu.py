@@ -45,7 +45,7 @@ void int8_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             for (int64_t i = 0; i < I; i++) { float g = ha[i]; ha[i] = g / (1.0f + expf(-g)) * ha[I + i]; }
             if (hsum) group_sums(ha, I, G_d, hsum + a * G_d);
         }
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static) nowait
         for (int64_t r = 0; r < (int64_t)A * bd; r++) {
             int64_t a = r / bd;
             const uint8_t* slot = base + slots[a] * stride;
