@@ -148,7 +148,7 @@ def int8_cases(n_slots: int) -> dict:
     a decode step's top-10 int8 experts at the 397B shape by the C stacked kernel and by torch's kernel
     one by one, against bf16's grouped matmul."""
     from qwen35_lite.experts.stacks import StackedKernel, stack_parts
-    from qwen35_lite.kernels import int8_cpu
+    from qwen35_lite.kernels import Int8Group, Int8Split, int8_cpu
 
     g = torch.Generator().manual_seed(3)
     mm = torch.ops.aten._weight_int8pack_mm
@@ -170,6 +170,18 @@ def int8_cases(n_slots: int) -> dict:
             q.nbytes,
             bf16,
         )
+        if k == 4096:  # group scales (what quantize writes): the C kernel against two int4 calls
+            s128 = (torch.rand(n, k // 128, generator=g) / 256).bfloat16()
+            group = Int8Group((n, k), q, s128)
+            split = Int8Split.build(
+                (n, k), (q.view(torch.uint8) ^ 128), s128.float(), None, 128, torch.bfloat16
+            )
+            out[f"int8 g128 [{n}, {k}] C kernel (now)"] = (lambda x=x, w=group: w(x), q.nbytes, bf16)
+            out[f"int8 g128 [{n}, {k}] two int4 kernel calls (before)"] = (
+                lambda x=x, w=split: w(x),
+                q.nbytes,
+                bf16,
+            )
     x = torch.randn(1, D, generator=g).bfloat16()
     slots = torch.randperm(n_slots, generator=g)[:A]
     dense = dense_stack(n_slots).stacks[0]
