@@ -36,8 +36,8 @@ SOURCE = r"""
 #endif
 
 #define RB 4  /* rows a block */
-/* Software prefetch into L2 of the line 16 KiB ahead in each row (the next blocks' rows): on its own the
-   hardware prefetcher left a core at ~60% of its read rate (rows of 1-4 KiB, a new 4 KiB page each block) */
+/* Software prefetch of each row's line 16 KiB ahead into L2 and of the next block's into L1: on its own the
+   hardware prefetcher left a core at ~55% of its read rate (rows of 1-4 KiB, a new 4 KiB page each block) */
 #ifndef PF_AHEAD
 #define PF_AHEAD 16384
 #define PF_HINT _MM_HINT_T1
@@ -90,12 +90,16 @@ static inline __attribute__((always_inline)) void micro(const int8_t* w, const u
     __m512 acc[RB][4];
     for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) acc[r][t] = _mm512_setzero_ps();
     int64_t g = K / G;
+    const int64_t pf_l1 = RB * K < PF_AHEAD ? RB * K : PF_AHEAD;  /* the next block's line, into L1 */
     for (int gi = 0; gi < G; gi++) {
         __m512 sv[RB];
         if (grouped) for (int r = 0; r < R; r++) sv[r] = _mm512_set1_ps(bf16_f(s[r * G + gi]));
         int64_t k = gi * g, end = k + g;
-        for (; k + 64 <= end; k += 64) {  /* a cache line of each row, and a prefetch of the line PF_AHEAD on */
-            for (int r = 0; r < R; r++) _mm_prefetch((const char*)(w + r * K + k + PF_AHEAD), PF_HINT);
+        for (; k + 64 <= end; k += 64) {  /* a cache line of each row; prefetches of lines ahead */
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch((const char*)(w + r * K + k + PF_AHEAD), PF_HINT);
+                _mm_prefetch((const char*)(w + r * K + k + pf_l1), _MM_HINT_T0);
+            }
             for (int j = 0; j < 64; j += 16) step(w, K, k + j, 1, 0, xf, R, TB, grouped, sv, acc);
         }
         for (; k + 16 <= end; k += 16) step(w, K, k, 1, 0, xf, R, TB, grouped, sv, acc);
