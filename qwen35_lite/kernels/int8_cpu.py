@@ -136,23 +136,28 @@ static void dots(const int8_t* w, const uint16_t* s, int64_t K, int G, const flo
 }
 #endif
 
+#define TC 32  /* token rows a pass over a row block (its sums on the stack) */
+
 /* rows n0 .. n0 + R of the weight: y[t * ystride + n0 + r] in fp32 or bf16 (ybf16) */
 static void rows(const int8_t* q, const uint16_t* s, const int8_t* zp, int64_t K, int G, int64_t n0, int R,
                  const float* xf, const float* xsum, int T, void* y, int64_t ystride, int ybf16) {
-    float out[4 * RB];
-    float* buf = T <= 4 ? out : (float*)malloc(sizeof(float) * T * R);
-    dots(q + n0 * K, s + n0 * G, K, G, xf, T, R, buf);
-    for (int r = 0; r < R; r++) {
-        int64_t n = n0 + r;
-        for (int t = 0; t < T; t++) {
-            float v = buf[t * R + r];
-            if (G == 1) v *= bf16_f(s[n]);
-            if (zp) for (int gi = 0; gi < G; gi++) v -= (float)zp[n * G + gi] * bf16_f(s[n * G + gi]) * xsum[t * G + gi];
-            if (ybf16) ((uint16_t*)y)[t * ystride + n] = f_bf16(v);
-            else ((float*)y)[t * ystride + n] = v;
+    float buf[TC * RB];
+    for (int t0 = 0; t0 < T; t0 += TC) {
+        int tc = T - t0 < TC ? T - t0 : TC;
+        dots(q + n0 * K, s + n0 * G, K, G, xf + (int64_t)t0 * K, tc, R, buf);
+        for (int r = 0; r < R; r++) {
+            int64_t n = n0 + r;
+            for (int i = 0; i < tc; i++) {
+                int64_t t = t0 + i;
+                float v = buf[i * R + r];
+                if (G == 1) v *= bf16_f(s[n]);
+                if (zp)
+                    for (int gi = 0; gi < G; gi++) v -= (float)zp[n * G + gi] * bf16_f(s[n * G + gi]) * xsum[t * G + gi];
+                if (ybf16) ((uint16_t*)y)[t * ystride + n] = f_bf16(v);
+                else ((float*)y)[t * ystride + n] = v;
+            }
         }
     }
-    if (buf != out) free(buf);
 }
 
 /* row block b (rows 4b .. 4b + 3, fewer at the end) of an [N][K] weight */
