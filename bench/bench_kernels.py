@@ -152,14 +152,135 @@ def cases(n_slots: int) -> dict:
     }
 
 
+def int8_stack(n: int, group: int | None = None):
+    """A RAM tier of n int8 symmetric kernel slots (a scale a row, or per group), random bytes and small
+    scales."""
+    from qwen35_lite.experts.formats import QuantScheme
+    from qwen35_lite.experts.formats.registry import PACKED
+    from qwen35_lite.experts.slots import SlotTier
+    from qwen35_lite.weights.packed import CompressedQuantization
+
+    quant = CompressedQuantization(QuantScheme(bits=8, group_size=group, symmetric=True), ())
+    fmt = PACKED[8].build(quant, D, I, "cpu", torch.bfloat16, torch.bfloat16)
+    tier = SlotTier("ram", fmt, 1, n, lambda: None, lambda k: torch.empty(k, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(2)
+    for s in range(n):
+        for p in fmt.slot:
+            v = p.view(tier.pools[0].slots[s])
+            if v.dtype == torch.int8:
+                v.copy_(torch.randint(-128, 128, v.shape, dtype=torch.int8, generator=g))
+            else:
+                v.copy_(torch.rand(v.shape, generator=g) / 256)
+    return tier, fmt
+
+
+def int8_cases(n_slots: int) -> dict:
+    """name -> (callable, weight bytes it reads, the bf16 row it is compared with): the int8 matvec of
+    the bench checkpoint's lm_head [248320, 1024] and of a [16384, 4096] layer by the C kernel
+    (kernels/int8_cpu.py) and torch's `_weight_int8pack_mm`, against the bf16 matvec of the same shape;
+    a decode step's top-10 int8 experts at the 397B shape by the C stacked kernel and by torch's kernel
+    one by one, against bf16's grouped matmul."""
+    from qwen35_lite.experts.stacks import StackedKernel, stack_parts
+    from qwen35_lite.kernels import Int8Group, Int8Split, int8_cpu
+
+    g = torch.Generator().manual_seed(3)
+    mm = torch.ops.aten._weight_int8pack_mm
+    out = {}
+    for n, k in ((248320, 1024), (16384, 4096)):
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        scale = (torch.rand(n, generator=g) / 256).bfloat16()
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(1, k, generator=g).bfloat16()
+        bf16 = f"bf16 [{n}, {k}] torch.mv"
+        out[bf16] = (lambda w=w, x=x: torch.mv(w, x[0]), w.nbytes, bf16)
+        out[f"int8 [{n}, {k}] C kernel (now)"] = (
+            lambda x=x, q=q, s=scale: int8_cpu.int8_linear(x, q, s),
+            q.nbytes,
+            bf16,
+        )
+        out[f"int8 [{n}, {k}] _weight_int8pack_mm (before)"] = (
+            lambda x=x, q=q, s=scale: mm(x, q, s),
+            q.nbytes,
+            bf16,
+        )
+        if k == 4096:  # group scales (what quantize writes): the C kernel against two int4 calls
+            s128 = (torch.rand(n, k // 128, generator=g) / 256).bfloat16()
+            group = Int8Group((n, k), q, s128)
+            split = Int8Split.build(
+                (n, k), (q.view(torch.uint8) ^ 128), s128.float(), None, 128, torch.bfloat16
+            )
+            out[f"int8 g128 [{n}, {k}] C kernel (now)"] = (lambda x=x, w=group: w(x), q.nbytes, bf16)
+            out[f"int8 g128 [{n}, {k}] two int4 kernel calls (before)"] = (
+                lambda x=x, w=split: w(x),
+                q.nbytes,
+                bf16,
+            )
+    x = torch.randn(1, D, generator=g).bfloat16()
+    slots = torch.randperm(n_slots, generator=g)[:A]
+    dense = dense_stack(n_slots).stacks[0]
+    tier, fmt = int8_stack(n_slots)
+    stride = tier.buffers[0].numel() // n_slots
+
+    def torch_ffn(x, gu_w, down_w, gu_s, down_s):
+        gate, up = mm(x, gu_w, gu_s).chunk(2, dim=-1)
+        return mm(torch.nn.functional.silu(gate) * up, down_w, down_s)
+
+    one_by_one = StackedKernel(stack_parts(fmt.slot, tier.buffers[0], n_slots, stride), torch_ffn)
+    bf16 = "bf16 top-10 experts, grouped matmul over the stack"
+    out[bf16] = (lambda: dense(x, slots), A * 3 * D * I * 2, bf16)
+    out["int8 top-10 experts, C kernel, one call (now)"] = (
+        lambda: tier.stacks[0](x, slots),
+        A * fmt.slot_nbytes,
+        bf16,
+    )
+    out["int8 top-10 experts, torch's kernel one by one (before)"] = (
+        lambda: one_by_one.rows(x, slots.tolist()),
+        A * fmt.slot_nbytes,
+        bf16,
+    )
+    g128, fmt128 = int8_stack(n_slots, 128)  # what `quantize --bits 8` writes (before: dequantised per use)
+    out["int8 g128 top-10 experts, C kernel, one call (now)"] = (
+        lambda: g128.stacks[0](x, slots),
+        A * fmt128.slot_nbytes,
+        bf16,
+    )
+    return out
+
+
+def int8_main(args) -> None:
+    """`--int8`: the int8 rows alone, printed (docs/benchmarks.md is left as it is)."""
+    cs = int8_cases(args.slots)
+    secs: dict[str, list[float]] = {k: [] for k in cs}
+    load = []
+    for _ in range(args.rounds):
+        load.append(os.getloadavg()[0])
+        for name, (fn, _, _) in cs.items():
+            secs[name].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    print(
+        f"int8 kernels, {args.threads} threads, {args.rounds} alternated rounds (medians), load average at the"
+        f" rounds' starts: {', '.join(f'{v:.1f}' for v in load)}\n"
+    )
+    print("| kernel | ms | GB/s | speed-up over its bf16 row | rounds (ms) |\n|---|---:|---:|---:|---|")
+    for name, (_, nbytes, ref) in cs.items():
+        ms = [1e3 * t for t in secs[name]]
+        print(
+            f"| {name} | {1e3 * med[name]:.2f} | {nbytes / med[name] / 1e9:.1f} | {med[ref] / med[name]:.2f} |"
+            f" {', '.join(f'{v:.1f}' for v in ms)} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--slots", type=int, default=24)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    ap.add_argument("--int8", action="store_true", help="only the int8 rows, printed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.int8:
+        return int8_main(args)
     cs = cases(args.slots)
     res: dict[str, list[float]] = {k: [] for k in cs}
     load = []

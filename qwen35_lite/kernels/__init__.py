@@ -6,12 +6,13 @@ from .base import CompactLinear, dequant_transient, dequantized_once, linear
 from .blocks import RowBlocks, fuse_rows
 from .choose import compact, compact_nbytes
 from .int4 import Int4Kernel
-from .int8 import Int8Kernel, Int8Split
+from .int8 import Int8Group, Int8Kernel, Int8Split
 from .packed import PackedWeight
 
 __all__ = [
     "CompactLinear",
     "Int4Kernel",
+    "Int8Group",
     "Int8Kernel",
     "Int8Split",
     "PackedWeight",

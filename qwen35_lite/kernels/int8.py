@@ -1,9 +1,12 @@
-"""int8 on the CPU with bf16 activations, two ways:
+"""int8 on the CPU with bf16 activations, three ways:
 
-- `Int8Kernel`: symmetric, one scale a row: torch's `aten._weight_int8pack_mm` (int8 [N, K] and a scale per
-  row: exactly that scheme). Its bf16 path needs K a multiple of 16 (torch 2.13 crashes otherwise): taken
-  for K a multiple of 32.
-- `Int8Split`: any group size the int4 kernel takes, symmetric or not: the stored byte u = q + 128 split
+- `Int8Kernel`: symmetric, one scale a row: the C kernel of int8_cpu.py for decode rows where it builds,
+  else torch's `aten._weight_int8pack_mm` (int8 [N, K] and a scale per row: exactly that scheme; compute-
+  bound, no faster than the bf16 matvec of the same shape). torch's bf16 path needs K a multiple of 16
+  (torch 2.13 crashes otherwise): taken for K a multiple of 32.
+- `Int8Group`: any int8 scheme (group scales, zero points) through the C kernel: int8 [N, K], a bf16 scale
+  and an int8 zero point per row and group. Chosen only where the kernel builds.
+- `Int8Split` (without a C compiler): any group size the int4 kernel takes, symmetric or not: the stored byte u = q + 128 split
   into its nibbles u = 16·h + l, so W = (q - zp)·s = (h - 8)·16s + (l - 8)·s + (8 - zp)·s: two calls of the
   int4 kernel (int4.py) over the same input, one reading the high nibbles with (16s, (8 - zp)·s), the
   other the low ones with (s, 0). One byte a weight read, as int8, through a kernel that runs at memory
@@ -18,6 +21,7 @@ import dataclasses
 
 import torch
 
+from . import int8_cpu
 from .base import GEMM_ROWS, CompactLinear
 from .int4 import BLOCK_N, Int4Kernel, apply_table, nibble_bytes, unpack_layout
 
@@ -40,12 +44,54 @@ class Int8Kernel(CompactLinear):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= GEMM_ROWS:
             return self.dequantized_linear(x)
+        if c_kernel_takes(x, self.scale) and int8_cpu.library() is not None:
+            return int8_cpu.int8_linear(x, self.q, self.scale)
         return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
         """q · scale in `dtype` (one rounding: q has 8 bits)."""
         rows = rows or slice(None)
         return self.q[rows].to(dtype).mul_(self.scale[rows].to(dtype).unsqueeze(-1))
+
+
+def c_kernel_takes(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """The C kernel's inputs: bf16 activations and scales on the CPU."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and scale.dtype == torch.bfloat16
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Int8Group(CompactLinear):
+    """int8 with a scale (and a zero point when asymmetric) per row and group of K / G inputs, run by the C
+    kernel (int8_cpu.py): W = (q - zero) * scale."""
+
+    TENSORS = ("q", "scale", "zero")
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # bf16 [N, G]
+    zero: torch.Tensor | None = None  # int8 [N, G], None when symmetric
+
+    @property
+    def encoding(self) -> str:
+        groups = self.scale.shape[1]
+        size = "per-channel" if groups == 1 else f"g{self.shape[1] // groups}"
+        sym = "symmetric" if self.zero is None else "asymmetric"
+        return f"int8 {size} {sym}, CPU int8 C kernel"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= GEMM_ROWS or not c_kernel_takes(x, self.scale) or int8_cpu.library() is None:
+            return self.dequantized_linear(x)
+        return int8_cpu.int8_linear(x, self.q, self.scale, self.zero)
+
+    def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+        """(q - zero) * scale in fp32 (exact: 9 bits times the scale's 8), one rounding to `dtype`."""
+        rows = rows or slice(None)
+        q = self.q[rows]
+        n, k = q.shape
+        groups = self.scale.shape[1]
+        w = q.view(n, groups, k // groups).float()  # fresh: the steps in place
+        if self.zero is not None:
+            w.sub_(self.zero[rows].float().unsqueeze(-1))
+        return w.mul_(self.scale[rows].float().unsqueeze(-1)).view(n, k).to(dtype)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -224,12 +224,13 @@ def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric
     """int4/int8 slots run by torch's CPU kernels, stacked: slots on the device (each slot copied out,
     no host read) and on the host (views) give the bits of each bound expert run alone, and the decode
     dispatch over them equals the one-by-one reference."""
-    from qwen35_lite.experts.formats import QuantScheme, int4_cpu
+    from qwen35_lite.experts.formats import QuantScheme, int4_cpu, int8_cpu
     from qwen35_lite.experts.formats.registry import PACKED
     from qwen35_lite.experts.stacks import StackedKernel
     from qwen35_lite.weights.packed import CompressedQuantization
 
     monkeypatch.setattr(int4_cpu, "library", lambda: None)  # torch's kernel (the C one: the test below)
+    monkeypatch.setattr(int8_cpu, "library", lambda: None)  # (int8: tests/experts/test_int8_cpu.py)
     quant = CompressedQuantization(QuantScheme(bits=bits, group_size=group, symmetric=symmetric), ())
     fmt = PACKED[bits].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
     assert fmt.uses_cpu_kernel

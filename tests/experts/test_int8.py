@@ -18,6 +18,7 @@ from qwen35_lite.experts.formats import DenseFormat, QuantScheme, expert_format
 from qwen35_lite.experts.formats.compressed import quantize
 from qwen35_lite.experts.formats.int8 import Int8Format, dequantize_int8, pack_int8, unpack_int8
 from qwen35_lite.experts.formats.registry import parse_quantization_config
+from qwen35_lite.kernels import int8_cpu as kernel_int8
 
 CT_W8 = quantization_config(
     QuantScheme(bits=8, group_size=None, symmetric=True)
@@ -71,12 +72,17 @@ def test_parse_and_formats_from_config_alone():
     assert (
         cpu.uses_cpu_kernel and not cpu.direct and cpu.name == "int8 per-channel symmetric (CPU int8 kernel)"
     )
+    c_kernel = kernel_int8.library() is not None  # group scales and zero points: the C kernel only
     for change in ({"group_size": 128, "strategy": "group"}, {"symmetric": False}):
         group = {**CT_W8["config_groups"]["group_0"]}
         group["weights"] = {**group["weights"], **change}
         qc = {**CT_W8, "config_groups": {"group_0": group}}
         fmt = expert_format({"quantization_config": qc}, D, I, "cpu", torch.bfloat16)
-        assert isinstance(fmt, Int8Format) and not fmt.uses_cpu_kernel and fmt.direct
+        assert isinstance(fmt, Int8Format) and fmt.uses_cpu_kernel == c_kernel and fmt.direct != c_kernel
+        if c_kernel:  # int8 matrices, a bf16 scale per row and group (and an int8 zero point)
+            groups = (D // 128, I // 128) if "group_size" in change else (1, 1)
+            zeros = 0 if "group_size" in change else 2 * I + D
+            assert fmt.slot_nbytes >= 3 * D * I + 2 * (2 * I * groups[0] + D * groups[1]) + zeros
 
 
 def _random_slot(fmt: Int8Format, seed: int) -> torch.Tensor:

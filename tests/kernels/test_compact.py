@@ -12,17 +12,20 @@ from kernel_helpers import assert_near, random_packed
 
 from qwen35_lite.kernels import (
     Int4Kernel,
+    Int8Group,
     Int8Kernel,
     Int8Split,
     PackedWeight,
     compact,
     compact_nbytes,
+    int8_cpu,
     linear,
 )
 from qwen35_lite.kernels.base import GEMM_ROWS
 from qwen35_lite.weights.packed import UNPACK, dequantize
 
 BF16, F32 = torch.bfloat16, torch.float32
+INT8_OTHER = Int8Group if int8_cpu.library() is not None else Int8Split  # without a compiler: two int4 calls
 
 # (bits, N, K, group or None for a scale per row, symmetric) -> the encoding compact picks on a bf16 CPU
 CASES = [
@@ -30,9 +33,9 @@ CASES = [
     ((4, 96, 512, 128, False), Int4Kernel),  # N padded to whole 64-row blocks
     ((4, 64, 256, None, False), Int4Kernel),  # a scale per row, repeated over groups of 256
     ((8, 64, 256, None, True), Int8Kernel),
-    ((8, 80, 256, 32, False), Int8Split),
-    ((8, 64, 512, 64, True), Int8Split),
-    ((8, 48, 256, None, False), Int8Split),
+    ((8, 80, 256, 32, False), INT8_OTHER),
+    ((8, 64, 512, 64, True), INT8_OTHER),
+    ((8, 48, 256, None, False), INT8_OTHER),
 ]
 
 
@@ -127,11 +130,14 @@ def test_a_weight_dequantised_in_row_blocks_equals_it_whole(monkeypatch):
         ((4, 96, 64, 16, True), "group 16: the kernel takes 32-256"),
         ((4, 64, 192, 96, True), "group 96: not a power of two"),
         ((4, 64, 48, None, True), "a scale per row: no group of 32-256 divides K = 48"),
-        ((8, 64, 48, None, True), "int8 K = 48: not a multiple of 32"),
+        ((8, 64, 48, None, True), "int8 K = 48: not a multiple of 32 (and no C kernel)"),
+        ((8, 64, 48, 24, True), "int8 groups of 24: neither int4 groups nor a multiple of 16"),
     ],
 )
-def test_where_a_kernel_does_not_fit_the_exact_encoding_runs(scheme, why):
+def test_where_a_kernel_does_not_fit_the_exact_encoding_runs(scheme, why, monkeypatch):
     bits, n, k, g, sym = scheme
+    if bits == 8 and g is None:
+        monkeypatch.setattr("qwen35_lite.kernels.choose.int8_c_library", lambda: None)
     pw, _ = random_packed(bits, n, k, g, sym)
     w = compact(pw, "cpu", BF16)
     assert w is pw, why
@@ -143,7 +149,8 @@ def test_a_compact_weight_moves_and_rebuilds_over_other_tensors():
     pw, _ = random_packed(8, 64, 256, 32, False)
     w = compact(pw, "cpu", BF16)
     copies = {name: t.clone() for name, t in w.tensors().items()}
-    assert set(copies) == {"high.weight", "high.table", "low.weight", "low.table"}
+    split = {"high.weight", "high.table", "low.weight", "low.table"}
+    assert set(copies) == (split if INT8_OTHER is Int8Split else {"q", "scale", "zero"})
     again = w.with_tensors(copies)
     x = torch.randn(1, 256).to(BF16)
     assert torch.equal(again(x), w(x)) and again.nbytes == w.nbytes
