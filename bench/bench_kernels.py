@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from qwen35_lite.openmp import wait_passively  # noqa: E402
+from qwen35_lite.openmp import set_openmp_wait  # noqa: E402
 
-wait_passively()  # OpenMP threads wait as in a run (spinning, every 2-thread row here read 2-8x slower)
+set_openmp_wait()  # OpenMP threads wait as in a run (with torch first they spin 300,000 polls)
 import torch  # noqa: E402
 
 SECTION = "## Expert kernels (CPU)"

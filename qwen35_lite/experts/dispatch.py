@@ -25,8 +25,15 @@ def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.
     return out.sum(dim=1)
 
 
+# An expert whose rows cost fewer multiply-adds than this runs on one thread (~a millisecond of one core):
+# waking the others for its small matmuls, gathers and scatters costs more than they save, and beside
+# other processes each region waits for a time slice (a 512-token prefill of the llama.cpp bench model,
+# 512 experts of width 128, ran at 178 tok/s on 2 threads against ~300 on 1).
+ONE_THREAD_MACS = 1 << 25
+
+
 def dispatch_grouped(
-    x, weights, ids, experts: Mapping[int, Expert], chunk: int | None = None
+    x, weights, ids, experts: Mapping[int, Expert], chunk: int | None = None, inter: int | None = None
 ) -> torch.Tensor:
     """Each expert runs once on all the tokens that picked it (in token order); its outputs land in their
     (token, slot) place, are weighted in place, and the slots are summed in one reduction.
@@ -34,19 +41,27 @@ def dispatch_grouped(
     chunk: a prefill block's experts still run once each, in ascending order (a streamed lookup reads
     each once), but on the tokens of one `chunk`-token span at a time: the same rows, so the same bits,
     as calling this chunk by chunk, whatever the block's size (a matmul's rounding can depend on its row
-    count). Memory: one [T, A, D] buffer besides one expert's rows at a time."""
+    count). Memory: one [T, A, D] buffer besides one expert's rows at a time. inter: the experts' FFN
+    width, when known on a CPU: an expert with little work runs on one thread (ONE_THREAD_MACS)."""
     T, A = ids.shape
+    D = x.shape[-1]
     flat = ids.reshape(-1)  # [T·A]
     order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
     counts = torch.bincount(flat[order]).tolist()
-    out = torch.empty(T * A, x.shape[-1], dtype=x.dtype, device=x.device)  # [T·A, D], (token, slot) order
+    out = torch.empty(T * A, D, dtype=x.dtype, device=x.device)  # [T·A, D], (token, slot) order
+    threads = torch.get_num_threads()
+    small = ONE_THREAD_MACS // (3 * D * inter) if inter and x.device.type == "cpu" and threads > 1 else 0
     start = 0
-    for e, n in enumerate(counts):
-        if n:
-            pairs = order[start : start + n]
-            for group in _by_span(pairs, A * (chunk or T)):
-                out[group] = experts[e](x[group // A])
-            start += n
+    try:
+        for e, n in enumerate(counts):
+            if n:
+                torch.set_num_threads(1 if n < small else threads)
+                pairs = order[start : start + n]
+                for group in _by_span(pairs, A * (chunk or T)):
+                    out[group] = experts[e](x[group // A])
+                start += n
+    finally:
+        torch.set_num_threads(threads)
     out.mul_(weights.reshape(-1, 1))
     return out.view(T, A, -1).sum(dim=1)  # bf16 sum accumulates in fp32, rounds once
 

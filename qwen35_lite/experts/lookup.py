@@ -123,11 +123,17 @@ class Lookup(Mapping):
         return placed
 
     def run(
-        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, chunk: int | None = None
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        chunk: int | None = None,
+        inter: int | None = None,
     ) -> torch.Tensor:
-        """Several tokens x [T, D] (weights, ids [T, A]): each expert once on its rows -> [T, D]."""
+        """Several tokens x [T, D] (weights, ids [T, A]): each expert once on its rows -> [T, D]; inter:
+        the experts' FFN width (small experts then run on one thread: dispatch_grouped)."""
         self.place_misses()
-        return dispatch_grouped(x, weights, ids, self, chunk)
+        return dispatch_grouped(x, weights, ids, self, chunk, inter)
 
     def run_one(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, picked: list[int] | None = None

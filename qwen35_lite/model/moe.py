@@ -64,6 +64,7 @@ class MoE:
         self, cfg: TextConfig, layer: int, w: dict[str, torch.Tensor], provider: ExpertProvider
     ) -> None:
         self.layer, self.top_k = layer, cfg.num_experts_per_tok
+        self.inter = cfg.moe_intermediate_size  # the routed experts' FFN width
         self.w = w  # gate, shared_expert.{gate,up,down}_proj, shared_expert_gate
         self.provider = provider
         self.next_gate: torch.Tensor | None = None  # the next MoE layer's router (set by the model)
@@ -84,12 +85,12 @@ class MoE:
         (dispatch_grouped's `chunk`), the rest chunk by chunk too: the bits of `__call__` on each chunk."""
         local = [self._local(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
         weights, ids, gated = (torch.cat(parts) for parts in zip(*local))
-        return self._lookup(ids).run(x, weights, ids, chunk) + gated
+        return self._lookup(ids).run(x, weights, ids, chunk, self.inter) + gated
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids, gated = self._local(x)
         if x.shape[0] != 1:
-            return self._lookup(ids).run(x, weights, ids) + gated
+            return self._lookup(ids).run(x, weights, ids, inter=self.inter) + gated
         return self._decode(x, weights, ids) + gated
 
     def _lookup(self, ids: torch.Tensor) -> Lookup:

@@ -1,9 +1,9 @@
 """How many CPU threads a decode step runs on, chosen by measuring the steps themselves.
 
 A decode step is a few hundred small parallel regions. When other processes hold the cores, every region
-waits for a scheduler time slice before its second thread runs (passive waiting only stops the spinning
-from making it worse): on this 2-core machine with two other busy processes, 2 threads decoded at 1.3
-tok/s where 1 thread did 15.6 (docs/benchmarks.md, "Busy machine"). No thread count is right for every
+waits for a scheduler time slice before its second thread runs (however its threads wait: openmp.py): on
+this 2-core machine with two other busy processes, 2 threads decoded at 1.3 tok/s where 1 thread did
+15.6 (docs/benchmarks.md, "Busy machine"). No thread count is right for every
 moment, so `ThreadTuner` tries them: it runs the steps at the most threads, now and then a few steps at
 fewer, and keeps the fastest. Probes back off while the choice holds (each costs a few slow steps on a
 quiet machine) and come back early when a step takes far longer than the current estimate (the machine
