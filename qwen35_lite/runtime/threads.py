@@ -23,8 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
-PROBE_STEPS = 3  # steps a probe runs at another count (the first one after a switch is not counted)
-FIRST_PROBE = 16  # steps before the first probe
+PROBE_STEPS = 2  # steps a probe runs at another count
+FIRST_PROBE = 4  # steps before the first probe (a busy machine's 2-thread steps are ~3x slower)
+BACKOFF = 4  # the gap between probes grows this much each time the choice holds
 MAX_INTERVAL = 256  # the longest gap between probes while the choice holds
 SLOW_STEP = 2.0  # a step this many times the estimate: probe now
 KEEP = 8  # recent step times kept per count
@@ -52,7 +53,6 @@ class ThreadTuner:
         self._interval = FIRST_PROBE
         self._until_probe = FIRST_PROBE
         self._probe: list[int] = []  # counts still to probe, in order
-        self._skip = False  # the next step follows a switch: its time is not the count's
         self._left = 0  # steps left in the current probe
         self._chosen = most
 
@@ -77,15 +77,12 @@ class ThreadTuner:
 
     def _record(self, seconds: float) -> None:
         n = self.current
-        if self._skip:
-            self._skip = False
-        else:
-            est = self.estimate(n)
-            if not self._probe and est is not None and seconds > SLOW_STEP * est:
-                self._until_probe = 0  # the machine changed: look again now, against this step
-                self._interval = FIRST_PROBE
-                self._times[n].clear()
-            self._times[n].append(seconds)
+        est = self.estimate(n)
+        if not self._probe and est is not None and seconds > SLOW_STEP * est:
+            self._until_probe = 0  # the machine changed: look again now, against this step
+            self._interval = FIRST_PROBE
+            self._times[n].clear()
+        self._times[n].append(seconds)
         if self._probe:
             self._probe_step()
         else:
@@ -103,13 +100,12 @@ class ThreadTuner:
             self._switch(self._probe[0], steps=PROBE_STEPS)
             return
         best = min(self.counts, key=lambda c: self.estimate(c) or float("inf"))
-        self._interval = min(MAX_INTERVAL, self._interval * 2) if best == self._chosen else FIRST_PROBE
+        self._interval = min(MAX_INTERVAL, self._interval * BACKOFF) if best == self._chosen else FIRST_PROBE
         self._chosen, self._until_probe = best, self._interval
         self._times[self._chosen].clear()  # its estimate from now on: the machine as it is now
         self._switch(best, steps=0)
 
     def _switch(self, n: int, steps: int) -> None:
-        self._skip = n != self.current
         self.current, self._left = n, steps
         if steps and self._times[n]:
             self._times[n].clear()  # a probe measures the machine as it is now
