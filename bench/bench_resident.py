@@ -263,11 +263,11 @@ def report(results: dict, rates: dict, block_ms: dict, where: str, bf16: bool | 
         "| encoding | one-row kernel | GB/s | 512 rows, ms |",
         "|---|---|---|---|",
     ]
-    kernels = {
-        "bf16": "torch.mv",
-        "int8 per-channel": "_weight_int8pack_mm",
-        "int8 g32": "two _weight_int4pack_mm_for_cpu calls",
-        "int4 g32": "_weight_int4pack_mm_for_cpu",
+    kernels = {  # where the C kernels build (kernels/cbuild.py); torch's kernels otherwise
+        "bf16": "kernels/dense_cpu.py (torch.mv without AVX512-BF16)",
+        "int8 per-channel": "kernels/int8_cpu.py (`_weight_int8pack_mm` without a compiler)",
+        "int8 g32": "kernels/int8_cpu.py, group scales (two int4 kernel calls without a compiler)",
+        "int4 g32": "kernels/int4_cpu.py (`_weight_int4pack_mm_for_cpu` without a compiler)",
     }
     lines += [f"| {n} | {kernels[n]} | {g:.1f} | {block_ms[n]:.1f} |" for n, g in rates.items()]
     lines += [
