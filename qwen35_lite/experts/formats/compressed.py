@@ -25,7 +25,7 @@ from ...weights.packed import (
     q_range,
 )
 from ..layout import pack_layout, stack_parts
-from ..stacks import StackedDequantised, StackedExperts, StackedKernel
+from ..stacks import StackedDequantised, StackedExperts, StackedKernel, one_row_by
 from .base import Expert, ExpertFormat, dequantised_gather, per_expert
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ class PackedFormat(ExpertFormat):
     `kernel=False` (exact): slots hold the packed bytes; the expert is dequantised as compressed-tensors
     does (W = q * scale in the scale's dtype, then cast) and runs densely: what transformers computes.
     `kernel=True`: a subclass's CPU kernel runs it from a slot prepared for it on entry into a cache.
-    Subclasses set `bits` and `unpack`, and for the kernel `kernel_fits`, `kernel_slot`, `prepare`, `bind`.
+    Subclasses set `bits` and `unpack`, and for the kernel `kernel_fits`, `kernel_slot`, `prepare`, `kernel_ffn`
+    (and `stack` where a C kernel runs a step's experts in one call).
     """
 
     bits: ClassVar[int]
@@ -237,7 +238,14 @@ class PackedFormat(ExpertFormat):
         return torch.cat([gate, up], dim=0), down
 
     def bind(self, slot: torch.Tensor) -> Expert:
-        return self._dequantising(self.raw_views(slot))
+        if not self.kernel:
+            return self._dequantising(self.raw_views(slot))
+        parts = [p.view(slot) for p in self.slot]
+        stack = self.stack(slot, 1, slot.numel())
+        expert = lambda x: self.kernel_ffn(x, *parts)  # noqa: E731
+        # where a C kernel runs the layer's stack, one row as that stack runs it: where an expert sits
+        # never changes the tokens (a C kernel's sums differ from torch's)
+        return expert if isinstance(stack, StackedKernel) else one_row_by(stack, expert)
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         if self.kernel:  # a CPU kernel takes one matrix at a time: the experts run one by one
@@ -245,6 +253,10 @@ class PackedFormat(ExpertFormat):
         return StackedPacked(self, stack_parts(self.raw, buffer, n_slots, stride))
 
     def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
+        return StackedKernel(parts, self.kernel_ffn)
+
+    def kernel_ffn(self, x: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+        """One expert from its kernel slot's parts (x [T, D] -> [T, D]): the subclass's CPU kernel."""
         raise NotImplementedError
 
     def gather_nbytes(self, top_k: int) -> int:

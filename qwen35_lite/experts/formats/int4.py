@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from ...kernels import int4 as kernel_int4
 from ...kernels.int4 import layout_matches_torch
 from ...weights.packed import pack_int4, unpack_int4
-from ..stacks import StackedExperts, StackedKernel, one_row_by
+from ..stacks import StackedExperts
 from . import compressed, int4_cpu
-from .base import Expert, ffn
+from .base import ffn
 from .compressed import PackedFormat, QuantScheme
 
 BITS = 4
@@ -153,16 +153,8 @@ class Int4Format(PackedFormat):
         down_zp = None if dz is None else unpack_zero_point(dz, d_out)
         down_sz.copy_(scales_zeros(ds, down_zp, self.dtype))
 
-    def bind(self, slot: torch.Tensor) -> Expert:
-        if not self.kernel:
-            return super().bind(slot)
-        parts = [p.view(slot) for p in self.slot]
-        stack = self.stack(slot, 1, slot.numel())
-        expert = lambda x: kernel_ffn(x, *parts)  # noqa: E731
-        return one_row_by(stack, expert) if isinstance(stack, int4_cpu.StackedInt4Cpu) else expert
-
-    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
-        return StackedKernel(parts, kernel_ffn)
+    def kernel_ffn(self, x: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+        return kernel_ffn(x, *parts)
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         """Decode through the C kernel (int4_cpu.py) where it builds and the slots are in the layout it

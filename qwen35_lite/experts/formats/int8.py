@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ...kernels import int8_cpu as kernel_int8
 from ...weights.packed import pack_int8, unpack_int8
-from ..stacks import StackedExperts, StackedKernel, one_row_by
+from ..stacks import StackedExperts
 from . import compressed, int8_cpu
 from .base import Expert, ffn
 from .compressed import PackedFormat, QuantScheme
@@ -83,17 +83,8 @@ class Int8Format(PackedFormat):
             zeros[0].copy_(torch.cat([unpack_zero_point(z, self.I) for z in (gz, uz)]))
             zeros[1].copy_(unpack_zero_point(dz, d_out))
 
-    def bind(self, slot: torch.Tensor) -> Expert:
-        if not self.kernel:
-            return super().bind(slot)
-        parts = [p.view(slot) for p in self.slot]
-        stack = self.stack(slot, 1, slot.numel())
-        expert = lambda x: kernel_ffn(x, *parts)  # noqa: E731
-        # one row as the layer's stack runs it: where an expert sits never changes the tokens
-        return one_row_by(stack, expert) if isinstance(stack, int8_cpu.StackedInt8Cpu) else expert
-
-    def kernel_stack(self, parts: list[torch.Tensor]) -> StackedKernel:
-        return StackedKernel(parts, kernel_ffn)
+    def kernel_ffn(self, x: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:
+        return kernel_ffn(x, *parts)
 
     def stack(self, buffer: torch.Tensor, n_slots: int, stride: int) -> StackedExperts | None:
         """Decode through the C kernel (int8_cpu.py) where it builds; torch's kernel one expert at a time
