@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ...errors import ConfigError
+from ...kernels.base import GEMM_ROWS
 from ...weights.packed import (
     CompressedQuantization,
     QuantScheme,
@@ -115,6 +116,12 @@ def quantize(
 
 
 # ---- the expert format ---------------------------------------------------------------------------------
+
+
+# From this many rows (a prefill block's tokens for one expert) a kernel format's expert is dequantised once
+# and run by bf16 matmuls (oneDNN, AMX where there is one): the int4/int8 kernels' time grows with the
+# rows, the matmul's barely; the resident layers' threshold (kernels.base.GEMM_ROWS).
+DEQUANTISE_ROWS = GEMM_ROWS
 
 
 class PackedFormat(ExpertFormat):

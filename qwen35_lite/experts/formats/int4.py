@@ -27,7 +27,7 @@ from ...weights.packed import pack_int4, unpack_int4
 from ..stacks import StackedExperts
 from . import compressed, int4_cpu
 from .base import ffn
-from .compressed import PackedFormat, QuantScheme
+from .compressed import DEQUANTISE_ROWS, PackedFormat, QuantScheme
 
 BITS = 4
 Q_MIN, Q_MAX = compressed.q_range(BITS)
@@ -166,12 +166,6 @@ class Int4Format(PackedFormat):
             groups = (D // self.groups(D), I // self.groups(I))
             return int4_cpu.StackedInt4Cpu(buffer, stride, D, I, offsets, groups)
         return super().stack(buffer, n_slots, stride)
-
-
-# From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
-# a bf16 matmul (oneDNN, AMX where there is one): the int4 kernel's time grows with the rows, the matmul's
-# barely (bench/bench_kernels.py).
-DEQUANTISE_ROWS = 32
 
 
 def kernel_ffn(

@@ -28,7 +28,7 @@ from ...weights.packed import pack_int8, unpack_int8
 from ..stacks import StackedExperts
 from . import compressed, int8_cpu
 from .base import Expert, ffn
-from .compressed import PackedFormat, QuantScheme
+from .compressed import DEQUANTISE_ROWS, PackedFormat, QuantScheme
 
 BITS = 8
 OFFSET = 128  # stored byte = q + OFFSET
@@ -100,11 +100,6 @@ class Int8Format(PackedFormat):
         gu_w, down_w, gu_s, down_s, *zeros = (p.view(slot) for p in self.slot)
         gu_z, down_z = zeros or (None, None)
         return lambda x: ffn(x, dense(gu_w, gu_s, gu_z, x.dtype), dense(down_w, down_s, down_z, x.dtype))
-
-
-# From this many rows (a prefill block's tokens for one expert) the weights are dequantised once and run by
-# the bf16 matmul (oneDNN, AMX where there is one): the int8 kernels' time grows with the rows.
-DEQUANTISE_ROWS = 32
 
 
 def kernel_ffn(
