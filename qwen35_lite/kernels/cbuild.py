@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "i64": ctypes.c_int64}
+CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "i64": ctypes.c_int64, "f": ctypes.c_float}
 
 
 def _cache_dir() -> Path:
@@ -42,7 +42,7 @@ def _cpu_flags() -> str:
 
 @functools.cache
 def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callable | None:
-    """The C function `symbol` of `source` (argument kinds: "p" pointer, "i" int, "i64" int64), built
+    """The C function `symbol` of `source` (argument kinds: "p" pointer, "i" int, "i64" int64, "f" float), built
     once per source and machine; None without a compiler or when the build or the load fails."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None or os.environ.get("QWEN35_LITE_NO_KERNELS"):

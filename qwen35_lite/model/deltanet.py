@@ -12,6 +12,7 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from ..kernels import deltanet_cpu
 from ..weights.config import TextConfig
 from .cache import DeltaNetState
 from .layers import gated_rms_norm, linear, rms_normalize
@@ -138,6 +139,7 @@ class GatedDeltaNet:
         self.qk_scale = scale.view(2, 1, 1, 1).expand(2, self.hk, r, 1)  # [2, Hk, r, 1]
         self.splits = [self.conv_dim, self.hv * self.dv, self.hv, self.hv]
         self.qkv_splits = [kd, kd, self.hv * self.dv]
+        self._norm_f32: torch.Tensor | None = None  # the norm's weight for the C step (first use)
 
     @property
     def conv_dim(self) -> int:
@@ -150,6 +152,8 @@ class GatedDeltaNet:
         T = x.shape[0]
         w = self.w
         proj = linear(x, w["in_proj_qkvzba"])
+        if T == 1 and state.started and deltanet_cpu.usable(proj, state.conv):
+            return linear(self._decode_kernel(proj, state), w["out_proj"])
         qkv, _, b, _ = _cut(proj, self.splits)
         _, z, _, a = _cut(proj.float(), self.splits)  # one cast for the parts used in fp32
         beta = b.sigmoid().float()  # [T, Hv]: the sigmoid in the model dtype, as the reference
@@ -162,6 +166,19 @@ class GatedDeltaNet:
         state.started = True
         o = gated_rms_norm(o.to(x.dtype), z, w["norm"], self.eps).reshape(T, -1)  # [T, Hv·dv]
         return linear(o, w["out_proj"])
+
+    def _decode_kernel(self, proj: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """One token through the fused C step (kernels/deltanet_cpu.py): what `_decode` and the gated norm
+        compute, in one call. -> the gated norm's output [1, Hv·dv]."""
+        w = self.w
+        if self._norm_f32 is None:
+            self._norm_f32 = w["norm"].float().contiguous()
+        round_norm = w["norm"].dtype == torch.bfloat16 and proj.dtype == torch.bfloat16
+        heads = (self.hk, self.hv, self.dk, self.dv)
+        return deltanet_cpu.deltanet_step(
+            proj, state.conv, w["conv1d_f32"], w["neg_A"], w["dt_bias"], self._norm_f32, round_norm,
+            state.recurrent, heads, self.eps,
+        )  # fmt: skip
 
     def _decode(self, qkv: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, state: DeltaNetState):
         """One token: the conv as one dot product per channel, the recurrence in place. -> o [1, Hv, dv]."""
