@@ -95,7 +95,7 @@ def prefill(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Feed the prompt in blocks of model.prefill_block tokens, each layer by layer (a MoE layer reads its
-    experts once a block, not once a 512-token chunk); return the last position's logits [V] (fp32).
+    experts once a block, not once a 512-token chunk); return the last position's logits [V] (model dtype).
     on_progress(tokens done, tokens) moves with the layers inside a block."""
     ids = torch.tensor(req.prompt_ids, dtype=torch.long)
     T = len(req.prompt_ids)
@@ -115,7 +115,7 @@ def prefill(
     # Only after the whole prompt: the explicit positions above already include the shift; every later
     # token (decode, next turn) takes offset + rope_delta.
     cache.rope_delta += req.rope_delta
-    return logits[-1].float()
+    return logits[-1]
 
 
 def generate(
@@ -174,7 +174,7 @@ def generate(
             reason, unfed = "cancelled", [token]
             break
         with threads.step() if threads is not None else contextlib.nullcontext():
-            logits = model.forward(cache, ids=torch.tensor([token]))[-1].float()
+            logits = model.forward(cache, ids=torch.tensor([token]))[-1]  # the sampler takes them in fp32
         cache.token_ids.append(token)
         fed += 1
     tail = decoder.flush()

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..kernels import greedy_cpu
 
 BAN = -100.0  # a logit_bias this low bans the token
 
@@ -149,7 +150,9 @@ def nonfinite_error(nan: bool) -> CheckpointError:
 
 
 class Sampler:
-    """fn(logits [V] fp32) -> token id. The logits stay on their device; one host read per call.
+    """fn(logits [V], the model's dtype) -> token id. The logits stay on their device; one host read per
+    call. They are taken in fp32; a plain greedy pick on the CPU reads them as they are, in one C pass
+    (kernels/greedy_cpu.py: the same id and the same errors as the torch form below).
 
     `constraint` (a TokenMask) masks the logits while it is engaged; `last` holds the chosen token's
     log probabilities when the params ask for them."""
@@ -162,10 +165,19 @@ class Sampler:
         self.generator: torch.Generator | None = None
         self.constraint = constraint
         self.last: TokenLogprobs | None = None
+        # the argmax of the logits as they are: nothing to penalise, bias or report
+        self._plain_greedy = (
+            p.temperature <= 0 and not p.penalised and not p.logit_bias and p.logprobs is None
+        )
 
     def __call__(self, logits: torch.Tensor) -> int:
-        raw = logits
         masked = self.constraint is not None and self.constraint.engaged
+        if not masked and self._plain_greedy and greedy_cpu.usable(logits):
+            token_id, inf, nan = greedy_cpu.greedy_scan(logits)
+            if inf or nan:
+                raise nonfinite_error(nan)
+            return token_id
+        logits = raw = logits.float()
         if masked:
             logits = self.constraint.mask(logits)
         scored = logits  # what log probabilities are taken from
