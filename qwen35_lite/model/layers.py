@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import linear  # x @ wᵀ: torch.mv for one row, F.linear for more, a compact weight's kernel
+from ..kernels import (
+    linear,  # x @ wᵀ: torch.mv for one row, F.linear for more, a compact weight's kernel
+    norm_cpu,
+)
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
 
@@ -46,8 +49,22 @@ def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = Non
 def rms_norm_1p(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """Zero-centred RMSNorm. `scale` is the applied factor (1 + w) in fp32, twice over ([2D]:
     fuse.norm_scale): normalised and scaled in fp32, cast once at the end. Contiguous, as the MLP may view
-    it (a no-op for one token, whose row is contiguous already)."""
+    it (a no-op for one token, whose row is contiguous already). One row on the CPU: one C call
+    (kernels/norm_cpu.py)."""
+    if norm_cpu.usable(x, scale):
+        return norm_cpu.add_rms_norm(x, None, scale, eps)[1]
     return rms_normalize(x, eps, scale).contiguous()
+
+
+def add_rms_norm_1p(
+    h: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it: (h + delta, rms_norm_1p(h + delta)), one C call for one row
+    on the CPU (a decode step), torch's two otherwise."""
+    if norm_cpu.usable(h, scale) and delta.dtype == h.dtype and delta.is_contiguous():
+        return norm_cpu.add_rms_norm(h, delta, scale, eps)
+    h = h + delta
+    return h, rms_norm_1p(h, scale, eps)
 
 
 def rms_norm_1p_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .attention import Attention
 from .cache import ModelCache
 from .deltanet import GatedDeltaNet
 from .fuse import prepare_layer, prepare_top
-from .layers import MRoPE, linear, rms_norm_1p
+from .layers import MRoPE, add_rms_norm_1p, linear, rms_norm_1p
 from .moe import DenseMLP, ExpertProvider, MoE
 from .spill import SpilledLayers, stays_resident
 
@@ -85,8 +85,9 @@ class DecoderLayer:
         self.mlp = MoE(cfg, index, mlp_w, provider) if cfg.is_moe else DenseMLP(mlp_w)
 
     def __call__(self, h: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.mix(rms_norm_1p(h, self.input_norm, self.eps), cache, cos, sin)
-        return h + self.mlp(rms_norm_1p(h, self.post_norm, self.eps))
+        mixed = self.mix(rms_norm_1p(h, self.input_norm, self.eps), cache, cos, sin)
+        h, x = add_rms_norm_1p(h, mixed, self.post_norm, self.eps)
+        return h + self.mlp(x)
 
     def mix(self, x: torch.Tensor, cache, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self.mixer(x, cache) if self.kind == "linear_attention" else self.mixer(x, cos, sin, cache)
