@@ -42,11 +42,23 @@ static void rows(const uint16_t* w, int64_t ld, const uint16_t* x, int K, int64_
                  uint16_t* y) {
     const int full = K / 32 * 32;
     const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
+    /* rows this far ahead are prefetched while 4 are summed: ~64 KiB, 4-16 rows (the hardware prefetchers
+       alone, on 4 interleaved short streams, left ~15% of the bandwidth unused on a Sapphire Rapids) */
+    int64_t ahead = 32768 / (ld > 0 ? ld : 1);
+    ahead = ahead < 4 ? 4 : ahead > 16 ? 16 : ahead / 4 * 4;
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         const uint16_t* w0 = w + r * ld;
+        const int prefetch = r + ahead + 4 <= r1;
+        const char* next = (const char*)(w0 + ahead * ld);
         for (int k = 0; k < full; k += 32) {
+            if (prefetch) {
+                _mm_prefetch(next + 2 * k, _MM_HINT_T0);
+                _mm_prefetch(next + 2 * (ld + k), _MM_HINT_T0);
+                _mm_prefetch(next + 2 * (2 * ld + k), _MM_HINT_T0);
+                _mm_prefetch(next + 2 * (3 * ld + k), _MM_HINT_T0);
+            }
             __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
             a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
             a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w0 + ld + k), xv);
