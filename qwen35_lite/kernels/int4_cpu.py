@@ -38,6 +38,7 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include <omp.h>
 
 static inline float bf16_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -397,8 +398,11 @@ void int4_matvec(const uint8_t* w, const uint16_t* sz, int64_t N, int K, int g, 
         memcpy(xpad, x, (size_t)T * K * sizeof(uint16_t));
         x = xpad;
     }
-    /* tasks handed out ~256 KB at a time: a thread that another process slows takes fewer */
+    /* tasks handed out ~256 KB at a time: a thread that another process slows takes fewer; but at least
+       one chunk a thread (a [1024, 512] weight is 4 tasks of 64 KB: one chunk ran it on one thread) */
     int64_t chunk = (1 << 18) / ((int64_t)K * 32 * CB) > 1 ? (1 << 18) / ((int64_t)K * 32 * CB) : 1;
+    const int64_t share = (tasks + omp_get_max_threads() - 1) / omp_get_max_threads();
+    chunk = chunk < share ? chunk : share;
     #pragma omp parallel
     {
         tilecfg saved;
