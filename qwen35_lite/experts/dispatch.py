@@ -25,11 +25,19 @@ def dispatch_reference(x, weights, ids, experts: Mapping[int, Expert]) -> torch.
     return out.sum(dim=1)
 
 
-# An expert whose rows cost fewer multiply-adds than this runs on one thread (~a millisecond of one core):
-# waking the others for its small matmuls, gathers and scatters costs more than they save, and beside
-# other processes each region waits for a time slice (a 512-token prefill of the llama.cpp bench model,
-# 512 experts of width 128, ran at 178 tok/s on 2 threads against ~300 on 1).
+# On a busy machine an expert whose rows cost fewer multiply-adds than this runs on one thread (~a
+# millisecond of one core): beside other processes each of its small regions waits for a time slice (a
+# 512-token prefill of the llama.cpp bench model, 512 experts of width 128, beside one busy process: 35
+# tok/s on 2 threads, 72 with them on one). On a quiet one the second thread pays (312 -> 408 tok/s), so
+# it is off unless the runtime's thread tuner found the machine busy (`small_experts_on_one_thread`).
 ONE_THREAD_MACS = 1 << 25
+_one_thread = False  # set by small_experts_on_one_thread
+
+
+def small_experts_on_one_thread(on: bool) -> None:
+    """Whether a prefill runs its small experts (ONE_THREAD_MACS) on one thread: for a busy machine."""
+    global _one_thread
+    _one_thread = on
 
 
 def dispatch_grouped(
@@ -42,7 +50,8 @@ def dispatch_grouped(
     each once), but on the tokens of one `chunk`-token span at a time: the same rows, so the same bits,
     as calling this chunk by chunk, whatever the block's size (a matmul's rounding can depend on its row
     count). Memory: one [T, A, D] buffer besides one expert's rows at a time. inter: the experts' FFN
-    width, when known on a CPU: an expert with little work runs on one thread (ONE_THREAD_MACS)."""
+    width, when known on a CPU: on a busy machine an expert with little work runs on one thread
+    (ONE_THREAD_MACS)."""
     T, A = ids.shape
     D = x.shape[-1]
     flat = ids.reshape(-1)  # [T·A]
@@ -50,7 +59,8 @@ def dispatch_grouped(
     counts = torch.bincount(flat[order]).tolist()
     out = torch.empty(T * A, D, dtype=x.dtype, device=x.device)  # [T·A, D], (token, slot) order
     threads = torch.get_num_threads()
-    small = ONE_THREAD_MACS // (3 * D * inter) if inter and x.device.type == "cpu" and threads > 1 else 0
+    busy = _one_thread and inter and x.device.type == "cpu" and threads > 1
+    small = ONE_THREAD_MACS // (3 * D * inter) if busy else 0
     start = 0
     try:
         for e, n in enumerate(counts):

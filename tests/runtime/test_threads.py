@@ -63,3 +63,33 @@ def test_prefill_runs_at_the_most_threads():
     m.run(tuner, 40)
     tuner.for_prefill()
     assert m.threads == 2 and tuner.current == 1
+
+
+def test_one_slow_step_is_noise_and_does_not_bring_the_probes_back():
+    m = Machine({2: 0.010, 1: 0.018})
+    tuner = ThreadTuner(2, clock=m.clock, set_threads=m.set_threads)
+    m.run(tuner, 1000)
+    for _ in range(5):  # a page fault or a collection now and then: one step at 5x
+        m.cost = {2: 0.050, 1: 0.090}
+        m.run(tuner, 1)
+        m.cost = {2: 0.010, 1: 0.018}
+        m.run(tuner, 20)
+    assert 1 not in m.log[1000:]
+    assert tuner._interval == MAX_INTERVAL
+
+
+def test_prefill_puts_small_experts_on_one_thread_until_the_steps_find_the_machine_quiet(monkeypatch):
+    from qwen35_lite.experts import dispatch
+
+    m = Machine({2: 0.010, 1: 0.018})
+    tuner = ThreadTuner(2, clock=m.clock, set_threads=m.set_threads)
+    tuner.for_prefill()  # nothing measured yet: as if busy
+    assert dispatch._one_thread
+    m.run(tuner, 3 * FIRST_PROBE)  # a probe found 2 threads faster
+    tuner.for_prefill()
+    assert not dispatch._one_thread
+    m.cost = {2: 0.200, 1: 0.030}  # busy
+    m.run(tuner, 40)
+    tuner.for_prefill()
+    assert dispatch._one_thread
+    dispatch.small_experts_on_one_thread(False)  # the default without a tuner (--cpu-threads N)
