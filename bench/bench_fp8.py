@@ -84,6 +84,19 @@ def main() -> None:
                 f"| {mem} GiB | {name} | {runs[0]['plan']['cpu_slots']} | {tok:.1f} | {tok / base:.2f} |"
                 f" {', '.join(str(o['decode_tok_s']) for o in runs)} |"
             )
+    low = min(args.cpu_mem)
+    slots = {n: res[(n, low)][0]["plan"]["cpu_slots"] for n in ("bf16", "fp8")}
+    speed = {n: statistics.median(o["decode_tok_s"] for o in res[(n, low)]) for n in ("bf16", "fp8")}
+    lines += [
+        "",
+        "FP8 slots hold the checkpoint's bytes (weights + block scales), read once per use by the CPU FP8"
+        " kernel (`experts/formats/fp8_cpu.py`: e4m3 to exact bf16 by two byte lookups, then `vdpbf16ps`), the"
+        " default wherever its AVX512-BF16 path builds (`QWEN35_LITE_FP8_CPU_KERNEL=0` turns it off). A"
+        " prefill dequantises an expert in one pass into fp32 and runs its rows through fp32 matmuls, 64 at"
+        f" a time, which the plan counts (`prefill_nbytes`). At {low} GiB: {slots['fp8'] / slots['bf16']:.1f}x"
+        f" the slots of bf16 ({slots['fp8']} against {slots['bf16']} a layer) and"
+        f" {speed['fp8'] / speed['bf16']:.2f}x its decode.",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     from bench_formats import write_section

@@ -273,6 +273,23 @@ def int8_main(args) -> None:
         )
 
 
+KERNELS_EXPLAINED = [
+    "What runs a decode step's experts, where the C kernels build (`kernels/cbuild.py`: the machine's cc on",
+    "first use; torch's paths otherwise):",
+    "",
+    "- **bf16** (`StackedExperts` → `kernels/dense_cpu.py`): one call per projection over the routed slots",
+    "  where they are, `vdpbf16ps` over each weight row, rows ~32 KiB ahead prefetched; the gather + batched",
+    "  matmul it replaced copied the ten experts' weights first.",
+    "- **int4** (`kernels/int4_cpu.py`, shared with the resident int4 Linears): nibbles turned into bf16",
+    "  `128 + u` by one byte permute, `vdpbf16ps` against x's pairs, a group's (scale, zero) applied once",
+    "  per group; AMX tiles for several rows.",
+    "- **int8** (`kernels/int8_cpu.py`, `python bench/bench_kernels.py --int8`): int8 widened to fp32 in",
+    "  registers, scales per row or group; torch's `_weight_int8pack_mm` was not faster than bf16 at all.",
+    "- **FP8** (`experts/formats/fp8_cpu.py`): e4m3 bytes to exact bf16 by two byte lookups, then",
+    "  `vdpbf16ps` (the default where this fast path builds).",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -312,6 +329,7 @@ def main() -> None:
     for name, v in res.items():
         m = statistics.median(v)
         lines.append(f"| {name} | {m:.1f} | {m / ref:.2f} | {', '.join(f'{x:.1f}' for x in v)} |")
+    lines += ["", *KERNELS_EXPLAINED]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(args.out, text, SECTION)

@@ -459,6 +459,27 @@ NO_AMX_NOTE = (
 )
 
 
+def scaling(speed: dict) -> list[str]:
+    """A line of decode (tg) speed-ups from the fewest to the most threads, for pairs run at both."""
+    by_label: dict[str, dict[int, dict]] = {}
+    for key, sides in speed.items():
+        by_label.setdefault(sides.get("label", key), {})[sides.get("threads", 0)] = sides
+    parts = []
+    for label, runs in sorted(by_label.items()):
+        if len(runs) < 2:
+            continue
+        lo, hi = min(runs), max(runs)
+        tg = {
+            side: statistics.median(r["tg"] for r in runs[hi][side])
+            / statistics.median(r["tg"] for r in runs[lo][side])
+            for side in ("ours", "llama")
+        }
+        parts.append(f"{label}: ours {tg['ours']:.2f}x, llama.cpp {tg['llama']:.2f}x")
+    if not parts:
+        return []
+    return ["", f"Decode from {lo} to {hi} threads (tg medians): " + "; ".join(parts) + "."]
+
+
 def report(res: dict) -> str:
     lines = [
         SECTION,
@@ -502,6 +523,7 @@ def report(res: dict) -> str:
             )
             loads += sides["load_1min"]
             seconds += sides["seconds"]
+        lines += scaling(res["speed"])
         busy = max(loads) > 0.75 * (os.cpu_count() or 1)
         lines += [
             "",
