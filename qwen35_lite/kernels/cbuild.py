@@ -22,6 +22,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+# bf16 <-> fp32 for the C sources that include it: widening is exact; narrowing rounds to nearest even,
+# as torch's .to(torch.bfloat16) does, and keeps a NaN a NaN
+BF16_C = r"""
+#include <stdint.h>
+#include <string.h>
+static inline float bf16_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t float_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+"""
 CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "i64": ctypes.c_int64, "f": ctypes.c_float}
 
 

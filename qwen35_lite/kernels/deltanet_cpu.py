@@ -18,23 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
 PARALLEL_BYTES = 1 << 18  # recurrent state (fp32) from which the value heads are split across threads
 
-SOURCE = r"""
+BODY = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t float_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 /* a value as the model dtype holds it: rounded to bf16 when bf16, as is in fp32 */
 static inline float rnd(float f, int bf16) { return bf16 ? bf16_float(float_bf16(f)) : f; }
 static inline float get(const void* p, int64_t i, int bf16) {
@@ -121,6 +114,7 @@ void deltanet_step(const void* proj, void* conv, const float* convw, const float
     free(mixed);
 }
 """
+SOURCE = BF16_C + BODY
 
 ARGS = ("p",) * 9 + ("i",) * 6 + ("f", "i", "i")
 

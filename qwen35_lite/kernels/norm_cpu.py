@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
-SOURCE = r"""
+BODY = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t float_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* s = h (+ delta, rounded to the dtype, written to sum) ; y = s * rsqrt(mean(s^2) + eps) * scale, rounded.
    h, delta, sum, y: D values of the row dtype (bf16 or fp32); scale: D fp32. */
@@ -51,6 +44,7 @@ void add_rms_norm(const void* h, const void* delta, void* sum, void* y, const fl
     }
 }
 """
+SOURCE = BF16_C + BODY
 
 
 def library():
