@@ -4,7 +4,6 @@ log probabilities (when asked for) in OpenAI's shapes."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from ..runtime.generate import TokenEvent
@@ -121,20 +120,13 @@ def _merge(a: Delta, b: Delta) -> Delta:
 
 class TokenTexts:
     """Each id's bytes and text (the bytes decoded, U+FFFD for a piece of a character), as OpenAI reports a
-    token; the table is built once per tokenizer (a second or two)."""
-
-    _lock = threading.Lock()
-    _tables: dict[int, tuple[Tokenizer, list[bytes]]] = {}
+    token; the tokenizer builds the table once (shared with a response format's grammar)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        with self._lock:
-            if id(tokenizer) not in self._tables:
-                table = tokenizer.token_bytes(tokenizer.vocab_size)[0]
-                self._tables[id(tokenizer)] = (tokenizer, table)  # kept: its id is never reused
-            self.table = self._tables[id(tokenizer)][1]
+        self.tokenizer = tokenizer
 
     def bytes(self, token: int) -> bytes:
-        return self.table[token] if 0 <= token < len(self.table) else b""
+        return self.tokenizer.bytes_of(token)
 
     def text(self, token: int) -> str:
         return self.bytes(token).decode("utf-8", "replace")

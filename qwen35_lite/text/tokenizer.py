@@ -24,6 +24,7 @@ class Tokenizer:
     def __init__(self, backend: _HFTokenizer, source: str = "checkpoint") -> None:
         self._tok = backend
         self.source = source  # "checkpoint" or "built-in"
+        self._bytes: tuple[list[bytes], list[int]] | None = None  # token_bytes' table, built on first use
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Tokenizer:
@@ -72,16 +73,32 @@ class Tokenizer:
 
     def token_bytes(self, n_vocab: int) -> tuple[list[bytes], list[int]]:
         """(the bytes of every id below n_vocab, the ids of special tokens): what a constrained decoder
-        matches tokens against. Ids the vocabulary lacks (the padded end of an embedding table) are b"".
-        Byte-level BPE writes each byte as one printable character (GPT-2's table); added tokens are
-        their text."""
+        matches tokens against and what log probabilities report. Ids the vocabulary lacks (the padded end
+        of an embedding table) are b"". Built once per tokenizer (a second or two), then cut to n_vocab."""
+        table, special = self._table()
+        out = table[:n_vocab] + [b""] * (n_vocab - len(table))
+        return out, [i for i in special if i < n_vocab]
+
+    def bytes_of(self, token: int) -> bytes:
+        """One id's bytes, from token_bytes' table (b"" for an id outside the vocabulary)."""
+        table = self._table()[0]
+        return table[token] if 0 <= token < len(table) else b""
+
+    def _table(self) -> tuple[list[bytes], list[int]]:
+        if self._bytes is None:
+            self._bytes = self._all_token_bytes()
+        return self._bytes
+
+    def _all_token_bytes(self) -> tuple[list[bytes], list[int]]:
+        """Every id's bytes and the special ids. Byte-level BPE writes each byte as one printable character
+        (GPT-2's table); added tokens are their text."""
         table = str.maketrans(_BYTE_CHARS)
-        out = [b""] * n_vocab
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        out = [b""] * (max(vocab.values(), default=-1) + 1)
         added = self._tok.get_added_tokens_decoder()
-        for text, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if i < n_vocab:
-                out[i] = text.encode() if i in added else text.translate(table).encode("latin-1")
-        return out, [i for i, t in added.items() if t.special and i < n_vocab]
+        for text, i in vocab.items():
+            out[i] = text.encode() if i in added else text.translate(table).encode("latin-1")
+        return out, [i for i, t in added.items() if t.special]
 
     @property
     def vocab_size(self) -> int:

@@ -186,3 +186,20 @@ def test_stream_work_per_token_is_bounded(tok):
     text = "".join(dec.push(i) for i in ids) + dec.flush()
     assert text == tok.decode(ids)
     assert Counting.decoded < 8 * len(ids)
+
+
+def test_token_bytes_are_built_once_and_cut_or_padded_to_the_vocabulary(monkeypatch):
+    """One table per tokenizer serves a grammar (token_bytes at the embedding's size) and log probabilities
+    (bytes_of): building it takes a second or two."""
+    t = Tokenizer.from_dir("/nonexistent")  # the packaged Qwen3.5 tokenizer
+    built = []
+    real = t._all_token_bytes
+    monkeypatch.setattr(t, "_all_token_bytes", lambda: built.append(1) or real())
+    padded, special = t.token_bytes(t.vocab_size + 64)  # an embedding table padded past the vocabulary
+    assert len(padded) == t.vocab_size + 64 and padded[-1] == b""
+    assert padded[t.encode("Hello")[0]] == b"Hello" and t.bytes_of(t.encode(" world")[0]) == b" world"
+    assert t.token_id("<|im_start|>") in special
+    cut, cut_special = t.token_bytes(1000)
+    assert cut == padded[:1000] and all(i < 1000 for i in cut_special)
+    assert t.bytes_of(-1) == b"" and t.bytes_of(10**9) == b""
+    assert built == [1]
