@@ -102,7 +102,14 @@ static inline __attribute__((always_inline)) void micro(const int8_t* w, const u
             }
             for (int j = 0; j < 64; j += 16) step(w, K, k + j, 1, 0, xf, R, TB, grouped, sv, acc);
         }
-        for (; k + 16 <= end; k += 16) step(w, K, k, 1, 0, xf, R, TB, grouped, sv, acc);
+        for (; k + 16 <= end; k += 16) {  /* groups under 64 columns: prefetch at each line's start */
+            if ((k & 63) == 0)
+                for (int r = 0; r < R; r++) {
+                    _mm_prefetch((const char*)(w + r * K + k + PF_AHEAD), PF_HINT);
+                    _mm_prefetch((const char*)(w + r * K + k + pf_l1), _MM_HINT_T0);
+                }
+            step(w, K, k, 1, 0, xf, R, TB, grouped, sv, acc);
+        }
         if (k < end) step(w, K, k, 0, (__mmask16)((1u << (end - k)) - 1), xf, R, TB, grouped, sv, acc);
     }
     for (int r = 0; r < R; r++) for (int t = 0; t < TB; t++) out[t * R + r] = hsum(acc[r][t]);
