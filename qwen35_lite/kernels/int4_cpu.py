@@ -18,7 +18,8 @@ pattern that halved the rate out of cache); weights are prefetched 4 KB ahead, t
 ahead. With AMX (`block_amx`): 2 rows or more, or one of groups from 128, through the tile unit, the decoded
 vectors stored as B tiles (vdpbf16ps takes 2 cycles here: the tiles multiply a decoded block once for all
 rows); each thread's tile configuration (oneDNN's) is saved and put back. Elsewhere (or built with
-QL_PORTABLE) plain loops that any C compiler takes.
+QL_PORTABLE) plain loops that any C compiler takes: slower than torch's kernel where measured, so they run
+only in their tests (`selected`), and a CPU without the fast path keeps torch's kernel.
 
 OpenMP over tasks of 4 blocks (dynamic, ~256 KB a hand-out: a thread another process slows takes fewer):
 torch's libgomp, so the threads follow `torch.set_num_threads`.
@@ -27,6 +28,7 @@ torch's libgomp, so the threads follow `torch.set_num_threads`.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
@@ -489,14 +491,28 @@ def matvec_library() -> Callable | None:
 
 
 def experts_library() -> Callable | None:
-    """`int4_experts`, None without a compiler."""
-    return _fn("int4_experts", EXPERTS_ARGS)
+    """`int4_experts`, None without a compiler or where the kernels are not `selected` (torch's kernel
+    one expert at a time)."""
+    return _fn("int4_experts", EXPERTS_ARGS) if selected() else None
+
+
+def selected() -> bool:
+    """Whether the C kernels run the int4 calls: where their AVX512-BF16 path builds. The plain-C path
+    measured slower than torch's int4pack kernel (a Sapphire Rapids Xeon, 2 threads: a [16384, 4096]
+    matvec 3.1 vs 1.7 ms, a 397B-shaped top-10 step 9-13 vs 16-17 GB/s), so without the fast path
+    torch's kernel runs; PORTABLE (its tests) selects the plain-C path anyway."""
+    return PORTABLE or _paths(False)[0]
 
 
 def paths() -> tuple[bool, bool]:
     """(the AVX512-BF16 path, the AMX one) the library was built with: (False, False) for the plain-C
     one, or without a library."""
-    fn = _fn("int4_fast_path", ("p",))
+    return _paths(PORTABLE)
+
+
+@functools.cache
+def _paths(portable: bool) -> tuple[bool, bool]:
+    fn = build(_name(portable), _source(portable), "int4_fast_path", ("p",))
     if fn is None:
         return False, False
     out = (ctypes.c_int * 2)()
@@ -510,11 +526,13 @@ def fast_path() -> bool:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor) -> bool:
-    """The C kernel takes this call: bf16 on the CPU, whole 64-row blocks, a group size it knows."""
+    """The C kernel takes this call: bf16 on the CPU, whole 64-row blocks, a group size it knows, and the
+    kernels `selected` on this CPU."""
     n_pad, half = weight.shape
     groups = table.shape[0]
     return (
-        x.dtype == torch.bfloat16
+        selected()
+        and x.dtype == torch.bfloat16
         and table.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and weight.device.type == "cpu"

@@ -52,7 +52,7 @@ def test_matvec_equals_the_dequantised_linear(path, shape, rows):
     assert y.shape == (rows, n) and y.dtype == BF16
     assert_near(y, want, rel=1e-2)
     assert_near(y, torch_matmul(x, w.weight, w.table, n), rel=1e-2)
-    assert torch.equal(linear(x, w), y)  # the resident layer's decode rows run it
+    assert torch.equal(linear(x, w), y)  # the resident layer's decode rows run it (PORTABLE selects it)
 
 
 def test_the_paths_agree(monkeypatch):
@@ -97,3 +97,15 @@ def test_calls_the_kernel_cannot_take_go_to_torch():
     assert int4_cpu.fits(torch.zeros(1, 256, dtype=BF16), w.weight, w.table)
     assert not int4_cpu.fits(torch.zeros(1, 256), w.weight, w.table)
     assert not int4_cpu.fits(torch.zeros(1, 256, dtype=BF16), w.weight, w.table.float())
+
+
+def test_without_the_fast_path_torchs_kernel_runs(monkeypatch):
+    """The plain-C path is slower than torch's int4pack kernel where measured: a CPU without AVX512-BF16
+    (here: the fast path reported absent) keeps torch's kernel for resident layers and experts."""
+    if int4_cpu.matvec_library() is None:
+        pytest.skip("no C compiler: torch's kernel only")
+    monkeypatch.setattr(int4_cpu, "_paths", lambda portable: (False, False))
+    assert not int4_cpu.selected() and int4_cpu.experts_library() is None
+    pw, w = _weight(96, 256, 32, True)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(9)).to(BF16)
+    assert torch.equal(linear(x, w), torch_matmul(x, w.weight, w.table, 96))
