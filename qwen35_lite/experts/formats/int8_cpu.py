@@ -64,7 +64,10 @@ ARGS = ("p", "i64", "p", "i", "i64", "i64", "i64", "i64", "i64", "i64", "i64", "
 
 
 def library():
-    """The compiled kernel (kernels/cbuild.py), None without a compiler or when the build fails."""
+    """The compiled kernel (kernels/cbuild.py), None without a compiler, when the build fails, or without
+    the AVX-512 path (kernels/int8_cpu.fast_path: the plain-C one is slower than torch's kernel)."""
+    if not int8_cpu.fast_path():
+        return None
     return build("int8_experts", SOURCE, "int8_experts", ARGS)
 
 
