@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
 PARALLEL_BYTES = 1 << 18  # weights from which the rows are split across threads
 MIN_ROWS = 4  # fewer rows: torch.mv's dot path (~1 µs) beats a call into the kernel (~3 µs)
 
-SOURCE = r"""
+BODY = r"""
 #include <stdint.h>
 #include <string.h>
 #if !defined(__AVX512BF16__)
@@ -30,12 +30,6 @@ SOURCE = r"""
 #endif
 #include <immintrin.h>
 
-static inline uint16_t round_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* rows [r0, r1) of y = W x: W bf16 [N, K] (row stride ld), x bf16 [K], y bf16 [N] */
 static void rows(const uint16_t* w, int64_t ld, const uint16_t* x, int K, int64_t r0, int64_t r1,
@@ -72,10 +66,10 @@ static void rows(const uint16_t* w, int64_t ld, const uint16_t* x, int K, int64_
             a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + 2 * ld + full), xv);
             a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + 3 * ld + full), xv);
         }
-        y[r] = round_bf16(_mm512_reduce_add_ps(a0));
-        y[r + 1] = round_bf16(_mm512_reduce_add_ps(a1));
-        y[r + 2] = round_bf16(_mm512_reduce_add_ps(a2));
-        y[r + 3] = round_bf16(_mm512_reduce_add_ps(a3));
+        y[r] = float_bf16(_mm512_reduce_add_ps(a0));
+        y[r + 1] = float_bf16(_mm512_reduce_add_ps(a1));
+        y[r + 2] = float_bf16(_mm512_reduce_add_ps(a2));
+        y[r + 3] = float_bf16(_mm512_reduce_add_ps(a3));
     }
     for (; r < r1; r++) {
         __m512 a = _mm512_setzero_ps();
@@ -85,7 +79,7 @@ static void rows(const uint16_t* w, int64_t ld, const uint16_t* x, int K, int64_
         if (tail)
             a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + full),
                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, x + full));
-        y[r] = round_bf16(_mm512_reduce_add_ps(a));
+        y[r] = float_bf16(_mm512_reduce_add_ps(a));
     }
 }
 
@@ -114,6 +108,7 @@ void bf16_matvec(const uint16_t* w, int64_t ld, const uint16_t* x, int N, int K,
     }
 }
 """
+SOURCE = BF16_C + BODY
 
 ARGS = ("p", "i64", "p", "i", "i", "p", "i")
 STACKED_ARGS = ("p", "i64", "p", "i", "i", "i", "p", "i64", "p")

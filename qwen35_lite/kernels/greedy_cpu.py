@@ -13,18 +13,15 @@ import ctypes
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
-SOURCE = r"""
+BODY = r"""
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 
 #define LANES 16
 
 static inline float value(const void* x, int64_t i, int bf16) {
-    if (bf16) { uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16; float f; memcpy(&f, &u, 4); return f; }
-    return ((const float*)x)[i];
+    return bf16 ? bf16_float(((const uint16_t*)x)[i]) : ((const float*)x)[i];
 }
 
 /* out[0] = the first index of the maximum (meaningless when a NaN is found), out[1] = an infinity seen,
@@ -61,6 +58,7 @@ void greedy_scan(const void* x, int64_t n, int bf16, int64_t* out) {
     out[0] = at < n ? at : 0; out[1] = any_inf; out[2] = any_nan;
 }
 """
+SOURCE = BF16_C + BODY
 
 
 def library():

@@ -33,22 +33,15 @@ from collections.abc import Callable
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
-SOURCE = r"""
+BODY = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <omp.h>
 
-static inline float bf16_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t f_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
 
 #define CB 4  /* blocks of 64 rows a task: one row runs them group by group */
 
@@ -57,7 +50,7 @@ static void group_sums(const uint16_t* x, int64_t ldx, int T, int K, int g, floa
     for (int t = 0; t < T; t++)
         for (int gi = 0; gi < K / g; gi++) {
             float s = 0;
-            for (int k = gi * g; k < (gi + 1) * g; k++) s += bf16_f(x[t * ldx + k]);
+            for (int k = gi * g; k < (gi + 1) * g; k++) s += bf16_float(x[t * ldx + k]);
             xsum[t * (K / g) + gi] = s;
         }
 }
@@ -304,7 +297,7 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
         float total[64] = {0};
         for (int gi = 0; gi < ng; gi++) {
             float acc[64] = {0};
-            for (int k = 0; k < g; k++) xf[k] = bf16_f(x[t * ldx + gi * g + k]);
+            for (int k = 0; k < g; k++) xf[k] = bf16_float(x[t * ldx + gi * g + k]);
             for (int m = 0; m < g / 2; m++) {
                 const uint8_t* b = w + (nb * (K / 2) + gi * g / 2 + m) * 64;
                 float x0 = xf[2 * m], x1 = xf[2 * m + 1];
@@ -314,7 +307,7 @@ static void block_rows(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
                 }
             }
             const uint16_t* s = sz + ((int64_t)gi * N + nb * 64) * 2;
-            for (int r = 0; r < 64; r++) total[r] += bf16_f(s[2 * r]) * acc[r] + bf16_f(s[2 * r + 1]) * xsum[t * ng + gi];
+            for (int r = 0; r < 64; r++) total[r] += bf16_float(s[2 * r]) * acc[r] + bf16_float(s[2 * r + 1]) * xsum[t * ng + gi];
         }
         memcpy(out[t], total, sizeof total);
     }
@@ -362,7 +355,7 @@ static void block_store(const uint8_t* w, const uint16_t* sz, int64_t N, int K, 
         else block_rows(w, sz, N, K, g, nb, nt, x + t0 * ldx, ldx, xsum + t0 * (K / g), (float (*)[64])out);
         for (int t = 0; t < nt; t++) {
             int64_t o = (t0 + t) * ldy + nb * 64;
-            if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[o + r] = f_bf16(out[t][r]);
+            if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[o + r] = float_bf16(out[t][r]);
             else memcpy((float*)y + o, out[t], rows * sizeof(float));
         }
     }
@@ -381,7 +374,7 @@ static void run_blocks(const uint8_t* w, const uint16_t* sz, int64_t N, int K, i
     for (int c = 0; c < nbc; c++) {
         int64_t nb = nb0 + c;
         int rows = n - nb * 64 < 64 ? (int)(n - nb * 64) : 64;
-        if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[nb * 64 + r] = f_bf16(out[c][r]);
+        if (y_bf16) for (int r = 0; r < rows; r++) ((uint16_t*)y)[nb * 64 + r] = float_bf16(out[c][r]);
         else memcpy((float*)y + nb * 64, out[c], rows * sizeof(float));
     }
 }
@@ -448,7 +441,7 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
             const float* ha = h + a * 2 * I;
             for (int i = 0; i < I; i++) {
                 float gt = ha[i];
-                hb[a * I + i] = f_bf16(gt / (1.0f + expf(-gt)) * ha[I + i]);
+                hb[a * I + i] = float_bf16(gt / (1.0f + expf(-gt)) * ha[I + i]);
             }
             group_sums(hb + a * I, I, 1, I, g_d, xs_d + a * (I / g_d));
         }
@@ -464,6 +457,7 @@ void int4_experts(const uint8_t* base, int64_t stride, const int64_t* slots, int
     }
 }
 """
+SOURCE = BF16_C + BODY
 
 MATVEC_ARGS = ("p", "p", "i64", "i", "i", "i", "p", "i64", "p", "i", "i")
 EXPERTS_ARGS = ("p", "i64", "p", "i", "i", "i") + ("i64",) * 4 + ("i", "i") + ("p",) * 5 + ("i",)

@@ -25,9 +25,9 @@ import functools
 
 import torch
 
-from .cbuild import build
+from .cbuild import BF16_C, build
 
-SOURCE = r"""
+BODY = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,12 +45,6 @@ SOURCE = r"""
 #define PF_HINT _MM_HINT_T1
 #endif
 
-static inline float bf16_f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f_bf16(float f) {  /* round to nearest even, as torch's cast */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
 
 /* the sums of x fp32 [K] over each of G groups -> sums [G] (the zero points' term) */
 static void group_sums(const float* x, int64_t K, int G, float* sums) {
@@ -60,7 +54,7 @@ static void group_sums(const float* x, int64_t K, int G, float* sums) {
 
 /* x bf16 [T][K] -> xf fp32 [T][K]; xsum [T][G] (or NULL: symmetric) its group sums */
 static void prepare_x(const uint16_t* x, int T, int64_t K, int G, float* xf, float* xsum) {
-    for (int64_t i = 0; i < (int64_t)T * K; i++) xf[i] = bf16_f(x[i]);
+    for (int64_t i = 0; i < (int64_t)T * K; i++) xf[i] = bf16_float(x[i]);
     if (xsum) for (int t = 0; t < T; t++) group_sums(xf + t * K, K, G, xsum + t * G);
 }
 
@@ -95,7 +89,7 @@ static inline __attribute__((always_inline)) void micro(const int8_t* w, const u
     const int64_t pf_l1 = RB * K < PF_AHEAD ? RB * K : PF_AHEAD;  /* the next block's line, into L1 */
     for (int gi = 0; gi < G; gi++) {
         __m512 sv[RB];
-        if (grouped) for (int r = 0; r < R; r++) sv[r] = _mm512_set1_ps(bf16_f(s[r * G + gi]));
+        if (grouped) for (int r = 0; r < R; r++) sv[r] = _mm512_set1_ps(bf16_float(s[r * G + gi]));
         int64_t k = gi * g, end = k + g;
         for (; k + 64 <= end; k += 64) {  /* a cache line of each row; prefetches of lines ahead */
             for (int r = 0; r < R; r++) {
@@ -138,7 +132,7 @@ static void dots(const int8_t* w, const uint16_t* s, int64_t K, int G, const flo
             for (int gi = 0; gi < G; gi++) {
                 float acc = 0;
                 for (int64_t k = gi * g; k < (gi + 1) * g; k++) acc += (float)w[r * K + k] * xf[t * K + k];
-                tot += G > 1 ? bf16_f(s[r * G + gi]) * acc : acc;
+                tot += G > 1 ? bf16_float(s[r * G + gi]) * acc : acc;
             }
             out[t * R + r] = tot;
         }
@@ -159,10 +153,10 @@ static void rows(const int8_t* q, const uint16_t* s, const int8_t* zp, int64_t K
             for (int i = 0; i < tc; i++) {
                 int64_t t = t0 + i;
                 float v = buf[i * R + r];
-                if (G == 1) v *= bf16_f(s[n]);
+                if (G == 1) v *= bf16_float(s[n]);
                 if (zp)
-                    for (int gi = 0; gi < G; gi++) v -= (float)zp[n * G + gi] * bf16_f(s[n * G + gi]) * xsum[t * G + gi];
-                if (ybf16) ((uint16_t*)y)[t * ystride + n] = f_bf16(v);
+                    for (int gi = 0; gi < G; gi++) v -= (float)zp[n * G + gi] * bf16_float(s[n * G + gi]) * xsum[t * G + gi];
+                if (ybf16) ((uint16_t*)y)[t * ystride + n] = float_bf16(v);
                 else ((float*)y)[t * ystride + n] = v;
             }
         }
@@ -204,6 +198,7 @@ void int8_linear(const int8_t* q, const uint16_t* s, const int8_t* zp, const uin
     }
 }
 """
+SOURCE = BF16_C + BODY
 
 ARGS = ("p", "p", "p", "p", "p", "i64", "i64", "i", "i")
 
