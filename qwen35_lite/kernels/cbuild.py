@@ -88,3 +88,14 @@ def build(name: str, source: str, symbol: str, args: tuple[str, ...]) -> Callabl
     fn.restype = None
     fn.argtypes = [CTYPES[a] for a in args]
     return fn
+
+
+def flags(name: str, source: str, symbol: str, n: int) -> tuple[bool, ...]:
+    """The n flags a source's `void symbol(int* out)` reports about how it was built on this machine (which
+    fast paths its preprocessor kept); all False where it does not build."""
+    fn = build(name, source, symbol, ("p",))
+    if fn is None:
+        return (False,) * n
+    out = (ctypes.c_int * n)()
+    fn(ctypes.addressof(out))
+    return tuple(bool(v) for v in out)

@@ -27,13 +27,12 @@ torch's libgomp, so the threads follow `torch.set_num_threads`.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections.abc import Callable
 
 import torch
 
-from .cbuild import BF16_C, build
+from .cbuild import BF16_C, build, flags
 
 BODY = r"""
 #include <stdint.h>
@@ -506,12 +505,8 @@ def paths() -> tuple[bool, bool]:
 
 @functools.cache
 def _paths(portable: bool) -> tuple[bool, bool]:
-    fn = build(_name(portable), _source(portable), "int4_fast_path", ("p",))
-    if fn is None:
-        return False, False
-    out = (ctypes.c_int * 2)()
-    fn(ctypes.addressof(out))
-    return bool(out[0]), bool(out[1])
+    fast, amx = flags(_name(portable), _source(portable), "int4_fast_path", 2)
+    return fast, amx
 
 
 def fast_path() -> bool:

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ...kernels.cbuild import build
+from ...kernels.cbuild import build, flags
 from ...weights.fp8 import FP8_BLOCK, dequantize_block
 
 SOURCE = r"""
@@ -234,9 +234,7 @@ def available(hidden: int, inter: int, fast_only: bool = True) -> bool:
 
 @functools.cache
 def _fast() -> bool:
-    fast = torch.zeros(1, dtype=torch.int32)
-    build("fp8_experts", SOURCE, "fp8_fast", ("p",))(fast.data_ptr())
-    return bool(fast.item())
+    return flags("fp8_experts", SOURCE, "fp8_fast", 1)[0]
 
 
 class StackedFp8Cpu:
