@@ -83,15 +83,23 @@ class Int8Group(CompactLinear):
         return int8_cpu.int8_linear(x, self.q, self.scale, self.zero)
 
     def dequantize(self, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-        """(q - zero) * scale in fp32 (exact: 9 bits times the scale's 8), one rounding to `dtype`."""
         rows = rows or slice(None)
-        q = self.q[rows]
-        n, k = q.shape
-        groups = self.scale.shape[1]
-        w = q.view(n, groups, k // groups).float()  # fresh: the steps in place
-        if self.zero is not None:
-            w.sub_(self.zero[rows].float().unsqueeze(-1))
-        return w.mul_(self.scale[rows].float().unsqueeze(-1)).view(n, k).to(dtype)
+        zero = None if self.zero is None else self.zero[rows]
+        return dequantize_groups(self.q[rows], self.scale[rows], zero, dtype)
+
+
+def dequantize_groups(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """int8 q [N, K] with a scale (and a zero point) per row and group ([N, G] or [N]) -> (q - zero) *
+    scale [N, K] in `dtype` (bf16 or fp32), made in one matrix of `dtype`: q - zero (at most 255) is exact
+    in bf16 and the product rounds once, the bits of computing it in fp32 and casting."""
+    n, k = q.shape
+    groups = scale.numel() // n
+    w = q.view(n, groups, k // groups).to(dtype)  # fresh: the steps in place
+    if zero is not None:
+        w.sub_(zero.reshape(n, groups, 1).to(dtype))
+    return w.mul_(scale.reshape(n, groups, 1).to(dtype)).view(n, k)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import int8_cpu as kernel_int8
+from ...kernels.int8 import c_kernel_takes, dequantize_groups
 from ...weights.packed import pack_int8, unpack_int8
 from ..stacks import StackedExperts
 from . import compressed, int8_cpu
@@ -99,7 +100,11 @@ class Int8Format(PackedFormat):
         """The kernel slot's expert by the reference path: (q - zero) * scale dequantised, then F.linear."""
         gu_w, down_w, gu_s, down_s, *zeros = (p.view(slot) for p in self.slot)
         gu_z, down_z = zeros or (None, None)
-        return lambda x: ffn(x, dense(gu_w, gu_s, gu_z, x.dtype), dense(down_w, down_s, down_z, x.dtype))
+        return lambda x: ffn(
+            x,
+            dequantize_groups(gu_w, gu_s, gu_z, x.dtype),
+            dequantize_groups(down_w, down_s, down_z, x.dtype),
+        )
 
 
 def kernel_ffn(
@@ -115,28 +120,18 @@ def kernel_ffn(
     one where it builds, else torch's: symmetric channel only), or for many rows two bf16 matmuls over the
     weights dequantised."""
     if x.shape[0] >= DEQUANTISE_ROWS:
-        return ffn(x, dense(gu_w, gu_s, gu_z, x.dtype), dense(down_w, down_s, down_z, x.dtype))
-    if x.dtype == torch.bfloat16 and gu_s.dtype == torch.bfloat16 and kernel_int8.library() is not None:
+        return ffn(
+            x,
+            dequantize_groups(gu_w, gu_s, gu_z, x.dtype),
+            dequantize_groups(down_w, down_s, down_z, x.dtype),
+        )
+    if c_kernel_takes(x, gu_s) and kernel_int8.library() is not None:
         x = x.contiguous()
         g, u = kernel_int8.int8_linear(x, gu_w, gu_s, gu_z).chunk(2, dim=-1)  # [T, I] each
         return kernel_int8.int8_linear(F.silu(g) * u, down_w, down_s, down_z)
     mm = torch.ops.aten._weight_int8pack_mm
     g, u = mm(x.contiguous(), gu_w, gu_s).chunk(2, dim=-1)
     return mm(F.silu(g) * u, down_w, down_s)
-
-
-def dense(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """A kernel slot's matrix dequantised: (q - zero) * scale per row and group, [N, K] in `dtype`, made in
-    place in one matrix of `dtype` (the prefill's memory plan): q - zero (at most 255) is exact in bf16 and
-    the product rounds once, as in fp32 then cast."""
-    n, k = w.shape
-    groups = scale.numel() // n
-    q = w.view(n, groups, k // groups).to(dtype)
-    if zero is not None:
-        q.sub_(zero.view(n, groups, 1).to(dtype))
-    return q.mul_(scale.reshape(n, groups, 1).to(dtype)).view(n, k)
 
 
 def unpack_zero_point(packed: torch.Tensor, out_features: int) -> torch.Tensor:
