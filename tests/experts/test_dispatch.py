@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slot_helpers import kernel_tier
 
 from qwen35_lite.experts.dispatch import (
     dispatch_decode,
@@ -204,21 +205,6 @@ def test_grouped_stack_copies_no_weights(always_grouped):
     assert allocated(lambda: stack.gathered(x, slots)) >= A * 2 * I * D * 2
 
 
-def _kernel_tier(fmt, E: int, seed: int):
-    """A RAM tier of E kernel slots, each prepared from random raw bytes as a cache fill would."""
-    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
-    g = torch.Generator().manual_seed(seed)
-    raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
-    for s in range(E):
-        for part, view in zip(fmt.raw, fmt.raw_views(raw)):
-            if part.dtype == torch.int32:
-                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
-            else:
-                view.copy_(torch.rand(part.shape, generator=g) / 64 + 1e-3)
-        fmt.prepare(fmt.raw_views(raw), tier.pools[0].slots[s])
-    return tier, g
-
-
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (4, 128, False), (8, None, True)])
 def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric, monkeypatch):
     """int4/int8 slots run by torch's CPU kernels, stacked: slots on the device (each slot copied out,
@@ -235,7 +221,7 @@ def test_kernel_stack_equals_the_bound_experts_one_by_one(bits, group, symmetric
     fmt = PACKED[bits].build(quant, 256, 128, "cpu", torch.bfloat16, torch.bfloat16)
     assert fmt.uses_cpu_kernel
     E, A = 12, 4
-    tier, g = _kernel_tier(fmt, E, seed=bits + (group or 0))
+    tier, g, _ = kernel_tier(fmt, E, seed=bits + (group or 0))
     stack = tier.stacks[0]
     assert isinstance(stack, StackedKernel)
     experts = {s: tier.experts[0][s] for s in range(E)}
@@ -284,7 +270,7 @@ def test_int4_c_kernel_equals_torchs_kernel_expert_by_expert(group, symmetric, p
     quant = CompressedQuantization(QuantScheme(bits=4, group_size=group, symmetric=symmetric), ())
     fmt = PACKED[4].build(quant, 512, 256, "cpu", torch.bfloat16, torch.bfloat16)
     E, A = 12, 5
-    tier, g = _kernel_tier(fmt, E, seed=group + symmetric)
+    tier, g, _ = kernel_tier(fmt, E, seed=group + symmetric)
     stack = tier.stacks[0]
     assert isinstance(stack, int4_cpu.StackedInt4Cpu)
 

@@ -5,13 +5,13 @@ dequantised reference; a bound expert's row runs as its stack runs it."""
 from __future__ import annotations
 
 import pytest
+import slot_helpers
 import torch
 import torch.nn.functional as F
 
 from qwen35_lite.experts.dispatch import dispatch_decode, dispatch_stacked
 from qwen35_lite.experts.formats import QuantScheme, int8_cpu
 from qwen35_lite.experts.formats.registry import PACKED
-from qwen35_lite.experts.slots import SlotTier
 from qwen35_lite.weights.packed import CompressedQuantization
 
 pytestmark = pytest.mark.skipif(int8_cpu.library() is None, reason="no C compiler: torch's kernel runs")
@@ -32,18 +32,7 @@ def kernel_tier(D: int, I: int, E: int, seed: int, scheme=CHANNEL):
     quant = CompressedQuantization(QuantScheme(bits=8, group_size=scheme[0], symmetric=scheme[1]), ())
     fmt = PACKED[8].build(quant, D, I, "cpu", torch.bfloat16, torch.bfloat16)
     assert fmt.uses_cpu_kernel
-    tier = SlotTier("ram", fmt, 1, E, lambda: None, lambda n: torch.empty(n, dtype=torch.uint8))
-    g = torch.Generator().manual_seed(seed)
-    raws = []
-    for s in range(E):
-        raw = torch.empty(fmt.raw_nbytes, dtype=torch.uint8)
-        for part, view in zip(fmt.raw, fmt.raw_views(raw)):
-            if part.dtype == torch.int32:
-                view.copy_(torch.randint(-(2**31), 2**31 - 1, part.shape, generator=g, dtype=torch.int64))
-            else:
-                view.copy_(torch.rand(part.shape, generator=g) / 400 + 1e-4)
-        fmt.prepare(fmt.raw_views(raw), tier.pools[0].slots[s])
-        raws.append(raw)
+    tier, g, raws = slot_helpers.kernel_tier(fmt, E, seed, div=400, floor=1e-4)
     return fmt, tier, g, raws
 
 
