@@ -129,7 +129,7 @@ class GatedDeltaNet:
         self.kernel = cfg.linear_conv_kernel_dim
         self.eps = cfg.rms_norm_eps
         # in_proj_qkvzba (fuse.py: rows [qkv | z | b | a]), conv1d [C, 1, K], dt_bias fp32,
-        # neg_A = -exp(A_log) fp32, norm, out_proj
+        # neg_A = -exp(A_log) fp32, norm (and norm_f32), out_proj
         self.w = w
         kd = self.hk * self.dk
         # l2norm(x) = rms_normalize(x, eps / dk) / √dk, and q is scaled by 1/√dk after it: q rows are
@@ -139,7 +139,6 @@ class GatedDeltaNet:
         self.qk_scale = scale.view(2, 1, 1, 1).expand(2, self.hk, r, 1)  # [2, Hk, r, 1]
         self.splits = [self.conv_dim, self.hv * self.dv, self.hv, self.hv]
         self.qkv_splits = [kd, kd, self.hv * self.dv]
-        self._norm_f32: torch.Tensor | None = None  # the norm's weight for the C step (first use)
 
     @property
     def conv_dim(self) -> int:
@@ -171,12 +170,10 @@ class GatedDeltaNet:
         """One token through the fused C step (kernels/deltanet_cpu.py): what `_decode` and the gated norm
         compute, in one call. -> the gated norm's output [1, Hv·dv]."""
         w = self.w
-        if self._norm_f32 is None:
-            self._norm_f32 = w["norm"].float().contiguous()
         round_norm = w["norm"].dtype == torch.bfloat16 and proj.dtype == torch.bfloat16
         heads = (self.hk, self.hv, self.dk, self.dv)
         return deltanet_cpu.deltanet_step(
-            proj, state.conv, w["conv1d_f32"], w["neg_A"], w["dt_bias"], self._norm_f32, round_norm,
+            proj, state.conv, w["conv1d_f32"], w["neg_A"], w["dt_bias"], w["norm_f32"], round_norm,
             state.recurrent, heads, self.eps,
         )  # fmt: skip
 

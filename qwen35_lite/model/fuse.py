@@ -83,6 +83,7 @@ def _prepare_deltanet(p: str, w: dict[str, torch.Tensor]) -> None:
     w[p + "dt_bias"] = w[p + "dt_bias"].float()  # added to an fp32 value: promoted there anyway
     conv = w[p + "conv1d.weight"]  # [C, 1, K]
     w[p + "conv1d_f32"] = conv.float().reshape(conv.shape[0], conv.shape[-1], 1)  # decode: [C, K, 1] fp32
+    w[p + "norm_f32"] = w[p + "norm.weight"].float()  # the CPU decode step's output norm (deltanet_cpu)
 
 
 def _prepare_attention(p: str, w: dict[str, Weight]) -> None:
