@@ -459,6 +459,13 @@ NO_AMX_NOTE = (
 )
 
 
+def medians(sides: dict) -> dict[str, dict[str, float]]:
+    """A pair's medians over its rounds: {"ours" | "llama": {"tg" | "pp": tok/s}}."""
+    return {
+        s: {k: statistics.median(r[k] for r in sides[s]) for k in ("tg", "pp")} for s in ("ours", "llama")
+    }
+
+
 def scaling(speed: dict) -> list[str]:
     """A line of decode (tg) speed-ups from the fewest to the most threads, for pairs run at both."""
     by_label: dict[str, dict[int, dict]] = {}
@@ -468,16 +475,10 @@ def scaling(speed: dict) -> list[str]:
     for label, runs in sorted(by_label.items()):
         if len(runs) < 2:
             continue
-        lo, hi = min(runs), max(runs)
-        tg = {
-            side: statistics.median(r["tg"] for r in runs[hi][side])
-            / statistics.median(r["tg"] for r in runs[lo][side])
-            for side in ("ours", "llama")
-        }
-        parts.append(f"{label}: ours {tg['ours']:.2f}x, llama.cpp {tg['llama']:.2f}x")
-    if not parts:
-        return []
-    return ["", f"Decode from {lo} to {hi} threads (tg medians): " + "; ".join(parts) + "."]
+        lo, hi = medians(runs[min(runs)]), medians(runs[max(runs)])
+        ours, llama = (hi[s]["tg"] / lo[s]["tg"] for s in ("ours", "llama"))
+        parts.append(f"{label}, {min(runs)} -> {max(runs)}: ours {ours:.2f}x, llama.cpp {llama:.2f}x")
+    return ["", "Decode speed-up with threads (tg medians): " + "; ".join(parts) + "."] if parts else []
 
 
 def report(res: dict) -> str:
@@ -512,10 +513,7 @@ def report(res: dict) -> str:
         loads, seconds = [], 0.0
         for key, sides in sorted(res["speed"].items(), key=lambda kv: (-kv[1].get("threads", 0), kv[0])):
             label, threads = sides.get("label", key), sides.get("threads", res["threads"])
-            m = {
-                s: {k: statistics.median(r[k] for r in sides[s]) for k in ("tg", "pp")}
-                for s in ("ours", "llama")
-            }
+            m = medians(sides)
             o, t = m["ours"], m["llama"]
             lines.append(
                 f"| {label} | {threads} | {len(sides['ours'])} | {o['tg']:.1f} | {t['tg']:.1f} | **{o['tg'] / t['tg']:.2f}x** "
