@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import hf_reference
 import pytest
 import torch
@@ -13,6 +17,23 @@ from qwen35_lite.weights.checkpoint import Checkpoint
 from qwen35_lite.weights.config import load_config
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """module_tmp(name) -> a new folder for a module's fixtures, removed when the module's tests end.
+
+    The tests write a few GB of checkpoints; kept to the session's end they filled CI's disk (13 GB in
+    the slow run). Function-level tmp_path folders go when their test passes (tmp_path_retention_policy)."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -32,16 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Name three colours."
 
 
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def ckpt(module_tmp) -> Path:
     """One tiny fp32 checkpoint in several shards (the bad-shard cases need more than one)."""
-    out = tmp_path_factory.mktemp("cli") / "tiny"
+    out = module_tmp("cli") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32, shard_bytes=20 << 20)
     assert len(list(out.glob("*.safetensors"))) >= 3
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tok(ckpt) -> Tokenizer:
     return Tokenizer.from_dir(ckpt)
 

@@ -45,8 +45,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hardening") / "tiny"
+def ckpt(module_tmp) -> Path:
+    out = module_tmp("hardening") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return out
 

@@ -35,11 +35,9 @@ FINAL_NORM = "model.language_model.norm.weight"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def ckpt(module_tmp) -> Path:
     """A small fp32 checkpoint in several shards (the NaN case rewrites the small one with the norms)."""
-    return write_checkpoint(
-        tmp_path_factory.mktemp("hard") / "tiny", SMALL, dtype=torch.float32, shard_bytes=8 << 20
-    )
+    return write_checkpoint(module_tmp("hard") / "tiny", SMALL, dtype=torch.float32, shard_bytes=8 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -461,8 +459,8 @@ def test_bench_names_the_cpu_and_its_bf16_support_and_the_load_time(ckpt):
 
 
 @pytest.fixture(scope="module")
-def bf16_ckpt(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("bf16") / "tiny", SMALL, dtype=torch.bfloat16)
+def bf16_ckpt(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("bf16") / "tiny", SMALL, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("native,cpu_dtype", [(False, torch.float32), (True, torch.bfloat16)])

@@ -53,15 +53,15 @@ def assert_refused(r, *words: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def config_397b(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("q397")
+def config_397b(module_tmp) -> Path:
+    d = module_tmp("q397")
     (d / "config.json").write_text(json.dumps(CONFIG_397B))
     return d
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ib") / "ck", SPEC, dtype=torch.bfloat16)
+def ckpt(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("ib") / "ck", SPEC, dtype=torch.bfloat16)
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("schema") / "tiny", SMALL, dtype=torch.float32)
+def ckpt(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("schema") / "tiny", SMALL, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -72,8 +72,8 @@ class PlainTerminal(Terminal):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mcpchat") / "tiny"
+def ckpt(module_tmp) -> Path:
+    out = module_tmp("mcpchat") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return out
 

@@ -42,16 +42,16 @@ def files(model_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def fused_bf16(tmp_path_factory) -> Path:
+def fused_bf16(module_tmp) -> Path:
     """A sharded bf16 checkpoint with fused experts ([E, 2I, D] and [E, D, I])."""
-    return write_checkpoint(tmp_path_factory.mktemp("fused"), SPEC, fused=True, shard_bytes=40 << 20)
+    return write_checkpoint(module_tmp("fused"), SPEC, fused=True, shard_bytes=40 << 20)
 
 
 @pytest.fixture(scope="module")
-def fp8_source(tmp_path_factory) -> Path:
+def fp8_source(module_tmp) -> Path:
     """A per-expert checkpoint whose Linear weights are FP8 block-128 with `weight_scale_inv`, as the -FP8 releases."""
-    bf16 = write_checkpoint(tmp_path_factory.mktemp("bf16"), SPEC, fused=False)
-    out = tmp_path_factory.mktemp("fp8")
+    bf16 = write_checkpoint(module_tmp("bf16"), SPEC, fused=False)
+    out = module_tmp("fp8")
     fp8 = {}
     for name, t in tensors(bf16).items():
         if t.dim() == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name:

@@ -33,11 +33,11 @@ PREFIX = "model.language_model.layers"
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
+def source(module_tmp) -> Path:
     """A checkpoint with fused experts, every tensor random, with the real tokenizer. fp32: transformers 5.23
     keeps dequantised experts in their scales' dtype whatever the model's, so bf16 scales would run its
     experts in bf16 against our fp32 (the numbers are the same either way: see the weight checks)."""
-    return write_checkpoint(tmp_path_factory.mktemp("src"), SPEC, fused=True, dtype=torch.float32)
+    return write_checkpoint(module_tmp("src"), SPEC, fused=True, dtype=torch.float32)
 
 
 def _packed_modules(path: Path) -> dict[str, tuple[int, int]]:

@@ -29,9 +29,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(module_tmp):
     """{(fused, dtype name): path}: both layouts, bf16 and fp32, several shards."""
-    root = tmp_path_factory.mktemp("cache")
+    root = module_tmp("cache")
     out = {}
     for fused in (True, False):
         for dtype in (torch.bfloat16, torch.float32):
@@ -461,8 +461,8 @@ SPLIT_SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_
 
 
 @pytest.fixture(scope="module")
-def split_ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPLIT_SPEC, dtype=torch.float32)
+def split_ckpt(module_tmp):
+    return write_checkpoint(module_tmp("split") / "ck", SPLIT_SPEC, dtype=torch.float32)
 
 
 def _standin(path, in_place: bool, gpu_slots: int = 5, cpu_slots: int = 12) -> _CpuStandInGpu:

@@ -21,8 +21,8 @@ SPEC = SyntheticSpec(num_hidden_layers=4, num_experts=16, num_experts_per_tok=4,
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("split") / "ck", SPEC, dtype=torch.float32)
+def ckpt(module_tmp):
+    return write_checkpoint(module_tmp("split") / "ck", SPEC, dtype=torch.float32)
 
 
 @pytest.mark.slow

@@ -105,12 +105,12 @@ def test_unsupported_quantization_configs_are_refused(change, words):
 
 
 @pytest.fixture(scope="module")
-def ct_checkpoints(hf_checkpoint, tmp_path_factory):
+def ct_checkpoints(hf_checkpoint, module_tmp):
     """{(group, symmetric): path} of W4A16 checkpoints that compressed-tensors itself quantised."""
     from ct_reference import make_ct_checkpoint
 
     src = hf_checkpoint("moe_int4")
-    root = tmp_path_factory.mktemp("ct")
+    root = module_tmp("ct")
     return {
         (g, sym): make_ct_checkpoint(src, root / f"g{g}-{sym}", g, sym)
         for g, sym in [(32, True), (64, False)]

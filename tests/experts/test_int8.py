@@ -118,12 +118,12 @@ def test_cpu_kernel_equals_dequantise_then_linear(tokens):
 
 
 @pytest.fixture(scope="module")
-def w8_checkpoints(hf_checkpoint, tmp_path_factory):
+def w8_checkpoints(hf_checkpoint, module_tmp):
     """{(group, symmetric): path} of W8A16 checkpoints that compressed-tensors itself quantised."""
     from ct_reference import make_ct_checkpoint
 
     src = hf_checkpoint("moe_int4")
-    root = tmp_path_factory.mktemp("ct8")
+    root = module_tmp("ct8")
     return {key: make_ct_checkpoint(src, root / f"{key}", *key, bits=8) for key in [(None, True), (32, True)]}
 
 

@@ -115,13 +115,11 @@ def test_more_rows_of_one_expert_run_the_matmul_kernel_or_dequantised(rows):
 
 
 @pytest.fixture(scope="module")
-def w8_channel(hf_checkpoint, tmp_path_factory):
+def w8_channel(hf_checkpoint, module_tmp):
     """A small MoE checkpoint with int8 symmetric per-channel experts, quantised by compressed-tensors."""
     from ct_reference import make_ct_checkpoint
 
-    return make_ct_checkpoint(
-        hf_checkpoint("moe_int4"), tmp_path_factory.mktemp("w8c") / "w8", None, True, bits=8
-    )
+    return make_ct_checkpoint(hf_checkpoint("moe_int4"), module_tmp("w8c") / "w8", None, True, bits=8)
 
 
 @pytest.mark.slow

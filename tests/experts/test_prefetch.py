@@ -22,8 +22,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("prefetch") / "ckpt", SPEC, dtype=torch.bfloat16)
+def path(module_tmp):
+    return write_checkpoint(module_tmp("prefetch") / "ckpt", SPEC, dtype=torch.bfloat16)
 
 
 class _Counting(UncachedExperts):

@@ -19,8 +19,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def path(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("spill") / "ck", SPEC, dtype=torch.float32)
+def path(module_tmp):
+    return write_checkpoint(module_tmp("spill") / "ck", SPEC, dtype=torch.float32)
 
 
 def _load(path, device=CPU, **kw) -> Qwen35Model:
@@ -70,11 +70,11 @@ def test_spilled_layers_on_cuda_give_the_resident_logits(path):
 
 
 @pytest.fixture(scope="module")
-def packed_path(path, tmp_path_factory):
+def packed_path(path, module_tmp):
     """The same checkpoint with every Linear the community recipe quantises in int4 g32 (compressed-tensors)."""
     from ct_reference import make_ct_checkpoint
 
-    return make_ct_checkpoint(path, tmp_path_factory.mktemp("spill_ct") / "ck", 32, False, all_linear=True)
+    return make_ct_checkpoint(path, module_tmp("spill_ct") / "ck", 32, False, all_linear=True)
 
 
 @pytest.mark.slow

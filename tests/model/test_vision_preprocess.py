@@ -16,8 +16,8 @@ MIN_PIXELS, MAX_PIXELS = 64 * 64, 192 * 192  # small bounds keep every case a fe
 
 
 @pytest.fixture(scope="module")
-def proc_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("proc")
+def proc_dir(module_tmp):
+    d = module_tmp("proc")
     (d / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     return d
 

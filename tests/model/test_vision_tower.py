@@ -24,8 +24,8 @@ VIDEO = 248057
 
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+def vlm_dir(module_tmp):
+    return build_tiny_vlm(module_tmp("tiny_vlm"))
 
 
 @pytest.fixture(scope="module")

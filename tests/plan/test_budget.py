@@ -55,11 +55,9 @@ BIG = SyntheticSpec(
 BUDGET_GIB = 0.5  # a third of the checkpoint
 
 
-@pytest.fixture(scope="session")
-def big_checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(
-        tmp_path_factory.mktemp("big") / "ck", BIG, dtype=torch.bfloat16, shard_bytes=512 << 20
-    )
+@pytest.fixture(scope="module")
+def big_checkpoint(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("big") / "ck", BIG, dtype=torch.bfloat16, shard_bytes=512 << 20)
 
 
 # A small vision tower (the tiny VLM's shape, out_hidden_size = the text model's hidden size) added to a
@@ -114,16 +112,16 @@ def run_sampled(*args: str) -> tuple[dict, int]:
     return json.loads(out.strip().splitlines()[-1]), peak
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference_tokens(big_checkpoint) -> list[int]:
     result, _ = run_sampled(str(big_checkpoint), "--uncached")
     return result["tokens"]
 
 
-@pytest.fixture(scope="session")
-def compact_checkpoints(big_checkpoint, tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def compact_checkpoints(big_checkpoint, module_tmp) -> dict[str, Path]:
     """The big checkpoint with its experts in FP8 (0.8 GB) and in int4 g128 (0.43 GB, our `quantize`)."""
-    root = tmp_path_factory.mktemp("compact")
+    root = module_tmp("compact")
     return {
         "fp8": fp8_copy(big_checkpoint, root / "fp8"),
         "int4": quantize_checkpoint(big_checkpoint, root / "int4", QuantScheme(group_size=128)).out,
@@ -227,9 +225,9 @@ def test_deltanet_state_does_not_grow_with_context(tmp_path):
 # ---- prompts and images the budget cannot hold: refused before the memory is spent -------------------
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "ck", SyntheticSpec(), dtype=torch.bfloat16)
+@pytest.fixture(scope="module")
+def tiny_checkpoint(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("tiny") / "ck", SyntheticSpec(), dtype=torch.bfloat16)
 
 
 def cli_sampled(*args: str, stdin: bytes = b"") -> tuple[subprocess.CompletedProcess, int]:
@@ -477,9 +475,9 @@ def test_an_image_takes_room_from_the_expert_cache_for_its_time_and_the_tokens_s
 MEDIUM = dataclasses.replace(BIG, num_hidden_layers=16, num_experts=64, vocab_size=SyntheticSpec().vocab_size)
 
 
-@pytest.fixture(scope="session")
-def vision_medium(tmp_path_factory) -> Path:
-    path = write_checkpoint(tmp_path_factory.mktemp("medium") / "ck", MEDIUM, dtype=torch.bfloat16)
+@pytest.fixture(scope="module")
+def vision_medium(module_tmp) -> Path:
+    path = write_checkpoint(module_tmp("medium") / "ck", MEDIUM, dtype=torch.bfloat16)
     return add_vision_tower(path)
 
 

@@ -16,8 +16,8 @@ SMALL = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_ex
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("threads") / "tiny", SMALL, dtype=torch.float32)
+def ckpt(module_tmp):
+    return write_checkpoint(module_tmp("threads") / "tiny", SMALL, dtype=torch.float32)
 
 
 @pytest.fixture(autouse=True)

@@ -64,8 +64,8 @@ CONFIG_397B = {
 
 
 @pytest.fixture(scope="module")
-def cfg397(tmp_path_factory):
-    d = tmp_path_factory.mktemp("q397")
+def cfg397(module_tmp):
+    d = module_tmp("q397")
     (d / "config.json").write_text(json.dumps(CONFIG_397B))
     return load_config(d).text
 

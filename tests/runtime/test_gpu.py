@@ -119,10 +119,8 @@ GPU_BIG = dataclasses.replace(BIG, num_experts=256, vocab_size=248320)
 
 
 @pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(
-        tmp_path_factory.mktemp("gpu-big") / "ck", GPU_BIG, dtype=torch.bfloat16, shard_bytes=1 << 30
-    )
+def big_checkpoint(module_tmp) -> Path:
+    return write_checkpoint(module_tmp("gpu-big") / "ck", GPU_BIG, dtype=torch.bfloat16, shard_bytes=1 << 30)
 
 
 def _gpu_used_by(pid: int) -> int | None:

@@ -137,8 +137,8 @@ def test_printable_escapes_what_could_hide_text_on_a_terminal():
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mcp")
+def hub(module_tmp):
+    tmp = module_tmp("mcp")
     configs = [stdio("a", tmp, MCP_TEST_SECRET="for-a"), stdio("b", tmp)]
     hub = McpHub(configs, timeout=20, image_dir=tmp / "images", reserved_names=("add",))
     hub.start()

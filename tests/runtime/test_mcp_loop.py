@@ -67,8 +67,8 @@ class FakeHub:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("loop") / "tiny"
+def ckpt(module_tmp):
+    out = module_tmp("loop") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32, seed=3)
     return out
 

@@ -36,14 +36,14 @@ OPTS = EngineOptions(device="cpu", dtype="float32", offline=True)
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory) -> Path:
-    return build_tiny_vlm(tmp_path_factory.mktemp("e2e") / "vlm")
+def vlm(module_tmp) -> Path:
+    return build_tiny_vlm(module_tmp("e2e") / "vlm")
 
 
 @pytest.fixture(scope="module")
-def pics(tmp_path_factory) -> dict[str, Path]:
+def pics(module_tmp) -> dict[str, Path]:
     """Small images (a 64x64 minimum area keeps the image-token counts at 4 to 12), and bad files."""
-    d = tmp_path_factory.mktemp("pics")
+    d = module_tmp("pics")
     out = {"a": d / "a.png", "b": d / "b b.jpg", "text": d / "notes.png", "trunc": d / "trunc.png"}
     make_image(100, 70).save(out["a"])
     make_image(64, 150, seed=1).save(out["b"], quality=95)
@@ -250,9 +250,9 @@ def test_split_image_paths(pics):
 
 
 @pytest.fixture(scope="module")
-def no_vision(vlm, tmp_path_factory) -> Path:
+def no_vision(vlm, module_tmp) -> Path:
     """The tiny VLM with its visual.* tensors removed (config.json still has a vision_config)."""
-    out = tmp_path_factory.mktemp("novision") / "m"
+    out = module_tmp("novision") / "m"
     shutil.copytree(vlm, out)
     tensors = load_file(out / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if ".visual." not in f".{k}"}, out / "model.safetensors")
@@ -324,9 +324,9 @@ BIG = VisionConfig(depth=4, hidden_size=1024, num_heads=8, intermediate_size=409
 
 
 @pytest.fixture(scope="module")
-def big_tower(vlm, tmp_path_factory) -> tuple[Path, int]:
+def big_tower(vlm, module_tmp) -> tuple[Path, int]:
     """The tiny VLM with a ~280 MB fp32 vision tower: big enough to stand out in peak RSS."""
-    out = tmp_path_factory.mktemp("bigtower") / "m"
+    out = module_tmp("bigtower") / "m"
     shutil.copytree(vlm, out)
     tensors = load_file(out / "model.safetensors")
     prefix = next(k for k in tensors if k.endswith("visual.patch_embed.proj.weight")).removesuffix(

@@ -120,9 +120,9 @@ class Decoder:
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
+def small_model(module_tmp):
     spec = SyntheticSpec(hidden_size=16, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
-    return load_ours(write_checkpoint(tmp_path_factory.mktemp("sd") / "ck", spec, dtype=torch.float32))
+    return load_ours(write_checkpoint(module_tmp("sd") / "ck", spec, dtype=torch.float32))
 
 
 @pytest.mark.parametrize(

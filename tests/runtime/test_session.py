@@ -17,8 +17,8 @@ from qwen35_lite.runtime.session import ChatSession, ChatSettings
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    out = tmp_path_factory.mktemp("session") / "tiny"
+def engine(module_tmp) -> Engine:
+    out = module_tmp("session") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32, seed=5)
     return Engine.load(str(out), EngineOptions(device="cpu", offline=True, ctx=1024))
 

@@ -34,8 +34,8 @@ def clip(name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory) -> Path:
-    out = build_tiny_vlm(tmp_path_factory.mktemp("video") / "vlm")
+def vlm(module_tmp) -> Path:
+    out = build_tiny_vlm(module_tmp("video") / "vlm")
     (out / "video_preprocessor_config.json").write_text(
         (FIXTURES / "video_preprocessor_config.json").read_text()
     )
@@ -48,9 +48,9 @@ def engine(vlm) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def picture(tmp_path_factory) -> Path:
+def picture(module_tmp) -> Path:
     spec = REFS["mixed_image"]
-    path = tmp_path_factory.mktemp("pic") / "pic.png"
+    path = module_tmp("pic") / "pic.png"
     make_image(spec["width"], spec["height"], seed=spec["seed"]).save(path)
     return path
 

@@ -60,8 +60,8 @@ TOOLS = [
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "tiny"
+def ckpt(module_tmp) -> Path:
+    out = module_tmp("serve") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return out
 

@@ -36,8 +36,8 @@ REFUSED = "an image_url that is a local path was refused"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("serve-security") / "tiny"
+def ckpt(module_tmp) -> Path:
+    out = module_tmp("serve-security") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return out
 
@@ -48,12 +48,12 @@ def engine(ckpt) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory) -> Path:
+def media(module_tmp) -> Path:
     """A directory clients may name files in (with a picture, a symlink out, and a subdirectory), and a
     secret picture beside it."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("media").resolve()
+    root = module_tmp("media").resolve()
     allowed = root / "allowed"
     (allowed / "sub").mkdir(parents=True)
     Image.new("RGB", (32, 32), "red").save(allowed / "red.png")

@@ -57,8 +57,8 @@ BOUNDED_TOOLS = [  # a bounded city: random weights would otherwise write a city
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    out = tmp_path_factory.mktemp("structured") / "tiny"
+def engine(module_tmp) -> Engine:
+    out = module_tmp("structured") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return Engine.load(str(out), EngineOptions(device="cpu", ctx=512))
 

@@ -80,9 +80,9 @@ CONVERSATIONS = {
 
 
 @pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
+def checkpoint_dir(module_tmp):
     """A checkpoint dir with the real tokenizer and our template stored in tokenizer_config.json."""
-    out = tmp_path_factory.mktemp("tok")
+    out = module_tmp("tok")
     with gzip.open(PACKAGED_TOKENIZER, "rb") as src, open(out / "tokenizer.json", "wb") as dst:
         shutil.copyfileobj(src, dst)
     config = {

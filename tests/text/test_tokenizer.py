@@ -40,9 +40,9 @@ SPECIAL_IDS = {
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
+def tok(module_tmp) -> Tokenizer:
     """The packaged tokenizer, reached through the fallback for a checkpoint without tokenizer.json."""
-    return Tokenizer.from_dir(tmp_path_factory.mktemp("no_tokenizer"))
+    return Tokenizer.from_dir(module_tmp("no_tokenizer"))
 
 
 @pytest.fixture(scope="module")

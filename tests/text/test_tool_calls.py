@@ -311,15 +311,15 @@ def test_check_tools_accepts_openai_tools():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tools") / "tiny"
+def ckpt(module_tmp) -> Path:
+    out = module_tmp("tools") / "tiny"
     write_checkpoint(out, SyntheticSpec(), dtype=torch.float32)
     return out
 
 
 @pytest.fixture(scope="module")
-def tools_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tools") / "tools.json"
+def tools_file(module_tmp) -> Path:
+    path = module_tmp("tools") / "tools.json"
     path.write_text(json.dumps(TOOLS[:1]), encoding="utf-8")
     return path
 

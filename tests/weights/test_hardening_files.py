@@ -38,10 +38,10 @@ INDEX = "model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def tiny(module_tmp) -> Path:
     """A valid checkpoint in several shards; a small vocabulary keeps it at a few MB (every case here fails
     before a token is fed, so the real tokenizer's ids never index the embedding)."""
-    out = tmp_path_factory.mktemp("hardening") / "tiny"
+    out = module_tmp("hardening") / "tiny"
     write_checkpoint(out, SyntheticSpec(vocab_size=1024), dtype=torch.bfloat16, shard_bytes=256 << 10)
     return out
 

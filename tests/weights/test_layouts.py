@@ -15,9 +15,9 @@ from qwen35_lite.weights.config import load_config
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+def layouts(module_tmp):
     spec = SyntheticSpec(num_hidden_layers=4, num_experts=6, num_experts_per_tok=2)
-    root = tmp_path_factory.mktemp("layouts")
+    root = module_tmp("layouts")
     return {
         fused: write_checkpoint(
             root / str(fused), spec, dtype=torch.float32, fused=fused, shard_bytes=40 << 20

@@ -27,12 +27,12 @@ QKV = "layers.0.linear_attn.in_proj_qkv"
 
 
 @pytest.fixture(scope="module")
-def all_linear(hf_checkpoint, tmp_path_factory):
+def all_linear(hf_checkpoint, module_tmp):
     """{(bits, group, symmetric): path} of checkpoints compressed-tensors quantised on every Linear layer."""
     from ct_reference import make_ct_checkpoint
 
     src = hf_checkpoint("moe_int4")
-    root = tmp_path_factory.mktemp("ct_all")
+    root = module_tmp("ct_all")
     built: dict = {}
 
     def get(key, head: bool = False) -> Path:
