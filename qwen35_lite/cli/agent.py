@@ -6,7 +6,6 @@ and `/mcp reload`. The loop itself is runtime/tool_loop.py, the clients runtime/
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from ..runtime.session import ChatSession
 from ..runtime.tool_loop import CallDone, CallRecord, CallStarted, PlannedCall, ToolLoop, TurnNote
 from .chat_repl import cancel_on_sigint
 from .options import AgentFlags
+from .signals import default_sigint, stopped_by_sigterm
 from .ui import UI, ReplyPrinter, format_stats, plural
 
 ANSWERS = {"y": "yes", "yes": "yes", "n": "no", "no": "no", "": "no", "a": "always", "always": "always"}
@@ -282,33 +282,3 @@ def terminal_line(ui: UI) -> Callable[[str], str | None]:
         return None if line == "" else line.rstrip("\r\n")
 
     return read_line
-
-
-@contextlib.contextmanager
-def default_sigint() -> Iterator[None]:
-    """Ctrl+C raises KeyboardInterrupt for the time of the block (a prompt inside a streaming turn)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def stopped_by_sigterm() -> Iterator[None]:
-    """SIGTERM ends the process as an exit would (exit code 143), so the servers are stopped on the way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
