@@ -139,26 +139,36 @@ def activation_bytes(
     attn = T * H * hd * 8 * b + (2 * H * context * hd * b if expands else 0)
     attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
     head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
-    retained = cpu_matmul_retained(cfg, tokens) if on_cpu else 0
+    retained = cpu_matmul_retained(cfg, tokens, context) if on_cpu else 0
     return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head))) + retained
 
 
-def cpu_matmul_retained(cfg: TextConfig, tokens: int) -> int:
-    """RssAnon a CPU prefill keeps after its matmuls return: oneDNN caches a primitive (with its scratch
-    buffers) per matmul shape, and a block's experts see many row counts; the allocator keeps some of the
-    rest. Not live tensors (those summed 0.7 GiB where RssAnon was 0.9), so the sum above misses it.
+def cpu_matmul_retained(cfg: TextConfig, tokens: int, context: int) -> int:
+    """RssAnon a CPU prefill holds beyond the live tensors summed above: oneDNN's cached primitives, one
+    per matmul shape, kept after the matmuls return; the allocator keeps little (heap.py).
 
-    Measured (RssAnon peak over the loaded model, bf16, D = I = 512, 8 layers, 16 experts, torch 2.13):
-    blocks of 512 / 1024 / 2048 tokens: +199 / +335 / +374 MiB, where the sum above gave 20-60 MiB; it
-    stops growing past ~1024 rows. This fit (8-layer and 16-layer checkpoints; larger shapes not measured)
-    covers those with 5-20% to spare. ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 halves it but costs 17% of time.
-    Experts run by torch's int4 kernel do not leave it (an int4 run peaked 0.23 GiB below it): the plan
-    counts it only for experts run as F.linear (MemoryPlan.experts_by_linear).
+    A block's experts see as many shapes as there are distinct row counts among them: about the spread of
+    a binomial count, 8 standard deviations of `tokens * A / E`. Each count makes two primitives (gate/up,
+    down), twice over where the decode thread tuner runs a prefill's small experts on one thread (a
+    primitive is made for a thread count), and a longer prompt's last block brings counts of its own.
+    Measured (first bf16 prefill's peak RssAnon over the loaded model, the tensor sum subtracted, torch
+    2.13): the cached primitives 34 MiB for 8 layers, E = 128, A = 8, a 1024-token block; 74 MiB for 16
+    layers, E = 64, 2201 tokens in blocks of 1024 (0.27-0.32 MiB a primitive, about the same at D = 2048);
+    about twice that through the CLI; 13 MiB besides with the primitive cache off. Before glibc's mmap
+    threshold was fixed this was dominated by allocator slack, fitted as T * (D + I) * 384 bytes, which
+    then over-reserved bf16 runs by 0.15-0.35 GiB (and ~1.9 GiB on the 397B). Experts run by a C or torch
+    int4 kernel make none: counted only for experts run as F.linear (MemoryPlan.experts_by_linear).
     """
-    return min(tokens, 1024) * (cfg.hidden_size + cfg.moe_intermediate_size) * 4 * CPU_MATMUL_ROWS
+    counts = 1
+    if cfg.num_experts:
+        p = cfg.num_experts_per_tok / cfg.num_experts
+        counts = min(tokens, int(8 * math.sqrt(tokens * p * (1 - p))) + 1)
+    blocks = 1 if context <= tokens else 2
+    return CPU_RETAINED_BASE + 2 * 2 * blocks * counts * CPU_PRIMITIVE_BYTES
 
 
-CPU_MATMUL_ROWS = 96  # cpu_matmul_retained: fp32 bytes per row of (D + I) per block token, fitted
+CPU_PRIMITIVE_BYTES = 5 << 16  # cpu_matmul_retained: a cached bf16 matmul primitive, 0.31 MiB (measured)
+CPU_RETAINED_BASE = 16 << 20  # cpu_matmul_retained: what stays besides (13 MiB measured)
 
 
 def vision_tower_nbytes(

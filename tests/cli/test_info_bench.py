@@ -69,7 +69,8 @@ def no_process_constants(monkeypatch):
     monkeypatch.setattr(qwen35_lite.plan.memory, "PROCESS_BASE", 0)
     monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER", 0)
     monkeypatch.setattr(qwen35_lite.plan.memory, "TOKENIZER_PARSE", 0)
-    monkeypatch.setattr(qwen35_lite.plan.sizes, "CPU_MATMUL_ROWS", 0)  # measured on larger shapes only
+    monkeypatch.setattr(qwen35_lite.plan.sizes, "CPU_PRIMITIVE_BYTES", 0)  # measured on other shapes only
+    monkeypatch.setattr(qwen35_lite.plan.sizes, "CPU_RETAINED_BASE", 0)
 
 
 # ---- info ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from qwen35_lite.convert.quantize import quantize_checkpoint
 from qwen35_lite.convert.synthetic import SyntheticSpec, write_checkpoint
 from qwen35_lite.errors import BudgetError
 from qwen35_lite.experts.cache import TieredExperts
-from qwen35_lite.experts.formats import QuantScheme, fp8_cpu
+from qwen35_lite.experts.formats import QuantScheme
 from qwen35_lite.experts.store import ExpertStore
 from qwen35_lite.model.cache import DeltaNetState, KVCache
 from qwen35_lite.model.qwen35 import Qwen35Model
@@ -146,7 +146,8 @@ def test_cpu_run_stays_within_cpu_mem_and_decodes_the_same_tokens(big_checkpoint
     stats = result["stats"]
     assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {BUDGET_GIB} GiB"
     assert result["plan"]["cpu_total"] <= budget
-    if slots is None:
+    if slots is None:  # and no more: the plan reserves what the run uses (measured: 0.94 of its total)
+        assert peak >= 0.85 * result["plan"]["cpu_total"], peak / result["plan"]["cpu_total"]
         assert 2 <= result["plan"]["cpu_slots"] < BIG.num_experts // 4
         assert stats["ram_hits"] > 0
     else:
@@ -169,9 +170,9 @@ def test_compact_experts_stay_within_cpu_mem_and_decode_the_same_tokens(
     assert result["tokens"] == want["tokens"]
     assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {budget_gib} GiB"
     assert result["plan"]["cpu_total"] <= budget
-    if kind == "fp8" and fp8_cpu.available(BIG.hidden_size, BIG.moe_intermediate_size):
-        # with the FP8 kernel the plan reserves what the run uses (measured: a peak of 0.97 of its total)
-        assert peak >= 0.85 * result["plan"]["cpu_total"], peak / result["plan"]["cpu_total"]
+    # and no more: the plan reserves what the run uses (measured peaks: FP8 0.97 of the plan's total with
+    # its kernel, 0.94 dequantised into bf16 slots where the kernel does not build; int4 1.04)
+    assert peak >= 0.85 * result["plan"]["cpu_total"], peak / result["plan"]["cpu_total"]
     assert 2 <= result["plan"]["cpu_slots"] < BIG.num_experts // 2
     assert result["stats"]["ram_hits"] > 0 and result["stats"]["bytes_read"] > budget // 2
 
