@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from ..runtime.engine import Engine
 from ..runtime.generate import (
     Finished,
     GenerationRequest,
-    TokenEvent,
     check_context,
     check_vocab,
     generate,
@@ -87,7 +86,7 @@ call a tool or write JSON). Off unless create_app is given one (serve: QWEN35_LI
 class Worker:
     """Runs jobs one after another on a daemon thread. `capacity` counts waiting and running jobs.
 
-    script: tests only (Script); the prompt is still prefilled, only the reply's tokens are scripted."""
+    script: tests only (Script); the request runs as any other, only the reply's tokens are scripted."""
 
     def __init__(
         self, engine: Engine, prefix: PrefixCache, capacity: int = 8, script: Script | None = None
@@ -166,10 +165,7 @@ class Worker:
         req.max_context = eng.max_context
         req.constraint = answer_constraint(eng, job.grammar)
         if self.script is not None:
-            job.kept = (prompt.key, tuple(prompt.ids[:-1]))
-            for event in self._scripted(prompt.ids, job.max_new_tokens):
-                job.emit(event)
-            return
+            req.script = self._scripted(prompt.ids, job.start_in_thinking)
         decoder = StreamDecoder(eng.tokenizer)
         for event in generate(model, cache, req, decoder, cancel=job.cancel, threads=eng.threads):
             if isinstance(event, Finished):  # a copy is kept: the next turn of the conversation starts there
@@ -177,16 +173,12 @@ class Worker:
                 job.kept = (prompt.key, tuple(cache.token_ids))
             job.emit(event)
 
-    def _scripted(self, prompt_ids: list[int], cap: int) -> Iterator[object]:
-        """The script's reply as generate's events: real token ids and their streamed text, cut at `cap`."""
+    def _scripted(self, prompt_ids: list[int], thinking: bool) -> list[int]:
+        """The script's reply for this prompt as token ids, which generate emits in place of sampled ones
+        (GenerationRequest.script); a reply that starts in thinking closes it first, as the model does."""
         tokenizer = self.engine.tokenizer
-        ids = tokenizer.encode(self.script(tokenizer.decode(prompt_ids)))
-        decoder = StreamDecoder(tokenizer)
-        for i in ids[:cap]:
-            yield TokenEvent(i, decoder.push(i), False)
-        if tail := decoder.flush():
-            yield TokenEvent(-1, tail, False)
-        yield Finished("stop" if len(ids) <= cap else "length", {}, [], ids[:cap])
+        text = self.script(tokenizer.decode(prompt_ids))
+        return tokenizer.encode(("</think>\n\n" if thinking else "") + text)
 
     def _resume(self, prompt: Prompt, cancel: threading.Event) -> tuple[ModelCache, int]:
         """The state to continue from and how many prompt tokens it already holds.
