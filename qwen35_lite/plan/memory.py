@@ -352,8 +352,7 @@ class MemoryPlan:
         return block
 
     def _activations(self, tokens: int, ctx: int) -> int:
-        on_cpu = not self.on_gpu and self.experts_by_linear
-        return activation_bytes(self.cfg, self.dtype, tokens, ctx, on_cpu=on_cpu)
+        return activation_bytes(self.cfg, self.dtype, tokens, ctx, not self.on_gpu, self.experts_by_linear)
 
     def _context_bytes(self, ctx: int, block: int | None = None) -> tuple[int, int]:
         """(KV cache, activation buffers) at a context of `ctx` tokens, prefilled in blocks of `block`

@@ -110,7 +110,12 @@ def deltanet_state_bytes(cfg: TextConfig, dtype: torch.dtype) -> int:
 
 
 def activation_bytes(
-    cfg: TextConfig, dtype: torch.dtype, tokens: int, context: int, on_cpu: bool = False
+    cfg: TextConfig,
+    dtype: torch.dtype,
+    tokens: int,
+    context: int,
+    on_cpu: bool = False,
+    experts_by_linear: bool = True,
 ) -> int:
     """Peak temporaries of one prefill block (or decode step) of `tokens` new tokens at `context`.
 
@@ -139,7 +144,9 @@ def activation_bytes(
     attn = T * H * hd * 8 * b + (2 * H * context * hd * b if expands else 0)
     attn += H * T * min(context, 1024) * 4  # SDPA score blocks (the fused kernels tile over the context)
     head = T * cfg.vocab_size * 4 if T == 1 else cfg.vocab_size * 4 * 2
-    retained = cpu_matmul_retained(cfg, tokens, context) if on_cpu else 0
+    retained = 0
+    if on_cpu:  # experts run by a C or torch int4 kernel make no oneDNN primitives
+        retained = CPU_RETAINED_BASE + (cpu_matmul_retained(cfg, tokens, context) if experts_by_linear else 0)
     return int(ACTIVATION_MARGIN * (common + max(moe, deltanet, attn, head))) + retained
 
 
@@ -154,21 +161,21 @@ def cpu_matmul_retained(cfg: TextConfig, tokens: int, context: int) -> int:
     Measured (first bf16 prefill's peak RssAnon over the loaded model, the tensor sum subtracted, torch
     2.13): the cached primitives 34 MiB for 8 layers, E = 128, A = 8, a 1024-token block; 74 MiB for 16
     layers, E = 64, 2201 tokens in blocks of 1024 (0.27-0.32 MiB a primitive, about the same at D = 2048);
-    about twice that through the CLI; 13 MiB besides with the primitive cache off. Before glibc's mmap
+    about twice that through the CLI; 13 MiB besides with the primitive cache off (CPU_RETAINED_BASE,
+    counted for every CPU run: an int4 run peaked 4% over a plan without it). Before glibc's mmap
     threshold was fixed this was dominated by allocator slack, fitted as T * (D + I) * 384 bytes, which
-    then over-reserved bf16 runs by 0.15-0.35 GiB (and ~1.9 GiB on the 397B). Experts run by a C or torch
-    int4 kernel make none: counted only for experts run as F.linear (MemoryPlan.experts_by_linear).
+    then over-reserved bf16 runs by 0.15-0.35 GiB (and ~1.9 GiB on the 397B).
     """
     counts = 1
     if cfg.num_experts:
         p = cfg.num_experts_per_tok / cfg.num_experts
         counts = min(tokens, int(8 * math.sqrt(tokens * p * (1 - p))) + 1)
     blocks = 1 if context <= tokens else 2
-    return CPU_RETAINED_BASE + 2 * 2 * blocks * counts * CPU_PRIMITIVE_BYTES
+    return 2 * 2 * blocks * counts * CPU_PRIMITIVE_BYTES
 
 
 CPU_PRIMITIVE_BYTES = 5 << 16  # cpu_matmul_retained: a cached bf16 matmul primitive, 0.31 MiB (measured)
-CPU_RETAINED_BASE = 16 << 20  # cpu_matmul_retained: what stays besides (13 MiB measured)
+CPU_RETAINED_BASE = 16 << 20  # what a CPU prefill keeps besides the primitives (13 MiB measured)
 
 
 def vision_tower_nbytes(

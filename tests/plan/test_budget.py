@@ -170,8 +170,8 @@ def test_compact_experts_stay_within_cpu_mem_and_decode_the_same_tokens(
     assert result["tokens"] == want["tokens"]
     assert peak <= budget * 1.05, f"peak RssAnon {peak / GiB:.3f} GiB over --cpu-mem {budget_gib} GiB"
     assert result["plan"]["cpu_total"] <= budget
-    # and no more: the plan reserves what the run uses (measured peaks: FP8 0.97 of the plan's total with
-    # its kernel, 0.94 dequantised into bf16 slots where the kernel does not build; int4 1.04)
+    # and no more: the plan reserves what the run uses (measured peaks: FP8 0.94 of the plan's total with
+    # its kernel and dequantised into bf16 slots where the kernel does not build; int4 0.99)
     assert peak >= 0.85 * result["plan"]["cpu_total"], peak / result["plan"]["cpu_total"]
     assert 2 <= result["plan"]["cpu_slots"] < BIG.num_experts // 2
     assert result["stats"]["ram_hits"] > 0 and result["stats"]["bytes_read"] > budget // 2

@@ -71,7 +71,7 @@ class ExpertFormat:
     @property
     def uses_cpu_kernel(self) -> bool:
         """The experts run by a dedicated CPU kernel (torch's int4/int8 matmuls), not as F.linear on dense
-        weights: the plan then counts no oneDNN scratch for them (plan.sizes.cpu_matmul_retained)."""
+        weights: the plan then counts no oneDNN primitives for them (plan.sizes.cpu_matmul_retained)."""
         return False
 
     @property
